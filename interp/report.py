@@ -1,0 +1,78 @@
+"""Offline HTML reports: plotly.js embedded once, so the page renders with no network."""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    figures: list[go.Figure] = field(default_factory=list)
+    table_html: str = ""
+
+
+@dataclass
+class Report:
+    """An ordered list of sections rendered to one self-contained HTML file."""
+
+    title: str
+    sections: list[Section] = field(default_factory=list)
+
+    def add(self, title: str, text: str = "", figures: list[go.Figure] | None = None,
+            table_html: str = "") -> Section:
+        s = Section(title, text, list(figures or []), table_html)
+        self.sections.append(s)
+        return s
+
+    def to_html(self) -> str:
+        parts = [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(self.title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+            "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "</style>",
+            # plotly.js once, inline: the report must render with no network
+            f"<script type='text/javascript'>{pio.get_plotlyjs()}</script>",
+            "</head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        for s in self.sections:
+            parts.append(f"<h2>{html.escape(s.title)}</h2>")
+            if s.text:
+                parts.extend(f"<p>{html.escape(p)}</p>" for p in s.text.split("\n\n"))
+            for fig in s.figures:
+                parts.append(pio.to_html(fig, include_plotlyjs=False, full_html=False))
+            if s.table_html:
+                parts.append(s.table_html)
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the report atomically (temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_html())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def figures_to_html(figures: list[go.Figure], path: str | Path, title: str = "interp") -> Path:
+    """One offline HTML page holding `figures`."""
+    r = Report(title)
+    r.add(title, figures=figures)
+    return r.write(path)

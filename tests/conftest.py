@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-initialised models of both families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from interp.models import new_model
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def gpt2_config(**overrides) -> HookedTransformerConfig:
+    """GPT-2-style: LayerNorm, learned absolute positions, GELU MLP."""
+    kw = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
+              act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+              seed=0, dtype=torch.float32, device="cpu")
+    kw.update(overrides)
+    return HookedTransformerConfig(**kw)
+
+
+def llama_config(**overrides) -> HookedTransformerConfig:
+    """Llama-style: RMSNorm, rotary, grouped-query attention (2 KV groups for 4 heads), gated MLP."""
+    kw = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
+              act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+              rotary_dim=8, n_key_value_heads=2, gated_mlp=True, final_rms=True, seed=0,
+              dtype=torch.float32, device="cpu")
+    kw.update(overrides)
+    return HookedTransformerConfig(**kw)
+
+
+def _randomise(model: HookedTransformer, seed: int) -> HookedTransformer:
+    # TL initialises biases and LN weights to constants; give every parameter random values so
+    # that tests cannot pass because of a symmetric initialisation.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln1.w", "ln2.w", "ln_final.w")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.05))
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_model() -> HookedTransformer:
+    return _randomise(new_model(gpt2_config()), 1)
+
+
+@pytest.fixture(scope="session")
+def llama_model() -> HookedTransformer:
+    return _randomise(new_model(llama_config()), 2)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def any_model(request, gpt2_model, llama_model) -> HookedTransformer:
+    return gpt2_model if request.param == "gpt2" else llama_model
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
