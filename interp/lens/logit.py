@@ -1,0 +1,274 @@
+"""Logit lens (nostalgebraist 2020): read each layer's residual through the final norm and unembedding.
+
+For lens layer l (see `interp.lens.residual`) the lens distribution is
+``softmax(unembed(final_norm(resid_l)))``, with the final norm's statistics recomputed on
+``resid_l`` itself. This equals TransformerLens's ``cache.accumulated_resid(apply_ln=True)``
+followed by ``model.unembed``, and at the last lens layer it is the model's own output.
+
+Per layer and selected position the lens reports the top-k tokens and their probabilities, the
+rank and probability of a target token, the entropy and KL(final || lens) in nats. Divergences are
+computed in at least float32 (bf16 logits are promoted). Caveat (Belrose et al. 2023): the logit
+lens is biased on early layers of many models (their residual basis drifts), which is what the
+tuned lens (`interp.lens.TunedLens`) corrects.
+
+Memory: one batch holds (n_layers + 1) x batch x selected positions x d_vocab logits; select
+positions (`pos`) and set `batch_size` for large vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from interp.lens.residual import (
+    Decoder,
+    batches,
+    compute_dtype,
+    kl_from_final,
+    layer_labels,
+    model_name,
+    residual_stack,
+    select_positions,
+)
+from interp.stats import bootstrap_many
+from interp.tokens import Tokenizer, check_tokens
+from interp.viz import curves, heatmap
+
+Translate = Callable[[Tensor], Tensor]
+
+METRICS = ("kl", "entropy", "top_prob", "target_prob", "target_rank", "target_logprob")
+
+
+@dataclass(frozen=True)
+class LensResult:
+    """What a lens reads at each (lens layer, example, selected position). Tensors are on the CPU.
+
+    `kl` is KL(final || lens) in nats; `target_rank` is 0 for the top token (the number of tokens
+    with a strictly higher probability). Target fields are None when no target was given.
+    """
+
+    lens: str
+    model_name: str
+    labels: tuple[str, ...]
+    positions: Int[Tensor, "batch sel"]
+    kl: Float[Tensor, "layer batch sel"]
+    entropy: Float[Tensor, "layer batch sel"]
+    top_tokens: Int[Tensor, "layer batch sel k"]
+    top_probs: Float[Tensor, "layer batch sel k"]
+    target: Int[Tensor, "batch sel"] | None = None
+    target_rank: Int[Tensor, "layer batch sel"] | None = None
+    target_logprob: Float[Tensor, "layer batch sel"] | None = None
+    logits: Float[Tensor, "layer batch sel d_vocab"] | None = None
+
+    @property
+    def values(self) -> Float[Tensor, "layer batch sel"]:
+        """The headline metric: KL(final || lens) in nats per layer, example and position."""
+        return self.kl
+
+    @property
+    def target_prob(self) -> Float[Tensor, "layer batch sel"] | None:
+        return None if self.target_logprob is None else self.target_logprob.exp()
+
+    def to_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
+        """One row per (layer, example, position): kl, entropy, top-1 token/prob, target metrics."""
+        n_layer, n_b, n_s = self.kl.shape
+        layer = torch.arange(n_layer)[:, None, None].expand(n_layer, n_b, n_s)
+        example = torch.arange(n_b)[None, :, None].expand(n_layer, n_b, n_s)
+        pos = self.positions[None].expand(n_layer, n_b, n_s)
+        cols = {
+            "lens": self.lens,
+            "model": self.model_name,
+            "layer": layer.flatten().numpy(),
+            "label": [self.labels[i] for i in layer.flatten().tolist()],
+            "example": example.flatten().numpy(),
+            "pos": pos.flatten().numpy(),
+            "kl": self.kl.flatten().double().numpy(),
+            "entropy": self.entropy.flatten().double().numpy(),
+            "top_token": self.top_tokens[..., 0].flatten().numpy(),
+            "top_prob": self.top_probs[..., 0].flatten().double().numpy(),
+        }
+        if tokenizer is not None:
+            cols["top_str"] = [tokenizer.decode([t]) for t in cols["top_token"].tolist()]
+        if self.target is not None:
+            assert self.target_rank is not None and self.target_logprob is not None
+            cols["target"] = self.target[None].expand(n_layer, n_b, n_s).flatten().numpy()
+            cols["target_rank"] = self.target_rank.flatten().numpy()
+            cols["target_logprob"] = self.target_logprob.flatten().double().numpy()
+            cols["target_prob"] = self.target_logprob.exp().flatten().double().numpy()
+        return pd.DataFrame(cols)
+
+    def top_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
+        """One row per (layer, example, position, rank) of the top-k tokens."""
+        n_layer, n_b, n_s, k = self.top_tokens.shape
+        grid = torch.stack(torch.meshgrid(torch.arange(n_layer), torch.arange(n_b), torch.arange(n_s),
+                                          torch.arange(k), indexing="ij")).flatten(1)
+        frame = pd.DataFrame({
+            "lens": self.lens,
+            "layer": grid[0].numpy(),
+            "label": [self.labels[i] for i in grid[0].tolist()],
+            "example": grid[1].numpy(),
+            "pos": self.positions[grid[1], grid[2]].numpy(),
+            "rank": grid[3].numpy(),
+            "token": self.top_tokens.flatten().numpy(),
+            "prob": self.top_probs.flatten().double().numpy(),
+        })
+        if tokenizer is not None:
+            frame["token_str"] = [tokenizer.decode([t]) for t in frame["token"].tolist()]
+        return frame
+
+    def summary(self, metric: str = "kl", *, n_boot: int = 1000, alpha: float = 0.05,
+                seed: int = 0) -> pd.DataFrame:
+        """Mean of `metric` over examples per (layer, pos), with a bootstrap CI over examples."""
+        return summarise(self.to_frame(), metric, n_boot=n_boot, alpha=alpha, seed=seed)
+
+    def plot(self, metric: str = "kl") -> go.Figure:
+        """Mean `metric` by layer (with bootstrap CIs) for one position; a layer x position heatmap otherwise."""
+        s = self.summary(metric)
+        title = f"{self.lens} lens: {metric} by layer ({self.model_name})"
+        if s["pos"].nunique() == 1 or self.positions.shape[1] == 1:
+            return curves(s, x="layer", y="mean", group="lens", low="ci_low", high="ci_high",
+                          title=title, y_title=metric)
+        return heatmap(s, x="pos", y="layer", value="mean", title=title, diverging=False)
+
+
+def summarise(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, alpha: float = 0.05,
+              seed: int = 0, by: tuple[str, ...] = ("lens", "layer", "pos")) -> pd.DataFrame:
+    """Mean of `metric` per group of `by`, with a percentile bootstrap CI over examples."""
+    if metric not in frame.columns:
+        raise ValueError(f"lens summary metric: expected one of "
+                         f"{[m for m in METRICS if m in frame.columns]}, got {metric!r}")
+    wide = frame.pivot_table(index="example", columns=list(by), values=metric, aggfunc="mean")
+    if wide.isna().to_numpy().any():
+        # positions differ between examples: summarise over all rows of a group instead
+        wide = frame.groupby(list(by))[metric].apply(list)
+        rows = []
+        for key, vals in wide.items():
+            v = torch.tensor(vals, dtype=torch.float64)[:, None]
+            m, lo, hi = bootstrap_many(v, n_boot=n_boot, alpha=alpha, seed=seed) if len(vals) > 1 else (
+                v[0], v[0], v[0])
+            rows.append((*key, float(m[0]), float(lo[0]), float(hi[0]), len(vals)))
+        return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
+    values = torch.tensor(wide.to_numpy(), dtype=torch.float64)
+    if values.shape[0] > 1:
+        mean, lo, hi = bootstrap_many(values, n_boot=n_boot, alpha=alpha, seed=seed)
+    else:
+        mean = lo = hi = values[0]
+    out = wide.columns.to_frame(index=False)
+    out["mean"], out["ci_low"], out["ci_high"] = mean.numpy(), lo.numpy(), hi.numpy()
+    out["n"] = values.shape[0]
+    return out
+
+
+def _targets(target: Tensor | None, positions: Tensor, d_vocab: int) -> Tensor | None:
+    if target is None:
+        return None
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"lens target: expected an integer tensor of shape (batch,) or (batch, sel), "
+                        f"got {target!r}")
+    t = target.detach().to("cpu", torch.long)
+    if t.ndim == 1:
+        t = t[:, None].expand_as(positions)
+    if t.shape != positions.shape:
+        raise ValueError(f"lens target: expected shape ({positions.shape[0]},) or "
+                         f"{tuple(positions.shape)} (batch, selected positions), got {tuple(target.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
+        raise ValueError(f"lens target: expected token ids in [0, {d_vocab}), got "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t.contiguous()
+
+
+def run_lens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    lens: str,
+    translate: Translate | None = None,
+    decode_dtype: torch.dtype | None = None,
+    pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = -1,
+    target: Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+    k: int = 5,
+    batch_size: int | None = None,
+    keep_logits: bool = False,
+    progress: bool = True,
+) -> LensResult:
+    """Decode every lens layer at the selected positions (shared by the logit and tuned lenses).
+
+    `translate` maps the stacked residuals [layer, ..., d_model] before decoding (the tuned
+    lens's translators); `decode_dtype` is the precision of the final norm + unembedding
+    (None: the model's own).
+    """
+    check_tokens(tokens, model.cfg.d_vocab)
+    d_vocab = model.cfg.d_vocab_out
+    if not 1 <= k <= d_vocab:
+        raise ValueError(f"lens top-k: expected 1 <= k <= d_vocab={d_vocab}, got {k}")
+    positions = select_positions(tokens, pos)
+    tgt = _targets(target, positions, d_vocab)
+    decoder = Decoder(model, decode_dtype)
+    parts: dict[str, list[Tensor]] = {n: [] for n in ("kl", "ent", "tt", "tp", "rank", "tlp", "logits")}
+    slices = list(batches(tokens.shape[0], batch_size))
+    for sl in tqdm(slices, desc=f"{lens} lens", disable=not progress or len(slices) == 1, leave=False):
+        resid = residual_stack(model, tokens[sl], positions=positions[sl])
+        with torch.no_grad():
+            if translate is not None:
+                resid = translate(resid)
+            logits = decoder(resid)  # [layer, b, sel, vocab]
+            kl = kl_from_final(logits[-1:].expand_as(logits), logits)
+            logp = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            top_lp, top_tok = logp.topk(k, dim=-1)
+            parts["kl"].append(kl.cpu())
+            parts["ent"].append(ent.cpu())
+            parts["tt"].append(top_tok.cpu())
+            parts["tp"].append(top_lp.exp().cpu())
+            if tgt is not None:
+                t = tgt[sl].to(logp.device)[None, :, :, None].expand(logp.shape[0], -1, -1, 1)
+                t_lp = logp.gather(-1, t)
+                parts["rank"].append((logp > t_lp).sum(-1).cpu())
+                parts["tlp"].append(t_lp[..., 0].cpu())
+            if keep_logits:
+                parts["logits"].append(logits.cpu())
+    cat = {n: (torch.cat(v, dim=1) if v else None) for n, v in parts.items()}
+    return LensResult(
+        lens=lens,
+        model_name=model_name(model),
+        labels=tuple(layer_labels(model.cfg.n_layers)),
+        positions=positions,
+        kl=cat["kl"],  # type: ignore[arg-type]
+        entropy=cat["ent"],  # type: ignore[arg-type]
+        top_tokens=cat["tt"],  # type: ignore[arg-type]
+        top_probs=cat["tp"],  # type: ignore[arg-type]
+        target=tgt,
+        target_rank=cat["rank"],
+        target_logprob=cat["tlp"],
+        logits=cat["logits"],
+    )
+
+
+def logit_lens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = -1,
+    target: Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+    k: int = 5,
+    batch_size: int | None = None,
+    keep_logits: bool = False,
+    progress: bool = True,
+) -> LensResult:
+    """The logit lens at every layer (embedding .. final) for the selected positions.
+
+    `pos`: an int (same position in every example, default the last), a tensor of one or more
+    positions per example (e.g. `Batch.last` for right-padded prompts), or None for all.
+    `target`: a token per example (or per selected position) whose rank and probability to track.
+    `keep_logits` also returns the lens logits (memory: layers x batch x sel x d_vocab).
+    """
+    return run_lens(model, tokens, lens="logit", pos=pos, target=target, k=k, batch_size=batch_size,
+                    keep_logits=keep_logits, progress=progress)

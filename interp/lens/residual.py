@@ -1,0 +1,168 @@
+"""The lens grid: the residual stream at every layer, and decoding it like the final layer.
+
+Lenses read the residual stream at n_layers + 1 places. Lens layer ``l < n_layers`` is the input
+of block ``l`` (``blocks.l.hook_resid_pre``; layer 0 is the embedding); lens layer ``n_layers``
+is the output of the last block (``blocks.{n_layers-1}.hook_resid_post``), which the model itself
+sends through its final norm and unembedding. This is the layout of TransformerLens's
+``ActivationCache.accumulated_resid()`` and of `interp.graph.GridPoint`.
+
+`Decoder` applies the model's final norm and unembedding with *detached* parameters, so a lens
+trained through it never accumulates gradients in (or changes) the model, optionally in a higher
+precision than the model's own (KL divergences of bf16 models are computed in float32).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from torch.func import functional_call
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from interp.tokens import check_tokens
+
+log = logging.getLogger(__name__)
+
+
+def lens_hooks(n_layers: int) -> list[str]:
+    """The hook names of the n_layers + 1 lens layers (resid_pre of each block, then the final resid_post)."""
+    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
+
+
+def layer_labels(n_layers: int) -> list[str]:
+    """Labels of the lens layers, as TransformerLens's ``accumulated_resid(return_labels=True)``."""
+    return [f"{i}_pre" for i in range(n_layers)] + ["final_post"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute divergences and fits in: at least float32 (bf16/fp16 are promoted)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def model_dtype(model: HookedTransformer) -> torch.dtype:
+    return model.cfg.dtype
+
+
+def model_device(model: HookedTransformer) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_name(model: HookedTransformer) -> str:
+    return str(model.cfg.model_name or "unnamed")
+
+
+def select_positions(
+    tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None
+) -> Int[Tensor, "batch sel"]:
+    """Position indices per example: an int (same for all), one per example, several, or all (None)."""
+    b, n = tokens.shape
+    if pos is None:
+        return torch.arange(n).expand(b, n).clone()
+    if isinstance(pos, int):
+        if not -n <= pos < n:
+            raise ValueError(f"lens position: expected an int in [{-n}, {n}), got {pos}")
+        return torch.full((b, 1), pos % n, dtype=torch.long)
+    if not isinstance(pos, Tensor) or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+        raise TypeError(f"lens position: expected None, an int or an integer tensor, got {pos!r}")
+    p = pos.detach().to("cpu", torch.long)
+    if p.ndim == 1:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[0] != b:
+        raise ValueError(f"lens position tensor: expected shape ({b},) or ({b}, k), got {tuple(pos.shape)}")
+    if p.numel() and (int(p.min()) < -n or int(p.max()) >= n):
+        raise ValueError(f"lens position tensor: expected values in [{-n}, {n}), got "
+                         f"[{int(p.min())}, {int(p.max())}]")
+    return p % n
+
+
+def batches(n: int, batch_size: int | None) -> Iterator[slice]:
+    size = n if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch_size: expected a positive int or None, got {batch_size}")
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def residual_stack(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    positions: Int[Tensor, "batch sel"] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "layer batch sel d_model"]:
+    """The residual stream at every lens layer (n_layers + 1), at the selected positions.
+
+    Runs the model once per batch of `batch_size` examples with hooks on the lens hooks (removed
+    on exit, also on error); the result is on the model's device in the model's dtype.
+    """
+    check_tokens(tokens, model.cfg.d_vocab)
+    device = model_device(model)
+    if positions is None:
+        positions = select_positions(tokens, None)
+    names = lens_hooks(model.cfg.n_layers)
+    chunks: list[Tensor] = []
+    slices = list(batches(tokens.shape[0], batch_size))
+    for sl in tqdm(slices, desc="lens: residuals", disable=not progress or len(slices) == 1, leave=False):
+        idx = positions[sl].to(device)
+        store: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook: object, _idx: Tensor = idx, _store: dict = store) -> None:
+            sel = act.gather(1, _idx[:, :, None].expand(-1, -1, act.shape[-1]))
+            _store[hook.name] = sel  # type: ignore[attr-defined]
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+            model(tokens[sl].to(device), return_type=None)
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise RuntimeError(f"lens: expected hooks {names} to fire, got no activation from {missing}")
+        chunks.append(torch.stack([store[n] for n in names]))
+    return torch.cat(chunks, dim=1)
+
+
+class Decoder:
+    """The model's final norm + unembedding as a function of a residual, with detached parameters.
+
+    With ``dtype=None`` this computes exactly what the model computes (its own dtype); with a
+    dtype (e.g. float32 for a bf16 model) the parameters are cast once and the residual is
+    decoded in that precision.
+    """
+
+    def __init__(self, model: HookedTransformer, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.norm = getattr(model, "ln_final", None)
+        self.unembed = model.unembed
+
+        def params(module: torch.nn.Module) -> dict[str, Tensor]:
+            return {k: (v.detach() if dtype is None else v.detach().to(dtype))
+                    for k, v in module.named_parameters()}
+
+        self.norm_params = params(self.norm) if self.norm is not None else {}
+        self.unembed_params = params(self.unembed)
+
+    def __call__(self, resid: Float[Tensor, "*rest d_model"]) -> Float[Tensor, "*rest d_vocab_out"]:
+        x = resid if self.dtype is None else resid.to(self.dtype)
+        shape = x.shape
+        x = x.reshape(1, -1, shape[-1])  # TL modules expect (batch, pos, d_model)
+        if self.norm is not None:
+            x = functional_call(self.norm, self.norm_params, (x,))
+            if self.dtype is not None:
+                x = x.to(self.dtype)  # TL norms cast back to the model's dtype
+        out = functional_call(self.unembed, self.unembed_params, (x,))
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def kl_from_final(
+    final_logits: Float[Tensor, "*rest d_vocab"], lens_logits: Float[Tensor, "*rest d_vocab"]
+) -> Float[Tensor, "*rest"]:
+    """KL(final || lens) in nats, in at least float32, for logits of any dtype."""
+    dt = compute_dtype(final_logits.dtype)
+    p_log = torch.log_softmax(final_logits.to(dt), dim=-1)
+    q_log = torch.log_softmax(lens_logits.to(dt), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(dim=-1)

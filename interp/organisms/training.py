@@ -1,0 +1,251 @@
+"""CPU training for the organisms: a fused forward pass over a HookedTransformer's own weights.
+
+A `HookedTransformer` forward pays for einsum attention and hook plumbing (about 3x a plain matmul
+budget on CPU). `fast_forward` computes the same function from the same parameter tensors with
+plain matmuls and `F.scaled_dot_product_attention` (the fused attention of FlashAttention, Dao et
+al. 2022), so training updates the HookedTransformer directly and there is no weight conversion:
+the shipped checkpoint *is* the trained model. `tests/test_organisms.py` checks that both forwards
+agree to 1e-4 for every organism family (LN / none, learned / rotary / NoPE, attn-only / MLP).
+
+Supported configs: causal attention, `normalization_type` in {"LN", None}, positional embedding
+"standard" (learned, or a frozen zero table for NoPE) or "rotary", MLP activations relu/gelu,
+no grouped-query attention. `fast_forward` raises on anything else rather than computing a
+different function.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from interp.models import new_model
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+"""Target id that contributes no loss (cross-entropy `ignore_index`)."""
+
+Sampler = Callable[[int, torch.Generator], tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]]
+"""(step, generator) -> (tokens, targets); targets hold the next-token id or IGNORE."""
+
+
+def _check_supported(cfg: HookedTransformerConfig) -> None:
+    problems = []
+    if cfg.normalization_type not in ("LN", None):
+        problems.append(f"normalization_type={cfg.normalization_type!r} (want 'LN' or None)")
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    if not cfg.attn_only and (cfg.act_fn not in ("relu", "gelu") or cfg.gated_mlp):
+        problems.append(f"act_fn={cfg.act_fn!r}, gated_mlp={cfg.gated_mlp} (want relu/gelu, ungated)")
+    if cfg.n_key_value_heads not in (None, cfg.n_heads):
+        problems.append(f"n_key_value_heads={cfg.n_key_value_heads}")
+    if cfg.attention_dir != "causal" or cfg.scale_attn_by_inverse_layer_idx or not cfg.use_attn_scale:
+        problems.append("non-default attention (direction / scaling)")
+    if problems:
+        raise ValueError("fast_forward: expected an organism-style config, got " + "; ".join(problems))
+
+
+def _norm(ln: torch.nn.Module, x: Tensor, cfg: HookedTransformerConfig) -> Tensor:
+    if cfg.normalization_type is None:
+        return x
+    return F.layer_norm(x, (cfg.d_model,), ln.w, ln.b, cfg.eps)
+
+
+def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """The logits of `model(tokens)`, computed with fused attention from the same parameters.
+
+    Differentiable, so it is the training forward; it reads (never copies) the model's weights.
+    """
+    cfg = model.cfg
+    _check_supported(cfg)
+    batch, n = tokens.shape
+    x = model.embed.W_E[tokens]
+    if cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed.W_pos[:n]
+    rotary = cfg.positional_embedding_type == "rotary"
+    for block in model.blocks:
+        attn = block.attn
+        h = _norm(block.ln1, x, cfg)
+        heads, d_head = cfg.n_heads, cfg.d_head
+        w_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=0)  # [3h, d_model, d_head]
+        w_qkv = w_qkv.permute(1, 0, 2).reshape(cfg.d_model, 3 * heads * d_head)
+        b_qkv = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=0).reshape(-1)
+        qkv = (h @ w_qkv + b_qkv).view(batch, n, 3 * heads, d_head)
+        q, k, v = qkv.split(heads, dim=2)  # each [batch, pos, head, d_head]
+        if rotary:
+            q = attn.apply_rotary(q, 0, None)
+            k = attn.apply_rotary(k, 0, None)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, scale=1.0 / float(attn.attn_scale))
+        z = z.transpose(1, 2).reshape(batch, n, heads * d_head)
+        x = x + z @ attn.W_O.reshape(heads * d_head, cfg.d_model) + attn.b_O
+        if not cfg.attn_only:
+            h = _norm(block.ln2, x, cfg)
+            act = F.gelu if cfg.act_fn == "gelu" else F.relu
+            x = x + act(h @ block.mlp.W_in + block.mlp.b_in) @ block.mlp.W_out + block.mlp.b_out
+    x = _norm(model.ln_final, x, cfg)
+    return x @ model.unembed.W_U + model.unembed.b_U
+
+
+def init_model(cfg: HookedTransformerConfig, seed: int) -> HookedTransformer:
+    """A fresh model whose initial weights depend only on `seed` (global RNG state is restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = new_model(cfg)
+    return model
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Use `n` intra-op CPU threads inside the block, restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimiser settings: AdamW, linear warm-up then cosine decay to `final_lr_frac` * lr."""
+
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    final_lr_frac: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    threads: int | None = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"TrainConfig.steps: expected >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr: expected > 0, got {self.lr}")
+        if self.warmup < 0 or not 0 <= self.final_lr_frac <= 1:
+            raise ValueError(f"TrainConfig: expected warmup >= 0 and final_lr_frac in [0, 1], got "
+                             f"{self.warmup}, {self.final_lr_frac}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return self.lr * (self.final_lr_frac + (1 - self.final_lr_frac) * cos)
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """Per-step training loss (nats, mean over non-ignored targets) and the wall time in seconds."""
+
+    loss: tuple[float, ...]
+    seconds: float
+    steps: int
+    seed: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def values(self) -> Tensor:
+        return torch.tensor(self.loss)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"step": range(len(self.loss)), "loss": self.loss})
+
+    def plot(self):  # -> plotly Figure
+        from interp.viz import curves
+
+        return curves(self.to_frame(), x="step", y="loss")
+
+    def summary(self, every: int = 50) -> dict[str, object]:
+        """JSON-safe record for a manifest: loss averaged over windows of `every` steps."""
+        t = self.values
+        windows = [float(t[i:i + every].mean()) for i in range(0, len(t), every)]
+        return {"steps": self.steps, "seed": self.seed, "seconds": round(self.seconds, 2),
+                "loss_every": every, "loss": [round(w, 5) for w in windows], **self.extra}
+
+
+def fit(
+    model: HookedTransformer,
+    sample: Sampler,
+    config: TrainConfig,
+    *,
+    frozen: Sequence[str] = (),
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainLog:
+    """Train `model` in place on batches from `sample` with the fused forward; returns the loss log.
+
+    `frozen` names parameters (e.g. ``"pos_embed.W_pos"`` for NoPE) kept at their initial value.
+    Deterministic given the model's initial weights, `config.seed` and the thread count.
+    """
+    names = dict(model.named_parameters())
+    unknown = [f for f in frozen if f not in names]
+    if unknown:
+        raise ValueError(f"fit(frozen=...): expected parameter names of the model, got {unknown}")
+    params = [p for n, p in names.items() if n not in frozen]
+    was = {n: p.requires_grad for n, p in names.items()}
+    for n in frozen:
+        names[n].requires_grad_(False)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.betas)
+    gen = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    with num_threads(config.threads):
+        bar = tqdm(range(config.steps), desc=desc, disable=not progress, mininterval=1.0)
+        for step in bar:
+            tokens, targets = sample(step, gen)
+            tokens = tokens.to(model.cfg.device)
+            targets = targets.to(model.cfg.device)
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step)
+            logits = fast_forward(model, tokens)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            losses.append(float(loss))
+            if step % 50 == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                log.debug("%s step %d loss %.4f", desc, step, losses[-1])
+    seconds = time.perf_counter() - start
+    model.eval()
+    for n, p in names.items():
+        p.requires_grad_(was[n])
+    return TrainLog(loss=tuple(losses), seconds=seconds, steps=config.steps, seed=config.seed)
+
+
+@torch.inference_mode()
+def logits_in_batches(model: HookedTransformer, tokens: Int[Tensor, "n pos"], *, batch_size: int = 256,
+                      fast: bool = False) -> Float[Tensor, "n pos d_vocab"]:
+    """Logits of `model` on many examples, in batches (the HookedTransformer forward unless `fast`)."""
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[i:i + batch_size].to(model.cfg.device)
+        out.append(fast_forward(model, chunk) if fast else model(chunk))
+    return torch.cat(out)

@@ -1,0 +1,306 @@
+"""The batched patching driver shared by every patching method.
+
+Activation patching (Vig et al. 2020; Meng et al. 2022; Zhang & Nanda 2024) replaces an
+activation of one run (the *base*) with the same activation from another run (the *source*) and
+measures a metric of the output. Denoising patches clean values into the corrupted run
+(sufficiency); noising patches corrupted values into the clean run (necessity).
+
+How it is made fast, exactly:
+- many patched copies of the base batch are stacked along the batch axis and run in one
+  forward pass, in chunks of at most `rows` rows so memory stays bounded;
+- a patch at layer l cannot change anything below l, so every copy starts at layer l from the
+  base run's cached `resid_pre[l]` (`model(resid, start_at_layer=l)`): the unchanged prefix is
+  computed once, in the caching run;
+- when the metric declares the positions it reads (`PositionMetric`), only those positions are
+  normalised and unembedded.
+
+Plan, then apply: callers turn nodes into `Edit`s (which entries of which hook take which
+values), group them into copies, and `run_copies` owns the loop. Hooks are attached through
+TransformerLens's `model.hooks` context, which removes them in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from interp.arch import Arch
+from interp.graph import Node, Site
+from interp.patching.metrics import Metric, check_scalar, evaluate, metric_positions
+from interp.tokens import check_tokens
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["denoising", "noising"]
+
+DEFAULT_ROWS = 256  # rows (examples x patched copies) per forward pass
+
+
+def check_direction(direction: str) -> Direction:
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction: expected 'denoising' (clean into corrupted) or 'noising' "
+                         f"(corrupted into clean), got {direction!r}")
+    return direction  # type: ignore[return-value]
+
+
+def check_rows(rows: int) -> int:
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows: expected a positive int (rows per forward pass), got {rows!r}")
+    return rows
+
+
+def check_pair(model: HookedTransformer, clean: Tensor, corrupt: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate a clean/corrupted token pair and move it to the model's device."""
+    d_vocab = model.cfg.d_vocab
+    clean = check_tokens(clean, d_vocab, "clean tokens")
+    corrupt = check_tokens(corrupt, d_vocab, "corrupted tokens")
+    if clean.shape != corrupt.shape:
+        raise ValueError(
+            f"corrupted tokens: expected the clean shape {tuple(clean.shape)}, got "
+            f"{tuple(corrupt.shape)}; patching pairs position p with position p, so prompts of "
+            f"different lengths need an explicit alignment first (pad with interp.tokens.Batch, "
+            f"or build same-length corruptions by symmetric token replacement)"
+        )
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise ValueError("model: expected a positional scheme other than 'shortformer', got "
+                         "'shortformer'; starting a forward pass mid-model needs its position "
+                         "embeddings, which interp.patching does not thread through")
+    if clean.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"tokens: expected at most n_ctx={model.cfg.n_ctx} positions, got {clean.shape[1]}")
+    device = model.cfg.device
+    return clean.to(device), corrupt.to(device)
+
+
+def resid_pre_name(layer: int) -> str:
+    return Node(layer, Site.RESID_PRE).hook_name
+
+
+def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str]
+               ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+    """One forward pass returning the logits and the activations at `names`."""
+    cache: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        cache[hook.name] = act
+
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, save) for n in sorted(names)]):
+        logits = model(tokens)
+    missing = names - set(cache)
+    if missing:
+        raise RuntimeError(f"caching run: expected hooks {sorted(missing)} to fire, they did not")
+    return logits, cache
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The two runs of a patching experiment: `base` is patched with values from `source`."""
+
+    direction: Direction
+    base_tokens: Tensor
+    base: dict[str, Tensor]  # hook name -> activation of the base run
+    source: dict[str, Tensor]
+    clean_metric: float
+    corrupt_metric: float
+    clean_logits: Tensor
+    corrupt_logits: Tensor
+
+    @property
+    def base_metric(self) -> float:
+        return self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+
+    @property
+    def base_logits(self) -> Tensor:
+        return self.corrupt_logits if self.direction == "denoising" else self.clean_logits
+
+    @property
+    def source_metric(self) -> float:
+        return self.clean_metric if self.direction == "denoising" else self.corrupt_metric
+
+
+def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Metric | None,
+            names: set[str], direction: Direction) -> Runs:
+    """Run clean and corrupted once each, caching `names` plus every layer's resid_pre."""
+    check_direction(direction)
+    clean, corrupt = check_pair(model, clean, corrupt)
+    names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
+    clean_logits, clean_cache = cached_run(model, clean, names)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt, names)
+    if metric is None:
+        m_clean = m_corrupt = float("nan")
+    else:
+        m_clean = float(check_scalar(metric(clean_logits)))
+        m_corrupt = float(check_scalar(metric(corrupt_logits)))
+    if direction == "denoising":
+        base_tokens, base, source = corrupt, corrupt_cache, clean_cache
+    else:
+        base_tokens, base, source = clean, clean_cache, corrupt_cache
+    return Runs(direction, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
+
+
+# ----------------------------------------------------------------------------- edits and copies
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace the entries of hook `hook` (in block `layer`) selected by `mask` with `source`.
+
+    `mask` covers the per-example axes before the feature axis: [pos] for residual-like hooks,
+    [pos head] for per-head hooks. `source` has the activation's per-batch shape.
+    """
+
+    layer: int
+    hook: str
+    mask: Tensor
+    source: Tensor
+
+
+def node_mask(node: Node, seq_len: int, n_heads: int, device: torch.device | str) -> Bool[Tensor, "..."]:
+    """The entries a node selects: [pos] or [pos head] booleans."""
+    site: Site = node.site  # type: ignore[assignment]
+    shape = (seq_len, n_heads) if site.per_head else (seq_len,)
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    pos = slice(None) if node.pos is None else node.pos % seq_len
+    if site.per_head:
+        mask[pos, slice(None) if node.head is None else node.head] = True
+    else:
+        mask[pos] = True
+    return mask
+
+
+def heads_at(model: HookedTransformer, site: Site) -> int:
+    """Size of the head axis of a per-head hook (KV groups for K/V unless ungrouped)."""
+    arch = Arch.of(model)
+    if site.per_kv_group and not getattr(model.cfg, "ungroup_grouped_query_attention", False):
+        return arch.n_kv_heads
+    return arch.n_heads
+
+
+def validate_node(model: HookedTransformer, node: Node, seq_len: int) -> Node:
+    """`Node.validate` against this model, knowing that ungrouped GQA models index K/V by head."""
+    arch = Arch.of(model)
+    if getattr(model.cfg, "ungroup_grouped_query_attention", False):
+        from dataclasses import replace
+        arch = replace(arch, n_kv_heads=arch.n_heads)
+    return node.validate(arch, seq_len)
+
+
+def node_edit(model: HookedTransformer, node: Node, source: dict[str, Tensor], seq_len: int) -> Edit:
+    """An Edit that writes the source run's value of `node`."""
+    node = validate_node(model, node, seq_len)
+    site: Site = node.site  # type: ignore[assignment]
+    if site in (Site.PATTERN, Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT):
+        raise ValueError(f"{node}: expected a patchable site (resid_pre/mid/post, attn_out, mlp_out, "
+                         f"head, q, k, v), got {site.value!r}")
+    mask = node_mask(node, seq_len, heads_at(model, site), model.cfg.device)
+    return Edit(node.layer, node.hook_name, mask, source[node.hook_name])
+
+
+def _merge(edits: Sequence[Edit]) -> list[Edit]:
+    """Combine edits of one copy that write the same source tensor into the same hook."""
+    out: dict[tuple[str, int], Edit] = {}
+    for e in edits:
+        key = (e.hook, id(e.source))
+        if key in out:
+            prev = out[key]
+            out[key] = Edit(e.layer, e.hook, prev.mask | e.mask, e.source)
+        else:
+            out[key] = e
+    return list(out.values())
+
+
+def _chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int) -> list[tuple[str, object]]:
+    """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch)."""
+    k = len(copies)
+    per_hook: dict[str, list[list[Edit]]] = {}
+    for c, edits in enumerate(copies):
+        for e in edits:
+            per_hook.setdefault(e.hook, [[] for _ in range(k)])[c].append(e)
+    hooks = []
+    for name, lists in per_hook.items():
+        depth = max(len(x) for x in lists)
+        stages = []
+        for i in range(depth):
+            chosen = [x[i] if i < len(x) else None for x in lists]
+            present = [e for e in chosen if e is not None]
+            template = present[0]
+            mask = torch.stack([e.mask if e is not None else torch.zeros_like(template.mask)
+                                for e in chosen])  # [k, pos(, head)]
+            if all(e.source is template.source for e in present):
+                src = template.source.unsqueeze(0)  # [1, batch, ...]
+            else:
+                src = torch.stack([e.source if e is not None else template.source for e in chosen])
+            # broadcast: [k, 1 (batch), pos(, head), 1 (features)]
+            stages.append((mask.unsqueeze(1).unsqueeze(-1), src))
+
+        def hook(act: Tensor, hook, stages=stages) -> Tensor:
+            v = act.reshape(k, batch, *act.shape[1:])
+            for mask, src in stages:
+                v = torch.where(mask, src.to(v.dtype), v)
+            return v.reshape(act.shape)
+
+        hooks.append((name, hook))
+    return hooks
+
+
+def final_logits(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"],
+                 positions: list[int] | None) -> Float[Tensor, "rows k d_vocab"]:
+    """ln_final + unembedding (+ soft cap) of the final residual, at `positions` only."""
+    if positions is not None:
+        resid = resid[:, positions]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
+def forward_from(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int,
+                 positions: list[int] | None, hooks: list) -> Float[Tensor, "rows k d_vocab"]:
+    """Run blocks start.. on `resid` under `hooks`; the logits at `positions`."""
+    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+        out = model(resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
+        return final_logits(model, out, positions)
+
+
+def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[Edit]], metric: Metric,
+               *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
+               extra_hooks: Sequence = ()) -> Float[Tensor, "copies"]:
+    """The metric of each patched copy of the base run (one value per copy, float64, CPU)."""
+    check_rows(rows)
+    batch, seq_len = runs.base_tokens.shape
+    positions = metric_positions(metric, seq_len)
+    merged = [_merge(c) for c in copies]
+    n_layers = model.cfg.n_layers
+    starts = [min((e.layer for e in c), default=n_layers) for c in merged]
+    per_chunk = max(1, rows // batch)
+    order: dict[int, list[int]] = {}
+    for i, s in enumerate(starts):
+        order.setdefault(s, []).append(i)
+    out = torch.empty(len(copies), dtype=torch.float64)
+    bar = tqdm(total=len(copies), desc=desc, disable=not progress, leave=False)
+    try:
+        for start in sorted(order):
+            idx = order[start]
+            for lo in range(0, len(idx), per_chunk):
+                chunk = idx[lo:lo + per_chunk]
+                k = len(chunk)
+                hooks = _chunk_hooks([merged[i] for i in chunk], batch) + list(extra_hooks)
+                if start >= n_layers:  # a copy with no edits is the base run itself
+                    logits = runs.base_logits
+                    logits = (logits if positions is None else logits[:, positions]).repeat(k, 1, 1)
+                else:
+                    resid = runs.base[resid_pre_name(start)].repeat(k, 1, 1)
+                    logits = forward_from(model, resid, start, positions, hooks)
+                logits = logits.reshape(k, batch, *logits.shape[1:])
+                for j, i in enumerate(chunk):
+                    out[i] = float(evaluate(metric, logits[j], positions))
+                bar.update(k)
+    finally:
+        bar.close()
+    return out

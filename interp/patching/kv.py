@@ -1,0 +1,96 @@
+"""K/V patching: replace the keys and/or values that position i contributes at layer l.
+
+This is the horizontal highway of the two (see DESIGN.md): at layer l, an earlier position i
+produces keys and values that the attention of every later position reads. Patching them moves
+information sideways only, at that one layer — unlike patching the residual at i, which also
+changes every later layer at i (and so every later layer's K/V at i). Under grouped-query
+attention (Ainslie et al. 2023) keys and values belong to KV groups (`n_key_value_heads`), each
+read by `n_heads / n_key_value_heads` query heads; a group patch equals patching the same
+values into every head of the group of the expanded (ungrouped) model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from interp.arch import Arch
+from interp.graph import Node, Site
+from interp.patching.engine import (
+    DEFAULT_ROWS,
+    Direction,
+    check_direction,
+    check_pair,
+    heads_at,
+    node_edit,
+    prepare,
+    run_copies,
+)
+from interp.patching.metrics import Metric
+from interp.patching.results import PatchResult, detach
+from interp.patching.sweep import _axis
+
+Which = Literal["k", "v", "kv"]
+
+
+def kv_patch(
+    model: HookedTransformer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    which: Which = "kv",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    per_group: bool = True,
+    direction: Direction = "denoising",
+    rows: int = DEFAULT_ROWS,
+    progress: bool = False,
+) -> PatchResult:
+    """Patch the keys and/or values of each (layer, position[, KV group]) separately.
+
+    `groups` index KV groups (heads on models without grouped-query attention); with
+    `per_group=False` all groups of a (layer, position) are patched together and the result is
+    over (layer, pos).
+    """
+    if which not in ("k", "v", "kv"):
+        raise ValueError(f"which: expected 'k', 'v' or 'kv', got {which!r}")
+    direction = check_direction(direction)
+    arch = Arch.of(model)
+    clean_tokens, corrupt_tokens = check_pair(model, clean_tokens, corrupt_tokens)
+    seq_len = clean_tokens.shape[1]
+    n_groups = heads_at(model, Site.K)
+    if groups is not None:
+        for g in groups:
+            if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < n_groups:
+                hint = (f"; K/V are per KV group under grouped-query attention (query head h reads "
+                        f"group h // {arch.group_size})") if n_groups < arch.n_heads else ""
+                raise ValueError(f"groups: expected KV group indices in [0, {n_groups}), got {g!r}{hint}")
+        if not per_group:
+            raise ValueError("groups: expected per_group=True when groups are given, got per_group=False")
+    layer_ix = _axis(layers, arch.n_layers, "layers")
+    pos_ix = _axis(positions, seq_len, "positions")
+    group_ix = _axis(groups, n_groups, "groups")
+    sites = [Site(s) for s in which]
+    names = {Node(layer, s).hook_name for layer in layer_ix for s in sites}
+    runs = prepare(model, clean_tokens, corrupt_tokens, metric, names, direction)
+    copies = []
+    for layer in layer_ix:
+        for p in pos_ix:
+            for g in (group_ix if per_group else (None,)):
+                copies.append([node_edit(model, Node(layer, s, pos=p, head=g), runs.source, seq_len)
+                               for s in sites])
+    values = run_copies(model, runs, copies, metric, rows=rows, progress=progress, desc=f"patching {which}")
+    if per_group:
+        axes = ("layer", "pos", "kv_head" if n_groups < arch.n_heads else "head")
+        coords: tuple[tuple, ...] = (layer_ix, pos_ix, group_ix)
+    else:
+        axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
+    shape = tuple(len(c) for c in coords)
+    return PatchResult(detach(values).reshape(shape), axes, coords, which, direction,
+                       runs.clean_metric, runs.corrupt_metric, method="K/V patching")

@@ -1,0 +1,287 @@
+"""Sharded on-disk activation stores: safetensors shards plus a JSON manifest.
+
+Layout of a store directory::
+
+    manifest.json          model, hooks (per-row shape, dtype), positions, shards (rows, bytes, sha256)
+    shard_00000.safetensors one tensor per hook [rows, n_pos, ...] plus "__lengths__" [rows]
+
+Writes are atomic: a shard is written to a temp file and renamed, then the manifest is rewritten
+the same way, so a store killed at any moment holds only whole shards and a manifest that lists
+exactly them. Reopening resumes after the last listed shard: no duplicated and no lost rows.
+
+Reading is lazy: `safe_open` memory-maps each shard and only the rows asked for are read. On
+open every shard is checked against the manifest (presence, byte size, readable header, and by
+default its sha256), so a truncated or corrupted shard is an error, never silent garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from interp.models import sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+LENGTHS = "__lengths__"
+FORMAT_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """A store on disk that does not match its manifest or the requested build."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    start: int
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class StoreWriter:
+    """Appends rows to a store directory shard by shard; resumes an interrupted build."""
+
+    def __init__(self, path: str | Path, meta: Mapping[str, Any], *, shard_bytes: int = 64 << 20,
+                 resume: bool = True) -> None:
+        self.path = Path(path)
+        self.shard_bytes = int(shard_bytes)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(".*.tmp"):
+            leftover.unlink()  # a temp file from a killed write: never listed, safe to drop
+        mf = self.path / MANIFEST
+        if mf.exists():
+            existing = _read_manifest(self.path)
+            if not resume:
+                raise StoreError(f"store {self.path}: expected an empty directory (resume=False), "
+                                 f"got an existing store with {existing['n_rows']} rows")
+            mismatched = [k for k in meta if existing["meta"].get(k) != meta[k]]
+            if mismatched:
+                raise StoreError(
+                    f"store {self.path}: expected the same build to resume, got different "
+                    + ", ".join(f"{k} ({existing['meta'].get(k)!r} on disk vs {meta[k]!r})" for k in mismatched)
+                    + "; use a new directory"
+                )
+            _check_shards(self.path, existing, verify=True)
+            self.manifest = existing
+        else:
+            self.manifest = {"version": FORMAT_VERSION, "meta": dict(meta), "shards": [], "n_rows": 0,
+                             "complete": False, "hooks": {}}
+            write_json_atomic(mf, self.manifest)
+        self._buf: dict[str, list[Tensor]] = {}
+        self._buf_rows = 0
+        self._buf_bytes = 0
+
+    @property
+    def rows_done(self) -> int:
+        """Rows safely on disk (buffered rows are not counted)."""
+        return int(self.manifest["n_rows"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def append(self, acts: Mapping[str, Tensor], lengths: Tensor) -> None:
+        """Buffer one batch of rows; flush a shard when the buffer exceeds `shard_bytes`."""
+        rows = lengths.shape[0]
+        for name, t in {**acts, LENGTHS: lengths}.items():
+            if t.shape[0] != rows:
+                raise StoreError(f"store append {name}: expected {rows} rows, got {t.shape[0]}")
+            t = t.detach().to("cpu").contiguous()
+            self._buf.setdefault(name, []).append(t)
+            self._buf_bytes += t.numel() * t.element_size()
+        self._buf_rows += rows
+        if self._buf_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard (temp file + rename), then the manifest."""
+        if not self._buf_rows:
+            return
+        tensors = {k: torch.cat(v) for k, v in self._buf.items()}
+        idx = len(self.manifest["shards"])
+        fname = f"shard_{idx:05d}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{fname}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            info = ShardInfo(fname, self.rows_done, self._buf_rows, os.path.getsize(tmp), sha256_file(Path(tmp)))
+            os.replace(tmp, self.path / fname)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for k, t in tensors.items():
+            if k != LENGTHS:
+                self.manifest["hooks"][k] = {"shape": list(t.shape[1:]), "dtype": _dtype_name(t.dtype)}
+        self.manifest["shards"].append(info.__dict__)
+        self.manifest["n_rows"] = self.rows_done + self._buf_rows
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+        self._buf, self._buf_rows, self._buf_bytes = {}, 0, 0
+
+    def close(self) -> Store:
+        """Flush, mark the store complete and reopen it for reading."""
+        self.flush()
+        self.manifest["complete"] = True
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+        return open_store(self.path, verify=False)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise StoreError(f"store {path}: expected {MANIFEST}, got no such file (not a store directory?)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"store manifest {mf}: expected JSON, got a parse error: {e}") from e
+    if manifest.get("version") != FORMAT_VERSION:
+        raise StoreError(f"store {path}: expected format version {FORMAT_VERSION}, got {manifest.get('version')}")
+    return manifest
+
+
+def _check_shards(path: Path, manifest: Mapping[str, Any], verify: bool) -> None:
+    for s in manifest["shards"]:
+        f = path / s["file"]
+        if not f.is_file():
+            raise StoreError(f"store shard {f}: expected it (listed in {MANIFEST}), got no such file")
+        size = f.stat().st_size
+        if size != s["bytes"]:
+            raise StoreError(f"store shard {f}: expected {s['bytes']} bytes, got {size} (truncated or "
+                             f"overwritten); delete the store and rebuild it")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = set(h.keys())
+        except Exception as e:
+            raise StoreError(f"store shard {f}: expected a readable safetensors file, got {e}") from e
+        if LENGTHS not in keys:
+            raise StoreError(f"store shard {f}: expected a {LENGTHS} tensor, got keys {sorted(keys)}")
+        if verify:
+            digest = sha256_file(f)
+            if digest != s["sha256"]:
+                raise StoreError(f"store shard {f}: expected sha256 {s['sha256']}, got {digest} (corrupted)")
+
+
+class Store:
+    """A read-only, lazily loaded view of a store directory (see `open_store`)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._shards = [ShardInfo(**s) for s in manifest["shards"]]
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.manifest["meta"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.rows(LENGTHS, 0, self.n_examples)
+
+    def _key(self, key: str | tuple[str, int]) -> str:
+        if isinstance(key, tuple):
+            from transformer_lens.utilities import get_act_name
+
+            key = get_act_name(*key)
+        if key not in self.manifest["hooks"] and key != LENGTHS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), self.hook_names, n=3)
+            raise KeyError(f"store {self.path}: expected one of the stored hooks {self.hook_names}, got "
+                           f"{key!r}" + (f"; did you mean {close}?" if close else ""))
+        return key
+
+    def rows(self, key: str | tuple[str, int], start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of one hook, reading only the shards that hold them."""
+        name = self._key(key)
+        if not 0 <= start <= stop <= self.n_examples:
+            raise IndexError(f"store rows: expected 0 <= start <= stop <= {self.n_examples}, got [{start}, {stop})")
+        parts = []
+        for s in self._shards:
+            lo, hi = max(start, s.start), min(stop, s.start + s.rows)
+            if lo >= hi:
+                continue
+            with safe_open(str(self.path / s.file), framework="pt") as h:
+                parts.append(h.get_slice(name)[lo - s.start: hi - s.start])
+        if not parts:
+            info = self.manifest["hooks"].get(name)
+            shape = info["shape"] if info else []
+            dtype = getattr(torch, info["dtype"]) if info else torch.long
+            return torch.empty((0, *shape), dtype=dtype)
+        return torch.cat(parts)
+
+    def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
+        return self.rows(key, 0, self.n_examples)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.manifest["hooks"]
+
+    def __len__(self) -> int:
+        return self.n_examples
+
+    def iter_batches(self, key: str | tuple[str, int], batch_size: int, *, shuffle: bool = False,
+                     seed: int = 0) -> Iterator[Tensor]:
+        """Batches of rows, reading shard by shard (memory bounded by a shard plus a batch).
+
+        With `shuffle`, shard order and rows within each shard are permuted (seeded).
+        """
+        name = self._key(key)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self._shards), generator=g).tolist() if shuffle else range(len(self._shards))
+        carry: Tensor | None = None
+        for i in order:
+            s = self._shards[i]
+            with safe_open(str(self.path / s.file), framework="pt") as h:
+                block = h.get_tensor(name)
+            if shuffle:
+                block = block[torch.randperm(block.shape[0], generator=g)]
+            if carry is not None:
+                block = torch.cat([carry, block])
+            n_full = block.shape[0] // batch_size * batch_size
+            for j in range(0, n_full, batch_size):
+                yield block[j: j + batch_size]
+            carry = block[n_full:] if n_full < block.shape[0] else None
+        if carry is not None and carry.shape[0]:
+            yield carry
+
+    def verify(self) -> None:
+        """Hash every shard against the manifest."""
+        _check_shards(self.path, self.manifest, verify=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.path}, rows={self.n_examples}, hooks={self.hook_names}, complete={self.complete})"
+
+
+def open_store(path: str | Path, *, verify: bool = True) -> Store:
+    """Open a store directory lazily, checking every shard (sha256 too unless `verify=False`)."""
+    p = Path(path)
+    manifest = _read_manifest(p)
+    _check_shards(p, manifest, verify=verify)
+    return Store(p, manifest)

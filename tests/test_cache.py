@@ -1,0 +1,154 @@
+"""Activation caching: bit-for-bit against run_with_cache, padding, disk stores, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from interp.cache import collect
+from interp.hooks import HookError
+from interp.models import save_model
+from interp.store import StoreError, open_store
+from interp.tokens import Batch
+
+HOOKS = ["blocks.*.hook_resid_post", "blocks.1.attn.hook_k", "blocks.0.attn.hook_pattern",
+         "blocks.2.hook_mlp_out"]
+
+
+def test_bit_for_bit_with_run_with_cache(any_model):
+    toks = torch.randint(0, 50, (6, 9), generator=torch.Generator().manual_seed(1))
+    _, ref = any_model.run_with_cache(toks)
+    cache = collect(any_model, toks, hooks=HOOKS, batch_size=6, progress=False)
+    assert sorted(cache) == sorted(n for n in ref if n.endswith(("resid_post", "1.attn.hook_k",
+                                                                 "0.attn.hook_pattern", "2.hook_mlp_out")))
+    for name in cache:
+        assert torch.equal(cache[name], ref[name]), name
+    assert torch.equal(cache["resid_post", 1], ref["blocks.1.hook_resid_post"])
+
+
+def test_positions_layers_and_dtype(any_model):
+    toks = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+    _, ref = any_model.run_with_cache(toks)
+    c = collect(any_model, toks, hooks="blocks.*.hook_resid_pre", layers=[1], positions=[0, -1],
+                dtype=torch.float16, progress=False)
+    assert c.hook_names == ["blocks.1.hook_resid_pre"]
+    want = ref["blocks.1.hook_resid_pre"][:, [0, 7]].to(torch.float16)
+    assert torch.equal(c["blocks.1.hook_resid_pre"], want)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[2, 5]] = True
+    c = collect(any_model, toks, hooks=["blocks.0.attn.hook_pattern"], positions=mask, progress=False)
+    assert torch.equal(c["blocks.0.attn.hook_pattern"], ref["blocks.0.attn.hook_pattern"][:, :, [2, 5]])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(any_model, side):
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 50, (n,), generator=g) for n in (4, 9, 6, 1)]
+    batch = Batch.pad(seqs, side=side, pad_id=7)
+    all_pos = collect(any_model, batch, hooks=["blocks.2.hook_resid_post", "blocks.0.attn.hook_v"],
+                      progress=False)
+    last = collect(any_model, batch, hooks=["blocks.2.hook_resid_post"], positions="last", progress=False)
+    for i, s in enumerate(seqs):
+        _, alone = any_model.run_with_cache(s[None])
+        for name in ("blocks.2.hook_resid_post", "blocks.0.attn.hook_v"):
+            torch.testing.assert_close(all_pos[name][i][batch.mask[i]], alone[name][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last["blocks.2.hook_resid_post"][i, 0],
+                                   alone["blocks.2.hook_resid_post"][0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs(gpt2_model):
+    toks = torch.randint(0, 50, (2, 5))
+    with pytest.raises(HookError, match="closest"):
+        collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_psot"], progress=False)
+    with pytest.raises(ValueError, match="within each prompt's length"):
+        collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_pre"], positions=[5], progress=False)
+    with pytest.raises(TypeError, match="integer dtype"):
+        collect(gpt2_model, toks.float(), hooks=["blocks.0.hook_resid_pre"], progress=False)
+    with pytest.raises(ValueError, match=r"ids in \[0, 50\)"):
+        collect(gpt2_model, toks + 100, hooks=["blocks.0.hook_resid_pre"], progress=False)
+
+
+def test_store_roundtrip_equals_memory(any_model, tmp_path):
+    toks = torch.randint(0, 50, (10, 7), generator=torch.Generator().manual_seed(4))
+    mem = collect(any_model, toks, hooks=HOOKS, batch_size=3, progress=False)
+    store = collect(any_model, toks, hooks=HOOKS, batch_size=3, out=tmp_path / "s", shard_bytes=2000,
+                    progress=False)
+    assert len(store.manifest["shards"]) > 1  # really sharded
+    reopened = open_store(tmp_path / "s")
+    assert reopened.complete and reopened.n_examples == 10
+    for name in mem:
+        assert torch.equal(reopened[name], mem[name]), name
+        assert torch.equal(torch.cat(list(reopened.iter_batches(name, 4))), mem[name])
+        assert torch.equal(reopened.rows(name, 2, 8), mem[name][2:8])
+    # rerunning a complete build recomputes nothing and returns the same store
+    again = collect(any_model, toks, hooks=HOOKS, batch_size=3, out=tmp_path / "s", progress=False)
+    assert again.n_examples == 10
+
+
+def test_store_detects_corruption_and_truncation(gpt2_model, tmp_path):
+    toks = torch.randint(0, 50, (6, 5))
+    collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_post"], batch_size=2, out=tmp_path / "s",
+            shard_bytes=500, progress=False)
+    shard = tmp_path / "s" / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupted"):
+        open_store(tmp_path / "s")
+    shard.write_bytes(bytes(data[:-20]))
+    with pytest.raises(StoreError, match="truncated"):
+        open_store(tmp_path / "s")
+    with pytest.raises(StoreError, match="manifest.json"):
+        open_store(tmp_path / "nothing")
+
+
+def test_store_resume_refuses_a_different_build(gpt2_model, tmp_path):
+    toks = torch.randint(0, 50, (4, 5))
+    collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_post"], out=tmp_path / "s", progress=False)
+    with pytest.raises(StoreError, match="same build"):
+        collect(gpt2_model, toks, hooks=["blocks.1.hook_resid_post"], out=tmp_path / "s", progress=False)
+
+
+def test_killed_build_resumes_without_duplicates_or_loss(gpt2_model, tmp_path):
+    model_dir = save_model(gpt2_model, tmp_path / "model")
+    toks = torch.randint(0, 50, (40, 6), generator=torch.Generator().manual_seed(5))
+    torch.save(toks, tmp_path / "toks.pt")
+    script = textwrap.dedent(f"""
+        import time, torch
+        from interp.cache import collect
+        from interp.models import load_model
+        m = load_model({str(model_dir)!r})
+        toks = torch.load({str(tmp_path / 'toks.pt')!r})
+        def slow():
+            for i in range(0, 40, 4):
+                time.sleep(0.3)
+                yield toks[i:i + 4]
+        collect(m, slow(), hooks=["blocks.*.hook_resid_post"], batch_size=4,
+                out={str(tmp_path / 'store')!r}, shard_bytes=1, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    manifest = tmp_path / "store" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["n_rows"] >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads(manifest.read_text())
+    assert 12 <= partial["n_rows"] < 40 and not partial["complete"]
+    resumed = collect(gpt2_model, toks, hooks=["blocks.*.hook_resid_post"], batch_size=4,
+                      out=tmp_path / "store", shard_bytes=1, progress=False)
+    whole = collect(gpt2_model, toks, hooks=["blocks.*.hook_resid_post"], batch_size=4,
+                    out=tmp_path / "whole", shard_bytes=1, progress=False)
+    assert resumed.n_examples == whole.n_examples == 40
+    for name in whole.hook_names:
+        assert torch.equal(open_store(tmp_path / "store")[name], whole[name])

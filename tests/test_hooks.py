@@ -1,0 +1,124 @@
+"""The intervention API: effects checked against hand-written TransformerLens hooks; cleanup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.graph import Node
+from interp.hooks import (
+    Add,
+    HookError,
+    Patch,
+    Scale,
+    Set,
+    Zero,
+    ablation,
+    intervene,
+    resolve_hooks,
+    run_with_interventions,
+)
+
+
+def _n_hooks(model) -> int:
+    return sum(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+
+
+def test_unknown_hook_lists_closest(gpt2_model):
+    with pytest.raises(HookError, match="closest.*blocks.1.hook_resid_post"):
+        resolve_hooks(gpt2_model, ["blocks.1.hook_resid_pst"])
+    with pytest.raises(HookError, match="no match"):
+        resolve_hooks(gpt2_model, ["blocks.*.hook_nothing"])
+    assert resolve_hooks(gpt2_model, "blocks.*.hook_resid_pre", layers=[0, 2]) == [
+        "blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    with pytest.raises(HookError, match=r"expected values in \[0, 3\)"):
+        resolve_hooks(gpt2_model, "blocks.*.hook_resid_pre", layers=[5])
+
+
+def test_node_head_zero_matches_manual_hook(any_model, tokens):
+    def manual(z, hook):
+        z = z.clone()
+        z[:, 4, 1] = 0
+        return z
+
+    want = any_model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", manual)])
+    got, _ = run_with_interventions(any_model, tokens, [Zero(Node(1, "head", pos=4, head=1))])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_set_add_scale_compose_in_order(gpt2_model, tokens):
+    v = torch.randn(32)
+
+    def manual(x, hook):
+        x = x.clone()
+        x[:, 2] = 0.5
+        x[:, 2] += v
+        x[:, 2] *= 3.0
+        return x
+
+    want = gpt2_model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", manual)])
+    ivs = [Set("blocks.0.hook_resid_post", pos=2, value=0.5), Add("blocks.0.hook_resid_post", pos=2, value=v),
+           Scale("blocks.0.hook_resid_post", pos=2, factor=3.0)]
+    got, _ = run_with_interventions(gpt2_model, tokens, ivs)
+    torch.testing.assert_close(got, want)
+
+
+def test_patch_from_cache_and_capture_same_pass(any_model, tokens):
+    other = torch.flip(tokens, dims=[0])
+    clean_logits, clean_cache = any_model.run_with_cache(other)
+    with intervene(any_model, [Patch(Node(0, "resid_pre"), source=clean_cache)],
+                   capture=["blocks.2.hook_resid_post"]) as run:
+        logits = any_model(tokens)
+    # patching the whole residual stream at layer 0 reproduces the other run exactly
+    torch.testing.assert_close(logits, clean_logits)
+    torch.testing.assert_close(run.captured["blocks.2.hook_resid_post"], clean_cache["blocks.2.hook_resid_post"])
+
+
+def test_kv_group_patch_on_grouped_model(llama_model, tokens):
+    other = torch.flip(tokens, dims=[0])
+    _, cache = llama_model.run_with_cache(other)
+    with pytest.raises(HookError, match=r"KV group expected in \[0, 2\)"):
+        run_with_interventions(llama_model, tokens, [Patch(Node(1, "k", head=2), source=cache)])
+    got, _ = run_with_interventions(llama_model, tokens, [Patch(Node(1, "v", head=1, pos=3), source=cache)])
+
+    def manual(v, hook):
+        v = v.clone()
+        v[:, 3, 1] = cache["blocks.1.attn.hook_v"][:, 3, 1]
+        return v
+
+    want = llama_model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_v", manual)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_mean_and_resample_ablation(gpt2_model, tokens):
+    _, ref = gpt2_model.run_with_cache(tokens)
+    act = ref["blocks.1.hook_attn_out"]
+    mean_iv = ablation("mean", "blocks.1.hook_attn_out", reference=act)
+    _, cap = run_with_interventions(gpt2_model, tokens, [mean_iv], capture=["blocks.1.hook_attn_out"])
+    torch.testing.assert_close(cap["blocks.1.hook_attn_out"], act.mean(0, keepdim=True).expand_as(act))
+    rs = ablation("resample", "blocks.1.hook_attn_out", reference=act, seed=3)
+    _, cap = run_with_interventions(gpt2_model, tokens, [rs], capture=["blocks.1.hook_attn_out"])
+    rows = torch.randint(0, act.shape[0], (act.shape[0],), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cap["blocks.1.hook_attn_out"], act[rows])
+
+
+def test_hooks_removed_when_hook_or_body_raises(gpt2_model, tokens):
+    before = _n_hooks(gpt2_model)
+    bad = Patch("blocks.0.hook_resid_pre", source=torch.zeros(1, 2, 3))
+    with pytest.raises(HookError, match="expected a source of shape"):
+        run_with_interventions(gpt2_model, tokens, [bad])
+    assert _n_hooks(gpt2_model) == before
+    with pytest.raises(RuntimeError, match="metric failed"):
+        with intervene(gpt2_model, [Zero("blocks.0.hook_attn_out")]):
+            gpt2_model(tokens)
+            raise RuntimeError("metric failed")
+    assert _n_hooks(gpt2_model) == before
+    # and the model computes exactly as before
+    clean = gpt2_model(tokens)
+    torch.testing.assert_close(gpt2_model(tokens), clean, rtol=0, atol=0)
+
+
+def test_hook_that_never_fired_raises(gpt2_model, tokens):
+    with pytest.raises(HookError, match="never firing"):
+        with intervene(gpt2_model, [Zero("blocks.2.hook_resid_post")]):
+            gpt2_model(tokens, stop_at_layer=1)
