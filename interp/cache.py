@@ -231,10 +231,11 @@ def collect(
             idx = select_positions(positions, batch.lengths, toks.shape[1], offset=done)
             got: dict[str, Tensor] = {}
 
-            def keep(act: Tensor, *, hook: object, _idx: Tensor | None = idx) -> None:
+            def keep(act: Tensor, *, hook: object, _idx: Tensor | None = idx,
+                     _got: dict[str, Tensor] = got) -> None:
                 name = hook.name  # type: ignore[attr-defined]
                 sel = _gather(act.detach(), _idx, _pos_dim(name))
-                got[name] = sel.to(dtype) if dtype is not None else sel.clone()
+                _got[name] = sel.to(dtype) if dtype is not None else sel.clone()
 
             with torch.inference_mode(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
                 model(toks, stop_at_layer=stop)

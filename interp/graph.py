@@ -25,13 +25,13 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from interp.arch import Arch
 
 
-class Site(str, Enum):
+class Site(StrEnum):
     """Where in a layer a node sits."""
 
     RESID_PRE = "resid_pre"
@@ -44,6 +44,7 @@ class Site(str, Enum):
     K = "k"  # per KV group under grouped-query attention
     V = "v"  # per KV group under grouped-query attention
     PATTERN = "pattern"  # [batch head q_pos k_pos]; pos indexes the query position
+    ATTN_SCORES = "attn_scores"  # pre-softmax scores [batch head q_pos k_pos] (attention knockout)
     Q_INPUT = "q_input"  # residual read by a head's query (needs use_split_qkv_input)
     K_INPUT = "k_input"
     V_INPUT = "v_input"
@@ -58,7 +59,7 @@ class Site(str, Enum):
         return self in (Site.K, Site.V)
 
 
-_HEAD_SITES = {Site.HEAD, Site.Q, Site.K, Site.V, Site.PATTERN, Site.Q_INPUT, Site.K_INPUT,
+_HEAD_SITES = {Site.HEAD, Site.Q, Site.K, Site.V, Site.PATTERN, Site.ATTN_SCORES, Site.Q_INPUT, Site.K_INPUT,
                Site.V_INPUT}
 
 _HOOK_SUFFIX = {
@@ -72,6 +73,7 @@ _HOOK_SUFFIX = {
     Site.K: "attn.hook_k",
     Site.V: "attn.hook_v",
     Site.PATTERN: "attn.hook_pattern",
+    Site.ATTN_SCORES: "attn.hook_attn_scores",
     Site.Q_INPUT: "hook_q_input",
     Site.K_INPUT: "hook_k_input",
     Site.V_INPUT: "hook_v_input",

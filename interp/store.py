@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from interp.models import sha256_file, write_json_atomic
@@ -53,8 +52,41 @@ class ShardInfo:
     sha256: str
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor]) -> None:
+    """Write a safetensors file streaming each tensor's bytes (no serialised copy in memory)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise StoreError(f"store tensor {name}: expected one of {list(_ST_DTYPES)}, got {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class StoreWriter:
-    """Appends rows to a store directory shard by shard; resumes an interrupted build."""
+    """Appends rows to a store directory shard by shard; resumes an interrupted build.
+
+    Rows are copied into one preallocated buffer per hook (about `shard_bytes` in all) and each
+    full buffer is streamed to disk, so memory stays at one shard plus the caller's batch.
+    Shards end on batch boundaries, so a resumed build sees exactly the batches of an
+    uninterrupted one.
+    """
 
     def __init__(self, path: str | Path, meta: Mapping[str, Any], *, shard_bytes: int = 64 << 20,
                  resume: bool = True) -> None:
@@ -82,9 +114,8 @@ class StoreWriter:
             self.manifest = {"version": FORMAT_VERSION, "meta": dict(meta), "shards": [], "n_rows": 0,
                              "complete": False, "hooks": {}}
             write_json_atomic(mf, self.manifest)
-        self._buf: dict[str, list[Tensor]] = {}
-        self._buf_rows = 0
-        self._buf_bytes = 0
+        self._buf: dict[str, Tensor] = {}
+        self._fill = 0
 
     @property
     def rows_done(self) -> int:
@@ -95,33 +126,46 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 
+    def _allocate(self, acts: Mapping[str, Tensor]) -> None:
+        rows = next(iter(acts.values())).shape[0]
+        row_bytes = sum(t[0].numel() * t.element_size() for t in acts.values())
+        capacity = max(rows, self.shard_bytes // max(row_bytes, 1) // rows * rows)
+        self._buf = {k: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for k, t in acts.items()}
+
     def append(self, acts: Mapping[str, Tensor], lengths: Tensor) -> None:
-        """Buffer one batch of rows; flush a shard when the buffer exceeds `shard_bytes`."""
+        """Copy one batch of rows into the shard buffer; write the shard when it is full."""
         rows = lengths.shape[0]
-        for name, t in {**acts, LENGTHS: lengths}.items():
+        acts = {**acts, LENGTHS: lengths}
+        for name, t in acts.items():
             if t.shape[0] != rows:
                 raise StoreError(f"store append {name}: expected {rows} rows, got {t.shape[0]}")
-            t = t.detach().to("cpu").contiguous()
-            self._buf.setdefault(name, []).append(t)
-            self._buf_bytes += t.numel() * t.element_size()
-        self._buf_rows += rows
-        if self._buf_bytes >= self.shard_bytes:
+        known = self.manifest["hooks"]
+        for name, t in acts.items():
+            want = known.get(name) or ({"shape": list(self._buf[name].shape[1:])} if name in self._buf else None)
+            if name != LENGTHS and want is not None and list(t.shape[1:]) != list(want["shape"]):
+                raise StoreError(f"store append {name}: expected rows of shape {tuple(want['shape'])}, got "
+                                 f"{tuple(t.shape[1:])}; a store needs one width for all prompts "
+                                 f"(pass an interp.tokens.Batch to pad them)")
+        if self._buf and self._fill + rows > next(iter(self._buf.values())).shape[0]:
             self.flush()
+        if not self._buf:
+            self._allocate(acts)
+        for name, t in acts.items():
+            self._buf[name][self._fill: self._fill + rows] = t.detach()
+        self._fill += rows
 
     def flush(self) -> None:
         """Write the buffered rows as one shard (temp file + rename), then the manifest."""
-        if not self._buf_rows:
+        if not self._fill:
             return
-        tensors = {k: torch.cat(v) for k, v in self._buf.items()}
+        tensors = {k: v[: self._fill] for k, v in self._buf.items()}
         idx = len(self.manifest["shards"])
         fname = f"shard_{idx:05d}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{fname}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            info = ShardInfo(fname, self.rows_done, self._buf_rows, os.path.getsize(tmp), sha256_file(Path(tmp)))
+            write_safetensors(tmp, tensors)
+            info = ShardInfo(fname, self.rows_done, self._fill, os.path.getsize(tmp), sha256_file(Path(tmp)))
             os.replace(tmp, self.path / fname)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -130,13 +174,14 @@ class StoreWriter:
             if k != LENGTHS:
                 self.manifest["hooks"][k] = {"shape": list(t.shape[1:]), "dtype": _dtype_name(t.dtype)}
         self.manifest["shards"].append(info.__dict__)
-        self.manifest["n_rows"] = self.rows_done + self._buf_rows
+        self.manifest["n_rows"] = self.rows_done + self._fill
         write_json_atomic(self.path / MANIFEST, self.manifest)
-        self._buf, self._buf_rows, self._buf_bytes = {}, 0, 0
+        self._fill = 0
 
     def close(self) -> Store:
         """Flush, mark the store complete and reopen it for reading."""
         self.flush()
+        self._buf = {}
         self.manifest["complete"] = True
         write_json_atomic(self.path / MANIFEST, self.manifest)
         return open_store(self.path, verify=False)

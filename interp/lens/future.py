@@ -16,6 +16,11 @@ the gain over the bigram baseline gets a paired CI. Baselines fitted on the same
 - bigram: predict the most frequent x_{t+k} seen after the current token x_t (unigram fallback
   for unseen x_t). A lens that does not beat the bigram baseline shows nothing beyond "the
   current token predicts the future".
+Caveat: neither baseline sees the position t, but h_t does (learned or rotary positions), so
+over all positions of structured data a lens can beat the bigram by reading the position alone
+(on the planning organism, over all positions, layer 0 decodes x_{t+2} at 0.31 vs bigram 0.19).
+Select positions with `mask` (e.g. where x_{t+k} is determined by earlier context) to make a
+claim about planning.
 
 Memory: the residuals of all selected layers at all positions ((n_layers + 1) x batch x pos x
 d_model) plus one (layer x d_model x classes) weight tensor per offset; classes are the target
@@ -115,7 +120,7 @@ class SoftmaxFit:
 
 def softmax_regression(
     x: Float[Tensor, "group n d"],
-    y: Int[Tensor, "n"],
+    y: Int[Tensor, " n"],
     n_classes: int,
     *,
     l2: float = 1e-3,
@@ -169,13 +174,13 @@ def softmax_regression(
 
 # ------------------------------------------------------------------------------- baselines
 
-def _unigram_mode(nxt: Int[Tensor, "n"]) -> int:
+def _unigram_mode(nxt: Int[Tensor, " n"]) -> int:
     """The most frequent token of `nxt` (ties: the smaller id)."""
     values, counts = nxt.unique(return_counts=True)
     return int(values[torch.argmax(counts)])  # argmax returns the first maximum
 
 
-def _mode_table(cur: Int[Tensor, "n"], nxt: Int[Tensor, "n"], d_vocab: int) -> Int[Tensor, "d_vocab"]:
+def _mode_table(cur: Int[Tensor, " n"], nxt: Int[Tensor, " n"], d_vocab: int) -> Int[Tensor, " d_vocab"]:
     """For every token v, the most frequent `nxt` after `cur == v` (ties: the smaller id);
     tokens never seen as `cur` get the overall most frequent `nxt` (the unigram mode)."""
     table = torch.full((d_vocab,), _unigram_mode(nxt), dtype=torch.long)
@@ -209,9 +214,10 @@ class FutureLensResult:
     gain_low: Float[Tensor, "offset layer"]
     gain_high: Float[Tensor, "offset layer"]
     baselines: Float[Tensor, "offset 2 3"]  # [offset, (bigram, unigram), (value, low, high)]
-    n_train_tokens: Int[Tensor, "offset"]
-    n_test_tokens: Int[Tensor, "offset"]
-    n_test_examples: Int[Tensor, "offset"]
+    n_train_tokens: Int[Tensor, " offset"]
+    n_test_tokens: Int[Tensor, " offset"]
+    n_test_examples: Int[Tensor, " offset"]
+    test_examples: Int[Tensor, " n_test"]  # indices (into the tokens' batch) of the held-out examples
     config: FutureLensConfig
 
     @property
@@ -393,4 +399,5 @@ def future_lens(
         model_name=model_name(model), offsets=config.offsets, layers=tuple(layers),
         labels=tuple(all_labels[x] for x in layers), accuracy=acc, ci_low=lo, ci_high=hi,
         gain_low=glo, gain_high=ghi, baselines=baselines, n_train_tokens=n_train_tok,
-        n_test_tokens=n_test_tok, n_test_examples=n_test_ex, config=config)
+        n_test_tokens=n_test_tok, n_test_examples=n_test_ex, test_examples=perm[:n_test].sort().values,
+        config=config)

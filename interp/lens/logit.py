@@ -32,7 +32,6 @@ from interp.lens.residual import (
     Decoder,
     batches,
     compute_dtype,
-    kl_from_final,
     layer_labels,
     model_name,
     residual_stack,
@@ -78,7 +77,10 @@ class LensResult:
         return None if self.target_logprob is None else self.target_logprob.exp()
 
     def to_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
-        """One row per (layer, example, position): kl, entropy, top-1 token/prob, target metrics."""
+        """One row per (layer, example, selected position): kl, entropy, top-1 token/prob, target metrics.
+
+        `sel` indexes the selected positions (0 for a single one) and `pos` is the position itself.
+        """
         n_layer, n_b, n_s = self.kl.shape
         layer = torch.arange(n_layer)[:, None, None].expand(n_layer, n_b, n_s)
         example = torch.arange(n_b)[None, :, None].expand(n_layer, n_b, n_s)
@@ -89,6 +91,7 @@ class LensResult:
             "layer": layer.flatten().numpy(),
             "label": [self.labels[i] for i in layer.flatten().tolist()],
             "example": example.flatten().numpy(),
+            "sel": torch.arange(n_s)[None, None, :].expand(n_layer, n_b, n_s).flatten().numpy(),
             "pos": pos.flatten().numpy(),
             "kl": self.kl.flatten().double().numpy(),
             "entropy": self.entropy.flatten().double().numpy(),
@@ -97,8 +100,7 @@ class LensResult:
         }
         if tokenizer is not None:
             cols["top_str"] = [tokenizer.decode([t]) for t in cols["top_token"].tolist()]
-        if self.target is not None:
-            assert self.target_rank is not None and self.target_logprob is not None
+        if self.target is not None and self.target_rank is not None and self.target_logprob is not None:
             cols["target"] = self.target[None].expand(n_layer, n_b, n_s).flatten().numpy()
             cols["target_rank"] = self.target_rank.flatten().numpy()
             cols["target_logprob"] = self.target_logprob.flatten().double().numpy()
@@ -126,36 +128,29 @@ class LensResult:
 
     def summary(self, metric: str = "kl", *, n_boot: int = 1000, alpha: float = 0.05,
                 seed: int = 0) -> pd.DataFrame:
-        """Mean of `metric` over examples per (layer, pos), with a bootstrap CI over examples."""
+        """Mean of `metric` over examples per (layer, selected position), with a bootstrap CI over examples."""
         return summarise(self.to_frame(), metric, n_boot=n_boot, alpha=alpha, seed=seed)
 
     def plot(self, metric: str = "kl") -> go.Figure:
         """Mean `metric` by layer (with bootstrap CIs) for one position; a layer x position heatmap otherwise."""
         s = self.summary(metric)
         title = f"{self.lens} lens: {metric} by layer ({self.model_name})"
-        if s["pos"].nunique() == 1 or self.positions.shape[1] == 1:
+        if self.positions.shape[1] == 1:
             return curves(s, x="layer", y="mean", group="lens", low="ci_low", high="ci_high",
                           title=title, y_title=metric)
-        return heatmap(s, x="pos", y="layer", value="mean", title=title, diverging=False)
+        return heatmap(s, x="sel", y="layer", value="mean", title=title, diverging=False)
 
 
 def summarise(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, alpha: float = 0.05,
-              seed: int = 0, by: tuple[str, ...] = ("lens", "layer", "pos")) -> pd.DataFrame:
+              seed: int = 0, by: tuple[str, ...] = ("lens", "layer", "sel")) -> pd.DataFrame:
     """Mean of `metric` per group of `by`, with a percentile bootstrap CI over examples."""
     if metric not in frame.columns:
         raise ValueError(f"lens summary metric: expected one of "
                          f"{[m for m in METRICS if m in frame.columns]}, got {metric!r}")
     wide = frame.pivot_table(index="example", columns=list(by), values=metric, aggfunc="mean")
     if wide.isna().to_numpy().any():
-        # positions differ between examples: summarise over all rows of a group instead
-        wide = frame.groupby(list(by))[metric].apply(list)
-        rows = []
-        for key, vals in wide.items():
-            v = torch.tensor(vals, dtype=torch.float64)[:, None]
-            m, lo, hi = bootstrap_many(v, n_boot=n_boot, alpha=alpha, seed=seed) if len(vals) > 1 else (
-                v[0], v[0], v[0])
-            rows.append((*key, float(m[0]), float(lo[0]), float(hi[0]), len(vals)))
-        return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
+        raise ValueError(f"lens summary: expected every example to have a value in every group of {by}, "
+                         f"got missing cells")
     values = torch.tensor(wide.to_numpy(), dtype=torch.float64)
     if values.shape[0] > 1:
         mean, lo, hi = bootstrap_many(values, n_boot=n_boot, alpha=alpha, seed=seed)
@@ -192,8 +187,8 @@ def run_lens(
     lens: str,
     translate: Translate | None = None,
     decode_dtype: torch.dtype | None = None,
-    pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = -1,
-    target: Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+    target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     k: int = 5,
     batch_size: int | None = None,
     keep_logits: bool = False,
@@ -220,9 +215,10 @@ def run_lens(
             if translate is not None:
                 resid = translate(resid)
             logits = decoder(resid)  # [layer, b, sel, vocab]
-            kl = kl_from_final(logits[-1:].expand_as(logits), logits)
             logp = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
+            p = logp.exp()
+            kl = (p[-1:] * (logp[-1:] - logp)).sum(-1)  # KL(final || lens), as kl_from_final
+            ent = -(p * logp).sum(-1)
             top_lp, top_tok = logp.topk(k, dim=-1)
             parts["kl"].append(kl.cpu())
             parts["ent"].append(ent.cpu())
@@ -256,8 +252,8 @@ def logit_lens(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     *,
-    pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = -1,
-    target: Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+    target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     k: int = 5,
     batch_size: int | None = None,
     keep_logits: bool = False,

@@ -58,7 +58,7 @@ def model_name(model: HookedTransformer) -> str:
 
 
 def select_positions(
-    tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None
+    tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None
 ) -> Int[Tensor, "batch sel"]:
     """Position indices per example: an int (same for all), one per example, several, or all (None)."""
     b, n = tokens.shape

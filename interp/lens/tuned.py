@@ -1,7 +1,7 @@
 """Tuned lens (Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens").
 
-For every lens layer l < n_layers an affine translator ``h -> h W_l + b_l`` (W_l initialised to
-the identity, b_l to zero, so an untrained tuned lens *is* the logit lens) is trained so that
+For every lens layer l < n_layers an affine translator ``h -> h A_l + b_l`` with A_l = I + delta_l
+(delta_l and b_l initialised to zero, so an untrained tuned lens *is* the logit lens) is trained so that
 ``unembed(final_norm(h W_l + b_l))`` matches the model's final distribution: the loss is
 KL(final || lens) averaged over token positions, summed over layers (the layers are independent
 problems trained together). The final lens layer is the model's output and keeps the identity.
@@ -14,7 +14,7 @@ checkpoint directory holds ``translators.safetensors``, ``optimizer.safetensors`
 ``state.json`` (model name, hooks, config, step, a fingerprint of the training data); it is
 written every `checkpoint_every` steps and at the end, and `TunedLens.load` reads it.
 
-Differences from the paper: Adam instead of SGD with Nesterov momentum, and a full (not
+Differences from the paper: AdamW (decay on delta only) instead of SGD with Nesterov momentum, and a full (not
 low-rank-initialised) matrix per layer. Memory: n_layers x d_model^2 translator parameters,
 plus Adam's two moments.
 """
@@ -147,8 +147,8 @@ def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
 class TunedLens(torch.nn.Module):
     """Per-layer affine translators for the lens layers of one model (see the module docstring).
 
-    `weight[l]` is applied on the right (``h @ weight[l] + bias[l]``) for lens layers
-    l < n_layers; the final lens layer is untouched. Parameters live on the model's device in
+    `weight[l]` = I + `delta[l]` is applied on the right (``h @ weight[l] + bias[l]``) for lens
+    layers l < n_layers; the final lens layer is untouched. Parameters live on the model's device in
     at least float32.
     """
 
@@ -161,9 +161,15 @@ class TunedLens(torch.nn.Module):
         self.d_vocab = d_vocab
         self.hook_names = lens_hooks(n_layers)
         self.step = 0
-        self.weight = torch.nn.Parameter(
-            torch.eye(d_model, device=device, dtype=dtype).repeat(n_layers, 1, 1))
+        # Parametrised as identity + delta (as Belrose et al.), so weight decay pulls towards the
+        # logit lens, not towards zero.
+        self.delta = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model, device=device, dtype=dtype))
+
+    @property
+    def weight(self) -> Float[Tensor, "layer d_model d_model"]:
+        """The translators' matrices A_l = I + delta_l (applied as h @ A_l + b_l)."""
+        return self.delta + torch.eye(self.d_model, device=self.delta.device, dtype=self.delta.dtype)
 
     @staticmethod
     def for_model(model: HookedTransformer, *, name: str | None = None) -> TunedLens:
@@ -179,7 +185,7 @@ class TunedLens(torch.nn.Module):
         if got != want:
             raise ValueError(f"tuned lens for {self.model_name!r}: expected a model with (n_layers, "
                              f"d_model, d_vocab) = {want}, got {got} ({model_name(model)!r})")
-        if model_name(model) != self.model_name:
+        if model_name(model) not in (self.model_name, "custom", "unnamed"):  # TL's name for local models
             log.warning("tuned lens trained on %r applied to %r", self.model_name, model_name(model))
 
     def forward(self, resid: Float[Tensor, "layer *rest d_model"]) -> Float[Tensor, "layer *rest d_model"]:
@@ -187,11 +193,11 @@ class TunedLens(torch.nn.Module):
         if resid.shape[0] != self.n_layers + 1 or resid.shape[-1] != self.d_model:
             raise ValueError(f"tuned lens input: expected (layer={self.n_layers + 1}, ..., "
                              f"d_model={self.d_model}), got {tuple(resid.shape)}")
-        x = resid.to(self.weight.dtype)
+        x = resid.to(self.delta.dtype)
         head, final = x[:-1], x[-1:]
         flat = head.reshape(self.n_layers, -1, self.d_model)
-        out = torch.baddbmm(self.bias[:, None, :], flat, self.weight).reshape(head.shape)
-        return torch.cat([out, final], dim=0)
+        out = flat + torch.baddbmm(self.bias[:, None, :], flat, self.delta)
+        return torch.cat([out.reshape(head.shape), final], dim=0)
 
     # --------------------------------------------------------------------------------- training
 
@@ -213,12 +219,13 @@ class TunedLens(torch.nn.Module):
         """
         acts = TunedLens._training_acts(model, data, batch_size, progress)
         lens = TunedLens.for_model(model, name=name)
-        opt = torch.optim.Adam(lens.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW([{"params": [lens.delta], "weight_decay": config.weight_decay},
+                                 {"params": [lens.bias], "weight_decay": 0.0}], lr=config.lr)
         fingerprint = _fingerprint(acts)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt is not None and (ckpt / STATE).is_file():
             lens._resume(ckpt, opt, config, fingerprint)
-        decoder = Decoder(model, lens.weight.dtype)
+        decoder = Decoder(model, lens.delta.dtype)
         n = acts.shape[1]
         losses: list[float] = []
         bar = tqdm(total=config.steps, initial=lens.step, desc="tuned lens", disable=not progress,
@@ -226,7 +233,7 @@ class TunedLens(torch.nn.Module):
         while lens.step < config.steps:
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + lens.step)
             idx = torch.randint(0, n, (min(config.batch_tokens, n),), generator=g)
-            h = acts[:, idx.to(acts.device)].to(lens.weight.device, lens.weight.dtype)
+            h = acts[:, idx.to(acts.device)].to(lens.delta.device, lens.delta.dtype)
             with torch.no_grad():
                 final = decoder(h[-1])
             kl = kl_from_final(final[None].expand(lens.n_layers, -1, -1), decoder(lens(h)[:-1]))
@@ -264,7 +271,7 @@ class TunedLens(torch.nn.Module):
     def _state(self, config: TunedLensConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
         return {"model_name": self.model_name, "hooks": self.hook_names, "n_layers": self.n_layers,
                 "d_model": self.d_model, "d_vocab": self.d_vocab, "step": self.step,
-                "config": config.to_dict(), "data": fingerprint, "dtype": str(self.weight.dtype)}
+                "config": config.to_dict(), "data": fingerprint, "dtype": str(self.delta.dtype)}
 
     def _checkpoint(self, ckpt: Path, opt: torch.optim.Optimizer, config: TunedLensConfig,
                     fingerprint: dict[str, Any]) -> None:
@@ -277,7 +284,7 @@ class TunedLens(torch.nn.Module):
                     tensors[f"{pid}.{key}"] = value
                 else:
                     scalars[f"{pid}.{key}"] = value
-        _atomic_save_tensors({"weight": self.weight, "bias": self.bias}, ckpt / TRANSLATORS)
+        _atomic_save_tensors({"delta": self.delta, "bias": self.bias}, ckpt / TRANSLATORS)
         _atomic_save_tensors(tensors, ckpt / OPTIMIZER)
         state = self._state(config, fingerprint)
         state["optimizer"] = {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -298,7 +305,7 @@ class TunedLens(torch.nn.Module):
                              f"checkpoint directory for new data")
         self._load_translators(ckpt)
         self.step = int(state["step"])
-        tensors = load_file(str(ckpt / OPTIMIZER), device=str(self.weight.device))
+        tensors = load_file(str(ckpt / OPTIMIZER), device=str(self.delta.device))
         per_param: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             pid, name = key.split(".", 1)
@@ -317,9 +324,9 @@ class TunedLens(torch.nn.Module):
                              f"{want} for {self.model_name!r}, got {got} (trained on {state['model_name']!r})")
 
     def _load_translators(self, d: Path) -> None:
-        t = load_file(str(d / TRANSLATORS), device=str(self.weight.device))
+        t = load_file(str(d / TRANSLATORS), device=str(self.delta.device))
         with torch.no_grad():
-            self.weight.copy_(t["weight"])
+            self.delta.copy_(t["delta"])
             self.bias.copy_(t["bias"])
 
     # ------------------------------------------------------------------------------ save / load
@@ -328,10 +335,10 @@ class TunedLens(torch.nn.Module):
         """Write the translators and their facts (model name, hooks, step) to directory `path`."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors({"weight": self.weight, "bias": self.bias}, d / TRANSLATORS)
+        _atomic_save_tensors({"delta": self.delta, "bias": self.bias}, d / TRANSLATORS)
         state = {"model_name": self.model_name, "hooks": self.hook_names, "n_layers": self.n_layers,
                  "d_model": self.d_model, "d_vocab": self.d_vocab, "step": self.step,
-                 "dtype": str(self.weight.dtype)}
+                 "dtype": str(self.delta.dtype)}
         write_json_atomic(d / STATE, state)
         return d
 
@@ -360,8 +367,8 @@ class TunedLens(torch.nn.Module):
         model: HookedTransformer,
         tokens: Int[Tensor, "batch pos"],
         *,
-        pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = -1,
-        target: Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+        target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
         k: int = 5,
         batch_size: int | None = None,
         keep_logits: bool = False,
@@ -369,7 +376,7 @@ class TunedLens(torch.nn.Module):
     ) -> LensResult:
         """The tuned lens at every layer: same arguments and result as `interp.lens.logit_lens`."""
         self.check_model(model)
-        return run_lens(model, tokens, lens="tuned", translate=self, decode_dtype=self.weight.dtype,
+        return run_lens(model, tokens, lens="tuned", translate=self, decode_dtype=self.delta.dtype,
                         pos=pos, target=target, k=k, batch_size=batch_size, keep_logits=keep_logits,
                         progress=progress)
 
@@ -378,7 +385,7 @@ class TunedLens(torch.nn.Module):
         model: HookedTransformer,
         tokens: Int[Tensor, "batch pos"],
         *,
-        pos: int | Int[Tensor, "batch"] | Int[Tensor, "batch sel"] | None = None,
+        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
         batch_size: int | None = None,
     ) -> LensComparison:
         """KL(final || lens) per layer for the logit lens and this lens on the same (held-out) tokens."""

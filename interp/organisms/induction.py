@@ -128,7 +128,7 @@ def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
-          threads: int | None = 2) -> tuple[HookedTransformer, TrainLog]:
+          threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
     """Train from scratch (AdamW 1e-3, batch 64, loss on every next token)."""
     model = init_model(config(), seed)
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, seed=seed, threads=threads)

@@ -57,9 +57,10 @@ def _check_supported(cfg: HookedTransformerConfig) -> None:
         raise ValueError("fast_forward: expected an organism-style config, got " + "; ".join(problems))
 
 
-def _norm(ln: torch.nn.Module, x: Tensor, cfg: HookedTransformerConfig) -> Tensor:
+def _norm(owner: torch.nn.Module, name: str, x: Tensor, cfg: HookedTransformerConfig) -> Tensor:
     if cfg.normalization_type is None:
         return x
+    ln = getattr(owner, name)
     return F.layer_norm(x, (cfg.d_model,), ln.w, ln.b, cfg.eps)
 
 
@@ -77,7 +78,7 @@ def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> 
     rotary = cfg.positional_embedding_type == "rotary"
     for block in model.blocks:
         attn = block.attn
-        h = _norm(block.ln1, x, cfg)
+        h = _norm(block, "ln1", x, cfg)
         heads, d_head = cfg.n_heads, cfg.d_head
         w_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=0)  # [3h, d_model, d_head]
         w_qkv = w_qkv.permute(1, 0, 2).reshape(cfg.d_model, 3 * heads * d_head)
@@ -93,10 +94,10 @@ def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> 
         z = z.transpose(1, 2).reshape(batch, n, heads * d_head)
         x = x + z @ attn.W_O.reshape(heads * d_head, cfg.d_model) + attn.b_O
         if not cfg.attn_only:
-            h = _norm(block.ln2, x, cfg)
+            h = _norm(block, "ln2", x, cfg)
             act = F.gelu if cfg.act_fn == "gelu" else F.relu
             x = x + act(h @ block.mlp.W_in + block.mlp.b_in) @ block.mlp.W_out + block.mlp.b_out
-    x = _norm(model.ln_final, x, cfg)
+    x = _norm(model, "ln_final", x, cfg)
     return x @ model.unembed.W_U + model.unembed.b_U
 
 
@@ -131,7 +132,7 @@ class TrainConfig:
     final_lr_frac: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    threads: int | None = 2
+    threads: int | None = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -229,7 +230,7 @@ def fit(
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 50 == 0 or step == config.steps - 1:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
                 log.debug("%s step %d loss %.4f", desc, step, losses[-1])

@@ -1,1 +1,62 @@
-"""placeholder"""
+"""Sparse-autoencoder feature tracing with sae-lens: train, load, evaluate and trace features.
+
+SAEs decompose activations into sparse, nameable features (Bricken et al. 2023, "Towards
+monosemanticity"; Cunningham et al. 2023). The SAE classes and the training loop are sae-lens's;
+this package adds what an investigation needs:
+
+- `train`: an SAE on a model's activations at one hook (sae-lens `SAETrainer` fed by the
+  toolkit's caches/stores), CPU minutes for the organisms;
+- `load` / `save`: sae-lens's on-disk format (+ a manifest with sha256), pretrained releases
+  (clear offline error), shipped SAEs (``sae:NAME`` -> data/sae/NAME);
+- `evaluate`: variance explained, L0, dead/dense fractions, CE loss recovered when spliced in;
+- `trace`: top-activating contexts and direct logit effects; `attribute` (activation x gradient)
+  with `check_attribution` (exact ablation); `ablate`; `steer`; `feature_graph` (cross-layer
+  tracing through upstream features and attention heads); `select_features` (features that carry
+  a label, by mutual information); dashboards and an offline HTML export.
+
+Caveat: attribution is a first-order estimate; always look at its correlation with exact
+ablation before trusting a ranking.
+"""
+
+from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
+from interp.sae.dashboard import feature_dashboard, write_dashboards
+from interp.sae.evaluation import SAEEval, evaluate, reconstruct, splice
+from interp.sae.io import SAELoadError, list_saes, load, read_manifest, save
+from interp.sae.planted import PlantedConfig, PlantedResult
+from interp.sae.selection import (
+    FeatureSelection,
+    LabelFeatureTest,
+    firing_mutual_information,
+    label_feature_test,
+    select_features,
+)
+from interp.sae.tracing import (
+    AttributionCheck,
+    Context,
+    FeatureAttribution,
+    FeatureTrace,
+    Metric,
+    Steering,
+    ablate,
+    answer_logprob,
+    attribute,
+    check_attribution,
+    direct_logit_effect,
+    feature_activations,
+    final_norm_scale,
+    logit_diff,
+    steer,
+    steering_curve,
+    trace,
+)
+from interp.sae.training import TrainConfig, TrainResult, train, train_on_batches
+
+__all__ = [
+    "AttributionCheck", "Context", "FeatureAttribution", "FeatureGraph", "FeatureSelection", "FeatureTrace",
+    "LabelFeatureTest", "Metric", "PlantedConfig", "PlantedResult", "SAEEval", "SAELoadError", "Steering", "TrainConfig",
+    "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution",
+    "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_dashboard",
+    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff",
+    "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steering_curve", "trace",
+    "train", "train_on_batches", "write_dashboards",
+]

@@ -11,7 +11,6 @@ Memory: the buffer holds `buffer_size` activation vectors (default 64 batches).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -20,7 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.cache import collect
 from interp.graph import Node
+from interp.hooks import resolve_hook
 from interp.tokens import Batch, check_tokens
 
 ChunkSource = Callable[[], Iterable[Tensor]]
@@ -28,12 +29,7 @@ ChunkSource = Callable[[], Iterable[Tensor]]
 
 def hook_name_of(model: HookedTransformer, hook: str | Node) -> str:
     """The TransformerLens hook name of `hook`, validated against `model` (closest names on error)."""
-    name = hook.hook_name if isinstance(hook, Node) else str(hook)
-    if name not in model.hook_dict:
-        close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"SAE hook: expected a hook point of the model, got {name!r}{hint}")
-    return name
+    return resolve_hook(model, hook)
 
 
 def as_batch(tokens: Tensor | Batch, d_vocab: int | None = None) -> Batch:
@@ -75,46 +71,6 @@ def position_mask(batch: Batch, positions: str | list[int] | Tensor = "all") -> 
     return out
 
 
-def model_activations(
-    model: HookedTransformer,
-    tokens: Tensor | Batch,
-    hook: str | Node,
-    *,
-    positions: str | list[int] | Tensor = "all",
-    batch_size: int = 64,
-) -> Iterator[Float[Tensor, "n_act d_in"]]:
-    """Yield the activations at `hook` for the selected positions, one chunk per token batch."""
-    name = hook_name_of(model, hook)
-    batch = as_batch(tokens, model.cfg.d_vocab)
-    mask = position_mask(batch, positions)
-    for start in range(0, batch.tokens.shape[0], batch_size):
-        chunk = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        store: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook: Any) -> None:
-            store["act"] = act.detach()
-
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(name, grab)]):
-            model(chunk, stop_at_layer=_stop_layer(model, name))
-        if "act" not in store:
-            raise RuntimeError(f"SAE hook {name}: expected it to fire during the forward pass, got no call")
-        act = store["act"]
-        if act.ndim != 3:
-            raise ValueError(f"SAE hook {name}: expected activations of shape (batch, pos, d_in), got "
-                             f"{tuple(act.shape)}; per-head hooks are not supported, use a residual, "
-                             f"attn_out or mlp_out hook")
-        yield act[mask[start:start + batch_size].to(act.device)]
-
-
-def _stop_layer(model: HookedTransformer, name: str) -> int | None:
-    """Stop the forward pass after the block that holds `name` (saves the layers above it)."""
-    parts = name.split(".")
-    if parts[0] == "blocks" and parts[1].isdigit():
-        layer = int(parts[1])
-        return layer + 1 if layer + 1 < model.cfg.n_layers else None
-    return None
-
-
 def collect_activations(
     model: HookedTransformer,
     tokens: Tensor | Batch,
@@ -123,8 +79,20 @@ def collect_activations(
     positions: str | list[int] | Tensor = "all",
     batch_size: int = 64,
 ) -> Float[Tensor, "n_act d_in"]:
-    """All activations at `hook` for the selected positions, concatenated."""
-    return torch.cat(list(model_activations(model, tokens, hook, positions=positions, batch_size=batch_size)))
+    """The activations at `hook` for the selected real positions, one row per token.
+
+    Cached with `interp.cache.collect`; pad positions are dropped.
+    """
+    name = hook_name_of(model, hook)
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    mask = position_mask(batch, positions)
+    cache = collect(model, batch, hooks=[name], positions="all", batch_size=batch_size, progress=False)
+    act = cache[name]
+    if act.ndim != 3:
+        raise ValueError(f"SAE hook {name}: expected activations of shape (batch, pos, d_in), got "
+                         f"{tuple(act.shape)}; per-head hooks are not supported, use a residual, "
+                         f"attn_out or mlp_out hook")
+    return act[mask.to(act.device)]
 
 
 class ActivationBatches(Iterator[Tensor]):

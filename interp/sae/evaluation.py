@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -138,8 +138,19 @@ def _zero(act: Tensor, hook: Any) -> Tensor:
     return torch.zeros_like(act)
 
 
-def _ce_per_token(model: HookedTransformer, tokens: Tensor) -> Tensor:
-    return model(tokens, return_type="loss", loss_per_token=True)
+def _ce(model: HookedTransformer, tokens: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy per position against `targets` (-1: ignored), 0 where ignored."""
+    logp = model(tokens).log_softmax(-1)
+    keep = targets >= 0
+    picked = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return torch.where(keep, -picked, torch.zeros_like(picked))
+
+
+def next_token_targets(batch: Batch) -> Int[Tensor, "batch pos"]:
+    """Next-token targets for every real position that has a real successor (-1 elsewhere)."""
+    t = torch.full_like(batch.tokens, -1)
+    t[:, :-1] = torch.where(batch.mask[:, 1:], batch.tokens[:, 1:], -1)
+    return t
 
 
 def evaluate(
@@ -149,20 +160,28 @@ def evaluate(
     hook: str | Node | None = None,
     *,
     positions: str | list[int] | Tensor = "all",
+    targets: Int[Tensor, "batch pos"] | None = None,
     batch_size: int = 32,
     dense_threshold: float = 0.1,
     progress: bool = False,
 ) -> SAEEval:
     """Variance explained, L0, dead/dense fractions and CE score of `sae` on `tokens`.
 
-    Reconstruction statistics use the selected `positions`; the CE losses use every predicted
-    real token (the SAE replaces the hook at the selected positions, zero-ablation likewise).
+    Reconstruction statistics use the selected `positions`. The CE losses are the mean
+    cross-entropy against `targets` (token id per position, -1 to ignore; default: next-token
+    prediction at every real position); the SAE replaces the hook at the selected positions,
+    zero-ablation likewise.
     """
     if not 0 < dense_threshold < 1:
         raise ValueError(f"evaluate.dense_threshold: expected in (0, 1), got {dense_threshold}")
     name = sae_hook_name(model, sae, hook)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
+    if targets is None:
+        targets = next_token_targets(batch)
+    elif targets.shape != batch.tokens.shape:
+        raise ValueError(f"evaluate.targets: expected shape {tuple(batch.tokens.shape)} (one id per position, "
+                         f"-1 to ignore), got {tuple(targets.shape)}")
     n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     sum_sq = sum_res = l0_sum = 0.0
@@ -173,15 +192,16 @@ def evaluate(
     for start in tqdm(starts, desc=f"evaluating SAE at {name}", disable=not progress):
         toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
         m = mask[start:start + batch_size]
-        real = batch.mask[start:start + batch_size][:, 1:].to(model.cfg.device)
+        tgt = targets[start:start + batch_size].to(model.cfg.device)
+        real = tgt >= 0
         grabbed: dict[str, Tensor] = {}
 
-        def grab(act: Tensor, hook: Any) -> None:
+        def grab(act: Tensor, hook: Any, grabbed: dict[str, Tensor] = grabbed) -> None:
             grabbed["x"] = act.detach()
 
         with torch.inference_mode():
             with model.hooks(fwd_hooks=[(name, grab)]):
-                loss_clean = _ce_per_token(model, toks)
+                loss_clean = _ce(model, toks, tgt)
             x = grabbed["x"][m.to(grabbed["x"].device)]
             feats = sae.encode(x.to(sae.dtype).to(sae.device))
             x_hat = sae.decode(feats).to(torch.float64).cpu()
@@ -193,10 +213,10 @@ def evaluate(
             sum_res += float((xd - x_hat).pow(2).sum())
             n_tok += xd.shape[0]
             with splice(model, sae, name, mask=m):
-                loss_sae = _ce_per_token(model, toks)
+                loss_sae = _ce(model, toks, tgt)
             zero = _masked_zero(m)
             with model.hooks(fwd_hooks=[(name, zero)]):
-                loss_abl = _ce_per_token(model, toks)
+                loss_abl = _ce(model, toks, tgt)
         for key, loss in (("clean", loss_clean), ("sae", loss_sae), ("ablate", loss_abl)):
             ce[key] += float(loss[real].double().sum())
         n_pred += int(real.sum())

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.graph import Node
-from interp.sae.data import ActivationBatches, ChunkSource, hook_name_of, model_activations, source_of
+from interp.sae.data import ActivationBatches, ChunkSource, collect_activations, hook_name_of, source_of
 from interp.tokens import Batch
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def train(
 ) -> TrainResult:
     """Train an SAE (sae-lens `SAETrainer`) on activations at `hook`.
 
-    With a `model`, `data` is a token tensor or `Batch` and the activations at `hook` (at the
-    selected `positions`) are computed in chunks, epoch after epoch. Without a model, `data` is
+    With a `model`, `data` is a token tensor or `Batch`; the activations at `hook` (at the
+    selected real `positions`) are cached once with `interp.cache.collect` and shuffled each epoch. Without a model, `data` is
     an activation source: a [n, d_in] tensor, a list of tensors, or a toolkit cache/store (read
     through its ``iter_batches(hook, ...)``).
     """
@@ -124,23 +124,17 @@ def train(
         if hook is None:
             raise ValueError("train: expected a hook to read when a model is given, got None")
         name: str | None = hook_name_of(model, hook)
-        tokens = data
-
-        def source() -> Iterator[Tensor]:
-            return model_activations(model, tokens, name, positions=positions, batch_size=model_batch_size)
-
-        d_in = model.cfg.d_model if name and not name.endswith(("hook_z", "hook_q", "hook_k", "hook_v")) else None
-        chunk_source: ChunkSource = source
+        acts = collect_activations(model, data, name, positions=positions, batch_size=model_batch_size)
+        chunk_source: ChunkSource = source_of(acts, batch_size=config.batch_size)
         device, dtype = model.cfg.device, model.cfg.dtype
         model_name = model_name or model.cfg.model_name
     else:
         name = hook.hook_name if isinstance(hook, Node) else hook
         chunk_source = source_of(data, hook=name, batch_size=config.batch_size)
-        d_in = None
         device, dtype = None, None
     batches = ActivationBatches(chunk_source, config.batch_size, seed=config.seed)
     first = next(batches)
-    d_in = int(first.shape[-1]) if d_in is None or d_in != first.shape[-1] else d_in
+    d_in = int(first.shape[-1])
     device = device or first.device
     dtype = dtype or first.dtype
     return train_on_batches(_prepend(first, batches), d_in, config, hook_name=name, model_name=model_name,

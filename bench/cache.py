@@ -1,0 +1,127 @@
+"""Caching benchmark: throughput against a plain forward, and memory of a streamed store build.
+
+Run: .venv/bin/python bench/cache.py
+Prints, measured in this run:
+1. caching throughput (tokens/s) of interp.cache.collect over all residual streams, as a ratio
+   to a plain forward pass over the same batches, and TransformerLens's run_with_cache as a peer;
+2. peak RSS of a streamed disk build of >= 4x more activation bytes than its memory budget
+   (shard size + one batch of activations), measured in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from transformer_lens import HookedTransformerConfig
+
+from interp.cache import collect
+from interp.models import new_model
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def model_cfg() -> HookedTransformerConfig:
+    return HookedTransformerConfig(n_layers=6, d_model=256, n_heads=8, d_head=32, d_mlp=1024, n_ctx=128,
+                                   d_vocab=2000, act_fn="gelu_new", normalization_type="LN", seed=0)
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def throughput() -> None:
+    model = new_model(model_cfg())
+    toks = torch.randint(0, 2000, (128, 128), generator=torch.Generator().manual_seed(0))
+    bs = 32
+    hooks = "blocks.*.hook_resid_post"
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(toks), bs):
+                model(toks[i: i + bs])
+
+    def ours() -> None:
+        collect(model, toks, hooks=hooks, batch_size=bs, progress=False)
+
+    def peer() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(toks), bs):
+                model.run_with_cache(toks[i: i + bs], names_filter=lambda n: n.endswith("hook_resid_post"))
+
+    plain()  # warm up
+    ours()
+    t_plain, t_ours, t_peer = best_of(plain), best_of(ours), best_of(peer)
+    n_tok = toks.numel()
+    print(f"plain forward      : {n_tok / t_plain:10.0f} tok/s")
+    print(f"interp.collect     : {n_tok / t_ours:10.0f} tok/s   ratio to plain forward {t_plain / t_ours:.2f}x (goal >= 0.9x)")
+    print(f"TL run_with_cache  : {n_tok / t_peer:10.0f} tok/s   ratio to plain forward {t_plain / t_peer:.2f}x")
+
+
+CHILD = r"""
+import json, resource, sys, time, warnings, psutil, torch
+warnings.filterwarnings("ignore")
+sys.path.insert(0, "bench")
+from cache import model_cfg
+from interp.cache import collect
+from interp.models import new_model
+mode, out, n, bs, shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model = new_model(model_cfg())
+toks = torch.randint(0, 2000, (n, 128), generator=torch.Generator().manual_seed(0))
+base = psutil.Process().memory_info().rss
+t0 = time.perf_counter()
+if mode == "forward":  # the batch's own working set: a plain forward loop, nothing kept
+    with torch.inference_mode():
+        for i in range(0, n, bs):
+            model(toks[i:i + bs])
+    rows = n
+else:
+    rows = collect(model, toks, hooks="blocks.*.hook_resid_post", batch_size=bs, out=out, shard_bytes=shard,
+                   progress=False).n_examples
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak, "rows": rows, "seconds": dt}))
+"""
+
+
+def _child(mode: str, n: int, bs: int, shard: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        res = subprocess.run([sys.executable, "-c", CHILD, mode, f"{d}/store", str(n), str(bs), str(shard)],
+                             capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def streamed_memory() -> None:
+    cfg = model_cfg()
+    bs, shard = 16, 32 << 20
+    row_bytes = cfg.n_layers * 128 * cfg.d_model * 4
+    fwd = _child("forward", 2 * bs, bs, shard)
+    working = fwd["peak"] - fwd["base"]
+    budget = shard + working
+    print(f"memory budget      : {budget / 2**20:.0f} MiB = shard {shard / 2**20:.0f} MiB + one batch's forward "
+          f"working set {working / 2**20:.0f} MiB (measured)")
+    for factor in (4, 8):
+        n = factor * budget // row_bytes + 1
+        r = _child("store", n, bs, shard)
+        data_bytes = r["rows"] * row_bytes
+        grew = r["peak"] - r["base"]
+        print(f"streamed build     : {data_bytes / 2**20:5.0f} MiB of activations ({data_bytes / budget:.1f}x the "
+              f"budget) in {r['seconds']:.1f} s; peak RSS growth {grew / 2**20:.0f} MiB = "
+              f"{grew / budget:.2f}x the budget, {grew / data_bytes:.2f}x the data")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}")
+    throughput()
+    streamed_memory()

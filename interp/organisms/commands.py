@@ -1,0 +1,100 @@
+"""`interp organisms list | train NAME | eval NAME`: the organism zoo from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Model organisms: small transformers with known mechanisms.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _scalars(metrics: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if isinstance(v, float))
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the organisms, their tasks and the shipped checkpoints' measured metrics."""
+    from interp.models import ModelLoadError, read_manifest
+    from interp.organisms import NAMES, get
+
+    table = Table(title="Organisms (load with interp.load_model('organism:NAME'))")
+    for col in ("name", "task", "shipped metrics", "train s"):
+        table.add_column(col)
+    for name in NAMES:
+        try:
+            m = read_manifest(f"organism:{name}")
+            shown, secs = _scalars(m.get("metrics", {})), str(m.get("train_seconds", ""))
+        except ModelLoadError:
+            shown, secs = "(not shipped: run `interp organisms train " + name + "`)", ""
+        table.add_row(name, get(name).TASK, shown, secs)
+    console.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    name: str = typer.Argument(..., help="organism name (see `interp organisms list`)"),
+    steps: int = typer.Option(0, help="training steps (0: the organism's default)"),
+    seed: int = typer.Option(0, help="seed for initial weights and data"),
+    out: Path = typer.Option(None, help="output directory (default: data/organisms/NAME)"),
+    save_failed: bool = typer.Option(False, help="save even if acceptance fails"),
+) -> None:
+    """Train an organism from scratch on CPU, check acceptance, and save the checkpoint."""
+    _quiet()
+    from interp.organisms import AcceptanceError, train_and_save
+
+    try:
+        path, facts = train_and_save(name, steps=steps or None, seed=seed, out=out,
+                                     save_failed=save_failed)
+    except (AcceptanceError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"saved {path} after {facts['train_seconds']} s: {_scalars(facts['metrics'])}")
+
+
+@app.command("eval")
+def eval_cmd(
+    name: str = typer.Argument(..., help="organism name"),
+    model: str = typer.Option("", help="model directory to evaluate (default: the shipped one)"),
+    n: int = typer.Option(0, help="held-out examples (0: the organism's default)"),
+    seed: int = typer.Option(1, help="evaluation data seed"),
+    as_json: bool = typer.Option(False, "--json", help="print all metrics as JSON"),
+) -> None:
+    """Evaluate a shipped (or given) organism on held-out data and check its acceptance criteria."""
+    _quiet()
+    from interp.models import ModelLoadError, load_model
+    from interp.organisms import evaluate, get
+    from interp.organisms.base import check
+
+    try:
+        org = get(name)
+        m = load_model(model or f"organism:{name}")
+    except (ModelLoadError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    metrics = evaluate(m, n=n or None, seed=seed, name=name)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+    table = Table(title=f"{name}: acceptance")
+    for col in ("criterion", "value", "threshold", "passed"):
+        table.add_column(col)
+    results = check(org.ACCEPTANCE, metrics)
+    for r in results.values():
+        table.add_row(r["what"], f"{r['value']:.4f}", f"{r['op']} {r['threshold']}",
+                      "yes" if r["passed"] else "[red]no[/red]")
+    console.print(table)
+    if not all(r["passed"] for r in results.values()):
+        raise typer.Exit(1)

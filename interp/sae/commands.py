@@ -1,0 +1,202 @@
+"""`interp sae ...`: train, evaluate and inspect SAEs from the command line.
+
+    interp sae train organism:multihop --hook blocks.2.hook_resid_post --out data/sae/multihop-L2
+    interp sae eval sae:multihop-L2 --model organism:multihop
+    interp sae dashboard sae:multihop-L2 --model organism:multihop --out features.html
+    interp sae planted --n-features 512 --d-model 256
+
+Data for a model comes from its organism's task generator (``dataset(n, seed)``) or from a
+``.safetensors`` file holding a ``tokens`` tensor (``--tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+app = typer.Typer(help="Train and evaluate sparse autoencoders (sae-lens).", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+def _quiet(threads: int) -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # oversubscribed BLAS threads on a shared CPU are far slower than one thread
+    torch.set_num_threads(threads)
+
+
+def load_data(model_spec: str, tokens: Path | None, n: int, seed: int) -> tuple[Tensor, Tensor | None, Any]:
+    """(tokens, CE targets or None, tokenizer or None) for a model spec."""
+    from interp.models import ORGANISM_PREFIX
+
+    if tokens is not None:
+        from safetensors.torch import load_file
+
+        t = load_file(str(tokens))
+        if "tokens" not in t:
+            raise typer.BadParameter(f"{tokens}: expected a 'tokens' tensor, got keys {sorted(t)}")
+        return t["tokens"][:n].long(), None, None
+    if not model_spec.startswith(ORGANISM_PREFIX):
+        raise typer.BadParameter(f"{model_spec}: expected organism:NAME (its task generator supplies the data) "
+                                 f"or --tokens FILE.safetensors")
+    return organism_data(model_spec.removeprefix(ORGANISM_PREFIX), n, seed)
+
+
+def organism_data(name: str, n: int, seed: int) -> tuple[Tensor, Tensor | None, Any]:
+    """An organism's prompts, CE targets (its answers at the query position, when it has them)
+    and its tokenizer."""
+    from interp import organisms
+
+    org = organisms.get(name)
+    data = org.dataset(n, seed)
+    targets = None
+    if hasattr(data, "answer") and hasattr(data, "query_pos"):
+        targets = torch.full_like(data.tokens, -1)
+        targets[torch.arange(data.tokens.shape[0]), data.query_pos] = data.answer
+    return data.tokens, targets, org.tokenizer()
+
+
+def _eval_table(ev: Any) -> Table:
+    table = Table(title=f"SAE at {ev.hook_name} ({ev.n_tokens} tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in ev.values.items():
+        table.add_row(k, f"{v:.4f}")
+    return table
+
+
+@app.command("train")
+def train_cmd(
+    model: str = typer.Argument(..., help="organism:NAME, a saved model directory, or a pretrained name"),
+    hook: str = typer.Option(..., help="hook to read, e.g. blocks.2.hook_resid_post"),
+    out: Path = typer.Option(..., help="directory to write (sae-lens format + manifest.json)"),
+    tokens: Path | None = typer.Option(None, help=".safetensors file with a 'tokens' tensor"),
+    n_prompts: int = typer.Option(8000, help="training prompts"),
+    n_eval: int = typer.Option(1000, help="held-out prompts for the evaluation in the manifest"),
+    seed: int = typer.Option(0),
+    d_sae: int = typer.Option(512),
+    k: int = typer.Option(8, help="active features per token (topk / batchtopk)"),
+    architecture: str = typer.Option("topk"),
+    samples: int = typer.Option(2_000_000, help="training activations (with repetition)"),
+    lr: float = typer.Option(3e-3),
+    batch_size: int = typer.Option(1024),
+    positions: str = typer.Option("all", help="all | last"),
+    threads: int = typer.Option(1),
+) -> None:
+    """Train an SAE at HOOK of MODEL, evaluate it on held-out prompts, save it with a manifest."""
+    _quiet(threads)
+    from interp.models import load_model
+    from interp.sae.evaluation import evaluate
+    from interp.sae.io import save
+    from interp.sae.training import TrainConfig, train
+
+    m = load_model(model)
+    toks, _, _ = load_data(model, tokens, n_prompts, seed)
+    sae_kwargs = {"k": k} if architecture in ("topk", "batchtopk", "abstopk") else {}
+    cfg = TrainConfig(architecture=architecture, d_sae=d_sae, sae_kwargs=sae_kwargs, lr=lr, batch_size=batch_size,
+                      training_samples=samples, seed=seed)
+    res = train(m, toks, hook, cfg, positions=positions, model_name=model)
+    eval_toks, targets, _ = load_data(model, tokens, n_eval, seed + 1_000_003)
+    if tokens is not None:
+        eval_toks = toks[-n_eval:]
+    ev = evaluate(m, res.sae, eval_toks, targets=targets, positions=positions)
+    manifest = {
+        "model": model, "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
+        "data": {"source": str(tokens) if tokens else f"{model} dataset", "n_prompts": n_prompts, "seed": seed,
+                 "eval_seed": seed + 1_000_003, "n_eval": n_eval},
+        "training_seconds": round(res.seconds, 2), "steps": res.steps, "eval": ev.values,
+        "command": (f"interp sae train {model} --hook {hook} --out {out} --n-prompts {n_prompts} --seed {seed} "
+                    f"--d-sae {d_sae} --k {k} --architecture {architecture} --samples {samples} --lr {lr} "
+                    f"--batch-size {batch_size} --positions {positions}"
+                    + (f" --tokens {tokens}" if tokens else "")),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+    }
+    save(res.sae, out, manifest=manifest)
+    console.print(_eval_table(ev))
+    console.print(f"saved {out} (trained in {res.seconds:.1f} s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    sae: str = typer.Argument(..., help="sae:NAME, an SAE directory (sae-lens format)"),
+    model: str = typer.Option(..., help="the model the SAE reads"),
+    tokens: Path | None = typer.Option(None, help=".safetensors file with a 'tokens' tensor"),
+    n_prompts: int = typer.Option(1000),
+    seed: int = typer.Option(1),
+    positions: str = typer.Option("all", help="all | last"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    threads: int = typer.Option(1),
+) -> None:
+    """Evaluate an SAE: variance explained, L0, dead/dense fractions, CE score."""
+    _quiet(threads)
+    from interp.models import load_model
+    from interp.sae.evaluation import evaluate
+    from interp.sae.io import load
+
+    m = load_model(model)
+    s = load(sae)
+    toks, targets, _ = load_data(model, tokens, n_prompts, seed)
+    ev = evaluate(m, s, toks, targets=targets, positions=positions)
+    if json_out:
+        console.print_json(json.dumps(ev.values))
+    else:
+        console.print(_eval_table(ev))
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    sae: str = typer.Argument(..., help="sae:NAME or an SAE directory"),
+    model: str = typer.Option(...),
+    out: Path = typer.Option(Path("sae_features.html")),
+    features: str = typer.Option("", help="comma-separated feature ids (default: the 8 most frequent)"),
+    n_prompts: int = typer.Option(1000),
+    seed: int = typer.Option(1),
+    threads: int = typer.Option(1),
+) -> None:
+    """Write an offline HTML page with feature dashboards."""
+    _quiet(threads)
+    from interp.models import load_model
+    from interp.sae.dashboard import write_dashboards
+    from interp.sae.io import load
+    from interp.sae.tracing import trace
+
+    m = load_model(model)
+    s = load(sae)
+    toks, _, tok = load_data(model, None, n_prompts, seed)
+    tr = trace(m, s, toks, tokenizer=tok)
+    feats = ([int(f) for f in features.split(",") if f.strip()] if features
+             else tr.features[tr.frequency.argsort(descending=True)[:8]].tolist())
+    write_dashboards(tr, feats, out)
+    console.print(f"wrote {out} ({len(feats)} features)")
+
+
+@app.command("planted")
+def planted_cmd(
+    n_features: int = typer.Option(512),
+    d_model: int = typer.Option(256),
+    k: int = typer.Option(6),
+    samples: int = typer.Option(3_000_000),
+    p: float = typer.Option(0.01, help="firing probability of each planted feature"),
+    threads: int = typer.Option(1),
+) -> None:
+    """Planted ground truth: recover known feature directions from superposition (sae-lens synthetic data)."""
+    from interp.sae.planted import main
+
+    main(["--n-features", str(n_features), "--d-model", str(d_model), "--k", str(k), "--samples", str(samples),
+          "--p", str(p), "--threads", str(threads)])
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,544 @@
+"""Trace SAE features through a model: where they fire, what they write, what they cause.
+
+- `trace`: feature activations over a dataset, with each feature's top-activating contexts
+  (the firing token highlighted) and its direct logit effect.
+- `direct_logit_effect`: a feature's decoder direction through the unembedding, with the final
+  norm handled as in the logit lens (nostalgebraist 2020): centred (LayerNorm), multiplied by the
+  norm's weight and divided by its scale (the per-token norm of the final residual; by default
+  1, which keeps the ranking of tokens; `trace` uses the dataset's mean scale).
+- `attribute`: activation x gradient attribution of a metric to features (Syed et al. 2023's
+  attribution patching applied to SAE features, as in Marks et al. 2024, "Sparse feature
+  circuits"), checked against exact feature ablation by `check_attribution` (report the
+  correlation: saturation and cancellation make the linear estimate fail, Kramar et al. 2024).
+- `ablate`: exact ablation of a set of features (the SAE error term is kept, so nothing else
+  changes) and the metric that results.
+- `steer`: add a multiple of a feature's decoder direction at the SAE's hook (Templeton et al.
+  2024, "Scaling monosemanticity", feature steering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from interp.graph import Node
+from interp.sae.data import as_batch, position_mask
+from interp.sae.evaluation import sae_hook_name, splice
+from interp.tokens import Batch, Tokenizer
+
+RESIDUAL_WRITERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
+# A metric maps logits [batch, pos, d_vocab] to one number per example [batch].
+Metric = Callable[[Tensor], Tensor]
+
+
+def answer_logprob(answers: Int[Tensor, "batch"], pos: Int[Tensor, "batch"] | int = -1) -> Metric:
+    """Metric: log-probability of each example's answer token at position `pos`."""
+
+    def metric(logits: Tensor) -> Tensor:
+        p = torch.as_tensor(pos, device=logits.device).expand(logits.shape[0])
+        lp = logits[torch.arange(logits.shape[0], device=logits.device), p].log_softmax(-1)
+        return lp.gather(-1, answers.to(logits.device)[:, None])[:, 0]
+
+    return metric
+
+
+def logit_diff(right: Int[Tensor, "batch"], wrong: Int[Tensor, "batch"],
+               pos: Int[Tensor, "batch"] | int = -1) -> Metric:
+    """Metric: logit of `right` minus logit of `wrong` at position `pos`."""
+
+    def metric(logits: Tensor) -> Tensor:
+        p = torch.as_tensor(pos, device=logits.device).expand(logits.shape[0])
+        last = logits[torch.arange(logits.shape[0], device=logits.device), p]
+        return (last.gather(-1, right.to(logits.device)[:, None]) - last.gather(-1, wrong.to(logits.device)[:, None]))[:, 0]
+
+    return metric
+
+
+def _features_index(sae: SAE, features: Sequence[int] | Tensor | None) -> Tensor:
+    if features is None:
+        return torch.arange(sae.cfg.d_sae)
+    idx = torch.as_tensor(list(features) if not isinstance(features, Tensor) else features, dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= sae.cfg.d_sae):
+        raise ValueError(f"features: expected indices in [0, {sae.cfg.d_sae}), got [{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+# ------------------------------------------------------------------------------ direct logit effect
+
+def direct_logit_effect(
+    model: HookedTransformer, sae: SAE, features: Sequence[int] | Tensor | None = None, *,
+    scale: float | Tensor = 1.0,
+) -> Float[Tensor, "feature d_vocab"]:
+    """Each feature's decoder direction through the final norm (linearised) and the unembedding.
+
+    LayerNorm centres the direction and multiplies it by the norm's weight; RMSNorm only
+    multiplies. `scale` is the final norm's scale (the divisor it applies), as the logit lens
+    freezes it; pass the mean ``ln_final.hook_scale`` of a dataset for logit units.
+    """
+    name = sae_hook_name(model, sae)
+    if not name.endswith(RESIDUAL_WRITERS):
+        raise ValueError(f"direct logit effect of an SAE at {name}: expected a hook that writes to the residual "
+                         f"stream ({', '.join(RESIDUAL_WRITERS)}), got {name}")
+    idx = _features_index(sae, features)
+    d = sae.W_dec.detach()[idx.to(sae.W_dec.device)].to(model.W_U.device, model.W_U.dtype)
+    norm = model.cfg.normalization_type
+    if norm in ("LN", "LNPre"):
+        d = d - d.mean(-1, keepdim=True)
+    w = getattr(getattr(model, "ln_final", None), "w", None)
+    if w is not None and norm is not None:
+        d = d * w.detach()
+    return (d @ model.W_U.detach()) / torch.as_tensor(scale, device=d.device, dtype=d.dtype)
+
+
+def final_norm_scale(model: HookedTransformer, tokens: Tensor | Batch, *, batch_size: int = 64) -> float:
+    """Mean scale of the final norm over the real tokens of `tokens` (1.0 without a final norm)."""
+    if "ln_final.hook_scale" not in model.hook_dict:
+        return 1.0
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    total, count = 0.0, 0
+    for start in range(0, batch.tokens.shape[0], batch_size):
+        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(toks, names_filter="ln_final.hook_scale")
+        s = cache["ln_final.hook_scale"][..., 0]
+        m = batch.mask[start:start + batch_size].to(s.device)
+        total += float(s[m].double().sum())
+        count += int(m.sum())
+    return total / count
+
+
+# ------------------------------------------------------------------------------------- trace
+
+@dataclass(frozen=True)
+class Context:
+    """One top-activating context of a feature."""
+
+    feature: int
+    rank: int
+    activation: float
+    example: int
+    pos: int
+    tokens: tuple[str, ...]
+    highlight: int  # index into `tokens` of the firing token
+
+    def text(self, marker: tuple[str, str] = ("[[", "]]")) -> str:
+        return " ".join(f"{marker[0]}{t}{marker[1]}" if i == self.highlight else t for i, t in enumerate(self.tokens))
+
+    def html(self) -> str:
+        return " ".join(f"<b style='background:#fc8'>{html.escape(t)}</b>" if i == self.highlight else html.escape(t)
+                        for i, t in enumerate(self.tokens))
+
+
+@dataclass(frozen=True)
+class FeatureTrace:
+    """Where features fire over a dataset and what they write to the logits."""
+
+    hook_name: str
+    features: Int[Tensor, "feature"]
+    frequency: Float[Tensor, "feature"]
+    mean_activation: Float[Tensor, "feature"]
+    top_values: Float[Tensor, "feature k"]
+    top_examples: Int[Tensor, "feature k"]
+    top_positions: Int[Tensor, "feature k"]
+    logit_effect: Float[Tensor, "feature d_vocab"]
+    contexts: tuple[tuple[Context, ...], ...]
+    activation_samples: tuple[Tensor, ...]
+    vocab: tuple[str, ...] | None = None
+    n_tokens: int = 0
+    scale: float = 1.0
+
+    @property
+    def values(self) -> Tensor:
+        return self.top_values
+
+    def index(self, feature: int) -> int:
+        hits = (self.features == feature).nonzero()
+        if not hits.numel():
+            raise KeyError(f"feature {feature}: expected one of the traced features {self.features.tolist()[:10]}..., "
+                           f"got one not traced")
+        return int(hits[0, 0])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (feature, top context)."""
+        rows = []
+        for i, f in enumerate(self.features.tolist()):
+            for c in self.contexts[i]:
+                rows.append({"feature": f, "rank": c.rank, "activation": c.activation, "example": c.example,
+                             "pos": c.pos, "context": c.text(), "context_html": c.html(), "frequency": float(self.frequency[i])})
+        return pd.DataFrame(rows)
+
+    def top_logits(self, feature: int, k: int = 10) -> pd.DataFrame:
+        """The tokens a feature most promotes and suppresses (direct logit effect)."""
+        eff = self.logit_effect[self.index(feature)]
+        k = min(k, eff.numel())
+        rows = []
+        for sign, (vals, ids) in (("promoted", eff.topk(k)), ("suppressed", (-eff).topk(k))):
+            for v, t in zip(vals.tolist(), ids.tolist(), strict=True):
+                rows.append({"feature": feature, "direction": sign, "token": self._tok(t),
+                             "effect": v if sign == "promoted" else -v})
+        return pd.DataFrame(rows)
+
+    def _tok(self, t: int) -> str:
+        return self.vocab[t] if self.vocab is not None and t < len(self.vocab) else str(t)
+
+    def plot(self, feature: int | None = None) -> go.Figure:
+        """A dashboard for one feature (default: the most frequent traced feature)."""
+        from interp.sae.dashboard import feature_dashboard
+
+        if feature is None:
+            feature = int(self.features[int(self.frequency.argmax())])
+        return feature_dashboard(self, feature)
+
+
+def _decode_tokens(tokenizer: Tokenizer | None, ids: list[int]) -> tuple[str, ...]:
+    if tokenizer is None:
+        return tuple(str(i) for i in ids)
+    return tuple(tokenizer.decode([i]) for i in ids)
+
+
+def trace(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: Tensor | Batch,
+    features: Sequence[int] | Tensor | None = None,
+    *,
+    k: int = 10,
+    tokenizer: Tokenizer | None = None,
+    window: tuple[int, int] = (10, 3),
+    positions: str | list[int] | Tensor = "all",
+    batch_size: int = 64,
+    n_samples: int = 2000,
+    progress: bool = False,
+) -> FeatureTrace:
+    """Feature activations over `tokens`: frequency, mean, top-`k` contexts and direct logit effect.
+
+    `window` is how many tokens before and after the firing token a context shows.
+    `n_samples` non-zero activations per feature are kept for the histogram of the dashboard.
+    """
+    name = sae_hook_name(model, sae)
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    mask = position_mask(batch, positions)
+    idx = _features_index(sae, features)
+    nf = idx.numel()
+    width = batch.tokens.shape[1]
+    top_v = torch.full((nf, k), -float("inf"))
+    top_flat = torch.full((nf, k), -1, dtype=torch.long)
+    fire = torch.zeros(nf, dtype=torch.float64)
+    total = torch.zeros(nf, dtype=torch.float64)
+    samples: list[list[Tensor]] = [[] for _ in range(nf)]
+    n_tok = 0
+    scale_sum, scale_n = 0.0, 0
+    want_scale = "ln_final.hook_scale" in model.hook_dict and name.endswith(RESIDUAL_WRITERS)
+    starts = range(0, batch.tokens.shape[0], batch_size)
+    for start in tqdm(starts, desc=f"tracing features at {name}", disable=not progress):
+        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
+        m = mask[start:start + batch_size]
+        names = [name] + (["ln_final.hook_scale"] if want_scale else [])
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(toks, names_filter=names)
+            acts = sae.encode(cache[name].to(sae.dtype).to(sae.device))[..., idx.to(sae.device)].float().cpu()
+        if want_scale:
+            s = cache["ln_final.hook_scale"][..., 0].cpu()
+            scale_sum += float(s[batch.mask[start:start + batch_size]].double().sum())
+            scale_n += int(batch.mask[start:start + batch_size].sum())
+        acts = torch.where(m[..., None], acts, torch.zeros_like(acts))  # [b, pos, nf]
+        n_tok += int(m.sum())
+        fire += (acts != 0).sum((0, 1)).double()
+        total += acts.sum((0, 1)).double()
+        flat = acts.reshape(-1, nf).T  # [nf, b*pos]
+        cand_v = torch.cat([top_v, flat], dim=1)
+        cand_i = torch.cat([top_flat, torch.arange(flat.shape[1]).expand(nf, -1) + start * width], dim=1)
+        kk = min(k, cand_v.shape[1])
+        v, j = cand_v.topk(kk, dim=1)
+        top_v[:, :kk], top_flat[:, :kk] = v, cand_i.gather(1, j)
+        for i in range(nf):
+            have = sum(t.numel() for t in samples[i])
+            if have < n_samples:
+                nz = flat[i][flat[i] != 0]
+                samples[i].append(nz[: n_samples - have])
+    contexts = []
+    for i in range(nf):
+        row = []
+        for r in range(k):
+            v, fl = float(top_v[i, r]), int(top_flat[i, r])
+            if fl < 0 or not v > 0:
+                continue
+            ex, pos = divmod(fl, width)
+            lo = max(0, pos - window[0])
+            hi = min(int(batch.lengths[ex]), pos + window[1] + 1)
+            ids = batch.tokens[ex, lo:hi].tolist()
+            row.append(Context(int(idx[i]), r, v, ex, pos, _decode_tokens(tokenizer, ids), pos - lo))
+        contexts.append(tuple(row))
+    scale = scale_sum / scale_n if scale_n else 1.0
+    effect = (direct_logit_effect(model, sae, idx, scale=scale).float().cpu()
+              if name.endswith(RESIDUAL_WRITERS) else torch.zeros(nf, model.cfg.d_vocab))
+    vocab = getattr(tokenizer, "vocab", None)
+    if vocab is None and tokenizer is not None:
+        vocab = tuple(tokenizer.decode([t]) for t in range(model.cfg.d_vocab))
+    top_ex = torch.where(top_flat >= 0, top_flat // width, -1)
+    top_pos = torch.where(top_flat >= 0, top_flat % width, -1)
+    return FeatureTrace(
+        hook_name=name, features=idx, frequency=(fire / max(n_tok, 1)).float(),
+        mean_activation=(total / max(n_tok, 1)).float(), top_values=top_v, top_examples=top_ex,
+        top_positions=top_pos, logit_effect=effect, contexts=tuple(contexts),
+        activation_samples=tuple(torch.cat(s) if s else torch.zeros(0) for s in samples),
+        vocab=tuple(vocab) if vocab is not None else None, n_tokens=n_tok, scale=scale)
+
+
+def feature_activations(
+    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, *,
+    positions: str | list[int] | Tensor = "last", batch_size: int = 64,
+) -> Float[Tensor, "n_act d_sae"]:
+    """All feature activations at the selected positions (one row per selected token)."""
+    name = sae_hook_name(model, sae)
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    mask = position_mask(batch, positions)
+    out = []
+    for start in range(0, batch.tokens.shape[0], batch_size):
+        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(toks, names_filter=name)
+            x = cache[name][mask[start:start + batch_size].to(cache[name].device)]
+            out.append(sae.encode(x.to(sae.dtype).to(sae.device)).float().cpu())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------ ablation & steering
+
+def _zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
+    def edit(f: Tensor) -> Tensor:
+        f = f.clone()
+        f[..., features.to(f.device)] = 0
+        return f
+
+    return edit
+
+
+def ablate(
+    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, features: Sequence[int] | Tensor,
+    metric: Metric | None = None, *, positions: str | list[int] | Tensor = "all", batch_size: int = 64,
+) -> Tensor:
+    """Run with `features` zeroed at `positions` (error term kept); return metric [batch] or logits."""
+    idx = _features_index(sae, features)
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    mask = position_mask(batch, positions)
+    outs = []
+    for start in range(0, batch.tokens.shape[0], batch_size):
+        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
+        with torch.inference_mode(), splice(model, sae, error_term=True, edit=_zero_features(idx),
+                                            mask=mask[start:start + batch_size]):
+            logits = model(toks)
+        outs.append(metric(logits) if metric is not None else logits)
+    return torch.cat(outs)
+
+
+@contextlib.contextmanager
+def steer(
+    model: HookedTransformer, sae: SAE, feature: int, coefficient: float, *,
+    mask: Tensor | None = None, hook: str | Node | None = None,
+) -> Iterator[HookedTransformer]:
+    """Within the block, `coefficient` x the feature's decoder row is added at the SAE's hook.
+
+    The decoder row is used as stored (sae-lens inference SAEs usually have unit-norm rows), so
+    `coefficient` is in units of the feature's activation. `mask` (bool [batch, pos]) limits the
+    positions; by default every position is steered.
+    """
+    idx = _features_index(sae, [feature])
+    name = sae_hook_name(model, sae, hook)
+    direction = sae.W_dec.detach()[int(idx[0])]
+
+    def add(act: Tensor, hook: Any) -> Tensor:
+        d = (coefficient * direction).to(act.device, act.dtype)
+        if mask is None:
+            return act + d
+        return act + mask.to(act.device)[..., None].to(act.dtype) * d
+
+    with model.hooks(fwd_hooks=[(name, add)]):
+        yield model
+
+
+# ----------------------------------------------------------------------------------- attribution
+
+@dataclass(frozen=True)
+class FeatureAttribution:
+    """Activation x gradient attribution of a metric to features, per example (positions summed).
+
+    ``scores[b, i]`` estimates metric(clean) - metric(feature i ablated) for example b.
+    """
+
+    hook_name: str
+    scores: Float[Tensor, "batch d_sae"]
+    activations: Float[Tensor, "batch d_sae"]
+    metric: Float[Tensor, "batch"]
+
+    @property
+    def values(self) -> Tensor:
+        return self.scores
+
+    def top(self, n: int = 10, by: str = "abs") -> Tensor:
+        """Feature indices with the largest mean attribution (by absolute value, or signed)."""
+        m = self.scores.mean(0)
+        return (m.abs() if by == "abs" else m).topk(min(n, m.numel())).indices
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per feature that is active somewhere: its mean attribution and activation."""
+        m, a = self.scores.mean(0), self.activations.mean(0)
+        active = (self.activations != 0).any(0).nonzero()[:, 0]
+        return pd.DataFrame({"feature": active.tolist(), "attribution": m[active].tolist(),
+                             "activation": a[active].tolist()}).sort_values("attribution", key=abs, ascending=False)
+
+    def plot(self, n: int = 20) -> go.Figure:
+        frame = self.to_frame().head(n)
+        fig = go.Figure(go.Bar(x=[str(f) for f in frame["feature"]], y=frame["attribution"]))
+        fig.update_layout(title=f"Feature attribution at {self.hook_name} (activation x gradient)",
+                          xaxis_title="feature", yaxis_title="mean attribution", template="plotly_white")
+        return fig
+
+
+def attribute(
+    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric, *,
+    positions: str | list[int] | Tensor = "all", batch_size: int = 32,
+) -> FeatureAttribution:
+    """Attribute `metric` to the SAE's features: activation x d metric / d activation.
+
+    The SAE is spliced in with its error term at the selected positions (so the forward pass is
+    the model's own); feature activations are leaves of the gradient computation.
+    """
+    name = sae_hook_name(model, sae)
+    batch = as_batch(tokens, model.cfg.d_vocab)
+    mask = position_mask(batch, positions)
+    scores, acts, metrics = [], [], []
+    for start in range(0, batch.tokens.shape[0], batch_size):
+        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
+        m = mask[start:start + batch_size].to(model.cfg.device)
+        leaf: dict[str, Tensor] = {}
+
+        def hook_fn(act: Tensor, hook: Any, leaf: dict[str, Tensor] = leaf, m: Tensor = m) -> Tensor:
+            x = act.to(sae.dtype).to(sae.device)
+            f = sae.encode(x).detach().requires_grad_(True)
+            leaf["f"] = f
+            new = sae.decode(f)
+            new = new + (x - new).detach()  # error term: the forward pass is unchanged
+            return torch.where(m[..., None], new.to(act.dtype).to(act.device), act)
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, hook_fn)]):
+            logits = model(toks)
+            values = metric(logits)
+            (grad,) = torch.autograd.grad(values.sum(), leaf["f"])
+        f = leaf["f"].detach()
+        mm = m.to(f.device)[..., None]
+        scores.append((f * grad * mm).sum(1).float().cpu())
+        acts.append((f * mm).sum(1).float().cpu())
+        metrics.append(values.detach().float().cpu())
+    return FeatureAttribution(name, torch.cat(scores), torch.cat(acts), torch.cat(metrics))
+
+
+@dataclass(frozen=True)
+class AttributionCheck:
+    """Attribution versus exact ablation for a set of features."""
+
+    features: Int[Tensor, "feature"]
+    estimated: Float[Tensor, "batch feature"]
+    exact: Float[Tensor, "batch feature"]
+    correlation: float
+    correlation_mean: float
+
+    @property
+    def values(self) -> dict[str, float]:
+        return {"correlation": self.correlation, "correlation_mean": self.correlation_mean}
+
+    def to_frame(self) -> pd.DataFrame:
+        b, n = self.estimated.shape
+        return pd.DataFrame({"example": torch.arange(b).repeat_interleave(n).tolist(),
+                             "feature": self.features.repeat(b).tolist(),
+                             "estimated": self.estimated.flatten().tolist(),
+                             "exact": self.exact.flatten().tolist()})
+
+    def plot(self) -> go.Figure:
+        frame = self.to_frame()
+        fig = go.Figure(go.Scatter(x=frame["exact"], y=frame["estimated"], mode="markers",
+                                   text=[f"feature {f}" for f in frame["feature"]]))
+        fig.update_layout(title=f"Attribution vs exact ablation: r = {self.correlation:.3f}",
+                          xaxis_title="exact: metric(clean) - metric(ablated)",
+                          yaxis_title="activation x gradient", template="plotly_white")
+        return fig
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+def check_attribution(
+    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric,
+    attribution: FeatureAttribution, features: Sequence[int] | Tensor | None = None, *, n: int = 20,
+    positions: str | list[int] | Tensor = "all", batch_size: int = 64,
+) -> AttributionCheck:
+    """Exact single-feature ablations for `features` (default: the top `n` by |attribution|),
+    compared with the attribution estimates: Pearson r over (example, feature) pairs and over
+    per-feature means."""
+    idx = attribution.top(n) if features is None else _features_index(sae, features)
+    exact = torch.stack([attribution.metric - ablate(model, sae, tokens, [int(i)], metric, positions=positions,
+                                                     batch_size=batch_size).float().cpu()
+                         for i in idx.tolist()], dim=1)
+    est = attribution.scores[:, idx]
+    return AttributionCheck(idx, est, exact, _pearson(est, exact), _pearson(est.mean(0), exact.mean(0)))
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Metric under steering by several coefficients of one feature's decoder direction."""
+
+    feature: int
+    coefficients: Float[Tensor, "coef"]
+    metric: Float[Tensor, "coef batch"]
+
+    @property
+    def values(self) -> Tensor:
+        return self.metric
+
+    def to_frame(self) -> pd.DataFrame:
+        c, b = self.metric.shape
+        return pd.DataFrame({"coefficient": self.coefficients.repeat_interleave(b).tolist(),
+                             "example": torch.arange(b).repeat(c).tolist(),
+                             "metric": self.metric.flatten().tolist()})
+
+    def plot(self) -> go.Figure:
+        from interp.viz import curves
+
+        frame = self.to_frame().groupby("coefficient", as_index=False)["metric"].mean()
+        return curves(frame, x="coefficient", y="metric", title=f"Steering feature {self.feature}")
+
+
+def steering_curve(
+    model: HookedTransformer, sae: SAE, tokens: Tensor, feature: int, coefficients: Sequence[float],
+    metric: Metric, *, mask: Tensor | None = None,
+) -> Steering:
+    """The metric when steering `feature` by each coefficient."""
+    rows = []
+    for c in coefficients:
+        with torch.inference_mode(), steer(model, sae, feature, float(c), mask=mask):
+            rows.append(metric(model(tokens.to(model.cfg.device))).float().cpu())
+    return Steering(feature, torch.tensor(list(coefficients), dtype=torch.float32), torch.stack(rows))
+
+
+__all__ = ["AttributionCheck", "Context", "FeatureAttribution", "FeatureTrace", "Metric", "Steering",
+           "ablate", "answer_logprob", "attribute", "check_attribution", "direct_logit_effect",
+           "feature_activations", "final_norm_scale", "logit_diff", "steer", "steering_curve", "trace"]
+

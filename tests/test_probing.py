@@ -1,0 +1,220 @@
+"""interp.probing against scikit-learn (logistic, ridge, CV choice) and planted ground truth."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
+
+from interp.probing import (
+    FRAME_COLUMNS,
+    control_labels,
+    fit,
+    group_folds,
+    ridge_cv,
+    split_by_group,
+)
+from interp.stats import bootstrap
+
+
+def _classes(n_layers=3, n=600, d=16, k=4, strength=(0.0, 0.6, 2.0), seed=0, dtype=torch.float32):
+    """Gaussian classes whose separation grows with the layer; features on uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    means = torch.randn(k, d, generator=g)
+    scale = torch.rand(d, generator=g) * 5 + 0.1
+    x = torch.stack([(torch.randn(n, d, generator=g) + s * means[y]) * scale + 3.0 for s in strength])
+    return x.to(dtype), y
+
+
+def _standardised(x, train):
+    mu, sd = x[train].mean(0), x[train].std(0, correction=0)
+    return (x - mu) / sd
+
+
+def test_split_by_group_keeps_examples_whole():
+    groups = torch.arange(40).repeat_interleave(3)  # 3 rows (tokens) per example
+    train, test = split_by_group(groups, 0.25, seed=3)
+    assert set(groups[train].tolist()).isdisjoint(groups[test].tolist())
+    assert sorted(torch.cat([train, test]).tolist()) == list(range(120))
+    assert len(set(groups[test].tolist())) == 10  # 25% of the 40 examples
+    folds = group_folds(groups, 4, seed=0)
+    for gid in range(40):
+        assert len(set(folds[groups == gid].tolist())) == 1
+    assert torch.bincount(folds).tolist() == [30, 30, 30, 30]
+
+
+def test_logistic_accuracy_and_weights_match_sklearn():
+    x, y = _classes(dtype=torch.float64)  # float64 in, float64 solve: the optimum can be compared tightly
+    res = fit(x, y, "logistic", shuffled=False, n_boot=200, tol=1e-7, max_iter=500)
+    train, test = split_by_group(torch.arange(len(y)), 0.25, seed=0)
+    for layer in range(x.shape[0]):
+        z = _standardised(x[layer].double(), train).numpy()
+        sk = LogisticRegression(C=1.0, tol=1e-8, max_iter=2000).fit(z[train], y[train].numpy())
+        acc = sk.score(z[test], y[test].numpy())
+        assert abs(float(res.value[layer]) - acc) <= 0.01, (layer, float(res.value[layer]), acc)
+        # same optimum: the decision function on the test rows agrees
+        ours = x[layer, test].double() @ res.coef[layer].double().T + res.intercept[layer].double()
+        theirs = torch.from_numpy(sk.decision_function(z[test]))
+        torch.testing.assert_close(ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True),
+                                   atol=1e-4, rtol=1e-4)
+    assert res.value[2] > 0.9 and res.value[0] < 0.45
+
+
+def test_logistic_default_tolerance_within_one_point_of_sklearn_defaults():
+    x, y = _classes(n=800, d=24, k=5, strength=(0.3, 0.5, 0.8), seed=1)
+    res = fit(x, y, "logistic", shuffled=False, n_boot=100)
+    train, test = split_by_group(torch.arange(len(y)), 0.25, seed=0)
+    for layer in range(3):
+        z = _standardised(x[layer].double(), train).numpy()
+        acc = LogisticRegression().fit(z[train], y[train].numpy()).score(z[test], y[test].numpy())
+        assert abs(float(res.value[layer]) - acc) <= 0.01
+
+
+def test_ridge_coefficients_equal_sklearn_ridge():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 12, generator=g, dtype=torch.float64) * torch.linspace(0.5, 4, 12, dtype=torch.float64) + 1.5
+    target = x[1] @ torch.randn(12, generator=g, dtype=torch.float64) + 0.3 * torch.randn(300, generator=g, dtype=torch.float64)
+    res = fit(x, target, "ridge", standardize=False, alphas=(7.0,), shuffled=False, n_boot=100)
+    train, _ = split_by_group(torch.arange(300), 0.25, seed=0)
+    for layer in range(2):
+        sk = Ridge(alpha=7.0).fit(x[layer, train].numpy(), target[train].numpy())
+        torch.testing.assert_close(res.coef[layer, 0], torch.from_numpy(sk.coef_), atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(float(res.intercept[layer, 0]), float(sk.intercept_), atol=1e-9, rtol=1e-7)
+    assert res.value[1] > 0.9  # test R^2 of the layer that holds the signal
+
+
+def _ridge_data(seed=0, n=240, d=10, layers=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(layers, n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    noise = torch.tensor([0.3, 3.0, 30.0], dtype=torch.float64)[:layers, None]
+    y = (x @ w) + noise * torch.randn(layers, n, generator=g, dtype=torch.float64)  # one target per layer
+    return x, y
+
+
+ALPHAS = (1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
+
+
+def test_ridge_loo_alpha_equals_sklearn_ridgecv():
+    x, y = _ridge_data()
+    for layer in range(3):
+        coef, intercept, alpha = ridge_cv(x[layer:layer + 1], y[layer][:, None], ALPHAS)
+        sk = RidgeCV(alphas=ALPHAS).fit(x[layer].numpy(), y[layer].numpy())
+        assert float(alpha[0, 0]) == sk.alpha_
+        torch.testing.assert_close(coef[0, 0], torch.from_numpy(sk.coef_), atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(float(intercept[0, 0]), float(sk.intercept_), atol=1e-9, rtol=1e-7)
+    chosen = [float(ridge_cv(x[i:i + 1], y[i][:, None], ALPHAS)[2]) for i in range(3)]
+    assert chosen[0] < chosen[2]  # noisier target, stronger regularisation
+
+
+def test_ridge_kfold_alpha_equals_gridsearch_on_same_folds():
+    x, y = _ridge_data(seed=1)
+    groups = torch.arange(60).repeat_interleave(4)  # 4 rows per example: folds must keep them together
+    folds = group_folds(groups, 5, seed=2)
+    for layer in range(3):
+        _, _, alpha = ridge_cv(x[layer:layer + 1], y[layer][:, None], ALPHAS, folds=folds)
+        search = GridSearchCV(Ridge(), {"alpha": list(ALPHAS)}, cv=PredefinedSplit(folds.numpy()))
+        search.fit(x[layer].numpy(), y[layer].numpy())
+        assert float(alpha[0, 0]) == search.best_params_["alpha"]
+
+
+def test_shuffled_labels_give_chance_and_noise_gives_chance():
+    x, y = _classes(n=1200, k=4, strength=(0.0, 3.0), seed=2)
+    types = torch.arange(1200) % 100
+    res = fit(x, y, "logistic", types=types, n_boot=300)
+    n_test = res.n_test
+    half = 3 * (0.25 * 0.75 / n_test) ** 0.5  # 3 binomial standard errors around 1/4
+    assert abs(float(res.shuffled[0]) - 0.25) < half and abs(float(res.shuffled[1]) - 0.25) < half
+    assert res.ci_low[0] < 0.25 + half and res.ci_high[0] > 0.25 - half  # layer 0: pure noise
+    assert res.value[1] > 0.95
+
+
+def test_planted_signal_found_with_ci_above_control():
+    g = torch.Generator().manual_seed(5)
+    n, d, k = 1000, 32, 5
+    types = torch.randint(0, 80, (n,), generator=g)  # word types; the label does not follow the type
+    y = torch.randint(0, k, (n,), generator=g)
+    direction = torch.randn(k, d, generator=g)
+    noise = torch.randn(2, n, d, generator=g)
+    x = noise.clone()
+    x[1] += 1.5 * direction[y]  # linear signal planted in layer 1 only
+    res = fit(x, y, "logistic", types=types, layers=[4, 7], n_boot=300, meta={"target": "planted"})
+    assert res.layers == (4, 7)
+    assert float(res.ci_low[1]) > float(res.control[1]) + 0.3
+    assert float(res.selectivity[1]) > 0.5
+    assert abs(float(res.selectivity[0])) < 0.1
+    frame = res.to_frame()
+    assert list(frame.columns) == list(FRAME_COLUMNS)
+    np.testing.assert_allclose(frame["value"], res.value.numpy())
+    np.testing.assert_allclose(frame["selectivity"], (res.value - res.control).numpy())
+    assert frame["target"].tolist() == ["planted", "planted"] and frame["layer"].tolist() == [4, 7]
+
+
+def test_control_task_is_solvable_by_memorising_types():
+    # features that encode the type (one-hot) let a probe memorise type -> control label:
+    # the control accuracy must then be high, which is what selectivity subtracts
+    g = torch.Generator().manual_seed(0)
+    n, n_types = 900, 30
+    types = torch.randint(0, n_types, (n,), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    onehot = torch.nn.functional.one_hot(types, n_types).float()
+    x = (onehot + 0.05 * torch.randn(n, n_types, generator=g))[None]
+    ctrl = control_labels(y, types, seed=1)
+    for t in range(n_types):  # one control label per type
+        assert ctrl[types == t].unique().numel() <= 1
+    res = fit(x, y, "logistic", types=types, C=100.0, n_boot=100)
+    assert float(res.control[0]) > 0.95
+    assert float(res.value[0]) < 0.6  # the task label is independent of the type
+
+
+def test_ci_is_the_stats_bootstrap_over_test_examples():
+    x, y = _classes(n=400, k=3, strength=(1.0,), seed=4)
+    res = fit(x, y, "logistic", n_boot=500, seed=7, shuffled=False)
+    _, test = split_by_group(torch.arange(400), 0.25, seed=7)
+    correct = (res.predict(x[:, test])[0] == y[test]).double()
+    est = bootstrap(correct[:, None], n_boot=500, alpha=0.05, seed=7)
+    torch.testing.assert_close(float(res.value[0]), est.value)
+    torch.testing.assert_close(float(res.ci_low[0]), est.low)
+    torch.testing.assert_close(float(res.ci_high[0]), est.high)
+
+
+def test_grouped_rows_ridge_r2_and_saved_outputs(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    n_ex, per = 150, 4
+    groups = torch.arange(n_ex).repeat_interleave(per)
+    pos = torch.arange(per).repeat(n_ex).double()  # absolute position: a regression target
+    x = torch.randn(2, n_ex * per, 8, generator=g, dtype=torch.float64)
+    x[1, :, 0] += 3 * pos  # layer 1 encodes position linearly
+    res = fit(x, pos, "ridge", groups=groups, types=groups, n_boot=200)
+    train, test = split_by_group(groups, 0.25, seed=0)
+    pred = res.predict(x[:, test])
+    for layer in range(2):
+        sse = ((pos[test] - pred[layer]) ** 2).sum()
+        sst = ((pos[test] - pos[test].mean()) ** 2).sum()
+        torch.testing.assert_close(float(res.value[layer]), float(1 - sse / sst))
+    assert res.ci_low[1] > 0.8 and res.value[0] < 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = res.save(tmp_path / "out")
+    back = pd.read_parquet(paths["parquet"])
+    pd.testing.assert_frame_equal(back, res.to_frame())
+    pd.testing.assert_frame_equal(pd.read_csv(paths["csv"]).fillna(""), res.to_frame().fillna(""),
+                                  check_dtype=False)
+    html = paths["html"].read_text()
+    assert "plotly" in html and "Probe r2 by layer" in html
+
+
+def test_errors_name_expected_and_received():
+    x = torch.randn(2, 10, 3)
+    with pytest.raises(ValueError, match=r"probe labels: expected shape \(10,\)"):
+        fit(x, torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="probe kind: expected one of"):
+        fit(x, torch.zeros(10, dtype=torch.long), "mlp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        fit(x, torch.zeros(10, dtype=torch.long), shuffled=False)

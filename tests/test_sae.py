@@ -1,0 +1,392 @@
+"""interp.sae: SAE training, loading, evaluation and feature tracing, checked against sae-lens,
+TransformerLens, scikit-learn, exact ablations and planted / organism ground truth."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import pytest
+import torch
+from sae_lens import SAE, HookedSAETransformer, StandardSAE, StandardSAEConfig
+from sae_lens.evals import ExplainedVarianceCalculator, get_recons_loss
+from sae_lens.training.activation_scaler import ActivationScaler
+from sklearn.metrics import mutual_info_score, r2_score
+from torch.testing import assert_close
+
+from interp import sae as isae
+from interp.sae.circuit import heads_between
+from interp.sae.data import ActivationBatches, collect_activations, position_mask
+from interp.sae.planted import PlantedConfig, max_cosine
+from interp.tokens import Batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # BLAS threads oversubscribe a shared 2-core machine badly (100x slower); restore afterwards.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tokens(n: int, pos: int, seed: int, d_vocab: int = 50) -> torch.Tensor:
+    return torch.randint(0, d_vocab, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+SMALL = isae.TrainConfig(d_sae=96, sae_kwargs={"k": 6}, batch_size=256, training_samples=256 * 250, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(gpt2_model):
+    """SAEs on the GPT-2-style fixture at layers 0 and 1 (resid_post), trained with our train()."""
+    toks = _tokens(160, 16, 0)
+    out = {}
+    for layer in (0, 1):
+        out[layer] = isae.train(gpt2_model, toks, f"blocks.{layer}.hook_resid_post", SMALL)
+    return out
+
+
+def _exact_sae(d: int, hook: str) -> StandardSAE:
+    """relu(x) - relu(-x) = x: a StandardSAE whose reconstruction is exact."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.cfg.metadata.hook_name = hook
+    return sae
+
+
+def _hooked_sae_model(model) -> HookedSAETransformer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = HookedSAETransformer(model.cfg)
+    ref.load_state_dict(model.state_dict())
+    return ref.eval()
+
+
+# ------------------------------------------------------------------------------ planted ground truth
+
+def test_planted_features_recovered_from_superposition():
+    # 128 features in 64 dims (scaled down for speed; the full 512-in-256 run is
+    # `python -m interp.sae.planted`, reported in the README)
+    cfg = PlantedConfig(n_features=128, d_model=64, firing_probability=0.02,
+                        train=isae.TrainConfig(d_sae=128, sae_kwargs={"k": 4}, lr=3e-3, batch_size=1024,
+                                               training_samples=300_000, normalize=False, dead_feature_window=50))
+    res = isae.planted.run(cfg)
+    print(f"\n{res}")
+    # max_cosine against a hand computation with torch's cosine_similarity
+    fd = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    learned = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
+    ref = torch.nn.functional.cosine_similarity(fd[:, None], learned[None], dim=-1).max(1).values
+    assert_close(max_cosine(fd, learned), ref)
+    assert res.mean_max_cosine >= 0.9
+    assert res.variance_explained > 0.7
+    assert res.l0 == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------------- agreement with sae-lens
+
+def test_splice_and_feature_acts_match_sae_lens(gpt2_model, trained):
+    sae = trained[1].sae
+    toks = _tokens(8, 12, 5)
+    ref_model = _hooked_sae_model(gpt2_model)
+    with torch.inference_mode():
+        with isae.splice(gpt2_model, sae):
+            ours = gpt2_model(toks)
+        theirs = ref_model.run_with_saes(toks, saes=[sae])
+        _, cache = ref_model.run_with_cache_with_saes(toks, saes=[sae])
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    acts = isae.feature_activations(gpt2_model, sae, toks, positions="all")
+    assert_close(acts, cache[f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae))
+    # reconstruct == sae-lens's own forward
+    x = torch.randn(10, sae.cfg.d_in)
+    assert_close(isae.reconstruct(sae, x), sae(x))
+    assert_close(isae.reconstruct(sae, x, error_term=True), x, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_sae_splice_leaves_logits_unchanged(any_model):
+    toks = _tokens(4, 10, 1)
+    sae = _exact_sae(any_model.cfg.d_model, "blocks.1.hook_resid_mid")
+    with torch.inference_mode():
+        clean = any_model(toks)
+        with isae.splice(any_model, sae):
+            spliced = any_model(toks)
+    assert_close(spliced, clean, atol=1e-5, rtol=1e-5)
+    assert not any_model.hook_dict["blocks.1.hook_resid_mid"]._forward_hooks  # hooks removed
+    ev = isae.evaluate(any_model, sae, toks)
+    assert ev.variance_explained == pytest.approx(1.0, abs=1e-6)
+    assert ev.ce_score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_evaluate_matches_sae_lens_and_sklearn(gpt2_model, trained):
+    sae = trained[1].sae
+    toks = _tokens(24, 16, 7)
+    ev = isae.evaluate(gpt2_model, sae, toks, batch_size=8)
+    print(f"\n{ev}")
+    with torch.inference_mode():
+        ref = get_recons_loss(sae, gpt2_model, ActivationScaler(), toks, compute_kl=False, compute_ce_loss=True)
+        x = collect_activations(gpt2_model, toks, "blocks.1.hook_resid_post")
+        feats = sae.encode(x)
+        x_hat = sae.decode(feats)
+    for ours, key in ((ev.ce_clean, "ce_loss_without_sae"), (ev.ce_sae, "ce_loss_with_sae"),
+                      (ev.ce_ablate, "ce_loss_with_ablation")):
+        assert ours == pytest.approx(float(ref[key].mean()), rel=1e-4)
+    calc = ExplainedVarianceCalculator()
+    calc.add_batch(x_hat, x)
+    assert ev.variance_explained == pytest.approx(calc.compute(), abs=1e-5)
+    assert ev.variance_explained == pytest.approx(
+        r2_score(x.numpy(), x_hat.numpy(), multioutput="variance_weighted"), abs=1e-4)
+    assert ev.l0 == pytest.approx(float((feats != 0).sum(-1).float().mean()))
+    freq = (feats != 0).float().mean(0)
+    assert ev.dead_fraction == pytest.approx(float((freq == 0).float().mean()))
+    assert ev.dense_fraction == pytest.approx(float((freq > 0.1).float().mean()))
+    ce_score = (ev.ce_ablate - ev.ce_sae) / (ev.ce_ablate - ev.ce_clean)
+    assert ev.ce_score == pytest.approx(ce_score, rel=1e-5)
+    assert list(ev.to_frame()["metric"])[:3] == ["variance_explained", "mse", "l0"]
+
+
+def test_training_smoke(gpt2_model, trained):
+    res = trained[0]
+    assert isinstance(res.sae, SAE) and res.sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    toks = _tokens(24, 16, 9)
+    x = collect_activations(gpt2_model, toks, "blocks.0.hook_resid_post")
+    untrained = SAE.from_dict({**res.sae.cfg.to_dict()})  # same architecture, fresh weights
+    with torch.inference_mode():
+        r2_trained = r2_score(x.numpy(), res.sae(x).numpy(), multioutput="variance_weighted")
+        r2_fresh = r2_score(x.numpy(), untrained(x).numpy(), multioutput="variance_weighted")
+        l0 = float((res.sae.encode(x) != 0).sum(-1).float().mean())
+    print(f"\nsmoke: R2 trained {r2_trained:.3f} vs untrained {r2_fresh:.3f}, L0 {l0}, {res.seconds:.1f} s")
+    assert r2_trained > 0.6 > r2_fresh
+    assert l0 == pytest.approx(6.0)
+
+
+def test_activation_batches_cover_source_and_store_path(gpt2_model):
+    from interp.cache import collect
+
+    toks = _tokens(20, 8, 3)
+    data = torch.arange(50.0)[:, None].expand(50, 3).contiguous()
+    it = ActivationBatches(lambda: data.split(7), 10, buffer_batches=5, seed=0)
+    seen = torch.cat([next(it) for _ in range(5)])
+    assert sorted(seen[:, 0].tolist()) == list(range(50))  # one epoch, every row once
+    # training from a toolkit cache (no model) reads the same activations
+    cache = collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_post"], progress=False)
+    direct = collect_activations(gpt2_model, toks, "blocks.0.hook_resid_post")
+    assert_close(cache["blocks.0.hook_resid_post"].reshape(-1, 32), direct)
+    res = isae.train(None, cache, "blocks.0.hook_resid_post",
+                     isae.TrainConfig(d_sae=32, sae_kwargs={"k": 4}, batch_size=64, training_samples=64 * 20))
+    assert res.sae.cfg.d_in == 32
+    # padded batches: only real positions are read
+    b = Batch.pad([[1, 2, 3], [4, 5]])
+    assert position_mask(b, "last").nonzero().tolist() == [[0, 2], [1, 1]]
+    assert position_mask(b, [-1, 0]).sum() == 4
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="unknown keys"):
+        isae.TrainConfig(sae_kwargs={"kk": 3})
+    with pytest.raises(ValueError, match="architecture"):
+        isae.TrainConfig(architecture="nope")
+    with pytest.raises(ValueError, match="unknown keys"):
+        isae.TrainConfig.from_dict({"d_sae": 4, "bogus": 1})
+
+
+# -------------------------------------------------------------------------------------- load / save
+
+def test_save_load_roundtrip_and_integrity(tmp_path, trained):
+    sae = trained[0].sae
+    path = isae.save(sae, tmp_path / "s", manifest={"note": "test"})
+    assert json.loads((path / "manifest.json").read_text())["note"] == "test"
+    x = torch.randn(6, sae.cfg.d_in)
+    for loaded in (isae.load(path), SAE.load_from_disk(path)):  # ours and sae-lens's own loader
+        assert_close(loaded.encode(x), sae.encode(x))
+        assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)))
+    w = path / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(isae.SAELoadError, match="sha256"):
+        isae.load(path)
+    with pytest.raises(isae.SAELoadError, match="no such directory"):
+        isae.load(tmp_path / "missing")
+
+
+def test_release_offline_error_is_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path))
+    t = time.perf_counter()
+    with pytest.raises(isae.SAELoadError, match="offline"):
+        isae.load("gpt2-small-res-jb", sae_id="blocks.7.hook_resid_pre")
+    assert time.perf_counter() - t < 10
+    with pytest.raises(isae.SAELoadError, match="did you mean"):
+        isae.load("gpt2-small-res-jbb", sae_id="blocks.7.hook_resid_pre")
+    with pytest.raises(isae.SAELoadError, match="unknown id"):
+        isae.load("gpt2-small-res-jb", sae_id="blocks.99.hook_resid_pre")
+
+
+# --------------------------------------------------------------------------------------- tracing
+
+def test_direct_logit_effect_matches_frozen_scale_logit_lens(any_model):
+    """Adding a decoder direction to the final residual with the final norm's scale frozen (as
+    the logit lens does) changes the logits by exactly the direct logit effect."""
+    hook = "blocks.2.hook_resid_post"
+    sae = StandardSAE(StandardSAEConfig(d_in=any_model.cfg.d_model, d_sae=5))
+    torch.nn.init.normal_(sae.W_dec, generator=torch.Generator().manual_seed(0))
+    sae.cfg.metadata.hook_name = hook
+    toks = _tokens(2, 6, 4)
+    with torch.inference_mode():
+        _, cache = any_model.run_with_cache(toks)
+        resid = cache[hook][:, -1]
+        scale = cache["ln_final.hook_scale"][:, -1]  # [2, 1]
+        for b in range(2):
+            eff = isae.direct_logit_effect(any_model, sae, scale=float(scale[b]))
+
+            def freeze(s, hook, _b=b):
+                return torch.full_like(s, float(scale[_b]))
+
+            with any_model.hooks(fwd_hooks=[("ln_final.hook_scale", freeze)]):
+                base = any_model.unembed(any_model.ln_final(resid[b:b + 1, None]))[0, 0]
+                for i in range(5):
+                    moved = any_model.unembed(any_model.ln_final(resid[b:b + 1, None] + sae.W_dec[i]))[0, 0]
+                    assert_close(moved - base, eff[i], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="residual"):
+        bad = StandardSAE(StandardSAEConfig(d_in=8, d_sae=4))
+        bad.cfg.metadata.hook_name = "blocks.0.attn.hook_z"
+        isae.direct_logit_effect(any_model, bad)
+
+
+def test_trace_top_contexts_and_dashboard(tmp_path, gpt2_model, trained):
+    sae = trained[1].sae
+    toks = _tokens(30, 12, 11)
+    tr = isae.trace(gpt2_model, sae, toks, k=5, batch_size=7)
+    acts = isae.feature_activations(gpt2_model, sae, toks, positions="all").reshape(30, 12, -1)
+    # brute force: the top activation, its example and position, and the firing frequency
+    for f in tr.frequency.argsort(descending=True)[:5].tolist():
+        i = tr.index(f)
+        flat = acts[..., f].flatten()
+        vals = flat.topk(5).values
+        assert_close(tr.top_values[i], vals)
+        ex, pos = int(tr.top_examples[i, 0]), int(tr.top_positions[i, 0])
+        assert float(acts[ex, pos, f]) == pytest.approx(float(vals[0]))
+        assert float(tr.frequency[i]) == pytest.approx(float((acts[..., f] != 0).float().mean()))
+        ctx = tr.contexts[i][0]
+        assert ctx.tokens[ctx.highlight] == str(int(toks[ex, pos]))
+    frame = tr.to_frame()
+    assert set(frame.columns) >= {"feature", "rank", "activation", "context"}
+    feats = tr.frequency.argsort(descending=True)[:3].tolist()
+    page = isae.write_dashboards(tr, feats, tmp_path / "f.html").read_text()
+    assert page.count("plotly.js v") <= 2 and all(f"feature {f}" in page for f in feats)
+    assert "<b style" in page  # highlighted firing tokens
+
+
+def test_attribution_agrees_with_exact_ablation(gpt2_model, trained):
+    sae = trained[1].sae
+    toks = _tokens(12, 10, 13)
+    metric = isae.answer_logprob(toks[:, 0])
+    attr = isae.attribute(gpt2_model, sae, toks, metric, positions="last")
+    with torch.inference_mode():
+        clean = metric(gpt2_model(toks))
+    assert_close(attr.metric, clean, atol=1e-5, rtol=1e-5)  # the error term keeps the forward exact
+    check = isae.check_attribution(gpt2_model, sae, toks, metric, attr, n=15, positions="last")
+    print(f"\nattribution vs exact ablation: r = {check.correlation:.3f} over (example, feature); "
+          f"r = {check.correlation_mean:.3f} over feature means")
+    assert check.correlation > 0.8
+    # ablating every active feature at the last position == replacing the hook by the SAE bias
+    # plus error term: a hand-built reference
+    every = torch.arange(sae.cfg.d_sae)
+    ablated = isae.ablate(gpt2_model, sae, toks, every, metric, positions="last")
+
+    def ref_hook(act, hook):
+        act = act.clone()
+        x = act[:, -1]
+        act[:, -1] = x - sae.decode(sae.encode(x)) + sae.b_dec
+        return act
+
+    with torch.inference_mode(), gpt2_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", ref_hook)]):
+        assert_close(ablated, metric(gpt2_model(toks)), atol=1e-5, rtol=1e-5)
+
+
+def test_steering_matches_sae_lens_feature_edit(gpt2_model, trained):
+    sae = trained[1].sae
+    hook = sae.cfg.metadata.hook_name
+    toks = _tokens(4, 9, 17)
+    feature, coef = 3, 2.5
+    ref_model = _hooked_sae_model(gpt2_model)
+
+    def add(acts, hook):
+        acts = acts.clone()
+        acts[..., feature] += coef
+        return acts
+
+    with torch.inference_mode():
+        with isae.steer(gpt2_model, sae, feature, coef):
+            ours = gpt2_model(toks)
+        ref_model.add_sae(sae, use_error_term=True)
+        theirs = ref_model.run_with_hooks(toks, fwd_hooks=[(f"{hook}.hook_sae_acts_post", add)])
+        ref_model.reset_saes()
+        with isae.steer(gpt2_model, sae, feature, 0.0):
+            zero = gpt2_model(toks)
+        clean = gpt2_model(toks)
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_close(zero, clean)
+    curve = isae.steering_curve(gpt2_model, sae, toks, feature, [0.0, 1.0], isae.answer_logprob(toks[:, 0]))
+    assert curve.to_frame().shape[0] == 8
+
+
+def test_feature_graph_attribution_matches_exact(gpt2_model, trained):
+    assert heads_between(gpt2_model, "blocks.0.hook_resid_post", "blocks.1.hook_resid_post") == [1]
+    assert heads_between(gpt2_model, "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre") == [0]
+    up, down = trained[0].sae, trained[1].sae
+    toks = _tokens(16, 10, 19)
+    acts = isae.feature_activations(gpt2_model, down, toks, positions="last")
+    target = int((acts != 0).sum(0).argmax())  # a feature that fires at the last position often
+    active = toks[acts[:, target] != 0]
+    graph = isae.feature_graph(gpt2_model, [up, down], target, active, top_k=6)
+    print(f"\nfeature graph for S1F{target}: {len(graph.edges)} edges, attribution vs exact r = "
+          f"{graph.correlation:.3f}")
+    assert set(graph.edges["source_kind"]) == {"feature", "head"}
+    assert graph.correlation > 0.8
+    assert len(graph.plot().data) == len(graph.edges) + 1
+
+
+def test_mutual_information_matches_sklearn():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    acts = torch.rand(400, 6, generator=g) * (torch.rand(400, 6, generator=g) < 0.3)
+    acts[:, 2] = (labels == 3).float() * 2.0  # a perfect detector of label 3
+    mi = isae.firing_mutual_information(acts, labels)
+    for f in range(6):
+        assert float(mi[f]) == pytest.approx(mutual_info_score(labels.numpy(), (acts[:, f] != 0).numpy()), abs=1e-6)
+    sel = isae.select_features(acts, labels, k=1)
+    assert sel.features.tolist() == [2] and int(sel.preferred_label[2]) == 3
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_train_then_eval(tmp_path, gpt2_model):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from interp.models import save_model
+    from interp.sae.commands import app
+
+    save_model(gpt2_model, tmp_path / "m")
+    toks = _tokens(120, 12, 23)
+    save_file({"tokens": toks}, str(tmp_path / "t.safetensors"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(tmp_path / "m"), "--hook", "blocks.0.hook_resid_post", "--out",
+                              str(tmp_path / "s"), "--tokens", str(tmp_path / "t.safetensors"), "--n-prompts", "100",
+                              "--n-eval", "20", "--d-sae", "32", "--k", "4", "--samples", "6400",
+                              "--batch-size", "128"])
+    assert res.exit_code == 0, res.output
+    manifest = isae.read_manifest(tmp_path / "s")
+    assert manifest["hook_name"] == "blocks.0.hook_resid_post" and "--tokens" in manifest["command"]
+    res = runner.invoke(app, ["eval", str(tmp_path / "s"), "--model", str(tmp_path / "m"), "--tokens",
+                              str(tmp_path / "t.safetensors"), "--n-prompts", "120", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    ref = isae.evaluate(gpt2_model, isae.load(tmp_path / "s"), toks)
+    assert got["l0"] == pytest.approx(ref.l0) and got["ce_score"] == pytest.approx(ref.ce_score, rel=1e-5)
