@@ -56,3 +56,35 @@ def read_token_jsonl(path: str | Path, *, tokenizer: Tokenizer | None = None, si
             raise ValueError(f"dataset {path} line {lineno}: expected a 'tokens' or 'text' field, got keys "
                              f"{sorted(rec)}")
     return Batch.pad(seqs, side=side)
+
+
+# ------------------------------------------------------------------ prompt sets for pretrained models
+
+_RETRIEVAL_KEYS = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
+                   "Karen", "Leo", "Maria", "Nathan", "Olivia", "Peter", "Quinn", "Rachel", "Steve",
+                   "Tina", "Ursula", "Victor", "Wendy", "Xavier", "Yvonne", "Zach")
+
+
+def retrieval_prompts(n: int, n_pairs: int = 12, seed: int = 0) -> list[dict[str, Any]]:
+    """Distance-controlled key->value retrieval prompts in plain English (for pretrained models).
+
+    Each prompt lists `n_pairs` lines "NAME's number is DD." and ends "So NAME's number is"; the
+    queried line sits `distance` lines before the query (1 = the last line), cycling through
+    every distance so that each is equally represented.
+    """
+    if not 1 <= n_pairs <= len(_RETRIEVAL_KEYS):
+        raise ValueError(f"retrieval_prompts: expected 1 <= n_pairs <= {len(_RETRIEVAL_KEYS)}, got {n_pairs}")
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        keys = rng.sample(_RETRIEVAL_KEYS, n_pairs)
+        values = [rng.randint(10, 99) for _ in keys]
+        distance = 1 + i % n_pairs
+        q = n_pairs - distance
+        lines = [f"{k}'s number is {v}." for k, v in zip(keys, values, strict=True)]
+        text = " ".join(lines) + f" So {keys[q]}'s number is"
+        out.append({"text": text, "key": keys[q], "answer": f" {values[q]}", "distance": distance,
+                    "line": q, "n_pairs": n_pairs})
+    return out
