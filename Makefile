@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.interp-installed
 
-.PHONY: demo test setup lint
+.PHONY: demo test setup lint browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/interp demo
 
-test: $(STAMP)
+# The report test opens the demo report in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the report-rendering test will be skipped"; \
+	  else echo "note: install chromium to run the report-rendering test"; fi; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp.stats import Estimate, bootstrap
+from interp.stats import Estimate, bootstrap, bootstrap_many
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +124,27 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _standardise(x: Float[Tensor, "layer n d"], train: Tensor, scale: bool
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(x - mean) / std with training statistics per layer; std ~ 0 is left unscaled."""
-    x = x.to(_compute_dtype(x))
-    xt = x[:, train]
-    mean = xt.mean(dim=1, keepdim=True)
+def _standardise(x: Float[Tensor, "layer n d"], train: Tensor, test: Tensor, scale: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train and test rows as (x - mean) / std with training statistics per layer (std ~ 0 -> 1).
+
+    Returns (train rows, test rows, mean, std), each a fresh tensor in the compute dtype.
+    """
+    dt = _compute_dtype(x)
+    xtr = x[:, train.to(x.device)].to(dt)
+    xte = x[:, test.to(x.device)].to(dt)
     if scale:
-        std = xt.std(dim=1, keepdim=True, correction=0)
+        std, mean = torch.std_mean(xtr, dim=1, keepdim=True, correction=0)
         std = torch.where(std > 1e-8 * std.amax(dim=-1, keepdim=True).clamp_min(1e-30), std,
                           torch.ones_like(std))
+        xtr.sub_(mean).div_(std)
+        xte.sub_(mean).div_(std)
     else:
+        mean = xtr.mean(dim=1, keepdim=True)
         std = torch.ones_like(mean)
-    return (x - mean) / std, mean[:, 0], std[:, 0]
+        xtr.sub_(mean)
+        xte.sub_(mean)
+    return xtr, xte, mean[:, 0], std[:, 0]
 
 
 # ------------------------------------------------------------------------ logistic (L-BFGS)
@@ -150,8 +158,30 @@ class LbfgsInfo:
     converged: Tensor
 
 
+def lbfgs_direction(g: Float[Tensor, "b p"], s: Float[Tensor, "b m p"], y: Float[Tensor, "b m p"],
+                    gamma: Float[Tensor, " b"]) -> Float[Tensor, "b p"]:
+    """H g for the L-BFGS inverse-Hessian approximation, in compact form (Byrd, Nocedal & Schnabel
+    1994, Thm 2.2): a few batched products instead of the two-loop recursion's 4m small ops.
+
+    History slots are chronological (oldest first); an all-zero slot (no pair yet, or a pair
+    rejected for non-positive curvature) contributes nothing.
+    """
+    a = s @ g[..., None]  # [b, m, 1]
+    bg = y @ g[..., None]
+    sy = s @ y.transpose(1, 2)  # [b, m, m]
+    yy = y @ y.transpose(1, 2)
+    diag = torch.diagonal(sy, dim1=1, dim2=2)
+    empty = diag <= 0
+    r = torch.triu(sy) + torch.diag_embed(empty.to(sy.dtype))
+    r_inv_a = torch.linalg.solve_triangular(r, a, upper=True)
+    inner = diag.clamp_min(0)[..., None] * r_inv_a + gamma[:, None, None] * (yy @ r_inv_a) - gamma[:, None, None] * bg
+    p1 = torch.linalg.solve_triangular(r.transpose(1, 2), inner, upper=False)
+    hg = gamma[:, None] * g + (s.transpose(1, 2) @ p1)[..., 0] - gamma[:, None] * (y.transpose(1, 2) @ r_inv_a)[..., 0]
+    return hg
+
+
 def multinomial_lbfgs(
-    z: Sequence[Float[Tensor, "n d"]],
+    z: Float[Tensor, "layer n d"],
     labels: Int[Tensor, "t n"],
     n_classes: int,
     *,
@@ -162,116 +192,91 @@ def multinomial_lbfgs(
 ) -> tuple[Float[Tensor, "layer t k d1"], LbfgsInfo]:
     """Minimise mean cross-entropy + l2/2 ||W||^2 (bias unpenalised) for every layer and label set.
 
-    `z` holds one (standardised) feature matrix per layer; `labels` one label vector per label set
-    (all label sets share each layer's features, so one matrix product serves all of them).
-    Returns weights [layer, t, k, d + 1] (last column: bias). Stops a problem when its largest
-    absolute gradient entry is <= `tol` (scipy's pgtol, as scikit-learn uses) or its relative
-    decrease stalls at the dtype's resolution.
+    `z`: (standardised) features per layer; `labels`: one label vector per label set. All label
+    sets share each layer's features, so one batched product serves all of them. Returns weights
+    [layer, t, k, d + 1] (last column: bias). A problem stops when its largest absolute gradient
+    entry is <= `tol` (scipy's pgtol, as scikit-learn uses), or when its relative decrease stalls
+    at the dtype's resolution. Layers still running are kept in a compact working set, so
+    converged layers stop costing passes over their activations.
     """
-    n_layers = len(z)
-    if n_layers == 0:
-        raise ValueError("multinomial_lbfgs: expected at least one layer, got none")
-    n, d = z[0].shape
-    t_sets = labels.shape[0]
-    k = n_classes
-    dt, dev = z[0].dtype, z[0].device
-    zt = [x.T.contiguous() for x in z]  # [d, n]: W^T X^T has the fast wide-output shape
-    lab = labels.to(dev)
-    onehot = torch.zeros(t_sets, k, n, dtype=dt, device=dev)
-    onehot.scatter_(1, lab[:, None, :], 1.0)
+    n_layers, n, d = z.shape
+    t_sets, k = labels.shape[0], n_classes
+    dt, dev = z.dtype, z.device
+    zt = z.transpose(1, 2).contiguous()  # [layer, d, n]: W X^T and G^T X are BLAS's fast shapes
+    lab = labels.to(dev)[:, None, :]  # [t, 1, n]
+    onehot = torch.zeros(t_sets, k, n, dtype=dt, device=dev).scatter_(1, lab, 1.0)
     p_dim = k * (d + 1)
 
-    def evaluate(w: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        wl = w[layer].view(t_sets, k, d + 1)
-        weight = wl[..., :d].reshape(t_sets * k, d)
-        logits = torch.addmm(wl[..., d].reshape(t_sets * k, 1), weight, zt[layer]).view(t_sets, k, n)
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)
-        f = (lse.sum(dim=(1, 2)) - logits.gather(1, lab[:, None, :]).sum(dim=(1, 2))) / n
-        f = f + 0.5 * l2 * (wl[..., :d] ** 2).sum(dim=(1, 2))
-        resid = (torch.exp(logits - lse) - onehot) / n  # [t, k, n]
-        gw = (resid.reshape(t_sets * k, n) @ z[layer]).view(t_sets, k, d) + l2 * wl[..., :d]
-        g = torch.cat([gw, resid.sum(dim=2, keepdim=True)], dim=2)
-        return f, g.reshape(t_sets, p_dim)
+    def evaluate(w: Tensor, zc: Tensor, ztc: Tensor) -> tuple[Tensor, Tensor]:
+        a = w.shape[0]
+        wk = w.view(a, t_sets * k, d + 1)
+        logits = torch.baddbmm(wk[..., d:], wk[..., :d], ztc)  # [a, t*k, n]
+        # softmax over the class axis in this layout keeps the residual in G^T layout for the bmm
+        logp = torch.log_softmax(logits.view(a, t_sets, k, n), dim=2)
+        f = -logp.gather(2, lab.expand(a, -1, -1, -1)).sum(dim=(2, 3)) / n
+        f = f + 0.5 * l2 * (w.view(a, t_sets, k, d + 1)[..., :d] ** 2).sum(dim=(2, 3))
+        resid = ((torch.exp(logp) - onehot) / n).view(a, t_sets * k, n)
+        gw = torch.baddbmm(wk[..., :d], resid, zc, alpha=1.0, beta=l2)
+        g = torch.cat([gw, resid.sum(dim=-1, keepdim=True)], dim=-1)
+        return f, g.view(a, t_sets, p_dim)
 
     w = torch.zeros(n_layers, t_sets, p_dim, dtype=dt, device=dev)
-    f = torch.empty(n_layers, t_sets, dtype=dt, device=dev)
-    g = torch.empty_like(w)
-    for layer in range(n_layers):
-        f[layer], g[layer] = evaluate(w, layer)
-    s_hist = torch.zeros(n_layers, t_sets, history, p_dim, dtype=dt, device=dev)
+    f, g = evaluate(w, z, zt)
+    s_hist = torch.zeros(n_layers * t_sets, history, p_dim, dtype=dt, device=dev)
     y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros(n_layers, t_sets, history, dtype=dt, device=dev)
-    n_iter = torch.zeros(n_layers, t_sets, dtype=torch.long)
-    converged = (g.abs().amax(dim=-1) <= tol).cpu()
+    n_iter = torch.zeros(n_layers, t_sets, dtype=torch.long, device=dev)
+    converged = g.abs().amax(dim=-1) <= tol
     active = ~converged
     stall = 10 * torch.finfo(dt).eps
-    stored = 0
+    work = torch.arange(n_layers, device=dev)  # layers in the working set
+    zc, ztc = z, zt
+    gamma = (1.0 / g.abs().sum(-1).clamp_min(1.0)).clamp(max=1.0).flatten()
     for _ in range(max_iter):
-        if not bool(active.any()):
+        live = torch.nonzero(active.any(dim=1))[:, 0]
+        if live.numel() == 0:
             break
-        act = active.to(dev)
-        # two-loop recursion, batched over problems (slots older than `stored` have rho = 0)
-        q = g.clone()
-        order = [(stored - 1 - i) % history for i in range(min(stored, history))]
-        alpha = torch.zeros(n_layers, t_sets, history, dtype=dt, device=dev)
-        for j in order:
-            alpha[..., j] = rho[..., j] * (s_hist[..., j, :] * q).sum(-1)
-            q -= alpha[..., j, None] * y_hist[..., j, :]
-        if stored == 0:
-            gamma = (1.0 / g.abs().sum(-1).clamp_min(1.0)).clamp(max=1.0)
-        else:
-            j = (stored - 1) % history
-            sy = (s_hist[..., j, :] * y_hist[..., j, :]).sum(-1)
-            yy = (y_hist[..., j, :] ** 2).sum(-1)
-            gamma = torch.where((sy > 0) & (yy > 0), sy / yy.clamp_min(torch.finfo(dt).tiny),
-                                torch.ones_like(sy))
-        q *= gamma[..., None]
-        for j in reversed(order):
-            beta = rho[..., j] * (y_hist[..., j, :] * q).sum(-1)
-            q += (alpha[..., j] - beta)[..., None] * s_hist[..., j, :]
-        direction = -q * act[..., None]
+        if live.numel() <= work.numel() // 2:  # compact: drop converged layers from the passes
+            work, zc, ztc = live, z[live], zt[live]
+        hg = lbfgs_direction(g.flatten(0, 1), s_hist, y_hist, gamma).view(n_layers, t_sets, p_dim)
+        direction = -hg * active[..., None]
         slope = (g * direction).sum(-1)
-        bad = slope >= 0  # not a descent direction (stale curvature): fall back to the gradient
-        if bool(bad.any()):
-            direction = torch.where(bad[..., None], -g * act[..., None], direction)
-            slope = (g * direction).sum(-1)
-        # backtracking Armijo line search, re-evaluating only the layers with a failing problem
+        bad = slope >= 0  # not a descent direction: fall back to the gradient
+        direction = torch.where(bad[..., None], -g * active[..., None], direction)
+        slope = (g * direction).sum(-1)
+        # backtracking Armijo line search on the working set
         step = torch.ones(n_layers, t_sets, dtype=dt, device=dev)
         w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
         pending = active.clone()
         for _ in range(30):
-            layers = torch.nonzero(pending.any(dim=1))[:, 0].tolist()
-            if not layers:
-                break
-            w_new[layers] = w[layers] + step[layers, :, None] * direction[layers]
-            for layer in layers:
-                f_new[layer], g_new[layer] = evaluate(w_new, layer)
+            w_new[work] = w[work] + step[work, :, None] * direction[work]
+            f_new[work], g_new[work] = evaluate(w_new[work], zc, ztc)
             ok = (f_new <= f + 1e-4 * step * slope) & torch.isfinite(f_new)
-            pending = pending & ~ok.cpu()
-            step = torch.where(pending.to(dev), step * 0.5, step)
-        failed = pending  # no acceptable step: stop these problems where they are
-        keep = (active & ~failed).to(dev)
+            pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, step * 0.5, step)
+        keep = active & ~pending  # a problem with no acceptable step stops where it is
         s = (w_new - w) * keep[..., None]
         yv = (g_new - g) * keep[..., None]
         sy = (s * yv).sum(-1)
-        slot = stored % history
-        good = keep & (sy > 1e-10)
-        s_hist[..., slot, :] = torch.where(good[..., None], s, s_hist[..., slot, :])
-        y_hist[..., slot, :] = torch.where(good[..., None], yv, y_hist[..., slot, :])
-        rho[..., slot] = torch.where(good, 1.0 / sy.clamp_min(1e-10), rho[..., slot] * good)
-        stored += 1
+        good = (keep & (sy > 1e-10))[..., None]
+        s_hist = torch.cat([s_hist[:, 1:], (s * good).flatten(0, 1)[:, None]], dim=1)
+        y_hist = torch.cat([y_hist[:, 1:], (yv * good).flatten(0, 1)[:, None]], dim=1)
+        yy = (yv * yv).sum(-1)
+        gamma = torch.where(good[..., 0], sy / yy.clamp_min(torch.finfo(dt).tiny),
+                            gamma.view(n_layers, t_sets)).flatten()
         decrease = (f - f_new).abs() / torch.maximum(f.abs(), f_new.abs()).clamp_min(1.0)
         w = torch.where(keep[..., None], w_new, w)
         f = torch.where(keep, f_new, f)
         g = torch.where(keep[..., None], g_new, g)
         n_iter += active.long()
-        done_now = (g.abs().amax(dim=-1) <= tol).cpu()
+        done_now = g.abs().amax(dim=-1) <= tol
         converged |= done_now & active
-        active = active & ~done_now & ~failed & ~(decrease <= stall).cpu()
+        active = active & keep & ~done_now & ~(decrease <= stall)
     if bool((~converged).any()):
         log.info("logistic probe: %d of %d problems stopped before max|grad| <= %g (max_iter=%d)",
                  int((~converged).sum()), converged.numel(), tol, max_iter)
-    return w.view(n_layers, t_sets, k, d + 1), LbfgsInfo(n_iter=n_iter, converged=converged)
+    return w.view(n_layers, t_sets, k, d + 1), LbfgsInfo(n_iter=n_iter.cpu(), converged=converged.cpu())
 
 
 # ------------------------------------------------------------------------------------- ridge
@@ -570,8 +575,8 @@ def fit(
     _, test_group = torch.unique(group[test], return_inverse=True)
     boot = dict(n_boot=n_boot, alpha=1.0 - ci, seed=seed)
 
-    x, mean, std = _standardise(features, train, scale=standardize or kind == "logistic")
-    dt = x.dtype
+    xtr, xte, mean, std = _standardise(features, train, test, scale=standardize or kind == "logistic")
+    dt = xtr.dtype
     if kind == "logistic":
         if labels.dtype.is_floating_point:
             raise ValueError(f"logistic probe labels: expected integer class ids, got dtype {labels.dtype}")
@@ -579,17 +584,19 @@ def fit(
         k = classes.numel()
         if k < 2:
             raise ValueError(f"logistic probe labels: expected at least 2 classes, got {classes.tolist()}")
-        xtr = [x[i, train.to(x.device)].contiguous() for i in range(n_layers)]
         w, info = multinomial_lbfgs(xtr, coded[:, train.to(coded.device)], k, l2=1.0 / (C * train.numel()),
                                     max_iter=max_iter, tol=tol)
         weight, bias = w[..., :-1], w[..., -1]  # [layer, t, k, d], [layer, t, k]
-        xte = x[:, test.to(x.device)]
         pred = (torch.einsum("lnd,ltkd->ltnk", xte, weight) + bias[:, :, None, :]).argmax(-1)  # [l, t, n]
         correct = (pred == coded[:, test.to(coded.device)][None]).cpu()
         metric = "accuracy"
         counts = torch.bincount(coded[0, train.to(coded.device)].cpu(), minlength=k)
         chance = float((coded[0, test.to(coded.device)].cpu() == counts.argmax()).double().mean())
-        est = [_accuracy_ci(correct[i, 0], test_group, **boot) for i in range(n_layers)]
+        if test_group.numel() == int(test_group.max()) + 1:  # one row per example: one call for all layers
+            mid, low, high = bootstrap_many(correct[:, 0].T.double(), **boot)
+            est = [Estimate(float(a), float(b), float(c)) for a, b, c in zip(mid, low, high, strict=True)]
+        else:
+            est = [_accuracy_ci(correct[i, 0], test_group, **boot) for i in range(n_layers)]
         other = {name: correct[:, j].double().mean(-1) for j, name in enumerate(names)}
         reg = torch.full((n_layers,), float(C), dtype=torch.float64)
         coef, intercept = weight[:, 0], bias[:, 0]
@@ -600,9 +607,9 @@ def fit(
         folds = None
         if cv is not None or torch.unique(group[train]).numel() < train.numel():
             folds = group_folds(group[train], 5 if cv is None else cv, seed=seed)
-        w, b, chosen = ridge_cv(x[:, train.to(x.device)], y[train.to(y.device)], alphas,
-                                folds=None if folds is None else folds.to(x.device))
-        pred = (x[:, test.to(x.device)] @ w.transpose(1, 2) + b[:, None, :]).cpu()  # [layer, n_test, t]
+        w, b, chosen = ridge_cv(xtr, y[train.to(y.device)], alphas,
+                                folds=None if folds is None else folds.to(xtr.device))
+        pred = (xte @ w.transpose(1, 2) + b[:, None, :]).cpu()  # [layer, n_test, t]
         ytest = y[test.to(y.device)].cpu()
         metric = "r2"
         chance = 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.offline import get_plotlyjs
 
 
 @dataclass
@@ -40,8 +41,12 @@ class Report:
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
             "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}"
             "</style>",
+            # count script errors on the page itself, so a headless browser can check them
+            "<script>window.__scriptErrors=0;window.addEventListener('error',function(){"
+            "window.__scriptErrors++;document.documentElement.setAttribute('data-script-errors',"
+            "String(window.__scriptErrors));});</script>",
             # plotly.js once, inline: the report must render with no network
-            f"<script type='text/javascript'>{pio.get_plotlyjs()}</script>",
+            f"<script type='text/javascript'>{get_plotlyjs()}</script>",
             "</head><body>",
             f"<h1>{html.escape(self.title)}</h1>",
         ]

@@ -8,7 +8,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.models import new_model
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# Tiny models: one thread is faster than two, and the suite shares the machine with itself.
+torch.set_num_threads(1)
 
 
 def gpt2_config(**overrides) -> HookedTransformerConfig:

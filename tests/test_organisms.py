@@ -161,8 +161,8 @@ def test_induction_labels():
 def _parse_facts(tokens: list[int]) -> dict[int, int]:
     facts = {}
     for j in range(multihop.N_FACTS):
-        src, tgt, sep = tokens[1 + 3 * j:4 + 3 * j]
-        assert sep == multihop.SEP and src not in facts
+        src, tgt = tokens[1 + 2 * j:3 + 2 * j]
+        assert src not in facts and 1 <= src <= multihop.N_ENTITIES
         facts[src] = tgt
     return facts
 

@@ -22,12 +22,12 @@ import difflib
 import importlib
 import logging
 import platform
+from importlib.metadata import version as _version
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import transformer_lens
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.models import load_model, organisms_dir, save_model
@@ -120,7 +120,7 @@ def manifest(name: str, model_log: TrainLog, metrics: dict[str, Any]) -> dict[st
         "acceptance": check(org.ACCEPTANCE, metrics),
         "accepted": not failures(org.ACCEPTANCE, metrics),
         "training": model_log.summary(),
-        "versions": {"torch": torch.__version__, "transformer_lens": transformer_lens.__version__},
+        "versions": {"torch": torch.__version__, "transformer_lens": _version("transformer-lens")},
     }
 
 

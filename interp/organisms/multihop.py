@@ -2,15 +2,15 @@
 
 Task (in-context version of the latent multi-hop reasoning studied by Yang et al. 2024, "Do Large
 Language Models Latently Perform Multi-Hop Reasoning?", and Biran et al. 2024, "Hopping Too Late"):
-a context of four facts ``x y ,`` meaning x -> y, forming two chains a -> b -> c and d -> e -> f,
+a context of four facts ``x y`` meaning x -> y, forming two chains a -> b -> c and d -> e -> f,
 in random order; then a query ``hop2 a =`` asking for the entity two hops from a (answer c, via
 the bridge b), or ``hop1 a =`` asking for one hop (answer b: the control task).
 
-    <bos> e4 e9 , e17 e2 , e9 e30 , e2 e11 , hop2 e4 =   ->  e30
+    <bos> e4 e9 e17 e2 e9 e30 e2 e11 hop2 e4 =   ->  e30
 
-Layout (fixed): position 0 `<bos>`; fact j at positions 1+3j (source), 2+3j (target), 3+3j
-(`,`); 13 hop marker; 14 the queried entity a; 15 `=`, the last (query) position where the answer
-is predicted. Ground truth per example: a, the bridge b, the end c, the answer (b for one hop, c
+Layout (fixed): position 0 `<bos>`; fact j at positions 1+2j (source) and 2+2j (target); 9 hop
+marker; 10 the queried entity a; 11 `=`, the last (query) position where the answer is
+predicted. Ground truth per example: a, the bridge b, the end c, the answer (b for one hop, c
 for two), the hop count, and the source positions of fact a->b and of fact b->c.
 
 `MultihopData.with_other_bridge()` builds the matched interchange partner: it swaps the targets
@@ -44,15 +44,17 @@ MECHANISM = ("fact targets attend to their source; the query position retrieves 
              "hop 1), then the fact whose source is b (answer c, hop 2)")
 N_ENTITIES = 32
 N_FACTS = 4
-SEQ_LEN = 16
-QUERY_POS = 15
-ENTITY_POS = 14
-HOP_POS = 13
-BATCH = 64
+SEQ_LEN = 12
+QUERY_POS = 11
+ENTITY_POS = 10
+HOP_POS = 9
+BATCH = 128
+ATTN_ONLY = True
+FACT_LEN = 2  # source, target (no separator token)
 DEFAULT_STEPS = 2500
 CURRICULUM_STEPS = 1500  # two-hop share ramps 0.2 -> 0.8 over these steps
 
-BOS, SEP, HOP1, HOP2, EQ = 0, N_ENTITIES + 1, N_ENTITIES + 2, N_ENTITIES + 3, N_ENTITIES + 4
+BOS, HOP1, HOP2, EQ = 0, N_ENTITIES + 1, N_ENTITIES + 2, N_ENTITIES + 3
 
 ACCEPTANCE = (
     Criterion(metric="two_hop_accuracy", op=">=", threshold=0.9,
@@ -61,9 +63,8 @@ ACCEPTANCE = (
 
 
 def tokenizer() -> VocabTokenizer:
-    """``<bos>``, entities ``e0`` ... ``e31`` (ids 1-32), ``,``, ``hop1``, ``hop2``, ``=``."""
-    return VocabTokenizer(("<bos>",) + tuple(f"e{i}" for i in range(N_ENTITIES))
-                          + (",", "hop1", "hop2", "="))
+    """``<bos>``, entities ``e0`` ... ``e31`` (ids 1-32), ``hop1``, ``hop2``, ``=``."""
+    return VocabTokenizer(("<bos>",) + tuple(f"e{i}" for i in range(N_ENTITIES)) + ("hop1", "hop2", "="))
 
 
 def entity_id(i: int) -> int:
@@ -73,8 +74,9 @@ def entity_id(i: int) -> int:
 
 def config() -> HookedTransformerConfig:
     return HookedTransformerConfig(
-        n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=256, n_ctx=SEQ_LEN,
-        d_vocab=N_ENTITIES + 5, act_fn="gelu", normalization_type="LN",
+        n_layers=4, d_model=128, n_heads=4, d_head=32, n_ctx=SEQ_LEN, d_vocab=N_ENTITIES + 4,
+        attn_only=ATTN_ONLY, d_mlp=None if ATTN_ONLY else 256, act_fn=None if ATTN_ONLY else "gelu",
+        normalization_type="LN",
         positional_embedding_type="standard", original_architecture="interp-organism-multihop",
         seed=None, dtype=torch.float32, device="cpu")
 
@@ -138,8 +140,8 @@ def dataset(n: int, seed: int, two_hop_share: float = 0.5) -> MultihopData:
     slot = torch.rand(n, N_FACTS, generator=g).argsort(dim=1)  # slot of fact k: a->b, b->c, d->e, e->f
     srcs = torch.stack([a, b, d, e], 1)
     tgts = torch.stack([b, c, e, f], 1)
-    pos = 1 + 3 * slot  # source position of each fact
-    tokens = torch.full((n, SEQ_LEN), SEP, dtype=torch.long)
+    pos = 1 + FACT_LEN * slot  # source position of each fact
+    tokens = torch.zeros((n, SEQ_LEN), dtype=torch.long)
     tokens[:, 0] = BOS
     tokens.scatter_(1, pos, srcs)
     tokens.scatter_(1, pos + 1, tgts)

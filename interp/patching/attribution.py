@@ -28,7 +28,7 @@ from interp.patching.sweep import SWEEP_SITES
 def attribute(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     metric: Metric,
     site: Site | str = "resid_pre",
     *,

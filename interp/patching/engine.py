@@ -22,6 +22,7 @@ TransformerLens's `model.hooks` context, which removes them in `finally`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 Direction = Literal["denoising", "noising"]
 
 DEFAULT_ROWS = 256  # rows (examples x patched copies) per forward pass
+_SPLIT = 4
 
 
 def check_direction(direction: str) -> Direction:
@@ -127,11 +129,14 @@ class Runs:
 
 
 def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Metric | None,
-            names: set[str], direction: Direction) -> Runs:
-    """Run clean and corrupted once each, caching `names` plus every layer's resid_pre."""
+            names: set[str], direction: Direction, kv: bool = True) -> Runs:
+    """Run clean and corrupted once each, caching `names` plus every layer's resid_pre (and,
+    with `kv`, every layer's keys and values, which let patched runs skip unchanged positions)."""
     check_direction(direction)
     clean, corrupt = check_pair(model, clean, corrupt)
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
+    if kv and can_skip_prefix(model):
+        names |= kv_names(model.cfg.n_layers)
     clean_logits, clean_cache = cached_run(model, clean, names)
     corrupt_logits, corrupt_cache = cached_run(model, corrupt, names)
     if metric is None:
@@ -216,8 +221,12 @@ def _merge(edits: Sequence[Edit]) -> list[Edit]:
     return list(out.values())
 
 
-def _chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int) -> list[tuple[str, object]]:
-    """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch)."""
+def _chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
+    """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch).
+
+    With `p0 > 0` the forward pass computes positions p0.. only (earlier ones come from a K/V
+    cache), so masks and sources are cut to those positions.
+    """
     k = len(copies)
     per_hook: dict[str, list[list[Edit]]] = {}
     for c, edits in enumerate(copies):
@@ -232,11 +241,12 @@ def _chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int) -> list[tuple[str
             present = [e for e in chosen if e is not None]
             template = present[0]
             mask = torch.stack([e.mask if e is not None else torch.zeros_like(template.mask)
-                                for e in chosen])  # [k, pos(, head)]
+                                for e in chosen])[:, p0:]  # [k, pos(, head)]
             if all(e.source is template.source for e in present):
-                src = template.source.unsqueeze(0)  # [1, batch, ...]
+                src = template.source[:, p0:].unsqueeze(0)  # [1, batch, ...]
             else:
-                src = torch.stack([e.source if e is not None else template.source for e in chosen])
+                src = torch.stack([e.source[:, p0:] if e is not None else template.source[:, p0:]
+                                   for e in chosen])
             # broadcast: [k, 1 (batch), pos(, head), 1 (features)]
             stages.append((mask.unsqueeze(1).unsqueeze(-1), src))
 
@@ -261,23 +271,79 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "rows pos d_mode
 
 
 def forward_from(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int,
-                 positions: list[int] | None, hooks: list) -> Float[Tensor, "rows k d_vocab"]:
+                 positions: list[int] | None, hooks: list, past_kv: object = None
+                 ) -> Float[Tensor, "rows k d_vocab"]:
     """Run blocks start.. on `resid` under `hooks`; the logits at `positions`."""
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        out = model(resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
+        out = model(resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv)
         return final_logits(model, out, positions)
+
+
+def can_skip_prefix(model: HookedTransformer) -> bool:
+    """Whether positions before every patch can be fed from a K/V cache of the base run.
+
+    Needs the cached keys to be exactly the hook_k/hook_v values (no QK-norm or clipping between
+    them and the cache) and causal attention whose positions come from the residual or rotary.
+    """
+    cfg = model.cfg
+    return (cfg.positional_embedding_type in ("standard", "rotary")
+            and cfg.attention_dir == "causal"
+            and not getattr(cfg, "use_qk_norm", False)
+            and getattr(cfg, "clip_qkv", None) is None
+            and not getattr(cfg, "use_logn_attn", False)
+            and cfg.n_devices == 1)
+
+
+def kv_names(n_layers: int) -> set[str]:
+    return {Node(layer, s).hook_name for layer in range(n_layers) for s in (Site.K, Site.V)}
+
+
+def _first_pos(edits: Sequence[Edit]) -> int:
+    """The first position any edit touches (positions before it are unchanged)."""
+    first = None
+    for e in edits:
+        m = e.mask if e.mask.ndim == 1 else e.mask.any(-1)
+        hit = torch.nonzero(m)
+        if hit.numel():
+            p = int(hit[0, 0])
+            first = p if first is None else min(first, p)
+    return 0 if first is None else first
+
+
+def _past_kv(runs: Runs, start: int, n_layers: int, p0: int, k: int):
+    """A frozen TransformerLens K/V cache holding the base run's keys/values of positions < p0."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = []
+    for layer in range(n_layers):
+        src = max(layer, start)  # blocks below `start` do not run; any entry will do
+        keys = runs.base[Node(src, Site.K).hook_name][:, :p0]
+        values = runs.base[Node(src, Site.V).hook_name][:, :p0]
+        entries.append(TransformerLensKeyValueCacheEntry(
+            past_keys=keys.repeat(k, 1, 1, 1), past_values=values.repeat(k, 1, 1, 1), frozen=True))
+    mask = torch.ones((k * keys.shape[0], p0), dtype=torch.int, device=keys.device)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
 def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[Edit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
-               extra_hooks: Sequence = ()) -> Float[Tensor, "copies"]:
-    """The metric of each patched copy of the base run (one value per copy, float64, CPU)."""
+               ) -> Float[Tensor, "copies"]:
+    """The metric of each patched copy of the base run (one value per copy, float64, CPU).
+
+    Copies are grouped by the layer they start at and, when `runs` holds the base K/V
+    (`prepare(..., kv=True)`), by the first position they touch: a chunk whose patches all lie
+    at positions >= p0 computes positions p0.. only, reading the base run's keys and values of
+    the earlier (unchanged) positions from a frozen K/V cache.
+    """
     check_rows(rows)
     batch, seq_len = runs.base_tokens.shape
     positions = metric_positions(metric, seq_len)
     merged = [_merge(c) for c in copies]
     n_layers = model.cfg.n_layers
+    skip = Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model)
     starts = [min((e.layer for e in c), default=n_layers) for c in merged]
+    firsts = [_first_pos(c) if skip else 0 for c in merged]
     per_chunk = max(1, rows // batch)
     order: dict[int, list[int]] = {}
     for i, s in enumerate(starts):
@@ -286,17 +352,28 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[E
     bar = tqdm(total=len(copies), desc=desc, disable=not progress, leave=False)
     try:
         for start in sorted(order):
-            idx = order[start]
-            for lo in range(0, len(idx), per_chunk):
-                chunk = idx[lo:lo + per_chunk]
+            idx = sorted(order[start], key=lambda i: -firsts[i])
+            size = per_chunk
+            if skip and len({firsts[i] for i in idx}) > 1:
+                # smaller chunks, so that late-position patches skip more of the prefix
+                size = min(per_chunk, max(1, math.ceil(len(idx) / _SPLIT)))
+            for lo in range(0, len(idx), size):
+                chunk = idx[lo:lo + size]
                 k = len(chunk)
-                hooks = _chunk_hooks([merged[i] for i in chunk], batch) + list(extra_hooks)
                 if start >= n_layers:  # a copy with no edits is the base run itself
                     logits = runs.base_logits
                     logits = (logits if positions is None else logits[:, positions]).repeat(k, 1, 1)
                 else:
-                    resid = runs.base[resid_pre_name(start)].repeat(k, 1, 1)
-                    logits = forward_from(model, resid, start, positions, hooks)
+                    p0 = min(firsts[i] for i in chunk)
+                    if positions is not None:
+                        p0 = min(p0, *positions)
+                    hooks = _chunk_hooks([merged[i] for i in chunk], batch, p0)
+                    resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
+                    past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 else None
+                    rel = None if positions is None else [p - p0 for p in positions]
+                    logits = forward_from(model, resid, start, rel, hooks, past)
+                    if positions is None and p0 > 0:  # unchanged logits of the skipped prefix
+                        logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
                 logits = logits.reshape(k, batch, *logits.shape[1:])
                 for j, i in enumerate(chunk):
                     out[i] = float(evaluate(metric, logits[j], positions))

@@ -122,7 +122,7 @@ def knockout(
             on = torch.tensor([starts[i] <= layer for i in chunk], device=device)
             mask = (on[:, None, None, None, None] & edge[None, None])  # [k, 1, head, q, k]
 
-            def hook(scores: Tensor, hook, mask=mask) -> Tensor:
+            def hook(scores: Tensor, hook, mask=mask, k=k) -> Tensor:
                 v = scores.reshape(k, batch, *scores.shape[1:])
                 return v.masked_fill(mask, float("-inf")).reshape(scores.shape)
 

@@ -40,7 +40,7 @@ Which = Literal["k", "v", "kv"]
 def kv_patch(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     metric: Metric,
     *,
     which: Which = "kv",

@@ -105,7 +105,7 @@ def _projection(model: HookedTransformer, layer: int, site: Site) -> tuple[Tenso
 def path_patch(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     metric: Metric,
     senders: Node | Sequence[Node | Sequence[Node]],
     receivers: Node | Sequence[Node] | Literal["logits"],

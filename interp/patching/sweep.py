@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -59,7 +58,7 @@ def _axis(values: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]
 def sweep(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     metric: Metric,
     site: Site | str = "resid_pre",
     *,
@@ -129,7 +128,7 @@ def _as_nodes(nodes: Node | Sequence[Node]) -> list[Node]:
 def patch(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     metric: Metric,
     nodes: Node | Sequence[Node],
     *,
@@ -152,7 +151,7 @@ def patch(
 def patched_logits(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
     nodes: Node | Sequence[Node],
     *,
     direction: Direction = "denoising",

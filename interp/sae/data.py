@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -166,8 +166,3 @@ def source_of(data: Any, *, hook: str | None = None, batch_size: int = 1024) -> 
         return lambda: iter(data)
     raise TypeError(f"activation source: expected a Tensor, a list of Tensors or a store with iter_batches, "
                     f"got {type(data).__name__}")
-
-
-def last_positions(batch: Batch) -> Int[Tensor, "batch"]:
-    """Index of each prompt's last real token in the right-padded layout."""
-    return batch.right().lengths - 1

@@ -164,14 +164,14 @@ class LabelFeatureTest:
 def label_feature_test(
     model: HookedTransformer, sae: SAE, tokens: Int[Tensor, "n pos"], labels: Int[Tensor, "n"],
     answers: Int[Tensor, "n"], *, k: int | None = None, pos: int = -1, train_fraction: float = 0.5,
-    n_random: int = 5, min_frequency: float = 0.01, seed: int = 0, n_boot: int = 1000,
+    n_random: int = 5, min_frequency: float = 0.0, seed: int = 0, n_boot: int = 1000,
 ) -> LabelFeatureTest:
     """Find label features at position `pos` without being told which they are, then test them.
 
     On a train split, features are ranked by MI between firing at `pos` and `labels`; the top
     `k` (default: one per label value, `per_label` selection) are zeroed at `pos` on the held-out
     split (error term kept) and the answer accuracy is compared with zeroing `k` random live
-    features (firing on >= `min_frequency` of train prompts at `pos`).
+    features (firing at `pos` on at least one train prompt and on >= `min_frequency` of them).
     """
     from interp.sae.tracing import ablate, feature_activations
 
@@ -202,7 +202,8 @@ def label_feature_test(
         clean = correct(torch.cat([predicted(model(toks_te[i:i + 256].to(model.cfg.device)))
                                    for i in range(0, toks_te.shape[0], 256)]))
     ablated = correct(ablate(model, sae, toks_te, chosen, predicted, positions=positions))
-    live = ((acts_tr != 0).float().mean(0) >= min_frequency).nonzero()[:, 0]
+    freq = (acts_tr != 0).float().mean(0)
+    live = ((freq > 0) & (freq >= min_frequency)).nonzero()[:, 0]
     pool = live[~torch.isin(live, chosen)]
     if pool.numel() < chosen.numel():
         raise ValueError(f"label_feature_test: expected at least {chosen.numel()} live features outside the "

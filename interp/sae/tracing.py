@@ -139,7 +139,8 @@ class Context:
         return " ".join(f"{marker[0]}{t}{marker[1]}" if i == self.highlight else t for i, t in enumerate(self.tokens))
 
     def html(self) -> str:
-        return " ".join(f"<b style='background:#fc8'>{html.escape(t)}</b>" if i == self.highlight else html.escape(t)
+        return " ".join(f"<b><span style='color:#c0392b'>{html.escape(t)}</span></b>" if i == self.highlight
+                        else html.escape(t)
                         for i, t in enumerate(self.tokens))
 
 

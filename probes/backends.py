@@ -1,0 +1,107 @@
+"""Where sweep cells run: in this process, in local worker processes, or on a Ray cluster.
+
+Every backend maps a top-level (picklable) function over payloads and yields results as they
+finish. Cells write their own outputs atomically, so a backend that dies mid-sweep loses only
+the cells in flight; the next run skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Literal, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "local", "process", "ray"]
+BACKENDS: tuple[str, ...] = ("auto", "local", "process", "ray")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]: ...
+
+
+class LocalBackend:
+    """Run cells one after another in this process."""
+
+    def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]:
+        for p in payloads:
+            yield fn(p)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class ProcessBackend:
+    """Local worker processes (``spawn``: safe with torch's thread pools), `threads` torch threads each."""
+
+    def __init__(self, workers: int, threads: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers: expected >= 1, got {workers}")
+        self.workers, self.threads = workers, threads
+
+    def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]:
+        if not payloads:
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(self.threads,)) as pool:
+            futures = [pool.submit(fn, p) for p in payloads]
+            for fut in as_completed(futures):
+                yield fut.result()
+
+
+class RayBackend:
+    """Ray tasks (optional extra: ``pip install 'interp[ray]'``).
+
+    Uses the Ray instance this process is already connected to; otherwise starts a local one
+    (`address=None`) or connects to `address` ("auto" or "ray://host:port"), and shuts down only
+    what it started.
+    """
+
+    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise ImportError("Ray backend: expected the `ray` package, got ImportError; install the "
+                              "optional extra with `pip install 'interp[ray]'`") from e
+        self.workers, self.address = workers, address
+
+    def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]:
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.address is not None:
+                kwargs["address"] = self.address
+            elif self.workers is not None:
+                kwargs["num_cpus"] = self.workers
+            ray.init(**kwargs)
+            started = True
+        try:
+            remote = ray.remote(num_cpus=1)(fn)
+            pending = [remote.remote(p) for p in payloads]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def get_backend(name: str, workers: int = 1, address: str | None = None) -> Backend:
+    """`auto`: local for one worker, processes for more; `ray` needs the optional extra."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
+    if name == "ray":
+        return RayBackend(workers=workers if workers > 1 else None, address=address)
+    if name == "process" or (name == "auto" and workers > 1):
+        return ProcessBackend(workers)
+    return LocalBackend()

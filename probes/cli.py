@@ -1,0 +1,67 @@
+"""The `probes` command: run and inspect config-driven probe sweeps.
+
+    probes sweep probes/configs/multihop_bridge.yaml --workers 2
+    probes sweep CONFIG.yaml --backend ray --address auto
+    probes plan CONFIG.yaml            # list the cells and which are done
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from probes.backends import BACKENDS
+from probes.config import load_config
+from probes.sweep import plan, summary, sweep
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Config-driven, resumable linear-probe sweeps (interp.probing).")
+console = Console()
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="sweep config (YAML)"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="local worker processes (or Ray CPUs)"),
+    backend: str = typer.Option("auto", help=f"one of {list(BACKENDS)}"),
+    address: str | None = typer.Option(None, help="Ray cluster address (backend ray)"),
+    out: Path | None = typer.Option(None, help="output folder (overrides the config's `out`)"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Run every unfinished cell of CONFIG and write probes.parquet/.csv/.html."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(config)
+        if out is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, out=str(out))
+        res = sweep(cfg, workers=workers, backend=backend, address=address, progress=not quiet)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"sweep {cfg.name}: fitted {res.n_fitted} cells, skipped {res.n_skipped} finished cells")
+    for kind, path in res.paths.items():
+        console.print(f"  {kind}: {path}")
+
+
+@app.command("plan")
+def plan_cmd(config: Path = typer.Argument(..., help="sweep config (YAML)")) -> None:
+    """List the cells of CONFIG and whether each is done."""
+    try:
+        cfg = load_config(config)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(summary(plan(cfg), cfg), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
