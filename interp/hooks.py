@@ -123,7 +123,7 @@ def selector(name: str, pos: int | Sequence[int] | None, head: int | None) -> tu
     """An index tuple into the activation of hook `name` selecting positions and a head."""
     site = _site_of(name)
     idx: list = [slice(None)]  # batch
-    if site == Site.PATTERN:  # [batch head q_pos k_pos]
+    if site in (Site.PATTERN, Site.ATTN_SCORES):  # [batch head q_pos k_pos]
         idx += [slice(None) if head is None else head, slice(None) if pos is None else pos]
         return tuple(idx)
     idx.append(slice(None) if pos is None else pos)
@@ -262,6 +262,34 @@ class Patch(Intervention):
         return src[selector(target.name, target.pos, target.head)].to(sel.device, sel.dtype)
 
 
+@dataclass(frozen=True)
+class BlockAttention(Intervention):
+    """Attention knockout (Geva et al. 2023): query position `pos` may not read key positions
+    `sources` in layer `where` (an int layer, or an attn_scores Node / hook name). Set on the
+    pre-softmax scores, so the remaining edges are renormalised. `head` restricts it to one head."""
+
+    sources: Sequence[int] = ()
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        # sel: [batch (head) k_pos] scores of the query position(s)
+        k_len = act.shape[-1]
+        src = torch.as_tensor([s % k_len for s in self.sources], dtype=torch.long, device=sel.device)
+        out = sel.clone()
+        out[..., src] = float("-inf")
+        return out
+
+
+def block_attention(layer: int, target: int, sources: Sequence[int], head: int | None = None
+                    ) -> BlockAttention:
+    """Block attention from query position `target` to key positions `sources` at `layer`."""
+    if not sources:
+        raise HookError(f"block_attention at layer {layer}: expected at least one source position, got none")
+    if any(s >= 0 and target >= 0 and s > target for s in sources):
+        raise HookError(f"block_attention: expected sources at or before the target {target} (causal), "
+                        f"got {list(sources)}")
+    return BlockAttention(Node(layer, Site.ATTN_SCORES), pos=target, head=head, sources=tuple(sources))
+
+
 def _make_hook(iv: Intervention, target: Target, fired: set[str]) -> HookFn:
     idx = selector(target.name, target.pos, target.head)
 
@@ -303,7 +331,7 @@ def intervene(
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise HookError(f"interventions: expected Intervention objects (Set, Add, Scale, Zero, "
-                            f"MeanAblate, ResampleAblate, Patch), got {type(iv).__name__}")
+                            f"MeanAblate, ResampleAblate, Patch, BlockAttention), got {type(iv).__name__}")
         target = _target(model, iv.where, iv.pos, iv.head)
         fwd.append((target.name, _make_hook(iv, target, run.fired)))
     cap_names = resolve_hooks(model, list(capture)) if capture else []

@@ -39,17 +39,27 @@ def _init_worker(threads: int) -> None:
 
 
 class ProcessBackend:
-    """Local worker processes (``spawn``: safe with torch's thread pools), `threads` torch threads each."""
+    """Local worker processes, `threads` torch threads each.
 
-    def __init__(self, workers: int, threads: int = 1) -> None:
+    Start method: ``fork`` where the platform has it (workers inherit the imported toolkit, so
+    they start in milliseconds rather than re-importing TransformerLens; each worker then sets
+    its own thread count before any torch op, as torch's DataLoader workers do), else ``spawn``.
+    Pass `start_method="spawn"` to get fresh interpreters.
+    """
+
+    def __init__(self, workers: int, threads: int = 1, start_method: str | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected >= 1, got {workers}")
+        methods = multiprocessing.get_all_start_methods()
+        if start_method is not None and start_method not in methods:
+            raise ValueError(f"start_method: expected one of {methods}, got {start_method!r}")
         self.workers, self.threads = workers, threads
+        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
 
     def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]:
         if not payloads:
             return
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context(self.start_method)
         with ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(self.threads,)) as pool:
             futures = [pool.submit(fn, p) for p in payloads]

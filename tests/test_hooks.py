@@ -122,3 +122,22 @@ def test_hook_that_never_fired_raises(gpt2_model, tokens):
     with pytest.raises(HookError, match="never firing"):
         with intervene(gpt2_model, [Zero("blocks.2.hook_resid_post")]):
             gpt2_model(tokens, stop_at_layer=1)
+
+
+def test_block_attention_matches_masked_pattern(any_model, tokens):
+    from interp.hooks import block_attention
+
+    # knocking out every earlier key of the last query at layer 1 leaves it attending only to itself
+    _, cap = run_with_interventions(any_model, tokens, [block_attention(1, -1, list(range(9)))],
+                                    capture=["blocks.1.attn.hook_pattern"])
+    pattern = cap["blocks.1.attn.hook_pattern"]
+    torch.testing.assert_close(pattern[:, :, -1, -1], torch.ones_like(pattern[:, :, -1, -1]))
+    # blocking a subset renormalises the rest: compare with a hand-masked softmax of the clean scores
+    _, ref = any_model.run_with_cache(tokens)
+    scores = ref["blocks.1.attn.hook_attn_scores"][:, :, 6].clone()
+    scores[..., [2, 4]] = float("-inf")
+    _, cap = run_with_interventions(any_model, tokens, [block_attention(1, 6, [2, 4])],
+                                    capture=["blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(cap["blocks.1.attn.hook_pattern"][:, :, 6], scores.softmax(-1))
+    with pytest.raises(HookError, match="causal"):
+        block_attention(0, 3, [5])
