@@ -133,17 +133,17 @@ def _standardise(x: Float[Tensor, "layer n d"], train: Tensor, test: Tensor, sca
     dt = _compute_dtype(x)
     xtr = x[:, train.to(x.device)].to(dt)
     xte = x[:, test.to(x.device)].to(dt)
+    mean = xtr.mean(dim=1, keepdim=True)  # plain row means: torch's fused std_mean is slow across rows
+    xtr.sub_(mean)
+    xte.sub_(mean)
     if scale:
-        std, mean = torch.std_mean(xtr, dim=1, keepdim=True, correction=0)
+        std = torch.stack([(layer * layer).mean(dim=0) for layer in xtr]).sqrt_()[:, None]
         std = torch.where(std > 1e-8 * std.amax(dim=-1, keepdim=True).clamp_min(1e-30), std,
                           torch.ones_like(std))
-        xtr.sub_(mean).div_(std)
-        xte.sub_(mean).div_(std)
+        xtr.div_(std)
+        xte.div_(std)
     else:
-        mean = xtr.mean(dim=1, keepdim=True)
         std = torch.ones_like(mean)
-        xtr.sub_(mean)
-        xte.sub_(mean)
     return xtr, xte, mean[:, 0], std[:, 0]
 
 
@@ -196,65 +196,65 @@ def multinomial_lbfgs(
     sets share each layer's features, so one batched product serves all of them. Returns weights
     [layer, t, k, d + 1] (last column: bias). A problem stops when its largest absolute gradient
     entry is <= `tol` (scipy's pgtol, as scikit-learn uses), or when its relative decrease stalls
-    at the dtype's resolution. Layers still running are kept in a compact working set, so
-    converged layers stop costing passes over their activations.
+    at the dtype's resolution. The curvature history and line search are batched over all
+    problems; passes over the activations are made only for layers with a problem still running.
     """
     n_layers, n, d = z.shape
     t_sets, k = labels.shape[0], n_classes
     dt, dev = z.dtype, z.device
-    zt = z.transpose(1, 2).contiguous()  # [layer, d, n]: W X^T and G^T X are BLAS's fast shapes
     lab = labels.to(dev)[:, None, :]  # [t, 1, n]
     onehot = torch.zeros(t_sets, k, n, dtype=dt, device=dev).scatter_(1, lab, 1.0)
     p_dim = k * (d + 1)
 
-    def evaluate(w: Tensor, zc: Tensor, ztc: Tensor) -> tuple[Tensor, Tensor]:
-        a = w.shape[0]
-        wk = w.view(a, t_sets * k, d + 1)
-        logits = torch.baddbmm(wk[..., d:], wk[..., :d], ztc)  # [a, t*k, n]
-        # softmax over the class axis in this layout keeps the residual in G^T layout for the bmm
-        logp = torch.log_softmax(logits.view(a, t_sets, k, n), dim=2)
-        f = -logp.gather(2, lab.expand(a, -1, -1, -1)).sum(dim=(2, 3)) / n
-        f = f + 0.5 * l2 * (w.view(a, t_sets, k, d + 1)[..., :d] ** 2).sum(dim=(2, 3))
-        resid = ((torch.exp(logp) - onehot) / n).view(a, t_sets * k, n)
-        gw = torch.baddbmm(wk[..., :d], resid, zc, alpha=1.0, beta=l2)
-        g = torch.cat([gw, resid.sum(dim=-1, keepdim=True)], dim=-1)
-        return f, g.view(a, t_sets, p_dim)
+    def evaluate(w: Tensor, layers: list[int], f_out: Tensor, g_out: Tensor) -> None:
+        """Objective and gradient of every label set at the given layers (one pass each way)."""
+        for layer in layers:
+            wk = w[layer].view(t_sets * k, d + 1)
+            # W X^T and G^T X: both products have BLAS's fast wide-output shape, no transposed copy
+            logits = torch.addmm(wk[:, d:], wk[:, :d], z[layer].T)  # [t*k, n]
+            # softmax over the class axis in this layout keeps the residual in G^T layout
+            logp = torch.log_softmax(logits.view(t_sets, k, n), dim=1)
+            f = -logp.gather(1, lab).sum(dim=(1, 2)) / n
+            f_out[layer] = f + 0.5 * l2 * (wk[:, :d] ** 2).view(t_sets, -1).sum(-1)
+            resid = ((torch.exp(logp) - onehot) / n).view(t_sets * k, n)
+            gw = torch.addmm(wk[:, :d], resid, z[layer], beta=l2)
+            g_out[layer] = torch.cat([gw, resid.sum(dim=-1, keepdim=True)], dim=-1).view(t_sets, p_dim)
 
     w = torch.zeros(n_layers, t_sets, p_dim, dtype=dt, device=dev)
-    f, g = evaluate(w, z, zt)
+    f = torch.empty(n_layers, t_sets, dtype=dt, device=dev)
+    g = torch.empty_like(w)
+    evaluate(w, list(range(n_layers)), f, g)
     s_hist = torch.zeros(n_layers * t_sets, history, p_dim, dtype=dt, device=dev)
     y_hist = torch.zeros_like(s_hist)
     n_iter = torch.zeros(n_layers, t_sets, dtype=torch.long, device=dev)
     converged = g.abs().amax(dim=-1) <= tol
     active = ~converged
     stall = 10 * torch.finfo(dt).eps
-    work = torch.arange(n_layers, device=dev)  # layers in the working set
-    zc, ztc = z, zt
     gamma = (1.0 / g.abs().sum(-1).clamp_min(1.0)).clamp(max=1.0).flatten()
     for _ in range(max_iter):
-        live = torch.nonzero(active.any(dim=1))[:, 0]
-        if live.numel() == 0:
+        live = torch.nonzero(active.any(dim=1))[:, 0].tolist()  # converged layers cost no passes
+        if not live:
             break
-        if live.numel() <= work.numel() // 2:  # compact: drop converged layers from the passes
-            work, zc, ztc = live, z[live], zt[live]
         hg = lbfgs_direction(g.flatten(0, 1), s_hist, y_hist, gamma).view(n_layers, t_sets, p_dim)
         direction = -hg * active[..., None]
         slope = (g * direction).sum(-1)
         bad = slope >= 0  # not a descent direction: fall back to the gradient
         direction = torch.where(bad[..., None], -g * active[..., None], direction)
         slope = (g * direction).sum(-1)
-        # backtracking Armijo line search on the working set
+        # backtracking Armijo line search; only layers with a pending problem are re-evaluated
         step = torch.ones(n_layers, t_sets, dtype=dt, device=dev)
-        w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
+        f_new, g_new = f.clone(), g.clone()
         pending = active.clone()
+        layers = live
         for _ in range(30):
-            w_new[work] = w[work] + step[work, :, None] * direction[work]
-            f_new[work], g_new[work] = evaluate(w_new[work], zc, ztc)
+            w_new = w + step[..., None] * direction
+            evaluate(w_new, layers, f_new, g_new)
             ok = (f_new <= f + 1e-4 * step * slope) & torch.isfinite(f_new)
             pending = pending & ~ok
             if not bool(pending.any()):
                 break
             step = torch.where(pending, step * 0.5, step)
+            layers = torch.nonzero(pending.any(dim=1))[:, 0].tolist()
         keep = active & ~pending  # a problem with no acceptable step stops where it is
         s = (w_new - w) * keep[..., None]
         yv = (g_new - g) * keep[..., None]

@@ -206,7 +206,7 @@ def node_edit(model: HookedTransformer, node: Node, source: dict[str, Tensor], s
     return Edit(node.layer, node.hook_name, mask, source[node.hook_name])
 
 
-def _merge(edits: Sequence[Edit]) -> list[Edit]:
+def merge_edits(edits: Sequence[Edit]) -> list[Edit]:
     """Combine edits of one copy that write the same source tensor into the same hook."""
     out: dict[tuple[str, int], Edit] = {}
     for e in edits:
@@ -219,7 +219,7 @@ def _merge(edits: Sequence[Edit]) -> list[Edit]:
     return list(out.values())
 
 
-def _chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
+def chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
     """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch).
 
     With `p0 > 0` the forward pass computes positions p0.. only (earlier ones come from a K/V
@@ -337,7 +337,7 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[E
     check_rows(rows)
     batch, seq_len = runs.base_tokens.shape
     positions = metric_positions(metric, seq_len)
-    merged = [_merge(c) for c in copies]
+    merged = [merge_edits(c) for c in copies]
     n_layers = model.cfg.n_layers
     skip = Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model)
     starts = [min((e.layer for e in c), default=n_layers) for c in merged]
@@ -365,7 +365,7 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[E
                     p0 = min(firsts[i] for i in chunk)
                     if positions is not None:
                         p0 = min(p0, *positions)
-                    hooks = _chunk_hooks([merged[i] for i in chunk], batch, p0)
+                    hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
                     past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 else None
                     rel = None if positions is None else [p - p0 for p in positions]

@@ -68,11 +68,10 @@ def knockout(
     if sources is None:
         src = tuple(range(target))
     else:
-        src = tuple(sorted({int(s) % seq_len if -seq_len <= int(s) < seq_len else -1 for s in sources}))
-        bad = [s for s in sources if not -seq_len <= int(s) < seq_len]
-        if bad or any(s > target for s in src):
+        if not all(isinstance(s, int) and -seq_len <= s < seq_len and s % seq_len <= target for s in sources):
             raise ValueError(f"sources: expected positions in [0, target={target}] (a position can only "
                              f"attend to itself and earlier ones), got {list(sources)}")
+        src = tuple(sorted({s % seq_len for s in sources}))
     if not src:
         raise ValueError(f"sources: expected at least one position to block, got none (target={target})")
     end = arch.n_layers if end_layer is None else end_layer

@@ -27,8 +27,10 @@ from interp.patching.engine import (
     Direction,
     check_direction,
     check_pair,
+    chunk_hooks,
     forward_from,
     heads_at,
+    merge_edits,
     node_edit,
     prepare,
     resid_pre_name,
@@ -161,9 +163,9 @@ def patched_logits(
     clean_tokens, corrupt_tokens = check_pair(model, clean_tokens, corrupt_tokens)
     seq_len = clean_tokens.shape[1]
     node_list = [validate_node(model, n, seq_len) for n in node_list]
-    runs = prepare(model, clean_tokens, corrupt_tokens, None, {n.hook_name for n in node_list}, direction)
+    runs = prepare(model, clean_tokens, corrupt_tokens, None, {n.hook_name for n in node_list}, direction,
+                   kv=False)
     edits = [node_edit(model, n, runs.source, seq_len) for n in node_list]
-    from interp.patching.engine import _chunk_hooks, _merge
-    hooks = _chunk_hooks([_merge(edits)], clean_tokens.shape[0])
+    hooks = chunk_hooks([merge_edits(edits)], clean_tokens.shape[0])
     start = min(e.layer for e in edits)
     return forward_from(model, runs.base[resid_pre_name(start)].clone(), start, None, hooks)

@@ -1,0 +1,211 @@
+"""Inputs with ground truth for the investigations: from the organisms, or prompt sets for
+pretrained models (data/prompts/), tokenized with the model's own tokenizer.
+
+The investigations themselves take plain token tensors and labels; these helpers only build them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from interp.data import read_jsonl, retrieval_prompts
+from interp.hypotheses.positional_decay import DistanceSet
+from interp.models import ORGANISM_PREFIX, data_dir
+from interp.tokens import HFTokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class TwoHopInputs:
+    tokens: Int[Tensor, "n pos"]
+    bridge: Int[Tensor, "n"]
+    answer: Int[Tensor, "n"]
+    partner_tokens: Int[Tensor, "n pos"]
+    partner_answer: Int[Tensor, "n"]
+    entity: Int[Tensor, "n"]
+    positions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LastTokenInputs:
+    tokens: Int[Tensor, "n pos"]
+    answer: Int[Tensor, "n"]
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    clean: Int[Tensor, "n pos"]
+    corrupt: Int[Tensor, "n pos"]
+    answer: Int[Tensor, "n"]
+    source: int
+    via: list[int]
+
+
+def organism_name(spec: str) -> str | None:
+    return spec.removeprefix(ORGANISM_PREFIX) if spec.startswith(ORGANISM_PREFIX) else None
+
+
+def _tokenizer(model: HookedTransformer) -> Tokenizer:
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"model {model.cfg.model_name!r}: expected a tokenizer to encode the prompt set, got none")
+    return HFTokenizer(model.tokenizer)
+
+
+# ------------------------------------------------------------------------------------- multihop
+
+def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> TwoHopInputs:
+    """Two-hop prompts with bridge/answer labels and matched partners whose bridge differs."""
+    if organism_name(spec) == "multihop":
+        from interp.organisms import multihop as mh
+
+        base, partner = mh.pairs(n, seed)
+        return TwoHopInputs(base.tokens, base.bridge, base.answer, partner.tokens, partner.answer, base.a,
+                            {"last": mh.QUERY_POS, "entity": mh.ENTITY_POS})
+    if organism_name(spec) is not None:
+        raise ValueError(f"multihop: expected organism:multihop or a pretrained model, got {spec!r}")
+    return _twohop_prompts(model, seed)
+
+
+def _first_token(tok: Tokenizer, word: str) -> int:
+    ids = tok.encode(" " + word)
+    return ids[1] if isinstance(tok, HFTokenizer) and tok.prepend_bos and len(ids) > 1 else ids[0]
+
+
+def _twohop_prompts(model: HookedTransformer, seed: int) -> TwoHopInputs:
+    """GPT-2-style prompts from data/prompts/twohop_gpt2.jsonl, kept at their modal token length
+    (the investigations read fixed positions); partners share the relation and length but not
+    the bridge."""
+    tok = _tokenizer(model)
+    recs = read_jsonl(data_dir() / "prompts" / "twohop_gpt2.jsonl")
+    enc = [tok.encode(r["text"]) for r in recs]
+    length = Counter(len(e) for e in enc).most_common(1)[0][0]
+    keep = [i for i, e in enumerate(enc) if len(e) == length]
+    g = torch.Generator().manual_seed(seed)
+    rows, partners = [], []
+    for i in keep:
+        cands = [j for j in keep if recs[j]["relation"] == recs[i]["relation"] and recs[j]["bridge"] != recs[i]["bridge"]]
+        if cands:
+            rows.append(i)
+            partners.append(cands[int(torch.randint(len(cands), (1,), generator=g))])
+    if len(rows) < 20:
+        raise ValueError(f"two-hop prompt set: expected at least 20 prompts of one token length with partners, got "
+                         f"{len(rows)} at length {length}; add prompts to data/prompts/twohop_gpt2.jsonl")
+    t = torch.tensor([enc[i] for i in rows])
+    return TwoHopInputs(
+        tokens=t, bridge=torch.tensor([_first_token(tok, recs[i]["bridge"]) for i in rows]),
+        answer=torch.tensor([_first_token(tok, recs[i]["answer"]) for i in rows]),
+        partner_tokens=torch.tensor([enc[j] for j in partners]),
+        partner_answer=torch.tensor([_first_token(tok, recs[j]["answer"]) for j in partners]),
+        entity=torch.tensor([_first_token(tok, recs[i]["subject"]) for i in rows]), positions={"last": length - 1})
+
+
+# ------------------------------------------------------------------------------------ planning
+
+def plan(spec: str, n: int = 400, seed: int = 0) -> tuple[Int[Tensor, "n pos"], Bool[Tensor, "n pos"]]:
+    """Planning-organism prompts and the mask of the positions where the word is determined."""
+    if organism_name(spec) != "planning":
+        raise ValueError(f"plan ahead: expected organism:planning, got {spec!r}")
+    from interp.organisms import planning
+
+    d = planning.dataset(n, seed)
+    mask = torch.zeros_like(d.tokens, dtype=torch.bool)
+    mask[torch.arange(n), d.plan_pos] = True
+    return d.tokens, mask
+
+
+# ------------------------------------------------------------------------------------ decay
+
+def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0) -> dict[int, DistanceSet]:
+    """Prompts grouped by the distance of the needed fact."""
+    name = organism_name(spec)
+    if name is not None and name.startswith("retrieval"):
+        from interp.organisms import retrieval
+
+        out = {}
+        for i, d in enumerate(retrieval.DISTANCE_BINS):
+            data = retrieval.dataset(n_per, seed + i, distance=d)
+            p = int(data.pair_pos[0])
+            out[d] = DistanceSet(data.tokens, data.value, (p, p + 1), query_pos=retrieval.QUERY_POS)
+        return out
+    if name is not None:
+        raise ValueError(f"decay: expected a retrieval organism or a pretrained model, got {spec!r}")
+    return _retrieval_prompts(model, n_per, seed)
+
+
+def _retrieval_prompts(model: HookedTransformer, n_per: int, seed: int) -> dict[int, DistanceSet]:
+    tok = _tokenizer(model)
+    out: dict[int, DistanceSet] = {}
+    recs = retrieval_prompts(n_per * 12, n_pairs=12, seed=seed)
+    groups: dict[int, list[tuple[list[int], int, tuple[int, ...]]]] = {}
+    for r in recs:
+        ids = tok.encode(r["text"])
+        line = f"{r['key']}'s number is {r['answer'].strip()}."
+        prefix = r["text"][: r["text"].index(line)] if line in r["text"] else None
+        if prefix is None:
+            continue
+        start, end = len(tok.encode(prefix.rstrip())), len(tok.encode((prefix + line).rstrip()))
+        groups.setdefault((r["distance"], len(ids)), []).append((ids, _first_token(tok, r["answer"].strip()),
+                                                                   tuple(range(start, end))))  # type: ignore[arg-type]
+    for (d, _), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if d in out or len(items) < 8:
+            continue
+        fact = items[0][2]
+        same = [it for it in items if it[2] == fact]
+        if len(same) >= 8:
+            out[d] = DistanceSet(torch.tensor([it[0] for it in same]), torch.tensor([it[1] for it in same]), fact)
+    return out
+
+
+# --------------------------------------------------------------------------- last token, routes
+
+def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> LastTokenInputs:
+    name = organism_name(spec)
+    if name == "multihop":
+        from interp.organisms import multihop as mh
+
+        d = mh.dataset(n, seed, two_hop_share=1.0)
+        return LastTokenInputs(d.tokens, d.answer)
+    if name == "induction":
+        r = induction_routes(n, seed)
+        return LastTokenInputs(r.clean, r.answer)
+    if name is not None and name.startswith("retrieval"):
+        from interp.organisms import retrieval
+
+        d = retrieval.dataset(n, seed)
+        return LastTokenInputs(d.tokens, d.value)
+    if name is not None:
+        raise ValueError(f"last-token: expected organism:multihop, induction or retrieval-*, got {spec!r}")
+    t = twohop(spec, model, seed=seed)
+    return LastTokenInputs(t.tokens, t.answer)
+
+
+def induction_routes(n: int = 48, seed: int = 0) -> RouteInputs:
+    """Induction prompts cut after the second occurrence of a token A whose next token B is the
+    answer; all of one length, A's first occurrence at one position. Corrupt: A's first
+    occurrence replaced by another token (the model can no longer find where to copy from)."""
+    from interp.organisms import induction
+
+    length, start = 8, 6  # span length and start of the first copy: fixed so positions line up
+    d = induction.dataset(4 * n, seed)
+    tokens = d.tokens.clone()
+    # rebuild with a fixed layout: first copy at [start, start+length), second copy right after
+    g = torch.Generator().manual_seed(seed)
+    span = torch.randint(1, induction.N_RANDOM + 1, (n, length), generator=g)
+    tokens = tokens[:n].clone()
+    tokens[:, start:start + length] = span
+    tokens[:, start + length:start + 2 * length] = span
+    j = 3  # the second copy's j-th token is A; the answer is the token after A's first occurrence
+    last = start + length + j
+    clean = tokens[:, : last + 1]
+    answer = span[:, j + 1]
+    source = start + j  # A's first occurrence
+    corrupt = clean.clone()
+    other = torch.randint(1, induction.N_RANDOM + 1, (n,), generator=g)
+    other = torch.where(other == clean[:, source], other % induction.N_RANDOM + 1, other)
+    corrupt[:, source] = other
+    return RouteInputs(clean, corrupt, answer, source, [source + 1])

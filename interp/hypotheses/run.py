@@ -1,0 +1,101 @@
+"""Run an investigation on a model spec and turn its result into a report section.
+
+Shared by `interp run ...`, `interp demo` and the notebooks, so none of them holds logic of its
+own: each `run_*` loads the model(s), builds inputs with ground truth (`interp.hypotheses.inputs`),
+calls the investigation and returns its typed result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from interp.hypotheses import inputs
+from interp.hypotheses.last_token import LastTokenResult, last_token_sufficiency
+from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop, plan_ahead
+from interp.hypotheses.positional_decay import DecayResult, positional_decay
+from interp.hypotheses.routes import RoutesResult, routes
+from interp.models import load_model
+from interp.patching import logprob
+from interp.report import Report, Section
+
+INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many examples each investigation uses (the demo's fast mode shrinks them)."""
+
+    multihop: int = 400
+    plan: int = 400
+    decay_per_distance: int = 48
+    last_token: int = 400
+    routes: int = 32
+
+    @staticmethod
+    def fast() -> Sizes:
+        return Sizes(multihop=160, plan=200, decay_per_distance=16, last_token=160, routes=12)
+
+
+def _load(spec: str) -> HookedTransformer:
+    model = load_model(spec)
+    if model.cfg.model_name in ("custom", "", None):
+        model.cfg.model_name = spec
+    return model
+
+
+def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0) -> MultihopResult:
+    model = _load(spec)
+    x = inputs.twohop(spec, model, n, seed)
+    return multihop(model, x.tokens, x.bridge, x.answer, partner_tokens=x.partner_tokens,
+                    partner_answer=x.partner_answer, positions=x.positions, entity=x.entity, seed=seed)
+
+
+def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0) -> PlanAheadResult:
+    model = _load(spec)
+    tokens, mask = inputs.plan(spec, n, seed)
+    return plan_ahead(model, tokens, mask, seed=seed)
+
+
+def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:retrieval-rotary",
+                                      "organism:retrieval-nope"), n_per: int = 48, seed: int = 0) -> DecayResult:
+    models = {s.removeprefix("organism:"): _load(s) for s in specs}
+    first = next(iter(models.values()))
+    sets = inputs.by_distance(specs[0], first, n_per, seed)
+    return positional_decay(models, sets, seed=seed)
+
+
+def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0) -> LastTokenResult:
+    model = _load(spec)
+    x = inputs.last_token(spec, model, n, seed)
+    return last_token_sufficiency(model, x.tokens, x.answer, seed=seed)
+
+
+def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0) -> RoutesResult:
+    if inputs.organism_name(spec) != "induction":
+        raise ValueError(f"routes: expected organism:induction (the known K-composition circuit), got {spec!r}")
+    model = _load(spec)
+    x = inputs.induction_routes(n, seed)
+    return routes(model, x.clean, x.corrupt, lambda row, i: logprob(int(x.answer[i])), source=x.source,
+                  via=x.via, seed=seed)
+
+
+def section(title: str, result: Any, intro: str = "", table_rows: int = 40) -> Section:
+    """A report section: the verdict, the figure and the head of the tidy table."""
+    frame = result.to_frame()
+    if isinstance(frame, pd.DataFrame) and len(frame) > table_rows:
+        frame = frame.head(table_rows)
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if isinstance(
+        frame, pd.DataFrame) else ""
+    text = (intro + "\n\n" if intro else "") + "Verdict: " + str(result.verdict)
+    return Section(title, text, [result.plot()], table)
+
+
+def report_for(name: str, result: Any) -> Report:
+    r = Report(f"interp run {name}")
+    r.sections.append(section(name, result))
+    return r

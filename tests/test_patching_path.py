@@ -1,0 +1,173 @@
+"""Path patching against the three-run algorithm of Wang et al. (2022), built from TL hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from interp.graph import GridPoint, Node, count_routes, routes
+from interp.models import new_model
+from interp.patching import logit_diff, path_patch
+
+
+@pytest.fixture
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, 50, (2, 5), generator=g)
+    corrupt = torch.randint(0, 50, (2, 5), generator=g)
+    return clean, corrupt
+
+
+def _metric():
+    return logit_diff(torch.tensor([3, 8]), torch.tensor([11, 2]), pos=-1)
+
+
+def _split_copy(model: HookedTransformer) -> HookedTransformer:
+    """The same weights with use_split_qkv_input=True (per-head q/k/v input hooks)."""
+    fields = HookedTransformerConfig.__dataclass_fields__
+    cfg = {k: v for k, v in dict(model.cfg.to_dict()).items() if k in fields and fields[k].init}
+    cfg["use_split_qkv_input"] = True
+    split = new_model(HookedTransformerConfig(**cfg))
+    split.load_state_dict(model.state_dict(), strict=True)
+    return split
+
+
+def _reference(model, clean, corrupt, metric, sender: Node, receiver: Node | None):
+    """Wang et al.: run 2 freezes every head output and MLP output at the corrupted run except the
+    sender (clean value); run 3 writes run 2's receiver input into the corrupted run."""
+    split = _split_copy(model)
+    n_layers = model.cfg.n_layers
+    with torch.inference_mode():
+        _, base = split.run_with_cache(corrupt)
+        _, src = split.run_with_cache(clean)
+
+        def freeze_z(z, hook):
+            layer = int(hook.name.split(".")[1])
+            out = base[hook.name].clone()
+            if layer == sender.layer:
+                out[:, sender.pos, sender.head] = src[hook.name][:, sender.pos, sender.head]
+            return out
+
+        def freeze(act, hook):
+            return base[hook.name]
+
+        hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
+        hooks += [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+        if receiver is None:  # the logits read the frozen residual directly
+            return float(metric(split.run_with_hooks(corrupt, fwd_hooks=hooks)))
+        name = f"blocks.{receiver.layer}.hook_{receiver.site.value}_input"
+        captured = {}
+
+        def grab(act, hook):
+            captured["x"] = act.clone()
+
+        split.run_with_hooks(corrupt, fwd_hooks=hooks + [(name, grab)])
+
+        def write(act, hook):
+            act = act.clone()
+            act[:, receiver.pos, receiver.head] = captured["x"][:, receiver.pos, receiver.head]
+            return act
+
+        return float(metric(split.run_with_hooks(corrupt, fwd_hooks=[(name, write)])))
+
+
+@pytest.mark.parametrize("sender,receiver", [
+    (Node(0, "head", pos=2, head=1), Node(1, "k", pos=2, head=1)),
+    (Node(0, "head", pos=2, head=3), Node(2, "v", pos=2, head=0)),
+    (Node(1, "head", pos=4, head=2), Node(2, "q", pos=4, head=3)),
+    (Node(1, "head", pos=4, head=0), None),
+], ids=["k", "v", "q", "logits"])
+def test_path_patch_matches_three_run_reference(any_model, pair, sender, receiver):
+    clean, corrupt = pair
+    metric = _metric()
+    ours = path_patch(any_model, clean, corrupt, metric, [sender],
+                      "logits" if receiver is None else [receiver])
+    ref = _reference(any_model, clean, corrupt, metric, sender, receiver)
+    torch.testing.assert_close(ours.values[0].item(), ref, atol=1e-4, rtol=0)
+    assert abs(ref - ours.corrupt_metric) > 1e-3  # the path carries some effect
+
+
+def test_several_senders_are_patched_separately(gpt2_model, pair):
+    clean, corrupt = pair
+    metric = _metric()
+    senders = [Node(0, "head", pos=2, head=h) for h in range(4)]
+    receiver = Node(1, "k", pos=2, head=1)
+    batched = path_patch(gpt2_model, clean, corrupt, metric, senders, [receiver])
+    for h, s in enumerate(senders):
+        torch.testing.assert_close(batched.values[h].item(),
+                                   _reference(gpt2_model, clean, corrupt, metric, s, receiver), atol=1e-4, rtol=0)
+    assert batched.to_frame()["sender"].tolist() == [str(s) for s in senders]
+
+
+def test_route_classes_restrict_who_reads_the_patched_key(gpt2_model, pair):
+    clean, corrupt = pair
+    metric = _metric()  # reads the last position, 4
+    sender = [Node(0, "head", pos=2, head=1)]
+    last_layer_key = [Node(2, "k", pos=2, head=1)]
+    any_ = path_patch(gpt2_model, clean, corrupt, metric, sender, last_layer_key, stream="any")
+    kv = path_patch(gpt2_model, clean, corrupt, metric, sender, last_layer_key, stream="kv", reader=[4])
+    residual = path_patch(gpt2_model, clean, corrupt, metric, sender, last_layer_key, stream="residual")
+    # in the last layer only the last query's read reaches the metric
+    torch.testing.assert_close(kv.values, any_.values, atol=1e-5, rtol=0)
+    # "residual": only query 2 reads the patched key, so the last position sees nothing
+    torch.testing.assert_close(residual.values[0].item(), residual.corrupt_metric, atol=1e-5, rtol=0)
+    assert abs(any_.values[0].item() - any_.corrupt_metric) > 1e-3
+
+
+def test_kv_route_read_by_one_query_matches_rescored_attention(gpt2_model, pair):
+    """Independent reference for a reader restriction at a middle layer: recompute only the
+    (query 4, key 2) attention score of the receiving head from the patched key."""
+    clean, corrupt = pair
+    metric = _metric()
+    sender, receiver = Node(0, "head", pos=2, head=1), Node(1, "k", pos=2, head=3)
+    ours = path_patch(gpt2_model, clean, corrupt, metric, [sender], [receiver], stream="kv", reader=[4])
+    split = _split_copy(gpt2_model)
+    with torch.inference_mode():
+        _, base = split.run_with_cache(corrupt)
+        _, src = split.run_with_cache(clean)
+        # receiver key input = corrupted residual + the sender's clean-minus-corrupted output
+        delta = torch.einsum("bd,dm->bm", (src["blocks.0.attn.hook_z"] - base["blocks.0.attn.hook_z"])[:, 2, 1],
+                             split.blocks[0].attn.W_O[1])
+        resid = base["blocks.1.hook_resid_pre"].clone()
+        resid[:, 2] += delta
+        attn = split.blocks[1].attn
+        k_new = split.blocks[1].ln1(resid)[:, 2] @ attn.W_K[3] + attn.b_K[3]  # [batch d_head]
+        q = base["blocks.1.attn.hook_q"][:, 4, 3]
+
+        def rescore(scores, hook):
+            scores = scores.clone()
+            scores[:, 3, 4, 2] = (q * k_new).sum(-1) / attn.attn_scale
+            return scores
+
+        ref = float(metric(split.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_attn_scores", rescore)])))
+    torch.testing.assert_close(ours.values[0].item(), ref, atol=1e-4, rtol=0)
+
+
+def test_route_enumeration_matches_the_binomial_count():
+    a, b = GridPoint(0, 2), GridPoint(2, 4)  # previous-token layer at the source -> last position
+    assert count_routes(a, b) == len(list(routes(a, b))) == 6
+    assert {r.signature for r in routes(a, b)} == {"UURR", "URUR", "URRU", "RUUR", "RURU", "RRUU"}
+
+
+def test_path_patch_bad_input(llama_model, pair):
+    clean, corrupt = pair
+    metric = _metric()
+    with pytest.raises(ValueError, match=r"sender .*: expected it below every receiver"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(1, "head", pos=2, head=0)], [Node(1, "k", pos=2, head=0)])
+    with pytest.raises(ValueError, match=r"receiver .*: expected a site in \['q', 'k', 'v'\]"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=0)], [Node(1, "resid_pre", pos=2)])
+    with pytest.raises(ValueError, match=r"KV group expected in \[0, 2\), got 3"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=0)], [Node(1, "k", pos=2, head=3)])
+    with pytest.raises(ValueError, match=r"head expected in \[0, 4\), got 4"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=4)], "logits")
+    with pytest.raises(ValueError, match=r"stream='kv': expected K or V receivers"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=0)], [Node(1, "q", pos=2, head=0)], stream="kv")
+    with pytest.raises(ValueError, match=r"expected one layer when restricting"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=0)],
+                   [Node(1, "k", pos=2, head=0), Node(2, "k", pos=2, head=0)], stream="kv")
+    with pytest.raises(ValueError, match=r"reader: expected query positions >= the key position 2"):
+        path_patch(llama_model, clean, corrupt, metric, [Node(0, "head", pos=2, head=0)], [Node(1, "k", pos=2, head=0)],
+                   stream="kv", reader=[1])
+    with pytest.raises(ValueError, match=r"corrupted tokens: expected the clean shape"):
+        path_patch(llama_model, clean, corrupt[:1], metric, [Node(0, "head", pos=2, head=0)], "logits")
