@@ -356,9 +356,11 @@ def ridge_cv(
             scores.append(_r2(y[held], pred, dim=2))  # [layer, a, t]
         score = torch.stack(scores).mean(0)
     best = score.argmax(dim=1)  # [layer, t]; ties go to the smallest alpha index, as in scikit-learn
-    gram = _ridge_gram(x, y)
     chosen = a[best]  # [layer, t]
-    coef_all = _ridge_coef(gram, a)  # [layer, a, d, t]
+    if folds is not None:  # refit on all rows (the LOO path already holds the full decomposition)
+        gram = _ridge_gram(x, y)
+        coef = _ridge_coef(gram, a)
+    coef_all = coef  # [layer, a, d, t]
     idx = best[:, None, None, :].expand(-1, 1, coef_all.shape[2], -1)
     coef = coef_all.gather(1, idx)[:, 0].transpose(1, 2)  # [layer, t, d]
     intercept = gram.mean_y - (coef @ gram.mean_x[..., None])[..., 0]

@@ -78,8 +78,11 @@ class DataSpec:
 class TargetSpec:
     """What to decode. `field`: a dataset attribute (one value per example), ``position`` (the
     row's absolute position) or ``token`` (the token at the row's position). `control`: the
-    Hewitt-Liang type per row: ``token`` (the word at the position), ``example``, ``none`` or a
-    dataset attribute (e.g. the queried entity). `positions`: this target's own position entries
+    Hewitt-Liang type per row: ``token`` (the word at the position), ``token@FIELD`` (the word at
+    the per-example position held in dataset attribute FIELD, e.g. the fact that carries the
+    answer), ``example``, ``none`` or a dataset attribute (e.g. the queried entity). Pick a type
+    with many values: a control over a few types is memorised by any linear probe (its accuracy
+    is then ~1 and selectivity says nothing). `positions`: this target's own position entries
     (default: the sweep's)."""
 
     name: str

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,37 +143,22 @@ def _values(data: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
-    """Fit one cell and write its rows atomically; top-level so that processes and Ray can run it."""
-    from interp.store import open_store
+def cell_inputs(config: SweepConfig, cell: Cell, data: Any, lengths: Tensor) -> dict[str, Any]:
+    """Everything a worker needs for one cell besides the store: rows, labels, groups, types.
 
-    config = SweepConfig.from_dict(payload["config"])
-    c = payload["cell"]
-    cell = Cell(c["model"], c["hook"], tuple(c["position"]) if isinstance(c["position"], list) else c["position"],
-                c["target"])
+    Computed in the driver from the dataset, so workers never regenerate (or re-import) it.
+    """
     target = next(t for t in config.targets if t.name == cell.target)
-    data = load_dataset(config)
-    store = open_store(payload["store"], verify=False)
-    stored = store_positions(config)
-    lengths = store.lengths.long()
-    cols, absolute = _rows(cell.position, stored, lengths)
+    cols, absolute = _rows(cell.position, store_positions(config), lengths)
     n, k = cols.shape
-    layers = payload["layers"]
     example = torch.arange(n)[:, None].expand(n, k)
-    feats = []
-    for layer in layers:
-        acts = store[Node(layer, Site(cell.hook)).hook_name]  # [n, n_stored_pos, d]
-        feats.append(acts[example, cols].reshape(n * k, -1))
-    features = torch.stack(feats)
-    tokens = data.tokens
-    row_tokens = tokens[example, absolute].reshape(-1)
+    row_tokens = data.tokens[example, absolute].reshape(-1)
     if target.field == "position":
         labels = absolute.reshape(-1).double()
     elif target.field == "token":
         labels = row_tokens
     else:
-        labels = _values(data, target.field, f"target {target.name!r} field")
-        labels = labels[:, None].expand(n, k).reshape(-1)
+        labels = _values(data, target.field, f"target {target.name!r} field")[:, None].expand(n, k).reshape(-1)
     if target.kind == "ridge":
         labels = labels.double()
     elif labels.dtype.is_floating_point:
@@ -185,14 +170,26 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
         types = row_tokens
     elif target.control == "example":
         types = example.reshape(-1)
+    elif target.control.startswith("token@"):  # the token at a per-example position, e.g. token@fact1_pos
+        where = _values(data, target.control.removeprefix("token@"), f"target {target.name!r} control position")
+        types = data.tokens[torch.arange(n), where.long()][:, None].expand(n, k).reshape(-1)
     else:
         types = _values(data, target.control, f"target {target.name!r} control")[:, None].expand(n, k).reshape(-1)
-    p = config.probe
-    res = fit(features, labels, target.kind, groups=example.reshape(-1), types=types, layers=layers,
-              test_fraction=p.test_fraction, seed=config.seed, C=p.C, max_iter=p.max_iter, tol=p.tol,
-              alphas=p.alphas, cv=p.cv, shuffled=p.shuffled, n_boot=p.n_boot, ci=p.ci,
-              meta={"model": cell.model, "hook": cell.hook, "position": cell.position_label,
-                    "target": cell.target})
+    return {"cols": cols.contiguous(), "labels": labels.contiguous(), "groups": example.reshape(-1).contiguous(),
+            "types": None if types is None else types.contiguous(), "kind": target.kind}
+
+
+def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
+    """Fit one cell and write its rows atomically; top-level so that processes and Ray can run it."""
+    from interp.store import open_store
+
+    store = open_store(payload["store"], verify=False)
+    cols = payload["cols"]
+    n, k = cols.shape
+    example = torch.arange(n)[:, None].expand(n, k)
+    features = torch.stack([store[name][example, cols].reshape(n * k, -1) for name in payload["hook_names"]])
+    res = fit(features, payload["labels"], payload["kind"], groups=payload["groups"], types=payload["types"],
+              layers=payload["layers"], meta=payload["meta"], **payload["probe"])
     frame = res.to_frame()
     path = Path(payload["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +201,7 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"key": cell.key, "rows": len(frame)}
+    return {"path": str(path), "rows": len(frame)}
 
 
 # --------------------------------------------------------------------------------------- sweep
@@ -267,7 +264,11 @@ def sweep(
     cells = plan(cfg)
     todo = [c for c in cells if not cell_path(cfg, c).is_file()]
     log.info("sweep %s: %d cells, %d already done", cfg.name, len(cells), len(cells) - len(todo))
-    payloads = []
+    payloads: list[dict[str, Any]] = []
+    p = cfg.probe
+    probe_args = {"test_fraction": p.test_fraction, "seed": cfg.seed, "C": p.C, "max_iter": p.max_iter,
+                  "tol": p.tol, "alphas": p.alphas, "cv": p.cv, "shuffled": p.shuffled, "n_boot": p.n_boot,
+                  "ci": p.ci}
     if todo:
         data = load_dataset(cfg)
         positions = store_positions(cfg)
@@ -276,13 +277,16 @@ def sweep(
             layers = _layers_of(cfg, model)
             hooks = [Node(layer, Site(h)) for h in cfg.hooks for layer in layers]
             spath = store_path(cfg, spec)
-            collect(model, data.tokens, hooks=hooks, positions=positions, dtype=_store_dtype(cfg.store_dtype),
+            store = collect(model, data.tokens, hooks=hooks, positions=positions, dtype=_store_dtype(cfg.store_dtype),
                     batch_size=cfg.batch_size, out=spath, progress=progress)
             del model
+            lengths = store.lengths.long()
             for c in (c for c in todo if c.model == spec):
-                payloads.append({"config": cfg.to_dict(), "cell": asdict(c) | {
-                    "position": list(c.position) if isinstance(c.position, tuple) else c.position},
-                    "store": str(spath), "path": str(cell_path(cfg, c)), "layers": layers})
+                payloads.append(cell_inputs(cfg, c, data, lengths) | {
+                    "store": str(spath), "path": str(cell_path(cfg, c)), "layers": layers,
+                    "hook_names": [Node(layer, Site(c.hook)).hook_name for layer in layers],
+                    "probe": probe_args, "meta": {"model": c.model, "hook": c.hook,
+                                                  "position": c.position_label, "target": c.target}})
     runner = get_backend(backend, workers, address)
     fitted = 0
     with Progress(disable=not progress, transient=True) as bar:

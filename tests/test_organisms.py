@@ -158,71 +158,72 @@ def test_induction_labels():
         assert d.second_copy[i].nonzero().flatten().tolist() == list(range(s + t, s + 2 * t))
 
 
-def _parse_facts(tokens: list[int]) -> dict[int, int]:
+def _parse_facts(tokens: list[int]) -> dict[str, str]:
+    """source -> target entity names, read from the fact tokens' strings ("e3>e7")."""
+    vocab = multihop.tokenizer().vocab
     facts = {}
-    for j in range(multihop.N_FACTS):
-        src, tgt = tokens[1 + 2 * j:3 + 2 * j]
-        assert src not in facts and 1 <= src <= multihop.N_ENTITIES
+    for p in range(multihop.FACT_POS0, multihop.FACT_POS0 + multihop.N_FACTS):
+        src, tgt = vocab[tokens[p]].split(">")
+        assert src not in facts
         facts[src] = tgt
     return facts
 
 
 def test_multihop_labels_follow_the_facts():
     d = multihop.dataset(200, 0)
-    tok = multihop.tokenizer()
+    vocab = multihop.tokenizer().vocab
     assert {1, 2} == set(d.hops.tolist())
     for i in range(200):
         row = d.tokens[i].tolist()
         facts = _parse_facts(row)
-        a = row[multihop.ENTITY_POS]
-        hops = 2 if tok.vocab[row[multihop.HOP_POS]] == "hop2" else 1
-        b = facts[a]
-        c = facts[b]
-        assert (a, b, c, hops) == (int(d.a[i]), int(d.bridge[i]), int(d.end[i]), int(d.hops[i]))
-        assert int(d.answer[i]) == (c if hops == 2 else b)
-        assert row[int(d.fact1_pos[i])] == a and row[int(d.fact1_pos[i]) + 1] == b
-        assert row[int(d.fact2_pos[i])] == b and row[int(d.fact2_pos[i]) + 1] == c
-        assert c not in facts  # a chain end
-        assert row[-1] == multihop.EQ and int(d.query_pos[i]) == len(row) - 1
+        a = vocab[row[multihop.QUERY_POS]]
+        hops = 2 if vocab[row[multihop.HOP_POS]] == "hop2" else 1
+        b, c = facts[a], facts[facts[a]]
+        names = [vocab[int(t[i])] for t in (d.a, d.bridge, d.end, d.answer)]
+        assert names == [a, b, c, c if hops == 2 else b] and hops == int(d.hops[i])
+        assert vocab[row[int(d.fact1_pos[i])]] == f"{a}>{b}"
+        assert vocab[row[int(d.fact2_pos[i])]] == f"{b}>{c}"
+        assert c not in facts and len(set(facts) | set(facts.values())) == 6  # two chains
+        assert int(d.query_pos[i]) == len(row) - 1
 
 
 def test_multihop_other_bridge_pairs_differ_only_in_the_bridge():
     clean, other = multihop.pairs(100, 1)
+    vocab = multihop.tokenizer().vocab
     diff = (clean.tokens != other.tokens).sum(1)
     assert diff.tolist() == [2] * 100
     assert torch.equal(clean.a, other.a) and torch.equal(clean.fact1_pos, other.fact1_pos)
     for i in range(100):
         row = other.tokens[i].tolist()
         facts = _parse_facts(row)
-        b = facts[row[multihop.ENTITY_POS]]
-        assert b == int(other.bridge[i]) != int(clean.bridge[i])
-        assert facts[b] == int(other.answer[i]) == int(other.end[i]) != int(clean.answer[i])
-        assert row[int(other.fact2_pos[i])] == b
+        b = facts[vocab[row[-1]]]
+        assert b == vocab[int(other.bridge[i])] != vocab[int(clean.bridge[i])]
+        assert facts[b] == vocab[int(other.answer[i])] == vocab[int(other.end[i])]
+        assert vocab[int(other.answer[i])] != vocab[int(clean.answer[i])]
+        assert vocab[row[int(other.fact2_pos[i])]].startswith(b + ">")
 
 
 def test_retrieval_labels_follow_the_context():
+    vocab = retrieval.tokenizer().vocab
     for d in (retrieval.dataset(50, 0), retrieval.dataset(50, 1, distance=7)):
         for i in range(50):
             row = d.tokens[i].tolist()
-            bound: dict[int, int] = {}
-            where: dict[int, list[int]] = {}
-            repeats = []
-            for p in range(1, 1 + 2 * retrieval.N_PAIRS, 2):
-                k, v = row[p], row[p + 1]
+            bound: dict[str, str] = {}
+            where: dict[str, list[int]] = {}
+            for p in range(1, 1 + retrieval.N_PAIRS):
+                k, v = vocab[row[p]].split(">")
                 assert bound.setdefault(k, v) == v  # a key keeps its value within a context
-                if k in where:
-                    repeats.append(p)
                 where.setdefault(k, []).append(p)
-            key = row[-1]
-            assert row[-2] == retrieval.QMARK and len(where[key]) == 1  # queried once
-            assert (key, bound[key], where[key][0]) == (int(d.key[i]), int(d.value[i]), int(d.pair_pos[i]))
-            assert int(d.distance[i]) == len(row) - 1 - where[key][0]
-            assert d.repeat_mask[i].nonzero().flatten().tolist() == repeats
+            key = vocab[row[-1]]
+            assert vocab[row[-2]] == "?" and len(where[key]) == 1  # queried exactly once
             assert len(bound) == retrieval.N_CONTEXT_KEYS
+            assert key == vocab[int(d.key[i])] and bound[key] == vocab[int(d.value[i])]
+            assert where[key][0] == int(d.pair_pos[i])
+            assert int(d.distance[i]) == len(row) - 1 - where[key][0]
     assert set(retrieval.dataset(50, 1, distance=7).distance.tolist()) == {7}
-    assert retrieval.dataset(2000, 2).distance.unique().numel() == retrieval.N_PAIRS
-    with pytest.raises(ValueError, match="distance: expected odd values"):
-        retrieval.dataset(2, 0, distance=4)
+    assert retrieval.dataset(3000, 2).distance.unique().numel() == retrieval.N_PAIRS
+    with pytest.raises(ValueError, match="distance: expected values in"):
+        retrieval.dataset(2, 0, distance=1)
 
 
 def test_planning_labels():

@@ -97,12 +97,17 @@ def test_kv_sweep_per_group_matches_transformer_lens_under_gqa(llama_model, pair
         torch.testing.assert_close(ours.values, ref.double(), atol=ATOL, rtol=0)
 
 
-def test_chunking_does_not_change_results(gpt2_model, pair):
+@pytest.mark.parametrize("metric", [_metric(), _full_metric], ids=["position_metric", "full_logits"])
+def test_chunking_and_prefix_skipping_do_not_change_results(any_model, pair, metric):
     clean, corrupt = pair
-    metric = _metric()
-    one = sweep(gpt2_model, clean, corrupt, metric, site="head", layers=[1, 2], rows=2)  # 1 copy/forward
-    many = sweep(gpt2_model, clean, corrupt, metric, site="head", layers=[1, 2], rows=10_000)
+    # one copy per forward: a copy patching position p computes positions p.. only, reading the
+    # earlier positions' keys and values from the base run; one big chunk computes them all
+    one = sweep(any_model, clean, corrupt, metric, site="head", layers=[1, 2], rows=2)
+    many = sweep(any_model, clean, corrupt, metric, site="head", layers=[1, 2], rows=10_000)
     torch.testing.assert_close(one.values, many.values, atol=1e-5, rtol=0)
+    kv_one = kv_patch(any_model, clean, corrupt, metric, positions=[2, 3], rows=2)
+    kv_many = kv_patch(any_model, clean, corrupt, metric, positions=[2, 3], rows=10_000)
+    torch.testing.assert_close(kv_one.values, kv_many.values, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ invariants
@@ -232,3 +237,18 @@ def test_bad_input_errors(llama_model, pair):
         check_direction("forward")  # what sweep raises outside a runtime type checker
     with pytest.raises(ValueError, match=r"PatchResult: expected values of shape"):
         PatchResult(torch.zeros(2), ("layer",), ((0, 1, 2),), "resid_pre", "denoising", 0.0, 1.0)
+
+
+def test_hooks_are_removed_when_a_patched_run_fails(gpt2_model, pair):
+    clean, corrupt = pair
+    calls = []
+
+    def failing(logits):
+        calls.append(1)
+        if len(calls) > 2:  # the clean and corrupted baselines pass, the first patched run fails
+            raise RuntimeError("boom")
+        return logits[:, -1, 0].mean()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sweep(gpt2_model, clean, corrupt, failing, site="head")
+    assert all(not hp.fwd_hooks and not hp._forward_hooks for hp in gpt2_model.hook_dict.values())

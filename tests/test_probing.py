@@ -232,22 +232,24 @@ MULTIHOP_READY = (organisms_dir() / "multihop" / "model.safetensors").is_file()
 @pytest.mark.skipif(not MULTIHOP_READY, reason="organism checkpoint data/organisms/multihop is absent "
                     "(train it with `interp organisms train multihop`)")
 def test_ground_truth_multihop_bridge_decodable_above_control_only_in_trained_model():
-    """On two-hop prompts the bridge b is decodable at the last position above the Hewitt-Liang
-    control (a random label per queried entity a) in the trained organism, and in no layer of a
-    random-initialised model of the same shape. (A random model does decode b ~40% of the time:
-    b occurs twice in the context, so averaging attention carries it; but no better than the
-    control, which is why the control is needed.)"""
+    """On two-hop prompts the bridge b is decodable at the last position above its Hewitt-Liang
+    control in the trained organism, and in no layer of a random-initialised model of the same
+    shape. Control: a random label per fact token a>b (1,024 types), the token a probe could
+    memorise if the model merely copied that fact to the last position. (A random model decodes
+    b ~9% of the time, above the 1/32 chance, by such memorisation, but no better than the
+    control: the reason the control is needed.)"""
     trained = load_model("organism:multihop")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         random = new_model(trained.cfg)
     data = multihop.dataset(1500, seed=123, two_hop_share=1.0)
+    types = data.tokens[torch.arange(1500), data.fact1_pos]
     results = {}
     for name, model in (("trained", trained), ("random", random)):
         nodes = [Node(layer, Site.RESID_POST) for layer in range(model.cfg.n_layers)]
         cache = collect(model, data.tokens, hooks=nodes, positions="last", progress=False)
         feats = torch.stack([cache[node.hook_name][:, 0] for node in nodes])
-        results[name] = fit(feats, data.bridge, types=data.a, n_boot=300)
+        results[name] = fit(feats, data.bridge, types=types, n_boot=300)
     t, r = results["trained"], results["random"]
     assert bool((t.ci_low > t.control).any()), t.to_frame().to_string()
     assert not bool((r.ci_low > r.control).any()), r.to_frame().to_string()

@@ -65,7 +65,7 @@ def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> 
 
         base, partner = mh.pairs(n, seed)
         return TwoHopInputs(base.tokens, base.bridge, base.answer, partner.tokens, partner.answer, base.a,
-                            {"last": mh.QUERY_POS, "entity": mh.ENTITY_POS})
+                            {"last": mh.QUERY_POS})
     if organism_name(spec) is not None:
         raise ValueError(f"multihop: expected organism:multihop or a pretrained model, got {spec!r}")
     return _twohop_prompts(model, seed)

@@ -124,21 +124,22 @@ def dataset(n: int, seed: int, skip_p: float | None = None) -> InductionData:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
-    if skip_p > 0:
-        # weak skip-trigram rule x_t = pi(x_{t-2}) with probability skip_p: gives a layer-0
-        # previous-token head a direct training signal (see module docstring)
-        pi = skip_permutation()
-        use = torch.rand(n, SEQ_LEN, generator=g) < skip_p
-        for t in range(3, SEQ_LEN):
-            tokens[:, t] = torch.where(use[:, t], pi[tokens[:, t - 2]], tokens[:, t])
     length = torch.randint(MIN_REPEAT, MAX_REPEAT + 1, (n,), generator=g)
     # start uniform in [1, SEQ_LEN - 2T]
     start = 1 + (torch.rand(n, generator=g) * (SEQ_LEN - 2 * length)).long()
+    use = torch.rand(n, SEQ_LEN, generator=g) < skip_p
     ar = torch.arange(SEQ_LEN)
     offset = ar[None] - start[:, None] - length[:, None]  # index into the first copy
     in_second = (offset >= 0) & (offset < length[:, None])
+    in_span = in_second | ((ar[None] >= start[:, None]) & (ar[None] < (start + length)[:, None]))
     src = (start[:, None] + offset).clamp(0, SEQ_LEN - 1)
     tokens = torch.where(in_second, tokens.gather(1, src), tokens)
+    if skip_p > 0:
+        # outside the repeated span, a weak skip-trigram rule x_t = pi(x_{t-2}) (see module doc)
+        pi = skip_permutation()
+        apply = use & ~in_span
+        for t in range(3, SEQ_LEN):
+            tokens[:, t] = torch.where(apply[:, t], pi[tokens[:, t - 2]], tokens[:, t])
     return InductionData(tokens=tokens, start=start, length=length)
 
 

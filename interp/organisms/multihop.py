@@ -2,26 +2,34 @@
 
 Task (in-context version of the latent multi-hop reasoning studied by Yang et al. 2024, "Do Large
 Language Models Latently Perform Multi-Hop Reasoning?", and Biran et al. 2024, "Hopping Too Late"):
-a context of four facts ``x y`` meaning x -> y, forming two chains a -> b -> c and d -> e -> f,
-in random order; then a query ``hop2 a =`` asking for the entity two hops from a (answer c, via
-the bridge b), or ``hop1 a =`` asking for one hop (answer b: the control task).
+a context of four facts forming two chains a -> b -> c and d -> e -> f, in random order; then the
+queried entity a, after a hop marker at the start: ``hop2`` asks for the entity two hops from a
+(answer c, via the bridge b), ``hop1`` for one hop (answer b: the control task).
 
-    <bos> e4 e9 e17 e2 e9 e30 e2 e11 hop2 e4 =   ->  e30
+    <bos> hop2 e4>e9 e17>e2 e9>e30 e2>e11 e4   ->  e30
 
-Layout (fixed): position 0 `<bos>`; fact j at positions 1+2j (source) and 2+2j (target); 9 hop
-marker; 10 the queried entity a; 11 `=`, the last (query) position where the answer is
-predicted. Ground truth per example: a, the bridge b, the end c, the answer (b for one hop, c
-for two), the hop count, and the source positions of fact a->b and of fact b->c.
+Each fact x -> y is ONE token ``x>y`` (1,024 fact tokens over 32 entities); entities are their
+own tokens (``e0``..``e31``), which are the answers. One token per fact makes every step a content
+lookup (find the fact whose source is a, read its target b; find the fact whose source is b,
+read c) with no previous-token step to discover first: that step is the slow part of induction-
+style circuits (a long loss plateau), and it made two-token facts too slow to train on a shared
+CPU. During training a fact token's embedding is tied to source + target parts
+(W_E[x>y] = S[x] + T[y]); the saved checkpoint holds the resulting plain table, so it is an
+ordinary HookedTransformer.
+
+Layout (fixed): position 0 `<bos>`; 1 the hop marker; 2-5 the facts; 6 the queried entity a, the
+last (query) position where the answer is predicted. Ground truth per example: a, the bridge b,
+the end c (entity token ids), the answer (b for one hop, c for two), the hop count, and the
+positions of the facts a -> b and b -> c.
 
 `MultihopData.with_other_bridge()` builds the matched interchange partner: it swaps the targets
-of a -> b and d -> e, so the prompt changes in exactly two tokens, stays in distribution, and a's
-bridge becomes e with answer f (Dallas -> Texas -> Austin; swap in California, get Sacramento).
+of a -> b and d -> e, so exactly two fact tokens change, the prompt stays in distribution, and
+a's bridge becomes e with answer f (Dallas -> Texas -> Austin; swap in California, get Sacramento).
 
-Known mechanism (expected, to be confirmed by the toolkit's methods, never hard-coded): target
-positions attend to their source (previous token) so each fact's target knows its source; the
-query position retrieves a's fact (hop 1, bridge b), then the fact whose source is b (hop 2).
-Depth matters: previous-token step, hop 1, hop 2. Trained with a curriculum raising the two-hop
-share of queries from 20% to 80%.
+Known mechanism (expected, to be confirmed by the toolkit's methods, never hard-coded): the query
+position attends to the fact whose source is a and reads the bridge b (hop 1); a later layer
+attends to the fact whose source is b and reads c (hop 2). Trained with a curriculum raising the
+two-hop share of queries from 20% to 80%.
 """
 
 from __future__ import annotations
@@ -34,27 +42,34 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import Criterion
-from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.organisms.training import (
+    IGNORE,
+    PairEmbedding,
+    TrainConfig,
+    TrainLog,
+    fit,
+    init_model,
+    last_logits,
+)
 from interp.tokens import VocabTokenizer
 
 NAME = "multihop"
-TASK = ("in-context two-hop lookup over 4 facts (two chains a->b->c, d->e->f, random order, "
+TASK = ("in-context two-hop lookup over 4 one-token facts (chains a->b->c, d->e->f, random order, "
         "32 entities); one-hop queries as control")
-MECHANISM = ("fact targets attend to their source; the query position retrieves a's fact (bridge b, "
-             "hop 1), then the fact whose source is b (answer c, hop 2)")
+MECHANISM = ("query position attends to the fact with source a and reads the bridge b (hop 1), then "
+             "to the fact with source b and reads the answer c (hop 2)")
 N_ENTITIES = 32
 N_FACTS = 4
-SEQ_LEN = 12
-QUERY_POS = 11
-ENTITY_POS = 10
-HOP_POS = 9
+SEQ_LEN = 7
+HOP_POS = 1
+FACT_POS0 = 2
+QUERY_POS = 6
 BATCH = 128
-ATTN_ONLY = True
-FACT_LEN = 2  # source, target (no separator token)
-DEFAULT_STEPS = 2500
-CURRICULUM_STEPS = 1500  # two-hop share ramps 0.2 -> 0.8 over these steps
+DEFAULT_STEPS = 1500
+CURRICULUM_STEPS = 1000  # two-hop share ramps 0.2 -> 0.8 over these steps
 
-BOS, HOP1, HOP2, EQ = 0, N_ENTITIES + 1, N_ENTITIES + 2, N_ENTITIES + 3
+BOS, HOP1, HOP2 = 0, N_ENTITIES + 1, N_ENTITIES + 2
+FACT0 = N_ENTITIES + 3  # token id of fact e0>e0; fact x>y is FACT0 + 32 x + y
 
 ACCEPTANCE = (
     Criterion(metric="two_hop_accuracy", op=">=", threshold=0.9,
@@ -63,8 +78,10 @@ ACCEPTANCE = (
 
 
 def tokenizer() -> VocabTokenizer:
-    """``<bos>``, entities ``e0`` ... ``e31`` (ids 1-32), ``hop1``, ``hop2``, ``=``."""
-    return VocabTokenizer(("<bos>",) + tuple(f"e{i}" for i in range(N_ENTITIES)) + ("hop1", "hop2", "="))
+    """``<bos>``, entities ``e0``..``e31`` (ids 1-32), ``hop1``, ``hop2``, facts ``ex>ey``."""
+    facts = tuple(f"e{x}>e{y}" for x in range(N_ENTITIES) for y in range(N_ENTITIES))
+    return VocabTokenizer(("<bos>",) + tuple(f"e{i}" for i in range(N_ENTITIES)) + ("hop1", "hop2")
+                          + facts)
 
 
 def entity_id(i: int) -> int:
@@ -72,11 +89,15 @@ def entity_id(i: int) -> int:
     return 1 + i
 
 
+def fact_id(source: Tensor, target: Tensor) -> Tensor:
+    """Token id of the fact source -> target (both given as entity token ids)."""
+    return FACT0 + N_ENTITIES * (source - 1) + (target - 1)
+
+
 def config() -> HookedTransformerConfig:
     return HookedTransformerConfig(
-        n_layers=4, d_model=128, n_heads=4, d_head=32, n_ctx=SEQ_LEN, d_vocab=N_ENTITIES + 4,
-        attn_only=ATTN_ONLY, d_mlp=None if ATTN_ONLY else 256, act_fn=None if ATTN_ONLY else "gelu",
-        normalization_type="LN",
+        n_layers=4, d_model=128, n_heads=4, d_head=32, n_ctx=SEQ_LEN,
+        d_vocab=FACT0 + N_ENTITIES * N_ENTITIES, attn_only=True, normalization_type="LN",
         positional_embedding_type="standard", original_architecture="interp-organism-multihop",
         seed=None, dtype=torch.float32, device="cpu")
 
@@ -85,10 +106,10 @@ def config() -> HookedTransformerConfig:
 class MultihopData:
     """Prompts and ground truth (token ids; positions index `tokens`).
 
-    `a`, `bridge`, `end`: the queried chain a -> bridge -> end. `other`: the distractor chain
-    (d, e, f). `answer`: bridge for one-hop queries, end for two-hop. `fact1_pos` / `fact2_pos`:
-    source positions of the facts a -> bridge and bridge -> end (their targets sit one position
-    later); `other_fact1_pos` / `other_fact2_pos` likewise for d -> e and e -> f.
+    `a`, `bridge`, `end`: the queried chain a -> bridge -> end (entity token ids). `other`: the
+    distractor chain (d, e, f). `answer`: bridge for one-hop queries, end for two-hop.
+    `fact1_pos` / `fact2_pos`: positions of the fact tokens a>bridge and bridge>end;
+    `other_fact1_pos` / `other_fact2_pos` likewise for d>e and e>f.
     """
 
     tokens: Int[Tensor, "n pos"]
@@ -105,13 +126,8 @@ class MultihopData:
 
     @property
     def query_pos(self) -> Int[Tensor, "n"]:
-        """The last position (``=``), where the answer is predicted."""
+        """The last position (the queried entity a), where the answer is predicted."""
         return torch.full_like(self.a, QUERY_POS)
-
-    @property
-    def entity_pos(self) -> Int[Tensor, "n"]:
-        """Position of the queried entity a in the query."""
-        return torch.full_like(self.a, ENTITY_POS)
 
     def with_other_bridge(self) -> MultihopData:
         """The interchange partner: targets of a -> b and d -> e swapped (two tokens change).
@@ -120,13 +136,13 @@ class MultihopData:
         """
         rows = torch.arange(self.tokens.shape[0])
         tokens = self.tokens.clone()
-        tokens[rows, self.fact1_pos + 1] = self.other[:, 1]
-        tokens[rows, self.other_fact1_pos + 1] = self.bridge
-        bridge, end = self.other[:, 1], self.other[:, 2]
+        d, e, f = self.other.unbind(1)
+        tokens[rows, self.fact1_pos] = fact_id(self.a, e)
+        tokens[rows, self.other_fact1_pos] = fact_id(d, self.bridge)
         return replace(
-            self, tokens=tokens, bridge=bridge, end=end,
-            other=torch.stack([self.other[:, 0], self.bridge, self.end], dim=1),
-            answer=torch.where(self.hops == 1, bridge, end),
+            self, tokens=tokens, bridge=e, end=f,
+            other=torch.stack([d, self.bridge, self.end], dim=1),
+            answer=torch.where(self.hops == 1, e, f),
             fact2_pos=self.other_fact2_pos, other_fact2_pos=self.fact2_pos)
 
 
@@ -137,18 +153,15 @@ def dataset(n: int, seed: int, two_hop_share: float = 0.5) -> MultihopData:
     g = torch.Generator().manual_seed(seed)
     ents = torch.rand(n, N_ENTITIES, generator=g).argsort(dim=1)[:, :6] + 1  # 6 distinct entity ids
     a, b, c, d, e, f = ents.unbind(1)
-    slot = torch.rand(n, N_FACTS, generator=g).argsort(dim=1)  # slot of fact k: a->b, b->c, d->e, e->f
-    srcs = torch.stack([a, b, d, e], 1)
-    tgts = torch.stack([b, c, e, f], 1)
-    pos = 1 + FACT_LEN * slot  # source position of each fact
+    slot = torch.rand(n, N_FACTS, generator=g).argsort(dim=1)  # slot of fact k: a>b, b>c, d>e, e>f
+    facts = fact_id(torch.stack([a, b, d, e], 1), torch.stack([b, c, e, f], 1))
+    pos = FACT_POS0 + slot
     tokens = torch.zeros((n, SEQ_LEN), dtype=torch.long)
     tokens[:, 0] = BOS
-    tokens.scatter_(1, pos, srcs)
-    tokens.scatter_(1, pos + 1, tgts)
     hops = 1 + (torch.rand(n, generator=g) < two_hop_share).long()
     tokens[:, HOP_POS] = torch.where(hops == 2, HOP2, HOP1)
-    tokens[:, ENTITY_POS] = a
-    tokens[:, QUERY_POS] = EQ
+    tokens.scatter_(1, pos, facts)
+    tokens[:, QUERY_POS] = a
     return MultihopData(tokens=tokens, a=a, bridge=b, end=c, other=torch.stack([d, e, f], 1),
                         answer=torch.where(hops == 2, c, b), hops=hops,
                         fact1_pos=pos[:, 0], fact2_pos=pos[:, 1],
@@ -177,15 +190,18 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
           threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
     """Train from scratch (AdamW 1e-3, batch 128, loss on the answer only, two-hop curriculum)."""
     model = init_model(config(), seed)
+    emb = PairEmbedding(model.embed.W_E[:FACT0], N_ENTITIES, N_ENTITIES,
+                        float(model.cfg.initializer_range), seed)
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, seed=seed, threads=threads)
-    log = fit(model, _sampler, tc, progress=progress, desc=NAME)
+    log = fit(model, _sampler, tc, embedding=(emb, list(emb.parameters())), progress=progress,
+              desc=NAME)
     return model, log
 
 
 @torch.inference_mode()
 def accuracy(model: HookedTransformer, data: MultihopData) -> Tensor:
     """Per example: 1.0 where the argmax at the query position is the ground-truth answer."""
-    logits = logits_in_batches(model, data.tokens)[:, QUERY_POS]
+    logits = last_logits(model, data.tokens)
     return (logits.argmax(-1).cpu() == data.answer).float()
 
 

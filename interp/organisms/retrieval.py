@@ -1,16 +1,21 @@
 """`retrieval-*`: key -> value retrieval over a long context, in three positional schemes.
 
 Task (associative recall, as in the "needle" and lost-in-the-middle studies, Liu et al. 2023):
-a context of P = 62 key -> value pairs ``k v`` binding 24 keys (of 64) to random values (a key
-that recurs keeps its value), then a query ``? k``; the model must predict the value bound to k.
-The queried key occurs exactly once, at a pair drawn uniformly, so the distance d from the query
-to the needed pair spans the whole context:
+a context of P = 125 key -> value bindings, then a query ``? k``; the model must predict the
+value bound to k. Each binding is ONE token ``kX>vY``; a context binds 40 of the 64 keys to
+random values (a key that recurs keeps its value). The queried key occurs exactly once, at a
+position drawn uniformly, so the distance d from the query to the needed binding spans the
+whole context:
 
-    <bos> k12 v3 k40 v61 ... k12 v3 ... k7 v20 ? k40   ->  v61         (127 tokens)
+    <bos> k12>v3 k40>v61 ... k12>v3 ... k7>v20 ? k40   ->  v61         (128 tokens)
 
-d = (position of the query key) - (position of the pair's key), in tokens: 3, 5, ..., 125.
-Recurring keys make most context values predictable too (`repeat_mask`); training uses those
-positions as well as the final answer, a dense signal that makes the lookup learnable in minutes.
+d = (position of the query key) - (position of the binding), in tokens: 2, 3, ..., 126.
+
+One token per binding makes the lookup a single content match (attend to the binding whose key
+is k, copy its value), learnable in minutes on a CPU by every scheme; a two-token ``k v`` format
+needs a previous-token step first, which from scratch sits on a long loss plateau (and, without
+positions, has no direct signal at all). During training a binding's embedding is tied to
+key + value parts (W_E[kX>vY] = K[X] + V[Y]); the checkpoint holds the resulting plain table.
 
 The three variants differ ONLY in the positional scheme (same task, size, optimiser, seed and
 steps), so positional-information decay can be compared across schemes (Haviv et al. 2022,
@@ -24,12 +29,12 @@ Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length Generalizat
 
 n_ctx is 256 for all three (twice the training length, so length-generalisation probes can run
 the rotary and NoPE models at 2x; the learned table's rows past 127 are untrained). Context length
-127 was chosen so that each variant trains in about 5 minutes on one contended CPU core.
+128 was chosen so that each variant trains in a few minutes on one contended CPU core.
 
-Known mechanism: induction-style lookup. A previous-token step makes each value position carry
-its key; at the query, a head whose query matches that key attends to the value and copies it.
-Without positions (NoPE) the previous-token step has no direct signal, which is why its
-accuracy-vs-distance curve is the interesting one.
+Known mechanism: a content lookup at the query position: a head whose query is the key k
+attends to the binding token containing k and copies its value part to the logits. Positional
+information can only add distance-dependent bias (recency), which the accuracy-vs-distance curve
+in each manifest records.
 """
 
 from __future__ import annotations
@@ -38,45 +43,63 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import Criterion
-from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.organisms.training import (
+    IGNORE,
+    PairEmbedding,
+    TrainConfig,
+    TrainLog,
+    fit,
+    init_model,
+    last_logits,
+)
 from interp.tokens import VocabTokenizer
 
 Scheme = Literal["learned", "rotary", "none"]
 
 N_KEYS = 64
 N_VALUES = 64
-N_PAIRS = 62
-N_CONTEXT_KEYS = 24  # distinct keys bound in one context
-SEQ_LEN = 2 * N_PAIRS + 3  # <bos>, pairs, ?, key
+N_PAIRS = 125
+N_CONTEXT_KEYS = 40  # distinct keys bound in one context
+SEQ_LEN = N_PAIRS + 3  # <bos>, bindings, ?, key
 N_CTX = 256
 QUERY_POS = SEQ_LEN - 1
-BATCH = 32
-DEFAULT_STEPS = 3000
-SHORT_DISTANCE = 17  # "short": the needed pair is at most this many tokens before the query
+BATCH = 64
+DEFAULT_STEPS = 1000
+SHORT_DISTANCE = 16  # "short": the needed binding is at most this many tokens before the query
 
-BOS, QMARK = 0, 1 + N_KEYS + N_VALUES
-DISTANCE_BINS = (3, 9, 17, 33, 49, 65, 81, 97, 113, 125)
+BOS = 0
+KEY0 = 1
+VALUE0 = KEY0 + N_KEYS
+QMARK = VALUE0 + N_VALUES
+PAIR0 = QMARK + 1  # binding kX>vY is PAIR0 + N_VALUES * X + Y
+DISTANCE_BINS = (2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 126)
 
-TASK = (f"key->value retrieval: {N_PAIRS} pairs ({SEQ_LEN} tokens), query '? k' -> v, distance to the "
-        f"needed pair uniform over 3..{2 * N_PAIRS + 1}")
-MECHANISM = ("induction-style lookup: value positions carry their key (previous-token step); the "
-             "query attends to the matching key's value and copies it")
+TASK = (f"key->value retrieval: {N_PAIRS} one-token bindings ({SEQ_LEN} tokens), query '? k' -> v, "
+        f"distance to the needed binding uniform over 2..{N_PAIRS + 1}")
+MECHANISM = ("content lookup: the query position attends to the binding token whose key part matches "
+             "k and copies its value part")
 
 ACCEPTANCE = (
     Criterion(metric="short_distance_accuracy", op=">=", threshold=0.9,
-              what=f"accuracy with the needed pair at distance <= {SHORT_DISTANCE} tokens"),
+              what=f"accuracy with the needed binding at distance <= {SHORT_DISTANCE} tokens"),
 )
 
 
 def tokenizer() -> VocabTokenizer:
-    """``<bos>`` (0), keys ``k0``..``k63`` (1-64), values ``v0``..``v63`` (65-128), ``?`` (129)."""
+    """``<bos>``, keys ``k0``..``k63``, values ``v0``..``v63``, ``?``, bindings ``kX>vY``."""
+    pairs = tuple(f"k{x}>v{y}" for x in range(N_KEYS) for y in range(N_VALUES))
     return VocabTokenizer(("<bos>",) + tuple(f"k{i}" for i in range(N_KEYS))
-                          + tuple(f"v{i}" for i in range(N_VALUES)) + ("?",))
+                          + tuple(f"v{i}" for i in range(N_VALUES)) + ("?",) + pairs)
+
+
+def pair_id(key: Tensor, value: Tensor) -> Tensor:
+    """Token id of the binding key -> value (both given as key / value token ids)."""
+    return PAIR0 + N_VALUES * (key - KEY0) + (value - VALUE0)
 
 
 def config(scheme: Scheme = "learned") -> HookedTransformerConfig:
@@ -86,7 +109,7 @@ def config(scheme: Scheme = "learned") -> HookedTransformerConfig:
     if scheme == "rotary":
         extra = {"positional_embedding_type": "rotary", "rotary_dim": 16}
     return HookedTransformerConfig(
-        n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=N_CTX, d_vocab=QMARK + 1,
+        n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=N_CTX, d_vocab=PAIR0 + N_KEYS * N_VALUES,
         attn_only=True, normalization_type="LN", **({"positional_embedding_type": "standard"} | extra),
         original_architecture="interp-NoPE" if scheme == "none" else f"interp-organism-retrieval-{scheme}",
         seed=None, dtype=torch.float32, device="cpu")
@@ -94,18 +117,15 @@ def config(scheme: Scheme = "learned") -> HookedTransformerConfig:
 
 @dataclass(frozen=True)
 class RetrievalData:
-    """Prompts and ground truth: `key` (queried key id), `value` (the answer id), `pair_pos`
-    (position of the needed pair's key; its value is at pair_pos + 1) and `distance`
-    (query position - pair_pos, in tokens). The query key sits at the last position.
-    `repeat_mask` marks context key positions whose key occurred earlier (their next token, the
-    value, is predictable in context)."""
+    """Prompts and ground truth: `key` (queried key token id, also the last token), `value`
+    (the answer: value token id), `pair_pos` (position of the needed binding token) and
+    `distance` (query position - pair_pos, in tokens)."""
 
     tokens: Int[Tensor, "n pos"]
     key: Int[Tensor, "n"]
     value: Int[Tensor, "n"]
     pair_pos: Int[Tensor, "n"]
     distance: Int[Tensor, "n"]
-    repeat_mask: Bool[Tensor, "n pos"]
 
     @property
     def query_pos(self) -> Int[Tensor, "n"]:
@@ -117,26 +137,21 @@ class RetrievalData:
 
 
 def dataset(n: int, seed: int, distance: int | Tensor | None = None) -> RetrievalData:
-    """`n` prompts, deterministic in `seed`. `distance` (odd, 3..125; an int or one per example)
-    fixes the query-to-pair distance; by default the queried pair is uniform over the context.
-
-    Each context binds N_CONTEXT_KEYS keys to random values; the queried key occurs exactly once
-    (at the controlled distance), the others recur with the same value, so every recurrence is
-    itself a retrieval (`repeat_mask`), which gives training a dense signal.
-    """
+    """`n` prompts, deterministic in `seed`. `distance` (2..126; an int or one per example)
+    fixes the query-to-binding distance; by default it is uniform over the context."""
     g = torch.Generator().manual_seed(seed)
-    perm = torch.rand(n, N_KEYS, generator=g).argsort(dim=1)[:, :N_CONTEXT_KEYS] + 1
-    bound = torch.randint(1 + N_KEYS, 1 + N_KEYS + N_VALUES, (n, N_CONTEXT_KEYS), generator=g)
+    keys_used = torch.rand(n, N_KEYS, generator=g).argsort(dim=1)[:, :N_CONTEXT_KEYS] + KEY0
+    bound = torch.randint(VALUE0, VALUE0 + N_VALUES, (n, N_CONTEXT_KEYS), generator=g)
     if distance is None:
         index = torch.randint(0, N_PAIRS, (n,), generator=g)
     else:
         d = torch.as_tensor(distance).long().expand(n)
-        if bool(((d < 3) | (d > 2 * N_PAIRS + 1) | (d % 2 != 1)).any()):
-            raise ValueError(f"distance: expected odd values in [3, {2 * N_PAIRS + 1}], got "
+        if bool(((d < 2) | (d > N_PAIRS + 1)).any()):
+            raise ValueError(f"distance: expected values in [2, {N_PAIRS + 1}], got "
                              f"{sorted(set(d.tolist()))[:8]}")
-        index = (QUERY_POS - 1 - d) // 2
-    # slot 0 of `perm` is the queried key; the other pairs draw from slots 1.. (each used once
-    # first, in random order, so all of them occur), then uniformly.
+        index = QUERY_POS - 1 - d
+    # slot 0 is the queried key; the other bindings use slots 1.. (each at least once, in random
+    # order), then uniformly
     others = torch.cat([torch.rand(n, N_CONTEXT_KEYS - 1, generator=g).argsort(dim=1) + 1,
                         torch.randint(1, N_CONTEXT_KEYS, (n, N_PAIRS - N_CONTEXT_KEYS), generator=g)], 1)
     others = others.gather(1, torch.rand(n, N_PAIRS - 1, generator=g).argsort(dim=1))
@@ -145,28 +160,20 @@ def dataset(n: int, seed: int, distance: int | Tensor | None = None) -> Retrieva
     keep = torch.ones(n, N_PAIRS, dtype=torch.bool)
     keep[rows, index] = False
     slots[keep] = others.reshape(-1)
-    keys, values = perm.gather(1, slots), bound.gather(1, slots)
     tokens = torch.empty(n, SEQ_LEN, dtype=torch.long)
     tokens[:, 0] = BOS
-    tokens[:, 1:1 + 2 * N_PAIRS:2] = keys
-    tokens[:, 2:2 + 2 * N_PAIRS:2] = values
+    tokens[:, 1:1 + N_PAIRS] = pair_id(keys_used.gather(1, slots), bound.gather(1, slots))
     tokens[:, QUERY_POS - 1] = QMARK
-    key, value = perm[:, 0], bound[:, 0]
+    key, value = keys_used[:, 0], bound[:, 0]
     tokens[:, QUERY_POS] = key
-    pair_pos = 1 + 2 * index
-    # a pair's value is predictable when its key occurred before in the context
-    seen = (keys[:, :, None] == keys[:, None, :]).tril(-1).any(-1)  # [n, pair]
-    repeat = torch.zeros(n, SEQ_LEN, dtype=torch.bool)
-    repeat[:, 1:1 + 2 * N_PAIRS:2] = seen  # marked at the key position, which predicts the value
+    pair_pos = 1 + index
     return RetrievalData(tokens=tokens, key=key, value=value, pair_pos=pair_pos,
-                         distance=QUERY_POS - pair_pos, repeat_mask=repeat)
+                         distance=QUERY_POS - pair_pos)
 
 
 def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
     targets = torch.full_like(data.tokens, IGNORE)
-    nxt = torch.roll(data.tokens, -1, dims=1)
-    targets = torch.where(data.repeat_mask, nxt, targets)
     targets[:, QUERY_POS] = data.value
     return data.tokens, targets
 
@@ -174,8 +181,7 @@ def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 @torch.inference_mode()
 def accuracy(model: HookedTransformer, data: RetrievalData) -> Tensor:
     """Per example: 1.0 where the argmax at the query position is the paired value."""
-    logits = logits_in_batches(model, data.tokens, batch_size=128)[:, QUERY_POS]
-    return (logits.argmax(-1).cpu() == data.value).float()
+    return (last_logits(model, data.tokens).argmax(-1).cpu() == data.value).float()
 
 
 @dataclass(frozen=True)
@@ -200,15 +206,18 @@ class Variant:
 
     def train(self, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
               threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
-        """Train from scratch (AdamW 1e-3, batch 32, loss on the answer only)."""
+        """Train from scratch (AdamW 1e-3, batch 64, loss on the answer only)."""
         model = init_model(self.config(), seed)
         frozen: tuple[str, ...] = ()
         if self.scheme == "none":
             with torch.no_grad():
                 model.pos_embed.W_pos.zero_()
             frozen = ("pos_embed.W_pos",)
+        emb = PairEmbedding(model.embed.W_E[:PAIR0], N_KEYS, N_VALUES,
+                            float(model.cfg.initializer_range), seed)
         tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, seed=seed, threads=threads)
-        log = fit(model, _sampler, tc, frozen=frozen, progress=progress, desc=self.NAME)
+        log = fit(model, _sampler, tc, frozen=frozen, embedding=(emb, list(emb.parameters())),
+                  progress=progress, desc=self.NAME)
         return model, log
 
     def evaluate(self, model: HookedTransformer, n: int = 100, seed: int = 1) -> dict[str, object]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -64,15 +64,19 @@ def _norm(owner: torch.nn.Module, name: str, x: Tensor, cfg: HookedTransformerCo
     return F.layer_norm(x, (cfg.d_model,), ln.w, ln.b, cfg.eps)
 
 
-def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                 W_E: Float[Tensor, "d_vocab d_model"] | None = None,
+                 where: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "..."]:
     """The logits of `model(tokens)`, computed with fused attention from the same parameters.
 
     Differentiable, so it is the training forward; it reads (never copies) the model's weights.
+    `W_E` replaces the embedding table (for a structured parameterisation during training).
+    With `where`, only the logits at those positions are computed: shape [n_selected, d_vocab].
     """
     cfg = model.cfg
     _check_supported(cfg)
     batch, n = tokens.shape
-    x = model.embed.W_E[tokens]
+    x = (model.embed.W_E if W_E is None else W_E)[tokens]
     if cfg.positional_embedding_type == "standard":
         x = x + model.pos_embed.W_pos[:n]
     rotary = cfg.positional_embedding_type == "rotary"
@@ -97,6 +101,8 @@ def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> 
             h = _norm(block, "ln2", x, cfg)
             act = F.gelu if cfg.act_fn == "gelu" else F.relu
             x = x + act(h @ block.mlp.W_in + block.mlp.b_in) @ block.mlp.W_out + block.mlp.b_out
+    if where is not None:
+        x = x[where.to(x.device)]
     x = _norm(model, "ln_final", x, cfg)
     return x @ model.unembed.W_U + model.unembed.b_U
 
@@ -107,6 +113,28 @@ def init_model(cfg: HookedTransformerConfig, seed: int) -> HookedTransformer:
         torch.manual_seed(seed)
         model = new_model(cfg)
     return model
+
+
+class PairEmbedding(torch.nn.Module):
+    """Training-time embedding table for vocabularies with one token per (x, y) pair.
+
+    Rows ``[0, n_plain)`` are free; the row of pair (x, y) is ``n_plain + n_y * x + y`` and
+    equals ``first[x] + second[y]``. Calling the module returns the full table, which `fit`
+    writes into ``W_E`` at the end, so the trained HookedTransformer is exact and ordinary.
+    """
+
+    def __init__(self, base: Float[Tensor, "n_plain d_model"], n_x: int, n_y: int, std: float,
+                 seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = base.shape[1]
+        self.base = torch.nn.Parameter(base.detach().clone())
+        self.first = torch.nn.Parameter(torch.randn(n_x, d, generator=g) * std / 2**0.5)
+        self.second = torch.nn.Parameter(torch.randn(n_y, d, generator=g) * std / 2**0.5)
+
+    def forward(self) -> Float[Tensor, "d_vocab d_model"]:
+        pairs = (self.first[:, None, :] + self.second[None, :, :]).reshape(-1, self.base.shape[1])
+        return torch.cat([self.base, pairs], dim=0)
 
 
 @contextmanager
@@ -188,19 +216,26 @@ def fit(
     config: TrainConfig,
     *,
     frozen: Sequence[str] = (),
+    embedding: tuple[Callable[[], Tensor], Sequence[Tensor]] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainLog:
     """Train `model` in place on batches from `sample` with the fused forward; returns the loss log.
 
     `frozen` names parameters (e.g. ``"pos_embed.W_pos"`` for NoPE) kept at their initial value.
+    `embedding` = (build, params): train `params` instead of ``W_E``, with the table given by
+    ``build()``; at the end ``W_E`` is overwritten with ``build()``, so the model is exact.
     Deterministic given the model's initial weights, `config.seed` and the thread count.
     """
     names = dict(model.named_parameters())
     unknown = [f for f in frozen if f not in names]
     if unknown:
         raise ValueError(f"fit(frozen=...): expected parameter names of the model, got {unknown}")
+    if embedding is not None:
+        frozen = (*frozen, "embed.W_E")
     params = [p for n, p in names.items() if n not in frozen]
+    if embedding is not None:
+        params += list(embedding[1])
     was = {n: p.requires_grad for n, p in names.items()}
     for n in frozen:
         names[n].requires_grad_(False)
@@ -222,9 +257,9 @@ def fit(
             targets = targets.to(model.cfg.device)
             for group in opt.param_groups:
                 group["lr"] = config.lr_at(step)
-            logits = fast_forward(model, tokens)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE)
+            where = targets != IGNORE
+            logits = fast_forward(model, tokens, None if embedding is None else embedding[0](), where)
+            loss = F.cross_entropy(logits.float(), targets[where])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -235,10 +270,30 @@ def fit(
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
                 log.debug("%s step %d loss %.4f", desc, step, losses[-1])
     seconds = time.perf_counter() - start
+    if embedding is not None:
+        with torch.no_grad():
+            model.embed.W_E.copy_(embedding[0]())
     model.eval()
     for n, p in names.items():
         p.requires_grad_(was[n])
     return TrainLog(loss=tuple(losses), seconds=seconds, steps=config.steps, seed=config.seed)
+
+
+@torch.inference_mode()
+def last_logits(model: HookedTransformer, tokens: Int[Tensor, "n pos"], *, batch_size: int = 128
+                ) -> Float[Tensor, "n d_vocab"]:
+    """The HookedTransformer's logits at the last position only (unembedding one position keeps
+    memory small for long contexts and large vocabularies)."""
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[i:i + batch_size].to(model.cfg.device)
+        name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        _, cache = model.run_with_cache(chunk, names_filter=name)
+        resid = cache[name][:, -1:]
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        out.append(model.unembed(resid)[:, 0])
+    return torch.cat(out)
 
 
 @torch.inference_mode()
