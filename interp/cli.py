@@ -13,7 +13,7 @@ from rich.table import Table
 
 app = typer.Typer(help="interp: mechanistic interpretability on hooked transformers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)
 
 EXAMPLE_PRETRAINED = ["gpt2", "gpt2-medium", "pythia-70m", "pythia-160m", "TinyLlama-1.1B-Chat-v1.0"]
 
@@ -124,7 +124,7 @@ def main() -> None:
         from interp.store import StoreError
 
         if isinstance(e, (ModelLoadError, StoreError, HookError, ValueError, TypeError, FileNotFoundError)):
-            console.print(f"[bold red]error:[/] {e}")
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
             raise SystemExit(2) from None
         raise
 

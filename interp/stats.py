@@ -61,7 +61,7 @@ def bootstrap(
     g = torch.Generator().manual_seed(seed)
     n = v.shape[0]
     idx = torch.randint(0, n, (n_boot, n), generator=g)
-    vt = v.T  # [..., n]
+    vt = v.mT if v.ndim == 2 else v  # [..., n]
     point = float(statistic(vt))
     boots = statistic(vt[..., idx].movedim(-2, 0) if v.ndim == 2 else v[idx])
     lo, hi = torch.quantile(boots.float(), torch.tensor([alpha / 2, 1 - alpha / 2])).tolist()

@@ -48,10 +48,10 @@ def test_bad_inputs_are_one_line_errors(gpt2_model, tmp_path):
     res = interp("cache", str(model_dir), str(data), "--hooks", "blocks.0.hook_resid_post", "--out",
                  str(tmp_path / "s"), check=False)
     assert res.returncode == 2
-    assert "line 2: expected a JSON object" in res.stdout and "Traceback" not in res.stderr
+    assert "line 2: expected a JSON object" in res.stderr and "Traceback" not in res.stderr
     data.write_text('{"tokens": [1, 2]}\n')
     res = interp("cache", str(model_dir), str(data), "--hooks", "blocks.0.hook_resid_pots", "--out",
                  str(tmp_path / "s"), check=False)
-    assert res.returncode == 2 and "closest" in res.stdout
+    assert res.returncode == 2 and "closest" in res.stderr
     res = interp("cache", "gtp2", str(data), "--hooks", "x", "--out", str(tmp_path / "s"), check=False)
-    assert res.returncode == 2 and "did you mean" in res.stdout
+    assert res.returncode == 2 and "did you mean" in res.stderr

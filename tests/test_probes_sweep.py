@@ -50,7 +50,7 @@ def _config(model_dir, out, **over) -> SweepConfig:
 
 def test_config_rejects_unknown_keys_and_lists_them(tmp_path):
     good = yaml.safe_load(open("probes/configs/multihop_bridge.yaml"))
-    assert load_config("probes/configs/multihop_bridge.yaml").targets[0].control == "a"
+    assert load_config("probes/configs/multihop_bridge.yaml").targets[0].control == "token@fact1_pos"
     for where, patch, unknown in [
         ("sweep config", {"modles": ["x"], "extra": 1}, "['extra', 'modles']"),
         ("data", {"data": good["data"] | {"seeds": 1}}, "['seeds']"),

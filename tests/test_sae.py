@@ -155,7 +155,9 @@ def test_training_smoke(gpt2_model, trained):
     assert isinstance(res.sae, SAE) and res.sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     toks = _tokens(24, 16, 9)
     x = collect_activations(gpt2_model, toks, "blocks.0.hook_resid_post")
-    untrained = SAE.from_dict({**res.sae.cfg.to_dict()})  # same architecture, fresh weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untrained = SAE.from_dict({**res.sae.cfg.to_dict()})  # same architecture, fresh weights
     with torch.inference_mode():
         r2_trained = r2_score(x.numpy(), res.sae(x).numpy(), multioutput="variance_weighted")
         r2_fresh = r2_score(x.numpy(), untrained(x).numpy(), multioutput="variance_weighted")
@@ -397,7 +399,7 @@ def test_cli_train_then_eval(tmp_path, gpt2_model):
 
 # ------------------------------------------------------------------------ multihop ground truth
 
-MULTIHOP_SAE = "multihop-L2"
+MULTIHOP_SAE = "multihop-L0"  # blocks.0.hook_resid_post: the bridge is decodable at the query there
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +410,11 @@ def multihop_parts():
         pytest.skip("organism:multihop is not shipped yet (interp organisms train multihop)")
     if MULTIHOP_SAE not in isae.list_saes():
         pytest.skip(f"sae:{MULTIHOP_SAE} is not shipped (retrain: see data/sae/{MULTIHOP_SAE}/manifest.json)")
+    from interp.models import read_manifest
+
+    want = isae.read_manifest(f"sae:{MULTIHOP_SAE}")
+    assert want["model_sha256"] == read_manifest("organism:multihop")["sha256"], (
+        f"sae:{MULTIHOP_SAE} was trained on other multihop weights; retrain it: {want['command']}")
     return load_model("organism:multihop"), isae.load(f"sae:{MULTIHOP_SAE}")
 
 
@@ -420,8 +427,10 @@ def test_multihop_bridge_features_found_blind_and_causal(multihop_parts):
 
     model, sae = multihop_parts
     data = multihop.dataset(1200, seed=4242, two_hop_share=1.0)
+    # 3 features per bridge value, chosen by MI on the train half; the labels are never used to
+    # say which feature is which
     res = isae.label_feature_test(model, sae, data.tokens, data.bridge, data.answer, pos=multihop.QUERY_POS,
-                                  n_random=5, seed=0)
+                                  k=3 * multihop.N_ENTITIES, n_random=5, seed=0)
     print(f"\n{res}")
     chance = 1 / multihop.N_ENTITIES
     assert res.accuracy_clean.value > 0.9

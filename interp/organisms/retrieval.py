@@ -16,6 +16,8 @@ is k, copy its value), learnable in minutes on a CPU by every scheme; a two-toke
 needs a previous-token step first, which from scratch sits on a long loss plateau (and, without
 positions, has no direct signal at all). During training a binding's embedding is tied to
 key + value parts (W_E[kX>vY] = K[X] + V[Y]); the checkpoint holds the resulting plain table.
+Training starts with 4 bindings and grows the context to 125 by step 800 (`context_pairs`):
+at initialisation a needle among 125 bindings gets a 1/128-diluted gradient and training stalls.
 
 The three variants differ ONLY in the positional scheme (same task, size, optimiser, seed and
 steps), so positional-information decay can be compared across schemes (Haviv et al. 2022,
@@ -69,7 +71,9 @@ SEQ_LEN = N_PAIRS + 3  # <bos>, bindings, ?, key
 N_CTX = 256
 QUERY_POS = SEQ_LEN - 1
 BATCH = 64
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 1200
+WARM_STEPS = 300
+CURRICULUM_STEPS = 800
 SHORT_DISTANCE = 16  # "short": the needed binding is at most this many tokens before the query
 
 BOS = 0
@@ -136,45 +140,62 @@ class RetrievalData:
         return self.value
 
 
-def dataset(n: int, seed: int, distance: int | Tensor | None = None) -> RetrievalData:
-    """`n` prompts, deterministic in `seed`. `distance` (2..126; an int or one per example)
-    fixes the query-to-binding distance; by default it is uniform over the context."""
+def dataset(n: int, seed: int, distance: int | Tensor | None = None, n_pairs: int = N_PAIRS
+            ) -> RetrievalData:
+    """`n` prompts, deterministic in `seed`. `distance` (2..n_pairs + 1; an int or one per
+    example) fixes the query-to-binding distance; by default it is uniform over the context.
+    `n_pairs` < N_PAIRS gives the shorter contexts of the training curriculum."""
+    if not 2 <= n_pairs <= N_PAIRS:
+        raise ValueError(f"n_pairs: expected 2..{N_PAIRS}, got {n_pairs}")
+    n_keys = min(N_CONTEXT_KEYS, n_pairs)
+    seq_len = n_pairs + 3
+    query_pos = seq_len - 1
     g = torch.Generator().manual_seed(seed)
-    keys_used = torch.rand(n, N_KEYS, generator=g).argsort(dim=1)[:, :N_CONTEXT_KEYS] + KEY0
-    bound = torch.randint(VALUE0, VALUE0 + N_VALUES, (n, N_CONTEXT_KEYS), generator=g)
+    keys_used = torch.rand(n, N_KEYS, generator=g).argsort(dim=1)[:, :n_keys] + KEY0
+    bound = torch.randint(VALUE0, VALUE0 + N_VALUES, (n, n_keys), generator=g)
     if distance is None:
-        index = torch.randint(0, N_PAIRS, (n,), generator=g)
+        index = torch.randint(0, n_pairs, (n,), generator=g)
     else:
         d = torch.as_tensor(distance).long().expand(n)
-        if bool(((d < 2) | (d > N_PAIRS + 1)).any()):
-            raise ValueError(f"distance: expected values in [2, {N_PAIRS + 1}], got "
+        if bool(((d < 2) | (d > n_pairs + 1)).any()):
+            raise ValueError(f"distance: expected values in [2, {n_pairs + 1}], got "
                              f"{sorted(set(d.tolist()))[:8]}")
-        index = QUERY_POS - 1 - d
+        index = query_pos - 1 - d
     # slot 0 is the queried key; the other bindings use slots 1.. (each at least once, in random
     # order), then uniformly
-    others = torch.cat([torch.rand(n, N_CONTEXT_KEYS - 1, generator=g).argsort(dim=1) + 1,
-                        torch.randint(1, N_CONTEXT_KEYS, (n, N_PAIRS - N_CONTEXT_KEYS), generator=g)], 1)
-    others = others.gather(1, torch.rand(n, N_PAIRS - 1, generator=g).argsort(dim=1))
+    others = torch.cat([torch.rand(n, n_keys - 1, generator=g).argsort(dim=1) + 1,
+                        torch.randint(1, n_keys, (n, n_pairs - n_keys), generator=g)], 1)
+    others = others.gather(1, torch.rand(n, n_pairs - 1, generator=g).argsort(dim=1))
     rows = torch.arange(n)
-    slots = torch.zeros(n, N_PAIRS, dtype=torch.long)
-    keep = torch.ones(n, N_PAIRS, dtype=torch.bool)
+    slots = torch.zeros(n, n_pairs, dtype=torch.long)
+    keep = torch.ones(n, n_pairs, dtype=torch.bool)
     keep[rows, index] = False
     slots[keep] = others.reshape(-1)
-    tokens = torch.empty(n, SEQ_LEN, dtype=torch.long)
+    tokens = torch.empty(n, seq_len, dtype=torch.long)
     tokens[:, 0] = BOS
-    tokens[:, 1:1 + N_PAIRS] = pair_id(keys_used.gather(1, slots), bound.gather(1, slots))
-    tokens[:, QUERY_POS - 1] = QMARK
+    tokens[:, 1:1 + n_pairs] = pair_id(keys_used.gather(1, slots), bound.gather(1, slots))
+    tokens[:, query_pos - 1] = QMARK
     key, value = keys_used[:, 0], bound[:, 0]
-    tokens[:, QUERY_POS] = key
+    tokens[:, query_pos] = key
     pair_pos = 1 + index
     return RetrievalData(tokens=tokens, key=key, value=value, pair_pos=pair_pos,
-                         distance=QUERY_POS - pair_pos)
+                         distance=query_pos - pair_pos)
+
+
+def context_pairs(step: int) -> int:
+    """Curriculum: 4 bindings for the first WARM_STEPS steps, then linear growth to N_PAIRS at
+    CURRICULUM_STEPS (a needle among 125 bindings gets a 1/128-diluted gradient at
+    initialisation; among 4 it is learned quickly, and the content match carries over)."""
+    if step < WARM_STEPS:
+        return 4
+    frac = (step - WARM_STEPS) / (CURRICULUM_STEPS - WARM_STEPS)
+    return min(N_PAIRS, 4 + int((N_PAIRS - 4) * frac))
 
 
 def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
+    data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)), n_pairs=context_pairs(step))
     targets = torch.full_like(data.tokens, IGNORE)
-    targets[:, QUERY_POS] = data.value
+    targets[:, -1] = data.value
     return data.tokens, targets
 
 

@@ -76,6 +76,16 @@ def _eval_table(ev: Any) -> Table:
     return table
 
 
+def _model_sha(spec: str) -> str | None:
+    """The sha256 of a local model's weights (from its manifest), to detect a stale SAE."""
+    from interp.models import ModelLoadError, read_manifest
+
+    try:
+        return read_manifest(spec).get("sha256")
+    except (ModelLoadError, OSError):
+        return None
+
+
 @app.command("train")
 def train_cmd(
     model: str = typer.Argument(..., help="organism:NAME, a saved model directory, or a pretrained name"),
@@ -112,7 +122,7 @@ def train_cmd(
         eval_toks = toks[-n_eval:]
     ev = evaluate(m, res.sae, eval_toks, targets=targets, positions=positions)
     manifest = {
-        "model": model, "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
+        "model": model, "model_sha256": _model_sha(model), "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
         "data": {"source": str(tokens) if tokens else f"{model} dataset", "n_prompts": n_prompts, "seed": seed,
                  "eval_seed": seed + 1_000_003, "n_eval": n_eval},
         "training_seconds": round(res.seconds, 2), "steps": res.steps, "eval": ev.values,

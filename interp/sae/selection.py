@@ -78,8 +78,9 @@ def select_features(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"], *,
                     per_label: bool = False) -> FeatureSelection:
     """The `k` features with the highest MI with `labels` (default: one per distinct label).
 
-    With `per_label`, the best feature for each label value (by MI, among features whose
-    preferred label it is) is taken first, so that every label gets a feature when one exists.
+    With `per_label`, features are taken round robin over label values (each feature belongs to
+    its preferred label; within a label, by MI): the best feature of every label first, then the
+    second best, so that ``k = m * n_labels`` gives every label its `m` best features.
     """
     mi = firing_mutual_information(acts, labels)
     values, lab = torch.unique(labels, return_inverse=True)
@@ -90,13 +91,16 @@ def select_features(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"], *,
     if not 1 <= k <= mi.numel():
         raise ValueError(f"select_features.k: expected in [1, {mi.numel()}], got {k}")
     if per_label:
-        chosen: list[int] = []
+        # round robin over label values: the best feature of every label, then the second best...
+        queues = []
         for v in values.tolist():
             cand = ((preferred == v) & (mi > 0)).nonzero()[:, 0]
-            if cand.numel():
-                chosen.append(int(cand[mi[cand].argmax()]))
-        rest = [int(i) for i in mi.argsort(descending=True) if int(i) not in chosen]
-        order = sorted(chosen, key=lambda i: -float(mi[i])) + rest
+            queues.append(cand[mi[cand].argsort(descending=True)].tolist())
+        order: list[int] = []
+        for r in range(max((len(q) for q in queues), default=0)):
+            layer = [q[r] for q in queues if r < len(q)]
+            order.extend(sorted(layer, key=lambda i: -float(mi[i])))
+        order += [int(i) for i in mi.argsort(descending=True) if int(i) not in set(order)]
         idx = torch.tensor(order[:k])
     else:
         idx = mi.topk(k).indices
@@ -164,7 +168,7 @@ class LabelFeatureTest:
 def label_feature_test(
     model: HookedTransformer, sae: SAE, tokens: Int[Tensor, "n pos"], labels: Int[Tensor, "n"],
     answers: Int[Tensor, "n"], *, k: int | None = None, pos: int = -1, train_fraction: float = 0.5,
-    n_random: int = 5, min_frequency: float = 0.0, seed: int = 0, n_boot: int = 1000,
+    n_random: int = 5, min_frequency: float = 0.0, per_label: bool = True, seed: int = 0, n_boot: int = 1000,
 ) -> LabelFeatureTest:
     """Find label features at position `pos` without being told which they are, then test them.
 
@@ -184,7 +188,7 @@ def label_feature_test(
     tr, te = perm[:n_train], perm[n_train:]
     positions = [pos]
     acts_tr = feature_activations(model, sae, tokens[tr], positions=positions)
-    sel = select_features(acts_tr, labels[tr], k=k, per_label=True)
+    sel = select_features(acts_tr, labels[tr], k=k, per_label=per_label)
     chosen = sel.features
     n_labels = int(torch.unique(labels).numel())
     covered = torch.unique(sel.preferred_label[chosen]).numel() / n_labels
