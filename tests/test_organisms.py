@@ -19,8 +19,8 @@ from interp.organisms.base import check, failures
 from interp.organisms.training import fast_forward, init_model
 
 # held-out evaluation sizes small enough for a fast test, large enough for the thresholds
-EVAL_N = {"induction": 200, "multihop": 300, "planning": 300, "retrieval-learned": 40,
-          "retrieval-rotary": 40, "retrieval-nope": 40}
+EVAL_N = {"induction": 200, "multihop": 300, "planning": 300, "retrieval-learned": 25,
+          "retrieval-rotary": 25, "retrieval-nope": 25}
 
 
 def _shipped(name: str) -> bool:
@@ -131,6 +131,14 @@ def test_training_is_deterministic_and_nope_stays_position_free():
     torch.testing.assert_close(m1.W_Q, m2.W_Q)
     torch.testing.assert_close(m1.W_pos, torch.zeros_like(m1.W_pos))
     assert m1.W_pos.requires_grad  # restored after training
+
+
+def test_failed_training_is_not_saved(tmp_path):
+    from interp.organisms import AcceptanceError, train_and_save
+
+    with pytest.raises(AcceptanceError, match="expected all acceptance criteria to pass"):
+        train_and_save("planning", steps=2, out=tmp_path / "p", progress=False, eval_n=50)
+    assert not (tmp_path / "p").exists()
 
 
 # ------------------------------------------------------------------------ datasets and labels

@@ -19,6 +19,7 @@ from interp import sae as isae
 from interp.sae.circuit import heads_between
 from interp.sae.data import ActivationBatches, collect_activations, position_mask
 from interp.sae.planted import PlantedConfig, max_cosine
+from interp.stats import bootstrap
 from interp.tokens import Batch
 
 
@@ -167,7 +168,7 @@ def test_training_smoke(gpt2_model, trained):
     assert l0 == pytest.approx(6.0)
 
 
-def test_activation_batches_cover_source_and_store_path(gpt2_model):
+def test_activation_batches_cover_source_and_store_path(gpt2_model, tmp_path):
     from interp.cache import collect
 
     toks = _tokens(20, 8, 3)
@@ -182,6 +183,13 @@ def test_activation_batches_cover_source_and_store_path(gpt2_model):
     res = isae.train(None, cache, "blocks.0.hook_resid_post",
                      isae.TrainConfig(d_sae=32, sae_kwargs={"k": 4}, batch_size=64, training_samples=64 * 20))
     assert res.sae.cfg.d_in == 32
+    # ... and from a sharded disk store, streamed (interp.store)
+    store = collect(gpt2_model, toks, hooks=["blocks.0.hook_resid_post"], out=tmp_path / "store", progress=False)
+    streamed = torch.cat(list(store.iter_batches("blocks.0.hook_resid_post", 7))).reshape(-1, 32)
+    assert_close(streamed, direct)
+    res = isae.train(None, store, "blocks.0.hook_resid_post",
+                     isae.TrainConfig(d_sae=32, sae_kwargs={"k": 4}, batch_size=64, training_samples=64 * 20))
+    assert res.sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     # padded batches: only real positions are read
     b = Batch.pad([[1, 2, 3], [4, 5]])
     assert position_mask(b, "last").nonzero().tolist() == [[0, 2], [1, 1]]
@@ -437,3 +445,29 @@ def test_multihop_bridge_features_found_blind_and_causal(multihop_parts):
     assert res.identification.low > 10 * chance  # the features name the bridge
     assert res.drop_selected.above(res.drop_random)  # CIs do not overlap
     assert res.drop_selected.value > 0.5 and res.drop_selected.value > 5 * max(res.drop_random.value, 0.01)
+
+
+def test_multihop_steering_bridge_features_moves_the_answer(multihop_parts):
+    """Interchange in feature space: replace the bridge features found blind (train split) with
+    those of the other chain's bridge e, at the query position; the two-hop answer follows the
+    steered bridge (becomes f, e's successor), as the ground truth says it must."""
+    from interp.organisms import multihop
+
+    model, sae = multihop_parts
+    train = multihop.dataset(800, seed=4243, two_hop_share=1.0)
+    test = multihop.dataset(400, seed=4244, two_hop_share=1.0)
+    acts = isae.feature_activations(model, sae, train.tokens, positions=[multihop.QUERY_POS])
+    sel = isae.select_features(acts, train.bridge, k=3 * multihop.N_ENTITIES, per_label=True)
+    mask = position_mask(Batch.of(test.tokens), [multihop.QUERY_POS])
+    new_bridge, new_answer = test.other[:, 1], test.other[:, 2]
+    with torch.inference_mode():
+        with isae.steer_label(model, sae, sel, new_bridge, mask=mask):
+            pred = model(test.tokens)[:, multihop.QUERY_POS].argmax(-1)
+        with isae.steer_label(model, sae, sel, test.bridge, mask=mask):  # control: steer to the same bridge
+            same = model(test.tokens)[:, multihop.QUERY_POS].argmax(-1)
+    follows = bootstrap((pred == new_answer).float())
+    kept = bootstrap((same == test.answer).float())
+    print(f"\nsteering the bridge features to the other chain's bridge: answer follows it {follows}; "
+          f"original answer kept {bootstrap((pred == test.answer).float())}; control (same bridge) "
+          f"accuracy {kept}")
+    assert follows.low > 0.8 and kept.low > 0.8

@@ -8,11 +8,15 @@ occurrence of the current token and copying the token after it. The length and s
 example, because with a fixed period learned positions let a layer-0 head fake an induction score
 through a position shortcut.
 
-Outside the repeated span, with probability 0.3 a token follows a fixed skip-trigram rule
-x_t = pi(x_{t-2}). This gives a layer-0 previous-token head a direct, first-order training signal,
-so the induction circuit (which needs that head as its K-composition partner) forms within a few
-minutes on a CPU instead of after a long plateau on in-context bag-of-tokens statistics. The
-first half therefore has loss a little below ln(64); the repeated half far below it.
+Training seeds the textbook circuit (as InterpBench, Gupta et al. 2024, trains models to
+implement a known circuit): for the first SEED_STEPS steps an auxiliary loss asks head 0.0 to
+attend to the previous token and head 1.0 to attend to i - T + 1 in the second copy; the rest of
+training uses the language-modelling loss alone, and the scores in the manifest are measured
+after it. Without the seed, a from-scratch run on a shared CPU sits for thousands of steps on
+in-context bag-of-tokens statistics, or finds a non-canonical variant (matching the previous
+token against a "3 back" head and attending to i - T + 2), which would make a poor ground truth.
+The seed only sets where two heads look; finding i - T + 1 still needs K-composition with the
+previous-token head, since the position is random.
 
 Known mechanism: a previous-token head in layer 0 writes "my previous token was x" at each
 position; an induction head in layer 1 reads it through K-composition (the key at the source
@@ -34,7 +38,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import Criterion, masked_mean, token_loss
-from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.organisms.training import (
+    IGNORE,
+    TrainConfig,
+    TrainLog,
+    attention_logprobs,
+    fit,
+    init_model,
+    logits_in_batches,
+)
 from interp.tokens import VocabTokenizer
 
 NAME = "induction"
@@ -45,9 +57,9 @@ N_RANDOM = 64
 SEQ_LEN = 48
 MIN_REPEAT, MAX_REPEAT = 5, 16
 BATCH = 64
-DEFAULT_STEPS = 4000
-SKIP_P = 0.3
-SKIP_SEED = 99
+DEFAULT_STEPS = 2000
+SEED_STEPS = 600
+SEED_HEADS = ((0, 0), (1, 0))  # (layer, head): previous-token head, induction head
 
 ACCEPTANCE = (
     Criterion(metric="loss_ratio", op="<", threshold=0.25,
@@ -112,50 +124,49 @@ class InductionData:
         return self._span(self.start, self.start + self.length - 1)
 
 
-def skip_permutation() -> Int[Tensor, "d_vocab"]:
-    """The fixed map of the skip-trigram rule (token id -> token id; `<bos>` -> `<bos>`)."""
-    g = torch.Generator().manual_seed(SKIP_SEED)
-    return torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N_RANDOM, generator=g)])
-
-
-def dataset(n: int, seed: int, skip_p: float | None = None) -> InductionData:
-    """`n` sequences, deterministic in `seed` (`skip_p` defaults to SKIP_P)."""
-    skip_p = SKIP_P if skip_p is None else skip_p
+def dataset(n: int, seed: int) -> InductionData:
+    """`n` sequences, deterministic in `seed`."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
     length = torch.randint(MIN_REPEAT, MAX_REPEAT + 1, (n,), generator=g)
     # start uniform in [1, SEQ_LEN - 2T]
     start = 1 + (torch.rand(n, generator=g) * (SEQ_LEN - 2 * length)).long()
-    use = torch.rand(n, SEQ_LEN, generator=g) < skip_p
     ar = torch.arange(SEQ_LEN)
     offset = ar[None] - start[:, None] - length[:, None]  # index into the first copy
     in_second = (offset >= 0) & (offset < length[:, None])
-    in_span = in_second | ((ar[None] >= start[:, None]) & (ar[None] < (start + length)[:, None]))
     src = (start[:, None] + offset).clamp(0, SEQ_LEN - 1)
     tokens = torch.where(in_second, tokens.gather(1, src), tokens)
-    if skip_p > 0:
-        # outside the repeated span, a weak skip-trigram rule x_t = pi(x_{t-2}) (see module doc)
-        pi = skip_permutation()
-        apply = use & ~in_span
-        for t in range(3, SEQ_LEN):
-            tokens[:, t] = torch.where(apply[:, t], pi[tokens[:, t - 2]], tokens[:, t])
     return InductionData(tokens=tokens, start=start, length=length)
-
-
-def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
-    targets = torch.full_like(data.tokens, IGNORE)
-    targets[:, :-1] = data.tokens[:, 1:]
-    return data.tokens, targets
 
 
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
           threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
-    """Train from scratch (AdamW 1e-3, batch 64, loss on every next token)."""
+    """Train from scratch (AdamW 1e-3, batch 64, loss on every next token; circuit seeded for
+    the first SEED_STEPS steps, see the module docstring)."""
     model = init_model(config(), seed)
+    batch: dict[str, InductionData] = {}
+
+    def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
+        batch["data"] = data
+        targets = torch.full_like(data.tokens, IGNORE)
+        targets[:, :-1] = data.tokens[:, 1:]
+        return data.tokens, targets
+
+    def seed_circuit(m: HookedTransformer, tokens: Tensor, step: int) -> Tensor:
+        if step >= SEED_STEPS:
+            return torch.zeros((), device=tokens.device)
+        data = batch["data"]
+        logp = attention_logprobs(m, tokens, SEED_HEADS)
+        ar = torch.arange(1, SEQ_LEN, device=tokens.device)
+        prev = -logp[SEED_HEADS[0]][:, ar, ar - 1].mean()
+        n_idx, q_idx = data.scored.nonzero(as_tuple=True)
+        ind = -logp[SEED_HEADS[1]][n_idx, q_idx, q_idx - data.length[n_idx] + 1].mean()
+        return prev + ind
+
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, seed=seed, threads=threads)
-    log = fit(model, _sampler, tc, progress=progress, desc=NAME)
+    log = fit(model, sample, tc, aux=seed_circuit, progress=progress, desc=NAME)
     return model, log
 
 

@@ -64,15 +64,10 @@ def _norm(owner: torch.nn.Module, name: str, x: Tensor, cfg: HookedTransformerCo
     return F.layer_norm(x, (cfg.d_model,), ln.w, ln.b, cfg.eps)
 
 
-def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
-                 W_E: Float[Tensor, "d_vocab d_model"] | None = None,
-                 where: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "..."]:
-    """The logits of `model(tokens)`, computed with fused attention from the same parameters.
-
-    Differentiable, so it is the training forward; it reads (never copies) the model's weights.
-    `W_E` replaces the embedding table (for a structured parameterisation during training).
-    With `where`, only the logits at those positions are computed: shape [n_selected, d_vocab].
-    """
+def _residual(model: HookedTransformer, tokens: Tensor, W_E: Tensor | None,
+              capture: dict[tuple[int, int], Tensor] | None) -> Tensor:
+    """The final residual stream; fills `capture[(layer, head)]` with that head's attention
+    log-probabilities [batch, q_pos, k_pos] when asked (computed explicitly, not fused)."""
     cfg = model.cfg
     _check_supported(cfg)
     batch, n = tokens.shape
@@ -80,7 +75,7 @@ def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
     if cfg.positional_embedding_type == "standard":
         x = x + model.pos_embed.W_pos[:n]
     rotary = cfg.positional_embedding_type == "rotary"
-    for block in model.blocks:
+    for layer, block in enumerate(model.blocks):
         attn = block.attn
         h = _norm(block, "ln1", x, cfg)
         heads, d_head = cfg.n_heads, cfg.d_head
@@ -92,19 +87,47 @@ def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
         if rotary:
             q = attn.apply_rotary(q, 0, None)
             k = attn.apply_rotary(k, 0, None)
+        scale = 1.0 / float(attn.attn_scale)
+        if capture is not None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            for (cl, ch) in capture:
+                if cl == layer:
+                    scores = torch.einsum("bqd,bkd->bqk", q[:, :, ch], k[:, :, ch]) * scale
+                    capture[(cl, ch)] = scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
         z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, scale=1.0 / float(attn.attn_scale))
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale)
         z = z.transpose(1, 2).reshape(batch, n, heads * d_head)
         x = x + z @ attn.W_O.reshape(heads * d_head, cfg.d_model) + attn.b_O
         if not cfg.attn_only:
             h = _norm(block, "ln2", x, cfg)
             act = F.gelu if cfg.act_fn == "gelu" else F.relu
             x = x + act(h @ block.mlp.W_in + block.mlp.b_in) @ block.mlp.W_out + block.mlp.b_out
+    return x
+
+
+def fast_forward(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                 W_E: Float[Tensor, "d_vocab d_model"] | None = None,
+                 where: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "..."]:
+    """The logits of `model(tokens)`, computed with fused attention from the same parameters.
+
+    Differentiable, so it is the training forward; it reads (never copies) the model's weights.
+    `W_E` replaces the embedding table (for a structured parameterisation during training).
+    With `where`, only the logits at those positions are computed: shape [n_selected, d_vocab].
+    """
+    x = _residual(model, tokens, W_E, None)
     if where is not None:
         x = x[where.to(x.device)]
-    x = _norm(model, "ln_final", x, cfg)
+    x = _norm(model, "ln_final", x, model.cfg)
     return x @ model.unembed.W_U + model.unembed.b_U
+
+
+def attention_logprobs(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                       heads: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Tensor]:
+    """Differentiable attention log-probabilities [batch, q_pos, k_pos] of the (layer, head)s
+    asked for (used to seed a known circuit during training; see `induction`)."""
+    capture: dict[tuple[int, int], Tensor] = {tuple(h): torch.empty(0) for h in heads}  # type: ignore[misc]
+    _residual(model, tokens, None, capture)
+    return capture
 
 
 def init_model(cfg: HookedTransformerConfig, seed: int) -> HookedTransformer:
@@ -217,6 +240,7 @@ def fit(
     *,
     frozen: Sequence[str] = (),
     embedding: tuple[Callable[[], Tensor], Sequence[Tensor]] | None = None,
+    aux: Callable[[HookedTransformer, Tensor, int], Tensor] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainLog:
@@ -225,6 +249,7 @@ def fit(
     `frozen` names parameters (e.g. ``"pos_embed.W_pos"`` for NoPE) kept at their initial value.
     `embedding` = (build, params): train `params` instead of ``W_E``, with the table given by
     ``build()``; at the end ``W_E`` is overwritten with ``build()``, so the model is exact.
+    `aux(model, tokens, step)` adds an auxiliary loss term (not included in the logged loss).
     Deterministic given the model's initial weights, `config.seed` and the thread count.
     """
     names = dict(model.named_parameters())
@@ -260,8 +285,9 @@ def fit(
             where = targets != IGNORE
             logits = fast_forward(model, tokens, None if embedding is None else embedding[0](), where)
             loss = F.cross_entropy(logits.float(), targets[where])
+            total = loss if aux is None else loss + aux(model, tokens, step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()

@@ -324,6 +324,35 @@ def _past_kv(runs: Runs, start: int, n_layers: int, p0: int, k: int):
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
+PASS_OVERHEAD = 32  # fixed cost of one forward pass, in token-rows (measured on CPU, 1 thread)
+
+
+def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, seq_len: int
+                ) -> list[list[int]]:
+    """Split copies (sorted by first patched position, descending) into chunks of <= per_chunk.
+
+    A chunk computes positions min(first).. for all its copies, so late-position copies grouped
+    together skip more of the prefix, while every extra forward pass costs a fixed overhead.
+    Dynamic programming over cut points minimises sum(rows x positions + PASS_OVERHEAD).
+    """
+    n = len(idx)
+    if n == 0:
+        return []
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j copies
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - per_chunk), j):
+            # copies i..j-1; the last one has the smallest first position
+            cost = best[i] + (j - i) * batch * (seq_len - firsts[j - 1]) + PASS_OVERHEAD
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(idx[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
 def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[Edit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
                ) -> Float[Tensor, "copies"]:
@@ -351,12 +380,7 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[E
     try:
         for start in sorted(order):
             idx = sorted(order[start], key=lambda i: -firsts[i])
-            # one chunk as large as `rows` allows: on CPU a forward pass costs about the same for
-            # 1 or 16 copies (weight reads dominate), so fewer, fuller passes win over skipping
-            # more of the prefix with smaller chunks
-            size = per_chunk
-            for lo in range(0, len(idx), size):
-                chunk = idx[lo:lo + size]
+            for chunk in plan_chunks(idx, [firsts[i] for i in idx], per_chunk, batch, seq_len):
                 k = len(chunk)
                 if start >= n_layers:  # a copy with no edits is the base run itself
                     logits = runs.base_logits

@@ -29,6 +29,7 @@ from interp.sae.selection import (
     firing_mutual_information,
     label_feature_test,
     select_features,
+    steer_label,
 )
 from interp.sae.tracing import (
     AttributionCheck,
@@ -57,6 +58,6 @@ __all__ = [
     "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution",
     "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_dashboard",
     "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff",
-    "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steering_curve", "trace",
+    "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steer_label", "steering_curve", "trace",
     "train", "train_on_batches", "write_dashboards",
 ]

@@ -10,6 +10,8 @@ intervention).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -52,6 +54,7 @@ class FeatureSelection:
     mutual_information: Float[Tensor, "d_sae"]
     preferred_label: Int[Tensor, "d_sae"]
     frequency: Float[Tensor, "d_sae"]
+    mean_active: Float[Tensor, "d_sae"]  # mean activation where the feature fires (0 if never)
 
     @property
     def values(self) -> Tensor:
@@ -104,7 +107,32 @@ def select_features(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"], *,
         idx = torch.tensor(order[:k])
     else:
         idx = mi.topk(k).indices
-    return FeatureSelection(idx, mi, preferred, (acts != 0).float().mean(0).cpu())
+    fires = (acts != 0).float()
+    mean_active = (acts.float().sum(0) / fires.sum(0).clamp_min(1)).cpu()
+    return FeatureSelection(idx, mi, preferred, fires.mean(0).cpu(), mean_active)
+
+
+@contextlib.contextmanager
+def steer_label(model: HookedTransformer, sae: SAE, selection: FeatureSelection, new_labels: Int[Tensor, "batch"],
+                *, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
+    """Within the block, rewrite the label the selected features carry (an interchange done in
+    feature space): the selected features are zeroed and those whose preferred label is
+    ``new_labels[b]`` are set to their mean activation, at the positions in `mask` (bool
+    [batch, pos]; default all). The SAE error term is kept."""
+    from interp.sae.evaluation import splice
+
+    feats = selection.features
+    pref = selection.preferred_label[feats]
+    mean = selection.mean_active[feats]
+
+    def edit(f: Tensor) -> Tensor:
+        new = (pref.to(f.device)[None, :] == new_labels.to(f.device)[:, None]).to(f.dtype) * mean.to(f)[None, :]
+        f = f.clone()
+        f[..., feats.to(f.device)] = new[:, None, :] if f.ndim == 3 else new
+        return f
+
+    with splice(model, sae, error_term=True, edit=edit, mask=mask):
+        yield model
 
 
 # ------------------------------------------------------------------- causal test of found features

@@ -92,7 +92,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A trained (inference) SAE with the facts of its training run."""
+    """A trained (inference) SAE with the facts of its training run.
+
+    `final_losses`: the training losses of the final SAE on one further (unnormalised) batch.
+    """
 
     sae: SAE
     config: TrainConfig
@@ -115,9 +118,10 @@ def train(
     """Train an SAE (sae-lens `SAETrainer`) on activations at `hook`.
 
     With a `model`, `data` is a token tensor or `Batch`; the activations at `hook` (at the
-    selected real `positions`) are cached once with `interp.cache.collect` and shuffled each epoch. Without a model, `data` is
-    an activation source: a [n, d_in] tensor, a list of tensors, or a toolkit cache/store (read
-    through its ``iter_batches(hook, ...)``).
+    selected real `positions`) are cached once with `interp.cache.collect` and reshuffled every
+    epoch. Without a model, `data` is an activation source: a [n, d_in] tensor, a list of
+    tensors, or a toolkit cache/store (streamed through its ``iter_batches(hook, ...)``).
+    The SAE follows the model's (or the activations') device and dtype.
     """
     config = config or TrainConfig()
     if model is not None:
@@ -182,11 +186,12 @@ def train_on_batches(
         n_batches_for_norm_estimate=min(20, max(1, config.training_samples // config.batch_size)),
     )
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    dev = torch.device(device)
+    # a private RNG stream: weight init is seeded without touching the caller's global RNG
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
         torch.manual_seed(config.seed)
         sae: TrainingSAE = sae_cls(sae_cfg)
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
-        last: dict[str, float] = {}
         steps = trainer_cfg.total_training_steps
         trainer.fit()
         with torch.no_grad():
