@@ -130,7 +130,7 @@ def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int 
         for i, d in enumerate(retrieval.DISTANCE_BINS):
             data = retrieval.dataset(n_per, seed + i, distance=d)
             p = int(data.pair_pos[0])
-            out[d] = DistanceSet(data.tokens, data.value, (p, p + 1), query_pos=retrieval.QUERY_POS)
+            out[d] = DistanceSet(data.tokens, data.value, (p,), query_pos=retrieval.QUERY_POS)
         return out
     if name is not None:
         raise ValueError(f"decay: expected a retrieval organism or a pretrained model, got {spec!r}")

@@ -239,14 +239,21 @@ def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> V
     for k, m in usable.items():
         a_near, a_far = m.accuracy(near), m.accuracy(far)
         decays = a_far.high < a_near.low
-        tau = m.decay_fit["tau"]
-        r2 = float(m.position_probe.value.max())
-        parts.append(f"{k}: accuracy {a_near.value:.2f} at d={near} -> {a_far.value:.2f} at d={far}"
-                     f"{' (decays)' if decays else ''}, profile '{m.profile}', knockout-effect decay length "
-                     f"{tau:.0f} tokens, best position-probe R² {r2:.2f}")
+        fit = m.decay_fit
+        decay = (f"knockout effect decays with length {fit['tau']:.0f} tokens"
+                 if math.isfinite(fit["tau"]) and fit["a"] > 0 and fit["tau"] < 2 * far
+                 else "knockout effect shows no decay within the measured distances")
+        r2 = m.position_probe
+        best = int(r2.value.argmax())
+        parts.append(f"{k}: accuracy {a_near} at d={near} -> {a_far} at d={far}"
+                     f"{' (decays)' if decays else ''}, profile '{m.profile}', {decay}, absolute position "
+                     f"decodable with R² {float(r2.value[best]):.2f} [{float(r2.ci_low[best]):.2f}, "
+                     f"{float(r2.ci_high[best]):.2f}] (shuffled {float(r2.shuffled[best]):.2f})")
+    if len(usable) == 1:
+        return Verdict(True, "Measured — " + parts[0] + ".")
     differ = [(a, b) for a in usable for b in usable if a < b and
               (usable[a].accuracy(far).above(usable[b].accuracy(far)) or
                usable[b].accuracy(far).above(usable[a].accuracy(far)))]
-    sentence = ("Positional information and the use of far facts decay differently by scheme — " if differ
-                else "Decay measured (schemes not distinguishable at the longest distance) — ")
+    sentence = (f"Positional schemes differ at the longest distance ({', '.join(f'{a} vs {b}' for a, b in differ)}) — "
+                if differ else "Schemes are not distinguishable at the longest distance — ")
     return Verdict(True, sentence + "; ".join(parts) + ".")
