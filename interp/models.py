@@ -25,6 +25,8 @@ import shutil
 import socket
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -131,6 +133,31 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it into place on success.
+
+    An interrupted or failed build never leaves a half-written directory where a complete one
+    is expected; an existing directory is replaced only once the new one is whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(
     model: HookedTransformer,
     path: str | Path,
@@ -144,9 +171,7 @@ def save_model(
     save never leaves a half-written model where a complete one is expected.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_dir(path) as tmp:
         cfg = config_to_dict(model.cfg)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         _st_save_model(model, str(tmp / WEIGHTS))
@@ -157,17 +182,6 @@ def save_model(
         write_json_atomic(tmp / MANIFEST, facts)
         if vocab is not None:
             write_json_atomic(tmp / TOKENIZER, {"vocab": list(vocab)})
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

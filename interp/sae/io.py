@@ -15,8 +15,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import torch
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-from interp.models import MANIFEST, _hub_reachable, data_dir, sha256_file, write_json_atomic
+from interp.models import MANIFEST, _hub_reachable, atomic_dir, data_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,7 @@ def list_saes() -> list[str]:
 def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None) -> Path:
     """Write `sae` in sae-lens's on-disk format plus a manifest (with sha256), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_dir(path) as tmp:
         sae.save_model(tmp)
         facts = dict(manifest or {})
         facts["sha256"] = sha256_file(tmp / SAE_WEIGHTS_FILENAME)
@@ -61,17 +57,6 @@ def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None) 
         facts.setdefault("d_sae", sae.cfg.d_sae)
         facts.setdefault("hook_name", sae.cfg.metadata.hook_name)
         write_json_atomic(tmp / MANIFEST, facts)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
