@@ -138,3 +138,27 @@ def test_plan_ahead_future_tokens():
     r = run.run_plan_ahead(n=200)
     assert r.verdict.supported, r.verdict
     assert not r.lens.beats_bigram(2) == []
+
+
+def test_induction_copy_travels_by_the_k_route():
+    need("induction")
+    from interp.hypotheses import run
+
+    r = run.run_routes(n=16)
+    assert r.verdict.supported, r.verdict
+    by = {x.name: x for x in r.routes}
+    k, v = by["joint -> L1 (k)"], by["joint -> L1 (v)"]
+    assert r.share(k) > 0.8 and k.estimate().low > 0  # the keys of layer 1 carry the effect
+    assert abs(r.share(v)) < 0.1  # the values do not
+    best = max((x for x in r.routes if x.kind != "joint"), key=lambda x: float(x.effect.mean()))
+    assert best.receiver == "k" and best.via == r.source + 1  # previous-token step, then K-composition
+    assert abs(float(r.baseline_total.mean())) < 0.2
+
+
+def test_last_token_knockout_above_layer_0_destroys_retrieval():
+    need("retrieval-learned")
+    from interp.hypotheses import run
+
+    r = run.run_last_token("organism:retrieval-learned", n=96)
+    assert float(r.knockout[0].correct.mean()) < 0.1 < 0.9 < float(r.clean.correct.mean())
+    assert torch.equal(r.knockout[-1].kl, torch.zeros_like(r.knockout[-1].kl))

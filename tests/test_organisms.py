@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 
 from interp.arch import Arch
 from interp.models import ModelLoadError, load_model, organisms_dir, read_manifest, sha256_file
-from interp.organisms import NAMES, get
+from interp.organisms import NAMES, get, induction, multihop, planning, retrieval
 from interp.organisms import evaluate as evaluate_organism
-from interp.organisms import induction, multihop, planning, retrieval
-from interp.organisms.base import check, failures
+from interp.organisms.base import check, failures, masked_mean, token_loss
 from interp.organisms.training import fast_forward, init_model
 
 # held-out evaluation sizes small enough for a fast test, large enough for the thresholds
@@ -88,6 +87,38 @@ def test_shipped_induction_has_prev_token_and_induction_heads():
     assert ind[1].max() > 0.5 and prev[0].max() > 0.5
     manifest = read_manifest("organism:induction")
     assert len(manifest["metrics"]["induction_scores"]) == 2
+
+
+def test_shipped_induction_reads_prev_token_through_the_key():
+    """K-composition (the issue's known mechanism): removing the previous-token head's output
+    from only the KEY input of the induction head destroys the in-context prediction; removing
+    it from the query or value input does not. Checked against a direct hook computation."""
+    model = load_model("organism:induction")
+    data = induction.dataset(200, seed=99)
+    loss = token_loss(model(data.tokens), data.tokens)
+    first = masked_mean(loss, data.first_scored)
+    comp = induction.composition_test(model, data, (0, 0), (1, 0))
+    assert comp["k"] > 0.8 * first
+    assert comp["q"] < 0.3 * first and comp["v"] < 0.3 * first
+    # independent: patch the key input by hand (its value = resid_pre minus head 0.0's output)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(data.tokens)
+        prev_out = torch.einsum("bpd,dm->bpm", cache["blocks.0.attn.hook_z"][:, :, 0], model.W_O[0, 0])
+        k_in = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"] - prev_out)
+        k = k_in @ model.W_K[1, 0] + model.b_K[1, 0]
+        q = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"]) @ model.W_Q[1, 0] + model.b_Q[1, 0]
+        scores = (q @ k.transpose(1, 2)) / model.blocks[1].attn.attn_scale
+        n = data.tokens.shape[1]
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        z = scores.softmax(-1) @ cache["blocks.1.attn.hook_v"][:, :, 0]
+        z_all = cache["blocks.1.attn.hook_z"].clone()
+        z_all[:, :, 0] = z
+        attn_out = torch.einsum("bphd,hdm->bpm", z_all, model.W_O[1]) + model.b_O[1]
+        logits = model.unembed(model.ln_final(cache["blocks.1.hook_resid_mid"] - cache["blocks.1.hook_attn_out"]
+                                              + attn_out))
+    hand = masked_mean(token_loss(logits, data.tokens), data.scored)
+    torch.testing.assert_close(torch.tensor(comp["k"]), torch.tensor(hand), atol=1e-4, rtol=1e-4)
+    assert model.cfg.use_split_qkv_input is False  # restored
 
 
 def test_nope_checkpoint_has_no_positions():

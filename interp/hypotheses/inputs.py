@@ -208,4 +208,4 @@ def induction_routes(n: int = 48, seed: int = 0) -> RouteInputs:
     other = torch.randint(1, induction.N_RANDOM + 1, (n,), generator=g)
     other = torch.where(other == clean[:, source], other % induction.N_RANDOM + 1, other)
     corrupt[:, source] = other
-    return RouteInputs(clean, corrupt, answer, source, [source + 1])
+    return RouteInputs(clean, corrupt, answer, source, list(range(source + 1, last)))

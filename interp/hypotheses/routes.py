@@ -5,9 +5,9 @@ position t > s only by moving right through attention at some layer. We measure,
 path patching (Goldowsky-Dill et al. 2023; every other path frozen), the route classes a small
 model can realise:
 
-- ``U^c R`` — up at s through the skip connections of layers < c, then read sideways by t at
-  layer c (sender: the embedding at s; receivers: layer c's keys / values at s, read by t only).
-  Residual-first when c >= 1, K/V-first when c = 0.
+- ``U^c R`` — up at s through layers < c (their attention at s itself and MLPs included), then
+  read sideways by t at layer c (sender: resid_pre[c] at s; receivers: layer c's keys / values
+  at s, read by t only). Residual-first when c >= 1, K/V-first when c = 0.
 - ``R_c1 -> p -> R_c2`` — read sideways at layer c1 by an intermediate position p, then read
   by t at layer c2 > c1 through p's keys or values (sender: layer c1's attention output at p;
   receivers: layer c2's keys / values at p, read by t only). Its first move is right at c1,
@@ -16,7 +16,8 @@ model can realise:
 Receivers are split into K and V, so the K-composition route of an induction circuit (the
 previous-token information enters the KEY at the source) is told apart from value routes.
 Effects are per example (change of the metric, clean into corrupted, in the metric's units) with
-bootstrap CIs, and shares of the total clean-minus-corrupted effect. Baseline: the same routes
+bootstrap CIs, and shares of the total clean-minus-corrupted effect. Routes interact (attention
+is a softmax): single-route shares need not add up to one, and we report them as measured. Baseline: the same routes
 in a random-initialised model of the same shape.
 """
 
@@ -46,9 +47,9 @@ PerExampleMetric = Callable[[Tensor, int], PositionMetric]  # (tokens row, examp
 @dataclass(frozen=True)
 class RouteEffect:
     name: str
-    kind: str  # "direct" (U^c R) or "via" (R -> p -> R)
+    kind: str  # "direct" (U^c R), "via" (R -> p -> R) or "joint" (all routes into one layer at once)
     receiver: str  # "k" or "v"
-    first_stream: str  # "residual" or "kv"
+    first_stream: str  # "residual", "kv" or "mixed" (joint rows)
     layers: tuple[int, ...]  # (c,) or (c1, c2)
     via: int | None
     effect: Tensor  # [n] per-example metric change (patched - corrupted)
@@ -98,6 +99,8 @@ class RoutesResult:
         colors = {"residual": "#1f77b4", "kv": "#d62728"}
         shown: set[str] = set()
         for r, (_, row) in zip(self.routes, frame.iterrows(), strict=True):
+            if r.kind == "joint":
+                continue
             share = max(0.0, min(1.0, abs(row.share)))
             if r.kind == "direct":
                 (c,) = r.layers
@@ -131,7 +134,7 @@ def _route_effects(model: HookedTransformer, clean: Tensor, corrupt: Tensor, met
     for c in range(arch.n_layers):
         for rec, site in (("k", Site.K), ("v", Site.V)):
             specs.append((f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
-                          Node(0, Site.RESID_PRE, pos=source),
+                          Node(c, Site.RESID_PRE, pos=source),
                           [Node(c, site, pos=source, head=g) for g in range(arch.n_kv_heads)]))
     for p in via:
         for c1 in range(arch.n_layers):
@@ -140,6 +143,13 @@ def _route_effects(model: HookedTransformer, clean: Tensor, corrupt: Tensor, met
                     specs.append((f"R@L{c1}->{p}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
                                   (c1, c2), p, Node(c1, Site.ATTN_OUT, pos=p),
                                   [Node(c2, site, pos=p, head=g) for g in range(arch.n_kv_heads)]))
+    # joint: every measured route into layer c2 through its keys (or values) at once
+    for c2 in range(arch.n_layers):
+        senders = [Node(c2, Site.RESID_PRE, pos=source)] + [Node(c1, Site.ATTN_OUT, pos=p)
+                                                           for p in via for c1 in range(c2)]
+        for rec, site in (("k", Site.K), ("v", Site.V)):
+            specs.append((f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, [senders],
+                          [Node(c2, site, pos=q, head=g) for q in [source, *via] for g in range(arch.n_kv_heads)]))
     effects = torch.zeros(len(specs), n, dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
     for i in range(n):
@@ -170,8 +180,8 @@ def routes(
 
     `clean_tokens` and `corrupt_tokens` differ at `source` (the information's origin).
     `metric(tokens_row, i)` builds the example's metric (e.g. `logprob(answer[i])`), read at
-    `target`. `via`: intermediate positions for two-step routes (default: source + 1 when
-    it lies before the target).
+    `target`. `via`: intermediate positions for two-step routes (default: every position strictly
+    between source and target).
     """
     arch = Arch.of(model)
     clean_tokens = check_tokens(clean_tokens, arch.d_vocab)
@@ -182,7 +192,7 @@ def routes(
     t = target % seq
     if not 0 <= source < t:
         raise ValueError(f"source: expected a position before the target {t}, got {source}")
-    via = [source + 1] if via is None and source + 1 < t else list(via or [])
+    via = list(range(source + 1, t)) if via is None else list(via)
     if any(not source < p < t for p in via):
         raise ValueError(f"via: expected positions strictly between source {source} and target {t}, got {via}")
     total, found = _route_effects(model, clean_tokens, corrupt_tokens, metric, source, t, via)
@@ -190,7 +200,8 @@ def routes(
     b_total, b_routes = _route_effects(base, clean_tokens, corrupt_tokens, metric, source, t, via)
 
     tot, b_tot = estimate(total), estimate(b_total)
-    best = max(found, key=lambda r: float(r.effect.mean()))
+    single = [r for r in found if r.kind != "joint"]
+    best = max(single, key=lambda r: float(r.effect.mean()))
     best_e = best.estimate()
     b_best = next(r for r in b_routes if r.name == best.name).estimate()
     if not tot.excludes(0.0) or not best_e.above(b_best):
@@ -198,12 +209,11 @@ def routes(
                                  f"the random-initialised baseline (total {b_tot}, same route {b_best})")
     else:
         share = float(best.effect.mean() / total.mean())
-        by_first = {s: sum(float(r.effect.mean()) for r in found if r.first_stream == s) / float(total.mean())
-                    for s in ("residual", "kv")}
+        joint = max((r for r in found if r.kind == "joint"), key=lambda r: float(r.effect.mean()))
         verdict = Verdict(True, (
-            f"The effect travels mainly by route {best.name} ({best.first_stream}-first, through the "
-            f"{'keys' if best.receiver == 'k' else 'values'}): {best_e} of a total {tot} ({share:.0%}); "
-            f"K/V-first routes carry {by_first['kv']:.0%} and residual-first routes {by_first['residual']:.0%} "
-            f"(random-initialised baseline total {b_tot})."))
+            f"The largest single route is {best.name} ({best.first_stream}-first, through the "
+            f"{'keys' if best.receiver == 'k' else 'values'}): {best_e} of a total {tot} ({share:.0%}); all routes "
+            f"into {joint.name.removeprefix('joint -> ')} together carry {joint.estimate()} "
+            f"({float(joint.effect.mean() / total.mean()):.0%}) (random-initialised baseline total {b_tot})."))
     return RoutesResult(model.cfg.model_name, source, t, arch.n_layers, total, tuple(found), b_total, verdict,
                         meta={"n": int(clean_tokens.shape[0]), "via": via})

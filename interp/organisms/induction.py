@@ -51,8 +51,8 @@ from interp.tokens import VocabTokenizer
 
 NAME = "induction"
 TASK = "next-token prediction on random tokens with one repeated span (random length 5-16, random start)"
-MECHANISM = ("layer-0 previous-token head + layer-1 induction head via K-composition "
-             "(attend to the token after the earlier occurrence, copy it)")
+MECHANISM = ("previous-token head 0.0 + induction head 1.0 via K-composition (attend to the token "
+             "after the earlier occurrence, copy it); circuit seeded for the first 600 of 2000 steps")
 N_RANDOM = 64
 SEQ_LEN = 48
 MIN_REPEAT, MAX_REPEAT = 5, 16
@@ -189,6 +189,35 @@ def head_scores(model: HookedTransformer, data: InductionData
 
 
 @torch.inference_mode()
+def composition_test(model: HookedTransformer, data: InductionData, prev_head: tuple[int, int],
+                     induction_head: tuple[int, int]) -> dict[str, float]:
+    """Repeated-half loss when the previous-token head's output is removed from ONLY the query,
+    key or value input of the induction head (Elhage et al.'s Q/K/V-composition). K-composition
+    predicts that removing it from the key input alone destroys the in-context prediction."""
+    (pl, ph), (il, ih) = prev_head, induction_head
+    tokens = data.tokens.to(model.cfg.device)
+    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{pl}.attn.hook_z")
+    prev_out = cache[f"blocks.{pl}.attn.hook_z"][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
+
+    def remove(x: Tensor, hook: object) -> Tensor:
+        x = x.clone()
+        x[:, :, ih] = x[:, :, ih] - prev_out
+        return x
+
+    out = {}
+    was = model.cfg.use_split_qkv_input
+    model.set_use_split_qkv_input(True)
+    try:
+        for site in ("q", "k", "v"):
+            with model.hooks(fwd_hooks=[(f"blocks.{il}.hook_{site}_input", remove)]):
+                loss = token_loss(model(tokens), tokens).cpu()
+            out[site] = masked_mean(loss, data.scored)
+    finally:
+        model.set_use_split_qkv_input(was)
+    return out
+
+
+@torch.inference_mode()
 def evaluate(model: HookedTransformer, n: int = 512, seed: int = 1) -> dict[str, object]:
     """Losses on the first vs repeated copy and per-head induction / previous-token scores."""
     data = dataset(n, seed)
@@ -196,14 +225,19 @@ def evaluate(model: HookedTransformer, n: int = 512, seed: int = 1) -> dict[str,
     first = masked_mean(loss, data.first_scored)
     repeated = masked_mean(loss, data.scored)
     ind, prev = head_scores(model, data)
+    prev_head, ind_head = (0, int(prev[0].argmax())), (1, int(ind[1].argmax()))
+    comp = composition_test(model, data, prev_head, ind_head)
     return {
         "loss_first_half": first,
         "loss_repeated_half": repeated,
         "loss_ratio": repeated / first,
         "best_induction_score_layer1": float(ind[1].max()),
         "best_prev_token_score_layer0": float(prev[0].max()),
-        "induction_head": [1, int(ind[1].argmax())],
-        "prev_token_head": [0, int(prev[0].argmax())],
+        "induction_head": list(ind_head),
+        "prev_token_head": list(prev_head),
+        "repeated_loss_prev_head_removed_from_q": comp["q"],
+        "repeated_loss_prev_head_removed_from_k": comp["k"],
+        "repeated_loss_prev_head_removed_from_v": comp["v"],
         "induction_scores": [[round(float(v), 4) for v in row] for row in ind],
         "prev_token_scores": [[round(float(v), 4) for v in row] for row in prev],
         "n_eval": n,
