@@ -71,8 +71,9 @@ def test_routes_on_random_model_claims_nothing(gpt2_model):
     ans = torch.randint(0, 50, (8,), generator=g)
     res = routes(gpt2_model, clean, corrupt, lambda row, i: logprob(int(ans[i])), source=2)
     assert not res.verdict.supported
-    # a route's effect can be checked by hand: U^0 R@L0 (k) for example 0
-    assert len(res.routes) == 2 * gpt2_model.cfg.n_layers + 2 * 3  # direct (k, v) per layer + via pairs
+    L, via = gpt2_model.cfg.n_layers, 8 - 1 - 2 - 1  # positions strictly between source 2 and target 7
+    # direct (k, v) per layer + via (k, v) per position and layer pair + joint (k, v) per layer
+    assert len(res.routes) == 2 * L + 2 * via * (L * (L - 1) // 2) + 2 * L
 
 
 # ------------------------------------------------------------------------------- organisms' ground truth

@@ -95,7 +95,8 @@ def test_shipped_induction_reads_prev_token_through_the_key():
     it from the query or value input does not. Checked against a direct hook computation."""
     model = load_model("organism:induction")
     data = induction.dataset(200, seed=99)
-    loss = token_loss(model(data.tokens), data.tokens)
+    with torch.no_grad():
+        loss = token_loss(model(data.tokens), data.tokens)
     first = masked_mean(loss, data.first_scored)
     comp = induction.composition_test(model, data, (0, 0), (1, 0))
     assert comp["k"] > 0.8 * first
@@ -114,7 +115,7 @@ def test_shipped_induction_reads_prev_token_through_the_key():
         z_all = cache["blocks.1.attn.hook_z"].clone()
         z_all[:, :, 0] = z
         attn_out = torch.einsum("bphd,hdm->bpm", z_all, model.W_O[1]) + model.b_O[1]
-        logits = model.unembed(model.ln_final(cache["blocks.1.hook_resid_mid"] - cache["blocks.1.hook_attn_out"]
+        logits = model.unembed(model.ln_final(cache["blocks.1.hook_resid_post"] - cache["blocks.1.hook_attn_out"]
                                               + attn_out))
     hand = masked_mean(token_loss(logits, data.tokens), data.scored)
     torch.testing.assert_close(torch.tensor(comp["k"]), torch.tensor(hand), atol=1e-4, rtol=1e-4)

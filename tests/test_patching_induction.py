@@ -4,10 +4,21 @@ The organism (interp.organisms.induction) is a 2-layer attention-only model trai
 tokens with a repeated span. Its known mechanism: a layer-0 previous-token head writes "my
 previous token was x" at each position, and a layer-1 induction head finds the earlier
 occurrence of the current token through its KEY at the source position (K-composition), then
-copies the token there. So, path patching the previous-token head's output at the source
-position into the induction head's key, read by the last position (route "up at the source,
-then right": stream="kv"), must recover most of the clean-vs-corrupted gap, while the route into
-the induction head's QUERY at the last position must recover almost none of it.
+copies the token there.
+
+Corruption: the earlier occurrence of the query token (source - 1) is replaced by another
+token, so no key says "my previous token was x". Routes, path-patched with everything else
+frozen (interp.patching.path_patch):
+- K-route: previous-token head at the source -> residual at the source -> KEY of the induction
+  head, read by the last position only (stream="kv": up, then right);
+- Q-route: previous-token head at the last position -> QUERY of the induction head there
+  (stream="residual": up only).
+Necessity (noising: corrupt only that route inside the clean run): cutting the K-route must
+remove most of the clean-vs-corrupted gap, cutting the Q-route almost none of it.
+Sufficiency (denoising): the same corruption also removes the earlier occurrence that a layer-1
+duplicate-token head attends to, and the final LayerNorm couples the heads' outputs, so no
+single route restores the whole gap; the K-route must restore (nearly) all that the induction
+head's own output restores, the Q-route nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import torch
 
 from interp.graph import Node
 from interp.models import load_model, organisms_dir
-from interp.patching import logprob, path_patch
+from interp.patching import logprob, patch, path_patch
 
 CHECKPOINT = organisms_dir() / "induction" / "model.safetensors"
 
@@ -66,17 +77,29 @@ def test_k_route_carries_the_induction_effect_and_the_q_route_does_not():
     assert prev_heads and ind_heads, (prev_scores, ind_scores)
 
     metric = logprob(answer, pos=-1)
-    k_route = path_patch(model, clean, corrupt, metric,
-                         [tuple(Node(0, "head", pos=source, head=h) for h in prev_heads)],
-                         [Node(1, "k", pos=source, head=h) for h in ind_heads],
-                         stream="kv", reader=[query])
-    q_route = path_patch(model, clean, corrupt, metric,
-                         [tuple(Node(0, "head", pos=query, head=h) for h in prev_heads)],
-                         [Node(1, "q", pos=query, head=h) for h in ind_heads],
-                         stream="residual")
-    gap = k_route.clean_metric - k_route.corrupt_metric
-    assert gap > 1.0, f"corruption should hurt the answer's log-prob by > 1 nat, got {gap:.3f}"
-    r_k = float(k_route.normalised()[0])
-    r_q = float(q_route.normalised()[0])
-    assert r_k > 0.5, f"K-route recovery {r_k:.3f} (expected most of the effect)"
-    assert abs(r_q) < 0.1, f"Q-route recovery {r_q:.3f} (expected about none of the effect)"
+    k_senders = [tuple(Node(0, "head", pos=source, head=h) for h in prev_heads)]
+    k_receivers = [Node(1, "k", pos=source, head=h) for h in ind_heads]
+    q_senders = [tuple(Node(0, "head", pos=query, head=h) for h in prev_heads)]
+    q_receivers = [Node(1, "q", pos=query, head=h) for h in ind_heads]
+    results = {}
+    for direction in ("noising", "denoising"):
+        k_route = path_patch(model, clean, corrupt, metric, k_senders, k_receivers,
+                             stream="kv", reader=[query], direction=direction)
+        q_route = path_patch(model, clean, corrupt, metric, q_senders, q_receivers,
+                             stream="residual", direction=direction)
+        gap = k_route.clean_metric - k_route.corrupt_metric
+        assert gap > 1.0, f"corruption should cost the answer > 1 nat of log-prob, got {gap:.3f}"
+        # metric change caused by the route, in units of the clean-vs-corrupted gap
+        results[direction] = (float(k_route.effect[0]) / gap, float(q_route.effect[0]) / gap)
+
+    k_cut, q_cut = results["noising"]
+    assert -k_cut > 0.5, f"cutting the K-route removes {-k_cut:.3f} of the gap (expected most)"
+    assert abs(q_cut) < 0.1, f"cutting the Q-route removes {-q_cut:.3f} of the gap (expected ~0)"
+
+    k_restore, q_restore = results["denoising"]
+    head_out = patch(model, clean, corrupt, metric, [Node(1, "head", pos=query, head=h) for h in ind_heads])
+    through_head = float(head_out.effect[0]) / (head_out.clean_metric - head_out.corrupt_metric)
+    assert through_head > 0.2, f"the induction head's output restores {through_head:.3f} of the gap"
+    assert k_restore > 0.8 * through_head, (
+        f"K-route restores {k_restore:.3f}, the induction head's whole output {through_head:.3f}")
+    assert abs(q_restore) < 0.1, f"Q-route restores {q_restore:.3f} of the gap (expected ~0)"

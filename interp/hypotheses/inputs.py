@@ -120,9 +120,13 @@ def plan(spec: str, n: int = 400, seed: int = 0) -> tuple[Int[Tensor, "n pos"], 
 
 # ------------------------------------------------------------------------------------ decay
 
-def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0) -> dict[int, DistanceSet]:
-    """Prompts grouped by the distance of the needed fact."""
+def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *, long: bool = True
+                ) -> dict[int, DistanceSet]:
+    """Prompts grouped by the distance of the needed fact (for the retrieval organisms, at twice
+    the training length when `long`)."""
     name = organism_name(spec)
+    if name is not None and name.startswith("retrieval") and long:
+        return {d: retrieval_long(n_per, seed + i, d) for i, d in enumerate(LONG_DISTANCES)}
     if name is not None and name.startswith("retrieval"):
         from interp.organisms import retrieval
 
@@ -135,6 +139,41 @@ def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int 
     if name is not None:
         raise ValueError(f"decay: expected a retrieval organism or a pretrained model, got {spec!r}")
     return _retrieval_prompts(model, n_per, seed)
+
+
+LONG_DISTANCES = (2, 8, 32, 64, 96, 126, 160, 200, 248)
+
+
+def retrieval_long(n: int, seed: int, distance: int) -> DistanceSet:
+    """Retrieval-organism prompts at twice the training length (250 bindings, 253 tokens): a
+    prefix of 125 bindings from another draw, then a training-length prompt, with the needed
+    binding moved to `distance` tokens before the query (2..250). The queried key occurs once.
+    Beyond 126 tokens the needed fact sits where training never put one (Haviv et al. 2022:
+    test at the training length and at 2x)."""
+    from interp.organisms import retrieval as R
+
+    x, y = R.dataset(n, seed, distance=2), R.dataset(n, seed + 7919)
+    g = torch.Generator().manual_seed(seed)
+
+    def key_of(tok: Tensor) -> Tensor:
+        return (tok - R.PAIR0) // R.N_VALUES + R.KEY0
+
+    def filler(shape: tuple[int, ...]) -> Tensor:
+        other = (x.key[:, None] - R.KEY0 + torch.randint(1, R.N_KEYS, shape, generator=g)) % R.N_KEYS + R.KEY0
+        return R.pair_id(other, torch.randint(R.VALUE0, R.VALUE0 + R.N_VALUES, shape, generator=g))
+
+    prefix = y.tokens[:, 1:1 + R.N_PAIRS].clone()
+    clash = key_of(prefix) == x.key[:, None]
+    prefix[clash] = filler(prefix.shape)[clash]
+    suffix = x.tokens[:, 1:].clone()
+    rows = torch.arange(n)
+    suffix[rows, x.pair_pos - 1] = filler((n, 1))[:, 0]
+    tokens = torch.cat([x.tokens[:, :1], prefix, suffix], dim=1)
+    q = tokens.shape[1] - 1
+    if not 2 <= distance <= q - 2:
+        raise ValueError(f"distance: expected 2..{q - 2}, got {distance}")
+    tokens[:, q - distance] = R.pair_id(x.key, x.value)
+    return DistanceSet(tokens, x.value, (q - distance,), query_pos=q)
 
 
 def _retrieval_prompts(model: HookedTransformer, n_per: int, seed: int) -> dict[int, DistanceSet]:

@@ -32,13 +32,13 @@ class Sizes:
 
     multihop: int = 400
     plan: int = 400
-    decay_per_distance: int = 48
+    decay_per_distance: int = 32
     last_token: int = 400
-    routes: int = 32
+    routes: int = 16
 
     @staticmethod
     def fast() -> Sizes:
-        return Sizes(multihop=160, plan=200, decay_per_distance=16, last_token=160, routes=12)
+        return Sizes(multihop=160, plan=200, decay_per_distance=12, last_token=160, routes=8)
 
 
 def _load(spec: str) -> HookedTransformer:

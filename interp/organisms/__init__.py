@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.models import load_model, organisms_dir, save_model
+from interp.models import config_to_dict, load_model, organisms_dir, save_model
 from interp.organisms.base import Criterion, check, failures
 from interp.organisms.training import TrainLog
 from interp.tokens import VocabTokenizer
@@ -105,11 +105,13 @@ def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed:
     return org.evaluate(model, **({"n": n} if n else {}), seed=seed)
 
 
-def manifest(name: str, model_log: TrainLog, metrics: dict[str, Any]) -> dict[str, Any]:
+def manifest(name: str, model_log: TrainLog, metrics: dict[str, Any],
+             model: HookedTransformer | None = None) -> dict[str, Any]:
     """The JSON manifest facts for a trained organism (save_model adds the sha256)."""
     org = get(name)
     return {
         "organism": name,
+        "config": config_to_dict(model.cfg if model is not None else org.config()),
         "task": org.TASK,
         "mechanism": org.MECHANISM,
         "seed": model_log.seed,
@@ -139,7 +141,7 @@ def train_and_save(name: str, steps: int | None = None, seed: int = 0, out: str 
     org = get(name)
     model, train_log = train(name, steps=steps, seed=seed, progress=progress)
     metrics = evaluate(model, n=eval_n, name=name)
-    facts = manifest(name, train_log, metrics)
+    facts = manifest(name, train_log, metrics, model)
     failed = failures(org.ACCEPTANCE, metrics)
     path = None
     if not failed or save_failed:

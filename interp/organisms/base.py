@@ -62,4 +62,4 @@ def token_loss(logits: Float[Tensor, "n pos d_vocab"], tokens: Int[Tensor, "n po
 def masked_mean(values: Float[Tensor, "n pos"], mask: Bool[Tensor, "n pos"]) -> float:
     if not bool(mask.any()):
         raise ValueError("masked_mean: expected at least one selected position, got an empty mask")
-    return float(values[mask.to(values.device)].mean())
+    return float(values.detach()[mask.to(values.device)].mean())
