@@ -163,3 +163,19 @@ def test_last_token_knockout_above_layer_0_destroys_retrieval():
     r = run.run_last_token("organism:retrieval-learned", n=96)
     assert float(r.knockout[0].correct.mean()) < 0.1 < 0.9 < float(r.clean.correct.mean())
     assert torch.equal(r.knockout[-1].kl, torch.zeros_like(r.knockout[-1].kl))
+
+
+def test_decay_schemes_differ_and_nope_learns_position():
+    need("retrieval-learned", "retrieval-rotary", "retrieval-nope")
+    from interp.hypotheses import run
+
+    r = run.run_decay(n_per=12)
+    assert r.verdict.supported and "differ" in r.verdict.sentence, r.verdict
+    nope, learned = r.models["retrieval-nope"], r.models["retrieval-learned"]
+    # by construction the NoPE embedding carries no position (R^2 ~ 0 at layer 0); attention
+    # builds it up with depth (Haviv et al. 2022)
+    assert float(nope.position_probe.ci_high[0]) < 0.05
+    assert float(nope.position_probe.ci_low[-1]) > 0.3
+    assert float(learned.position_probe.ci_low[0]) > 0.05  # a learned table puts position in the embedding
+    # and the shuffled-label baseline sits at 0
+    assert abs(float(nope.position_probe.shuffled.max())) < 0.05
