@@ -76,11 +76,11 @@ def _first_token(tok: Tokenizer, word: str) -> int:
     return ids[1] if isinstance(tok, HFTokenizer) and tok.prepend_bos and len(ids) > 1 else ids[0]
 
 
-def _twohop_prompts(model: HookedTransformer, seed: int) -> TwoHopInputs:
+def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | None = None) -> TwoHopInputs:
     """GPT-2-style prompts from data/prompts/twohop_gpt2.jsonl, kept at their modal token length
     (the investigations read fixed positions); partners share the relation and length but not
     the bridge."""
-    tok = _tokenizer(model)
+    tok = tokenizer or _tokenizer(model)
     recs = read_jsonl(data_dir() / "prompts" / "twohop_gpt2.jsonl")
     enc = [tok.encode(r["text"]) for r in recs]
     length = Counter(len(e) for e in enc).most_common(1)[0][0]
@@ -176,8 +176,11 @@ def retrieval_long(n: int, seed: int, distance: int) -> DistanceSet:
     return DistanceSet(tokens, x.value, (q - distance,), query_pos=q)
 
 
-def _retrieval_prompts(model: HookedTransformer, n_per: int, seed: int) -> dict[int, DistanceSet]:
-    tok = _tokenizer(model)
+def _retrieval_prompts(model: HookedTransformer, n_per: int, seed: int, tokenizer: Tokenizer | None = None
+                       ) -> dict[int, DistanceSet]:
+    """Distance-controlled English retrieval prompts (interp.data.retrieval_prompts), grouped by
+    distance and token length so that the fact's token positions agree within a group."""
+    tok = tokenizer or _tokenizer(model)
     out: dict[int, DistanceSet] = {}
     recs = retrieval_prompts(n_per * 12, n_pairs=12, seed=seed)
     groups: dict[int, list[tuple[list[int], int, tuple[int, ...]]]] = {}
