@@ -112,6 +112,22 @@ def demo_cmd(
     console.print(f"[bold green]report written:[/] {path.resolve()}")
 
 
+@app.command("probe-sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def probe_sweep_cmd(ctx: typer.Context) -> None:
+    """Run a config-driven probe sweep (the `probes sweep` command; arguments pass through)."""
+    import os
+    import shutil
+    import sys
+
+    # interp never imports probes: hand over to its console script in the same environment
+    exe = Path(sys.executable).with_name("probes")
+    exe_path = str(exe) if exe.exists() else shutil.which("probes")
+    if exe_path is None:
+        raise FileNotFoundError("probes: expected the `probes` console script next to this Python, got none "
+                                "(pip install -e . installs it)")
+    os.execv(exe_path, [exe_path, "sweep", *ctx.args])
+
+
 def main() -> None:
     _mount("interp.organisms.commands", "organisms", "Train, evaluate and list the model organisms.")
     _mount("interp.sae.commands", "sae", "Train and evaluate sparse autoencoders.")

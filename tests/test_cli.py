@@ -55,3 +55,8 @@ def test_bad_inputs_are_one_line_errors(gpt2_model, tmp_path):
     assert res.returncode == 2 and "closest" in res.stderr
     res = interp("cache", "gtp2", str(data), "--hooks", "x", "--out", str(tmp_path / "s"), check=False)
     assert res.returncode == 2 and "did you mean" in res.stderr
+
+
+def test_probe_sweep_hands_over_to_probes(tmp_path):
+    res = interp("probe-sweep", str(tmp_path / "missing.yaml"), check=False)
+    assert res.returncode != 0 and "expected a YAML file" in res.stdout + res.stderr

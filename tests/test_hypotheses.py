@@ -114,7 +114,7 @@ def test_multihop_on_random_model_claims_nothing():
     model = random_like(load_model("organism:multihop"), seed=3)
     x = twohop("organism:multihop", model, 120, 0)
     r = multihop(model, x.tokens, x.bridge, x.answer, partner_tokens=x.partner_tokens,
-                 partner_answer=x.partner_answer, positions=x.positions, entity=x.entity)
+                 partner_answer=x.partner_answer, positions=x.positions, control_types=x.control_types)
     assert not r.verdict.supported
 
 

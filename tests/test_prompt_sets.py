@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import re
 
-import torch
+from conftest import gpt2_config
 
 from interp.data import read_jsonl, retrieval_prompts
 from interp.hypotheses import multihop, positional_decay
 from interp.hypotheses.inputs import _retrieval_prompts, _twohop_prompts
 from interp.models import data_dir, new_model
 from interp.tokens import HFTokenizer
-
-from conftest import gpt2_config
 
 
 class WordTokenizer:
@@ -60,7 +58,7 @@ def test_twohop_prompt_set_labels_and_partners():
         assert tok.vocab[int(x.bridge[i])] == " " + rec["bridge"].split()[0]
     assert bool((x.partner_answer != x.answer).any())
     r = multihop(model, x.tokens, x.bridge, x.answer, partner_tokens=x.partner_tokens,
-                 partner_answer=x.partner_answer, positions=x.positions, entity=x.entity)
+                 partner_answer=x.partner_answer, positions=x.positions, control_types=x.control_types)
     assert not r.verdict.supported  # a random model solves nothing
 
 
@@ -70,7 +68,7 @@ def test_retrieval_prompt_set_by_distance():
     model = _model_with(tok)
     sets = _retrieval_prompts(model, n_per=16, seed=0, tokenizer=HFTokenizer(tok))
     assert len(sets) >= 3
-    for d, s in sets.items():
+    for s in sets.values():
         # the fact's tokens spell "KEY's number is VALUE." and the answer is VALUE
         fact = tok.decode(s.tokens[0, list(s.fact_pos)].tolist())
         assert fact.strip().endswith(".") and "number is" in fact

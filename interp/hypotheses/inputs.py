@@ -27,7 +27,7 @@ class TwoHopInputs:
     answer: Int[Tensor, "n"]
     partner_tokens: Int[Tensor, "n pos"]
     partner_answer: Int[Tensor, "n"]
-    entity: Int[Tensor, "n"]
+    control_types: Int[Tensor, "n"]  # Hewitt-Liang types for the control task
     positions: dict[str, int]
 
 
@@ -64,7 +64,10 @@ def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> 
         from interp.organisms import multihop as mh
 
         base, partner = mh.pairs(n, seed)
-        return TwoHopInputs(base.tokens, base.bridge, base.answer, partner.tokens, partner.answer, base.a,
+        # control type: the fact token a->b (the bridge is a function of it; a per-entity control
+        # would be trivially memorised from the last token, which *is* a)
+        fact = base.tokens[torch.arange(n), base.fact1_pos]
+        return TwoHopInputs(base.tokens, base.bridge, base.answer, partner.tokens, partner.answer, fact,
                             {"last": mh.QUERY_POS})
     if organism_name(spec) is not None:
         raise ValueError(f"multihop: expected organism:multihop or a pretrained model, got {spec!r}")
@@ -101,7 +104,8 @@ def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | 
         answer=torch.tensor([_first_token(tok, recs[i]["answer"]) for i in rows]),
         partner_tokens=torch.tensor([enc[j] for j in partners]),
         partner_answer=torch.tensor([_first_token(tok, recs[j]["answer"]) for j in partners]),
-        entity=torch.tensor([_first_token(tok, recs[i]["subject"]) for i in rows]), positions={"last": length - 1})
+        control_types=torch.tensor([_first_token(tok, recs[i]["subject"]) for i in rows]),
+        positions={"last": length - 1})
 
 
 # ------------------------------------------------------------------------------------ planning

@@ -5,7 +5,7 @@ For two-hop prompts ("the capital of the state containing Dallas" -> bridge Texa
 (a) Decodability, by layer, at each named position (the last position, and e.g. the queried
     entity's position — Wang et al. 2024 find the bridge at non-final positions): a linear probe
     (interp.probing, multinomial logistic, split by example) for the bridge and for the answer,
-    with the Hewitt-Liang control task (a random label per queried entity) and a
+    with the Hewitt-Liang control task (a random label per word type, e.g. per fact token) and a
     random-initialised model of the same shape as baselines; and the logit lens's reciprocal
     rank of the bridge and the answer tokens (Biran et al. 2024's EntRec). We report the first
     layer where each becomes decodable and never assume a hop-aligned order (later hops can be
@@ -125,7 +125,7 @@ def multihop(
     partner_tokens: Int[Tensor, "n pos"],
     partner_answer: Int[Tensor, "n"],
     positions: Mapping[str, int] | None = None,
-    entity: Int[Tensor, "n"] | None = None,
+    control_types: Int[Tensor, "n"] | None = None,
     baseline: HookedTransformer | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -135,8 +135,10 @@ def multihop(
     `tokens`: two-hop prompts of one length, predicted at the last position; `bridge` and
     `answer`: token ids of the bridge entity and the answer; `partner_tokens` /
     `partner_answer`: matched prompts whose bridge (hence answer) differs. `positions`: names
-    for the positions to examine (default: the last). `entity`: the queried entity per prompt
-    (types for the control task; default: the token at the position before the last).
+    for the positions to examine (default: the last). `control_types`: the Hewitt-Liang type of
+    each prompt (each type gets a random label in the control task; choose a type the bridge is
+    a function of, e.g. the fact token a->b, so that memorising types solves the control as
+    well as the task; default: the token before the last).
     """
     arch = Arch.of(model)
     tokens = check_tokens(tokens, arch.d_vocab)
@@ -150,7 +152,7 @@ def multihop(
     if n < 20:
         raise ValueError(f"tokens: expected at least 20 prompts to split probes by example, got {n}")
     pos = {"last": seq - 1} if positions is None else {k: int(v) % seq for k, v in positions.items()}
-    types = (tokens[:, -2] if entity is None else entity).cpu()
+    types = (tokens[:, -2] if control_types is None else control_types).cpu()
     base = random_like(model, seed) if baseline is None else baseline
 
     def probes_for(m: HookedTransformer) -> dict[tuple[str, str], ProbeResult]:

@@ -52,7 +52,7 @@ def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0) -
     model = _load(spec)
     x = inputs.twohop(spec, model, n, seed)
     return multihop(model, x.tokens, x.bridge, x.answer, partner_tokens=x.partner_tokens,
-                    partner_answer=x.partner_answer, positions=x.positions, entity=x.entity, seed=seed)
+                    partner_answer=x.partner_answer, positions=x.positions, control_types=x.control_types, seed=seed)
 
 
 def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0) -> PlanAheadResult:
