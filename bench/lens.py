@@ -19,6 +19,7 @@ import time
 import warnings
 
 import torch
+from timing import best_of, gpt2_shaped
 from transformer_lens import HookedTransformerConfig
 
 from interp.lens import TunedLens, TunedLensConfig, logit_lens, residual_stack, softmax_regression
@@ -28,17 +29,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def model_cfg() -> HookedTransformerConfig:
-    return HookedTransformerConfig(n_layers=6, d_model=256, n_heads=8, d_head=32, d_mlp=1024, n_ctx=64,
-                                   d_vocab=2000, act_fn="gelu_new", normalization_type="LN", seed=0)
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return gpt2_shaped(n_ctx=64)
 
 
 def bench_logit_lens(model, toks) -> None:
