@@ -13,9 +13,10 @@ from interp.models import list_organisms, read_manifest
 from interp.report import Report, Section
 
 INTRO = {
-    "multihop": "organism:multihop answers 'hop2 a =' from four in-context facts a->b, b->c, d->e, e->f. "
-                "Probes and the logit lens read the bridge b and the answer c by layer; interchange "
-                "interventions patch the last position's residual from a prompt whose bridge differs.",
+    "multihop": "organism:multihop reads a hop marker, four one-token facts a>b, b>c, d>e, e>f (random order) "
+                "and the queried entity a, and answers c (two hops; one hop is the control). Probes and the "
+                "logit lens read the bridge b and the answer c by layer; interchange interventions patch the "
+                "last position's residual from a prompt whose bridge differs.",
     "plan-ahead": "organism:planning emits a multi-token word chosen by an earlier cue. At the position before "
                   "the word, does the hidden state already encode the 2nd and 3rd tokens ahead?",
     "decay": "Three retrieval organisms that differ only in positional scheme (learned, rotary, none) retrieve "
@@ -32,10 +33,12 @@ def _zoo_section() -> Section:
     rows = []
     for name in list_organisms():
         m = read_manifest(f"organism:{name}")
-        metrics = m.get("metrics", {})
-        rows.append({"organism": name, "task": m.get("task", ""), "mechanism": m.get("mechanism", ""),
-                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-    table = pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0)
+        accepted = "; ".join(f"{a.get('what', k)}: {a['value']:.3f} (needs {a['op']} {a['threshold']})"
+                             for k, a in m.get("acceptance", {}).items())
+        rows.append({"organism": name, "task": m.get("task", ""), "known mechanism": m.get("mechanism", ""),
+                     "acceptance (held-out)": accepted, "training": f"{m.get('steps')} steps, "
+                                                                   f"{m.get('train_seconds', 0):.0f} s"})
+    table = pd.DataFrame(rows).to_html(index=False, border=0)
     return Section("The shipped organisms", "Small transformers trained here on tasks with known mechanisms.",
                    [], table)
 

@@ -102,15 +102,19 @@ class MultihopResult:
             "probe accuracy (test)", "logit lens: reciprocal rank at the last position",
             "interchange-intervention accuracy"))
         palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+        shown: set[str] = set()
         for col, analysis in ((1, "probe"), (2, "logit_lens_rr"), (3, "iia")):
             sub = frame[frame.analysis == analysis]
             for i, ((pos, target, model), g) in enumerate(sub.groupby(["position", "target", "model"], sort=False)):
                 g = g.sort_values("layer")
+                name = f"{target} @ {pos} ({model})"
                 fig.add_trace(go.Scatter(
-                    x=g.layer_label, y=g.value, mode="lines+markers", name=f"{target} @ {pos} ({model})",
+                    x=g.layer_label, y=g.value, mode="lines+markers", name=name, legendgroup=name,
+                    showlegend=name not in shown,
                     line=dict(color=palette[i % len(palette)], dash="dot" if model != "trained" else "solid"),
                     error_y=dict(type="data", symmetric=False, array=g.ci_high - g.value,
                                  arrayminus=g.value - g.ci_low)), row=1, col=col)
+                shown.add(name)
         fig.update_layout(title=f"Multi-hop: bridge and answer by layer — {self.model_name}",
                           template="plotly_white", height=450)
         return fig
