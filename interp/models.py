@@ -36,6 +36,8 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from interp.configs import unknown_keys
+
 log = logging.getLogger(__name__)
 
 ORGANISM_PREFIX = "organism:"
@@ -97,8 +99,7 @@ def config_to_dict(cfg: HookedTransformerConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
-    known = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
-    unknown = sorted(set(d) - known)
+    unknown = unknown_keys(HookedTransformerConfig, d)
     if unknown:
         raise ModelLoadError(
             f"model config: expected HookedTransformerConfig fields, got unknown keys {unknown}"

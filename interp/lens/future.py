@@ -29,7 +29,6 @@ tokens seen in training, not the whole vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from interp.configs import from_dict
 from interp.lens.residual import compute_dtype, layer_labels, model_name, residual_stack
 from interp.stats import Estimate, bootstrap
 from interp.tokens import check_tokens
@@ -92,11 +92,7 @@ class FutureLensConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> FutureLensConfig:
         """Build from a dict (e.g. parsed YAML); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(FutureLensConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"FutureLensConfig: expected keys from {sorted(known)}, got unknown {unknown}")
-        return FutureLensConfig(**d)
+        return from_dict(FutureLensConfig, d)
 
 
 # ------------------------------------------------------------------------ the batched solver

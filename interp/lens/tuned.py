@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from interp.configs import from_dict
 from interp.lens.logit import LensResult, logit_lens, run_lens, summarise
 from interp.lens.residual import (
     Decoder,
@@ -85,11 +86,7 @@ class TunedLensConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TunedLensConfig:
         """Build from a dict (e.g. parsed YAML); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(TunedLensConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TunedLensConfig: expected keys from {sorted(known)}, got unknown {unknown}")
-        return TunedLensConfig(**d)
+        return from_dict(TunedLensConfig, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,6 +29,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.configs import from_dict
 from interp.graph import Node
 from interp.sae.data import ActivationBatches, ChunkSource, collect_activations, hook_name_of, source_of
 from interp.tokens import Batch
@@ -80,11 +81,7 @@ class TrainConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
         """Build from a dict (e.g. YAML), rejecting unknown keys."""
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: expected keys among {sorted(known)}, got unknown keys {unknown}")
-        return TrainConfig(**d)
+        return from_dict(TrainConfig, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
