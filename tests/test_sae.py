@@ -402,7 +402,8 @@ def test_cli_train_then_eval(tmp_path, gpt2_model):
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     ref = isae.evaluate(gpt2_model, isae.load(tmp_path / "s"), toks)
-    assert got["l0"] == pytest.approx(ref.l0) and got["ce_score"] == pytest.approx(ref.ce_score, rel=1e-5)
+    assert got["l0"] == pytest.approx(ref.l0)
+    assert got["ce_score[next-token]"] == pytest.approx(ref.ce_for("next-token").score, rel=1e-5)
 
 
 # ------------------------------------------------------------------------ multihop ground truth
@@ -471,3 +472,172 @@ def test_multihop_steering_bridge_features_moves_the_answer(multihop_parts):
           f"original answer kept {bootstrap((pred == test.answer).float())}; control (same bridge) "
           f"accuracy {kept}")
     assert follows.low > 0.8 and kept.low > 0.8
+
+
+# ------------------------------------------------------------------- SAE <-> model <-> hook checks
+
+def _twin(model, *, perturb: bool):
+    """A model with `model`'s config and weights (one weight moved by 1e-3 if `perturb`)."""
+    from interp.models import new_model
+
+    twin = new_model(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    if perturb:
+        with torch.no_grad():
+            twin.W_E[0, 0] += 1e-3
+    return twin.eval()
+
+
+def test_model_fingerprint_is_the_saved_checkpoints_sha256(tmp_path, gpt2_model, llama_model, trained):
+    from interp.models import read_manifest, save_model
+
+    for model in (gpt2_model, llama_model):
+        save_model(model, tmp_path / model.cfg.positional_embedding_type)
+        want = read_manifest(tmp_path / model.cfg.positional_embedding_type)["sha256"]  # sha256 of the file
+        assert isae.model_fingerprint(model) == want == isae.model_fingerprint(model, cache=False)
+    # train() records it; a twin with the same weights has it, an in-place edit changes it (memo invalidated)
+    assert trained[0].sae.cfg.metadata.model_sha256 == isae.model_fingerprint(gpt2_model)
+    twin = _twin(gpt2_model, perturb=False)
+    assert isae.model_fingerprint(twin) == isae.model_fingerprint(gpt2_model)
+    with torch.no_grad():
+        twin.W_E[0, 0] += 1e-3
+    assert isae.model_fingerprint(twin) == isae.model_fingerprint(twin, cache=False) != isae.model_fingerprint(gpt2_model)
+    # the fingerprint survives save / load of the SAE (cfg.json and the manifest)
+    path = isae.save(trained[0].sae, tmp_path / "s")
+    assert isae.read_manifest(path)["model_sha256"] == isae.model_fingerprint(gpt2_model)
+    assert isae.load(path).cfg.metadata.model_sha256 == isae.model_fingerprint(gpt2_model)
+
+
+def _uses(model, up, down, toks):
+    """Every public call that uses an SAE with a model (name -> thunk), for SAE `down` (and `up`)."""
+    metric = isae.answer_logprob(toks[:, 0])
+    sel = isae.select_features(torch.rand(8, down.cfg.d_sae), torch.arange(8) % 2, k=2)
+
+    def ctx(cm):
+        def run():
+            with cm():
+                pass
+        return run
+
+    return {
+        "evaluate": lambda: isae.evaluate(model, down, toks),
+        "splice": ctx(lambda: isae.splice(model, down)),
+        "steer": ctx(lambda: isae.steer(model, down, 0, 1.0)),
+        "steer_label": ctx(lambda: isae.steer_label(model, down, sel, torch.zeros(toks.shape[0], dtype=torch.long))),
+        "trace": lambda: isae.trace(model, down, toks, k=2),
+        "feature_activations": lambda: isae.feature_activations(model, down, toks),
+        "direct_logit_effect": lambda: isae.direct_logit_effect(model, down),
+        "ablate": lambda: isae.ablate(model, down, toks, [0], metric),
+        "attribute": lambda: isae.attribute(model, down, toks, metric),
+        "steering_curve": lambda: isae.steering_curve(model, down, toks, 0, [1.0], metric),
+        "attribute_sources": lambda: isae.attribute_sources(model, up, down, 0, toks),
+        "exact_source_effects": lambda: isae.exact_source_effects(model, up, down, 0, toks, features=[0]),
+        "feature_graph": lambda: isae.feature_graph(model, [up, down], 0, toks, top_k=1),
+        "label_feature_test": lambda: isae.label_feature_test(model, down, toks, toks[:, 1] % 2, toks[:, 0], k=2,
+                                                              n_random=1, n_boot=10),
+    }
+
+
+def test_every_sae_use_checks_the_model(gpt2_model, trained):
+    """An SAE used with another model of the same shape (one weight differs by 1e-3) raises in
+    every call that uses an SAE with a model, before any work; the twin with equal weights passes."""
+    other = _twin(gpt2_model, perturb=True)
+    toks = _tokens(6, 8, 29)
+    for name, use in _uses(other, trained[0].sae, trained[1].sae, toks).items():
+        with pytest.raises(isae.SAEMismatchError, match=r"SAE model: expected weights with sha256 .*, got .*"
+                                                        r"allow_mismatch=True"):
+            use()
+        print(f"{name}: raises")
+    same = _twin(gpt2_model, perturb=False)
+    for use in _uses(same, trained[0].sae, trained[1].sae, toks).values():
+        use()
+
+
+def test_sae_at_another_hook_of_the_same_width_raises(gpt2_model, trained):
+    sae = trained[0].sae  # blocks.0.hook_resid_post; blocks.1.hook_resid_post has the same width
+    toks = _tokens(12, 10, 31)
+    msg = r"SAE hook: expected blocks.0.hook_resid_post .*, got blocks.1.hook_resid_post; .*allow_mismatch=True"
+    with pytest.raises(isae.SAEMismatchError, match=msg):
+        isae.evaluate(gpt2_model, sae, toks, "blocks.1.hook_resid_post")
+    with pytest.raises(isae.SAEMismatchError, match=msg):
+        with isae.splice(gpt2_model, sae, "blocks.1.hook_resid_post"):
+            pass
+    with pytest.raises(isae.SAEMismatchError, match=msg):
+        with isae.steer(gpt2_model, sae, 0, 1.0, hook="blocks.1.hook_resid_post"):
+            pass
+    assert not gpt2_model.hook_dict["blocks.1.hook_resid_post"]._forward_hooks
+
+
+def _relabelled(sae, model, hook=None):
+    """A copy of `sae` that records `model` (and `hook`) as the ones it was trained on."""
+    import copy
+
+    out = copy.deepcopy(sae)
+    out.cfg.metadata.model_sha256 = isae.model_fingerprint(model)
+    if hook is not None:
+        out.cfg.metadata.hook_name = hook
+    return out
+
+
+def test_allow_mismatch_returns_the_unchecked_numbers(gpt2_model, trained):
+    """The override runs exactly what an unchecked call runs: the same numbers as the same SAE
+    relabelled to the hook / model it is used with (so the check has nothing to object to)."""
+    sae = trained[0].sae
+    toks = _tokens(12, 10, 37)
+    other = _twin(gpt2_model, perturb=True)
+    hook = "blocks.1.hook_resid_post"
+    got = isae.evaluate(other, sae, toks, hook, allow_mismatch=True)
+    ref = isae.evaluate(other, _relabelled(sae, other, hook), toks, hook)
+    assert got.values == ref.values
+    metric = isae.answer_logprob(toks[:, 0])
+    assert_close(isae.ablate(other, sae, toks, [1, 2], metric, allow_mismatch=True),
+                 isae.ablate(other, _relabelled(sae, other), toks, [1, 2], metric), rtol=0, atol=0)
+    tr = isae.trace(other, sae, toks, k=3, allow_mismatch=True)
+    assert_close(tr.top_values, isae.trace(other, _relabelled(sae, other), toks, k=3).top_values, rtol=0, atol=0)
+
+
+def test_sae_width_mismatch_is_our_error(gpt2_model, trained):
+    """An SAE of another width (d_in 16 at a 32-wide hook) fails with the toolkit's message, not a
+    raw matmul error from inside sae-lens; the override cannot make it run."""
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=8))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    toks = _tokens(4, 6, 41)
+    msg = r"SAE input width at blocks.0.hook_resid_post: expected 16 \(the SAE's d_in\), got activations of width 32"
+    for allow in (False, True):
+        with pytest.raises(isae.SAEMismatchError, match=msg):
+            isae.evaluate(gpt2_model, sae, toks, allow_mismatch=allow)
+        with pytest.raises(isae.SAEMismatchError, match=msg):
+            isae.trace(gpt2_model, sae, toks, allow_mismatch=allow)
+    # the MLP hidden layer is 64 wide: the width is read at the hook itself
+    mlp = StandardSAE(StandardSAEConfig(d_in=gpt2_model.cfg.d_mlp, d_sae=8))
+    mlp.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    with pytest.raises(isae.SAEMismatchError, match="expected 64"):
+        isae.feature_activations(gpt2_model, mlp, toks)
+    mlp.cfg.metadata.hook_name = "blocks.0.mlp.hook_post"
+    assert isae.feature_activations(gpt2_model, mlp, toks).shape == (4, 8)
+
+
+def test_multihop_sae_is_checked_and_its_ce_score_names_its_targets(multihop_parts):
+    """The shipped SAE passes the check with the organism it was trained on and refuses another
+    hook of the same width; its CE score is reported per target set, and the manifest's numbers
+    (quoted in data/sae/README.md and the README) are those of a fresh evaluation on the same
+    held-out prompts."""
+    from interp.models import read_manifest
+    from interp.sae.commands import _target_sets, organism_data
+
+    model, sae = multihop_parts
+    assert sae.cfg.metadata.model_sha256 == isae.model_fingerprint(model) == read_manifest("organism:multihop")["sha256"]
+    manifest = isae.read_manifest(f"sae:{MULTIHOP_SAE}")
+    toks, answers, _ = organism_data("multihop", manifest["data"]["n_eval"], manifest["data"]["eval_seed"])
+    with pytest.raises(isae.SAEMismatchError, match="SAE hook: expected blocks.0.hook_resid_post"):
+        isae.evaluate(model, sae, toks, "blocks.1.hook_resid_post")
+    ev = isae.evaluate(model, sae, toks, targets=_target_sets(toks, answers))
+    print(f"\n{ev}")
+    assert [c.targets for c in ev.ce] == ["next-token", "answer"]
+    assert ev.ce_for("answer").n_targets == toks.shape[0]
+    assert ev.ce_for("next-token").n_targets == toks.shape[0] * (toks.shape[1] - 1)
+    assert ev.values == pytest.approx(manifest["eval"], rel=1e-5, abs=1e-9)
+    frame = ev.to_frame()
+    assert frame.loc[(frame.metric == "ce_score") & (frame.targets == "answer"), "value"].item() == pytest.approx(
+        ev.ce_for("answer").score)
+    assert "on answer targets (1000 positions" in str(ev)

@@ -8,7 +8,11 @@ this package adds what an investigation needs:
   toolkit's caches/stores), CPU minutes for the organisms;
 - `load` / `save`: sae-lens's on-disk format (+ a manifest with sha256), pretrained releases
   (clear offline error), shipped SAEs (``sae:NAME`` -> data/sae/NAME);
-- `evaluate`: variance explained, L0, dead/dense fractions, CE loss recovered when spliced in;
+- `evaluate`: variance explained, L0, dead/dense fractions, CE loss recovered when spliced in,
+  per named target set (next-token, answer position, ...);
+- `check_sae`: every call that uses an SAE with a model first checks the SAE's recorded hook,
+  model weights (`model_fingerprint`) and width, and raises `SAEMismatchError` on a mismatch
+  (``allow_mismatch=True`` overrides the hook and model checks);
 - `trace`: top-activating contexts and direct logit effects; `attribute` (activation x gradient)
   with `check_attribution` (exact ablation); `ablate`; `steer`; `feature_graph` (cross-layer
   tracing through upstream features and attention heads); `select_features` (features that carry
@@ -18,9 +22,10 @@ Caveat: attribution is a first-order estimate; always look at its correlation wi
 ablation before trusting a ranking.
 """
 
+from interp.sae.checks import SAEMismatchError, check_sae, model_fingerprint
 from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
 from interp.sae.dashboard import feature_dashboard, write_dashboards
-from interp.sae.evaluation import SAEEval, evaluate, reconstruct, splice
+from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice
 from interp.sae.io import SAELoadError, list_saes, load, read_manifest, save
 from interp.sae.planted import PlantedConfig, PlantedResult
 from interp.sae.selection import (
@@ -53,11 +58,11 @@ from interp.sae.tracing import (
 from interp.sae.training import TrainConfig, TrainResult, train, train_on_batches
 
 __all__ = [
-    "AttributionCheck", "Context", "FeatureAttribution", "FeatureGraph", "FeatureSelection", "FeatureTrace",
-    "LabelFeatureTest", "Metric", "PlantedConfig", "PlantedResult", "SAEEval", "SAELoadError", "Steering", "TrainConfig",
-    "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution",
+    "AttributionCheck", "CELoss", "Context", "FeatureAttribution", "FeatureGraph", "FeatureSelection", "FeatureTrace",
+    "LabelFeatureTest", "Metric", "PlantedConfig", "PlantedResult", "SAEEval", "SAELoadError", "SAEMismatchError", "Steering", "TrainConfig",
+    "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution", "check_sae",
     "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_dashboard",
-    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff",
+    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff", "model_fingerprint",
     "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steer_label", "steering_curve", "trace",
     "train", "train_on_batches", "write_dashboards",
 ]

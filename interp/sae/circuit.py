@@ -28,7 +28,8 @@ from transformer_lens import HookedTransformer
 
 from interp.graph import Site, node_from_hook_name
 from interp.sae.data import as_batch
-from interp.sae.evaluation import sae_hook_name, splice
+from interp.sae.checks import check_sae
+from interp.sae.evaluation import spliced_at
 from interp.sae.tracing import _pearson, _zero_features
 from interp.tokens import Batch
 
@@ -73,10 +74,11 @@ def _target_positions(batch: Batch, pos: int | Tensor) -> Tensor:
 
 def attribute_sources(
     model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, tokens: Tensor | Batch,
-    pos: int | Tensor = -1,
+    pos: int | Tensor = -1, *, allow_mismatch: bool = False,
 ) -> Sources:
     """Activation x gradient of downstream `feature` (at `pos`) w.r.t. upstream features and heads."""
-    up, down = sae_hook_name(model, upstream), sae_hook_name(model, downstream)
+    up = check_sae(model, upstream, allow_mismatch=allow_mismatch)
+    down = check_sae(model, downstream, allow_mismatch=allow_mismatch)
     if _order(up) >= _order(down):
         raise ValueError(f"cross-layer tracing: expected the upstream SAE's hook before the downstream one's, "
                          f"got {up} and {down}")
@@ -119,8 +121,8 @@ def attribute_sources(
     return Sources(feat, heads, tuple(layers), target.detach().float().cpu())
 
 
-def _target_value(model: HookedTransformer, downstream: SAE, feature: int, toks: Tensor, p: Tensor) -> Tensor:
-    down = sae_hook_name(model, downstream)
+def _target_value(model: HookedTransformer, downstream: SAE, down: str, feature: int, toks: Tensor,
+                  p: Tensor) -> Tensor:
     saved: dict[str, Tensor] = {}
 
     def grab(act: Tensor, hook: Any) -> None:
@@ -136,17 +138,20 @@ def _target_value(model: HookedTransformer, downstream: SAE, feature: int, toks:
 def exact_source_effects(
     model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, tokens: Tensor | Batch,
     *, features: Sequence[int] = (), heads: Sequence[tuple[int, int]] = (), pos: int | Tensor = -1,
+    allow_mismatch: bool = False,
 ) -> tuple[Float[Tensor, "batch n_feat"], Float[Tensor, "batch n_head"]]:
     """target(clean) - target(ablated) for each upstream feature (zeroed at all positions, error
     term kept) and each head (its hook_z zeroed), per example."""
+    up = check_sae(model, upstream, allow_mismatch=allow_mismatch)
+    down = check_sae(model, downstream, allow_mismatch=allow_mismatch)
     batch = as_batch(tokens, model.cfg.d_vocab)
     toks = batch.tokens.to(model.cfg.device)
     p = _target_positions(batch, pos).to(model.cfg.device)
-    clean = _target_value(model, downstream, feature, toks, p)
+    clean = _target_value(model, downstream, down, feature, toks, p)
     fe = []
     for i in features:
-        with splice(model, upstream, error_term=True, edit=_zero_features(torch.tensor([int(i)]))):
-            fe.append(clean - _target_value(model, downstream, feature, toks, p))
+        with spliced_at(model, upstream, up, error_term=True, edit=_zero_features(torch.tensor([int(i)]))):
+            fe.append(clean - _target_value(model, downstream, down, feature, toks, p))
     he = []
     for layer, head in heads:
         def zero(act: Tensor, hook: Any, _h: int = head) -> Tensor:
@@ -155,7 +160,7 @@ def exact_source_effects(
             return act
 
         with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)]):
-            he.append(clean - _target_value(model, downstream, feature, toks, p))
+            he.append(clean - _target_value(model, downstream, down, feature, toks, p))
     n = toks.shape[0]
     return (torch.stack(fe, 1) if fe else torch.zeros(n, 0), torch.stack(he, 1) if he else torch.zeros(n, 0))
 
@@ -203,17 +208,18 @@ class FeatureGraph:
 
 def feature_graph(
     model: HookedTransformer, saes: Sequence[SAE], feature: int, tokens: Tensor | Batch, *,
-    pos: int | Tensor = -1, top_k: int = 5, check: bool = True,
+    pos: int | Tensor = -1, top_k: int = 5, check: bool = True, allow_mismatch: bool = False,
 ) -> FeatureGraph:
     """Trace `feature` of the last SAE in `saes` (ordered by depth) back through the others.
 
     At each level the `top_k` upstream features and `top_k` heads by |mean attribution| become
     edges; the features recurse one level up. With `check`, every edge's exact ablation effect
     is measured and the Pearson correlation of attribution vs exact over edges is reported.
+    Every SAE's recorded hook and model are checked (`check_sae`; `allow_mismatch` skips that).
     """
     if len(saes) < 2:
         raise ValueError(f"feature_graph: expected at least 2 SAEs (upstream ... target), got {len(saes)}")
-    names = tuple(sae_hook_name(model, s) for s in saes)
+    names = tuple(check_sae(model, s, allow_mismatch=allow_mismatch) for s in saes)
     if any(_order(a) >= _order(b) for a, b in zip(names, names[1:], strict=False)):
         raise ValueError(f"feature_graph: expected SAEs ordered by depth, got hooks {list(names)}")
     last = len(saes) - 1
@@ -229,7 +235,8 @@ def feature_graph(
     for level in range(last, 0, -1):
         nxt: list[int] = []
         for tgt in frontier:
-            src = attribute_sources(model, saes[level - 1], saes[level], tgt, tokens, pos)
+            src = attribute_sources(model, saes[level - 1], saes[level], tgt, tokens, pos,
+                                    allow_mismatch=allow_mismatch)
             fmean = src.features.mean(0)
             top_f = [int(i) for i in fmean.abs().topk(min(top_k, fmean.numel())).indices if float(fmean[i]) != 0]
             hmean = src.heads.mean(0)
@@ -240,7 +247,7 @@ def feature_graph(
             exact_f = exact_h = None
             if check:
                 ef, eh = exact_source_effects(model, saes[level - 1], saes[level], tgt, tokens, features=top_f,
-                                              heads=top_h, pos=pos)
+                                              heads=top_h, pos=pos, allow_mismatch=allow_mismatch)
                 exact_f, exact_h = ef.mean(0), eh.mean(0)
             for r, i in enumerate(top_f):
                 node_rows.setdefault(fid(level - 1, i), {"id": fid(level - 1, i), "kind": "feature",

@@ -70,20 +70,23 @@ def organism_data(name: str, n: int, seed: int) -> tuple[Tensor, Tensor | None, 
 def _eval_table(ev: Any) -> Table:
     table = Table(title=f"SAE at {ev.hook_name} ({ev.n_tokens} tokens)")
     table.add_column("metric")
+    table.add_column("CE targets")
     table.add_column("value", justify="right")
-    for k, v in ev.values.items():
-        table.add_row(k, f"{v:.4f}")
+    for row in ev.to_frame().itertuples():
+        value = f"{int(row.value)}" if row.metric == "ce_n" else f"{row.value:.4f}"
+        table.add_row(row.metric, row.targets or "", value)
     return table
 
 
-def _model_sha(spec: str) -> str | None:
-    """The sha256 of a local model's weights (from its manifest), to detect a stale SAE."""
-    from interp.models import ModelLoadError, read_manifest
+def _target_sets(toks: Tensor, answer_targets: Tensor | None) -> dict[str, Tensor]:
+    """CE target sets: next-token prediction everywhere, and the task's answer position if known."""
+    from interp.sae.evaluation import NEXT_TOKEN, next_token_targets
+    from interp.tokens import Batch
 
-    try:
-        return read_manifest(spec).get("sha256")
-    except (ModelLoadError, OSError):
-        return None
+    sets = {NEXT_TOKEN: next_token_targets(Batch.of(toks))}
+    if answer_targets is not None:
+        sets["answer"] = answer_targets
+    return sets
 
 
 @app.command("train")
@@ -120,9 +123,9 @@ def train_cmd(
     eval_toks, targets, _ = load_data(model, tokens, n_eval, seed + 1_000_003)
     if tokens is not None:
         eval_toks = toks[-n_eval:]
-    ev = evaluate(m, res.sae, eval_toks, targets=targets, positions=positions)
+    ev = evaluate(m, res.sae, eval_toks, targets=_target_sets(eval_toks, targets), positions=positions)
     manifest = {
-        "model": model, "model_sha256": _model_sha(model), "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
+        "model": model, "model_sha256": res.sae.cfg.metadata.get("model_sha256"), "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
         "data": {"source": str(tokens) if tokens else f"{model} dataset", "n_prompts": n_prompts, "seed": seed,
                  "eval_seed": seed + 1_000_003, "n_eval": n_eval},
         "training_seconds": round(res.seconds, 2), "steps": res.steps, "eval": ev.values,
@@ -147,9 +150,11 @@ def eval_cmd(
     seed: int = typer.Option(1),
     positions: str = typer.Option("all", help="all | last"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    allow_mismatch: bool = typer.Option(False, help="evaluate even if MODEL is not the one the SAE was trained on"),
     threads: int = typer.Option(1),
 ) -> None:
-    """Evaluate an SAE: variance explained, L0, dead/dense fractions, CE score."""
+    """Evaluate an SAE: variance explained, L0, dead/dense fractions, CE score on each target set
+    (next-token; the answer position too for an organism with answers)."""
     _quiet(threads)
     from interp.models import load_model
     from interp.sae.evaluation import evaluate
@@ -158,7 +163,8 @@ def eval_cmd(
     m = load_model(model)
     s = load(sae)
     toks, targets, _ = load_data(model, tokens, n_prompts, seed)
-    ev = evaluate(m, s, toks, targets=targets, positions=positions)
+    ev = evaluate(m, s, toks, targets=_target_sets(toks, targets), positions=positions,
+                  allow_mismatch=allow_mismatch)
     if json_out:
         console.print_json(json.dumps(ev.values))
     else:
@@ -173,6 +179,7 @@ def dashboard_cmd(
     features: str = typer.Option("", help="comma-separated feature ids (default: the 8 most frequent)"),
     n_prompts: int = typer.Option(1000),
     seed: int = typer.Option(1),
+    allow_mismatch: bool = typer.Option(False, help="trace even if MODEL is not the one the SAE was trained on"),
     threads: int = typer.Option(1),
 ) -> None:
     """Write an offline HTML page with feature dashboards."""
@@ -185,7 +192,7 @@ def dashboard_cmd(
     m = load_model(model)
     s = load(sae)
     toks, _, tok = load_data(model, None, n_prompts, seed)
-    tr = trace(m, s, toks, tokenizer=tok)
+    tr = trace(m, s, toks, tokenizer=tok, allow_mismatch=allow_mismatch)
     feats = ([int(f) for f in features.split(",") if f.strip()] if features
              else tr.features[tr.frequency.argsort(descending=True)[:8]].tolist())
     write_dashboards(tr, feats, out)

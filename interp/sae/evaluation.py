@@ -15,7 +15,7 @@ unchanged unless the features are edited: the basis of feature ablation, attribu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,20 +29,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from interp.graph import Node
-from interp.sae.data import as_batch, hook_name_of, position_mask
+from interp.sae.checks import check_sae
+from interp.sae.data import as_batch, position_mask
 from interp.stats import normalised_effect
 from interp.tokens import Batch
 
 FeatureEdit = Callable[[Tensor], Tensor]
-
-
-def sae_hook_name(model: HookedTransformer, sae: SAE, hook: str | Node | None = None) -> str:
-    """The hook an SAE reads: `hook` if given, else the one recorded in its metadata."""
-    name = hook if hook is not None else sae.cfg.metadata.hook_name
-    if name is None:
-        raise ValueError("SAE hook: expected a hook name (argument or the SAE's metadata.hook_name), got None")
-    name = hook_name_of(model, name)
-    return name
 
 
 def reconstruct(sae: SAE, x: Tensor, *, error_term: bool = False,
@@ -73,21 +65,56 @@ def _splice_fn(sae: SAE, mask: Tensor | None, error_term: bool, edit: FeatureEdi
 
 @contextlib.contextmanager
 def splice(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *, error_term: bool = False,
-           edit: FeatureEdit | None = None, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
+           edit: FeatureEdit | None = None, mask: Tensor | None = None,
+           allow_mismatch: bool = False) -> Iterator[HookedTransformer]:
     """Within the block, the activation at the SAE's hook is replaced by its SAE reconstruction.
 
     `edit` maps the feature activations [.., d_sae] before decoding (ablation, steering);
     `error_term` adds the reconstruction error back (exact forward pass when `edit` is None);
     `mask` (bool [batch, pos]) limits the replacement to some positions. Hooks are removed on exit.
+    The SAE's recorded hook and model are checked (`check_sae`; `allow_mismatch` skips that).
     """
-    name = sae_hook_name(model, sae, hook)
+    name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
+    with spliced_at(model, sae, name, error_term=error_term, edit=edit, mask=mask):
+        yield model
+
+
+@contextlib.contextmanager
+def spliced_at(model: HookedTransformer, sae: SAE, name: str, *, error_term: bool = False,
+               edit: FeatureEdit | None = None, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
+    """`splice` at an already checked hook name (for callers that ran `check_sae` once)."""
     with model.hooks(fwd_hooks=[(name, _splice_fn(sae, mask, error_term, edit))]):
         yield model
 
 
+NEXT_TOKEN = "next-token"
+
+
+@dataclass(frozen=True)
+class CELoss:
+    """Mean cross-entropy against one set of targets with the hook clean, SAE-spliced and zero-ablated.
+
+    `targets` names the target set (e.g. "next-token": every real position predicts its
+    successor; "answer": only the answer position); `n_targets` is how many positions it scores.
+    `score` = (ablate - sae) / (ablate - clean).
+    """
+
+    targets: str
+    n_targets: int
+    clean: float
+    sae: float
+    ablate: float
+    score: float
+
+
 @dataclass(frozen=True)
 class SAEEval:
-    """Quality figures of one SAE on one dataset (see the module docstring for definitions)."""
+    """Quality figures of one SAE on one dataset (see the module docstring for definitions).
+
+    `ce` holds one `CELoss` per target set the CE score was computed on; `ce_score` and the other
+    ``ce_*`` properties are those of the first one (`ce_targets` names it). A CE score depends on
+    which positions are scored: say which whenever you quote one.
+    """
 
     hook_name: str
     variance_explained: float
@@ -95,23 +122,58 @@ class SAEEval:
     l0: float
     dead_fraction: float
     dense_fraction: float
-    ce_clean: float
-    ce_sae: float
-    ce_ablate: float
-    ce_score: float
+    ce: tuple[CELoss, ...]
     n_tokens: int
     feature_frequency: Float[Tensor, "d_sae"]
     dense_threshold: float
 
     @property
+    def ce_targets(self) -> str:
+        return self.ce[0].targets
+
+    @property
+    def ce_clean(self) -> float:
+        return self.ce[0].clean
+
+    @property
+    def ce_sae(self) -> float:
+        return self.ce[0].sae
+
+    @property
+    def ce_ablate(self) -> float:
+        return self.ce[0].ablate
+
+    @property
+    def ce_score(self) -> float:
+        return self.ce[0].score
+
+    def ce_for(self, targets: str) -> CELoss:
+        """The CE figures on one named target set."""
+        for c in self.ce:
+            if c.targets == targets:
+                return c
+        raise KeyError(f"CE targets: expected one of {[c.targets for c in self.ce]}, got {targets!r}")
+
+    @property
     def values(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("variance_explained", "mse", "l0", "dead_fraction",
-                                              "dense_fraction", "ce_clean", "ce_sae", "ce_ablate",
-                                              "ce_score")}
+        """Reconstruction figures, then ``ce_clean[T]``, ``ce_sae[T]``, ``ce_ablate[T]``, ``ce_score[T]``
+        and ``ce_n[T]`` for each target set T."""
+        out = {k: getattr(self, k) for k in ("variance_explained", "mse", "l0", "dead_fraction", "dense_fraction")}
+        for c in self.ce:
+            out.update({f"ce_clean[{c.targets}]": c.clean, f"ce_sae[{c.targets}]": c.sae,
+                        f"ce_ablate[{c.targets}]": c.ablate, f"ce_score[{c.targets}]": c.score,
+                        f"ce_n[{c.targets}]": float(c.n_targets)})
+        return out
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per metric."""
-        return pd.DataFrame([{"hook": self.hook_name, "metric": k, "value": v} for k, v in self.values.items()])
+        """One row per metric; CE rows name their target set in ``targets`` (None elsewhere)."""
+        rows = [{"hook": self.hook_name, "metric": k, "targets": None, "value": getattr(self, k)}
+                for k in ("variance_explained", "mse", "l0", "dead_fraction", "dense_fraction")]
+        for c in self.ce:
+            rows += [{"hook": self.hook_name, "metric": f"ce_{k}", "targets": c.targets, "value": float(getattr(c, k))}
+                     for k in ("clean", "sae", "ablate", "score")]
+            rows.append({"hook": self.hook_name, "metric": "ce_n", "targets": c.targets, "value": float(c.n_targets)})
+        return pd.DataFrame(rows)
 
     def features_frame(self) -> pd.DataFrame:
         """One row per feature: its firing frequency."""
@@ -123,24 +185,22 @@ class SAEEval:
         """Histogram of log10 feature firing frequency (dead features at -10)."""
         frame = self.features_frame()
         fig = go.Figure(go.Histogram(x=frame["log10_frequency"], nbinsx=50))
+        ce = ", ".join(f"{c.score:.3f} ({c.targets})" for c in self.ce)
         fig.update_layout(title=f"SAE at {self.hook_name}: L0 {self.l0:.1f}, FVE {self.variance_explained:.3f}, "
-                                f"CE score {self.ce_score:.3f}",
+                                f"dead {self.dead_fraction:.2f}, CE score {ce}",
                           xaxis_title="log10 firing frequency", yaxis_title="features", template="plotly_white")
         return fig
 
     def __str__(self) -> str:
+        ce = "; ".join(f"CE score {c.score:.4f} on {c.targets} targets ({c.n_targets} positions: clean {c.clean:.4f} "
+                       f"/ SAE {c.sae:.4f} / ablate {c.ablate:.4f})" for c in self.ce)
         return (f"SAE {self.hook_name}: variance explained {self.variance_explained:.4f}, L0 {self.l0:.2f}, "
-                f"dead {self.dead_fraction:.3f}, dense {self.dense_fraction:.3f}, CE clean {self.ce_clean:.4f} "
-                f"/ SAE {self.ce_sae:.4f} / ablate {self.ce_ablate:.4f}, CE score {self.ce_score:.4f}")
+                f"dead {self.dead_fraction:.3f}, dense {self.dense_fraction:.3f}; {ce}")
 
 
-def _zero(act: Tensor, hook: Any) -> Tensor:
-    return torch.zeros_like(act)
-
-
-def _ce(model: HookedTransformer, tokens: Tensor, targets: Tensor) -> Tensor:
+def _ce(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy per position against `targets` (-1: ignored), 0 where ignored."""
-    logp = model(tokens).log_softmax(-1)
+    logp = logits.log_softmax(-1)
     keep = targets >= 0
     picked = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     return torch.where(keep, -picked, torch.zeros_like(picked))
@@ -153,6 +213,23 @@ def next_token_targets(batch: Batch) -> Int[Tensor, "batch pos"]:
     return t
 
 
+def _target_sets(batch: Batch, targets: Tensor | Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    if targets is None:
+        sets = {NEXT_TOKEN: next_token_targets(batch)}
+    elif isinstance(targets, Tensor):
+        sets = {"given": targets}
+    else:
+        sets = {str(k): v for k, v in targets.items()}
+    if not sets:
+        raise ValueError("evaluate.targets: expected at least one target set, got an empty mapping")
+    for k, v in sets.items():
+        if not isinstance(v, Tensor) or v.shape != batch.tokens.shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"evaluate.targets[{k!r}]: expected shape {tuple(batch.tokens.shape)} (one id per "
+                             f"position, -1 to ignore), got {got}")
+    return sets
+
+
 def evaluate(
     model: HookedTransformer,
     sae: SAE,
@@ -160,48 +237,51 @@ def evaluate(
     hook: str | Node | None = None,
     *,
     positions: str | list[int] | Tensor = "all",
-    targets: Int[Tensor, "batch pos"] | None = None,
+    targets: Tensor | Mapping[str, Tensor] | None = None,
     batch_size: int = 32,
     dense_threshold: float = 0.1,
     progress: bool = False,
+    allow_mismatch: bool = False,
 ) -> SAEEval:
     """Variance explained, L0, dead/dense fractions and CE score of `sae` on `tokens`.
 
-    Reconstruction statistics use the selected `positions`. The CE losses are the mean
-    cross-entropy against `targets` (token id per position, -1 to ignore; default: next-token
-    prediction at every real position); the SAE replaces the hook at the selected positions,
-    zero-ablation likewise.
+    Reconstruction statistics use the selected `positions`. The CE losses are mean cross-entropies
+    against each target set (token id per position, -1 to ignore): `targets` is a [batch, pos]
+    tensor (named "given"), a mapping name -> tensor (several sets from the same forward passes,
+    the first is the headline `ce_score`), or None: next-token prediction at every real position
+    ("next-token"). The SAE replaces the hook at the selected positions, zero-ablation likewise.
+    The SAE's recorded hook and model are checked first (`check_sae`; `allow_mismatch` skips that).
     """
     if not 0 < dense_threshold < 1:
         raise ValueError(f"evaluate.dense_threshold: expected in (0, 1), got {dense_threshold}")
-    name = sae_hook_name(model, sae, hook)
+    name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
-    if targets is None:
-        targets = next_token_targets(batch)
-    elif targets.shape != batch.tokens.shape:
-        raise ValueError(f"evaluate.targets: expected shape {tuple(batch.tokens.shape)} (one id per position, "
-                         f"-1 to ignore), got {tuple(targets.shape)}")
+    sets = _target_sets(batch, targets)
     n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     sum_sq = sum_res = l0_sum = 0.0
     n_tok = 0
-    ce = {"clean": 0.0, "sae": 0.0, "ablate": 0.0}
-    n_pred = 0
+    ce = {t: {"clean": 0.0, "sae": 0.0, "ablate": 0.0} for t in sets}
+    n_pred = dict.fromkeys(sets, 0)
     starts = range(0, batch.tokens.shape[0], batch_size)
     for start in tqdm(starts, desc=f"evaluating SAE at {name}", disable=not progress):
         toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
         m = mask[start:start + batch_size]
-        tgt = targets[start:start + batch_size].to(model.cfg.device)
-        real = tgt >= 0
+        tgts = {t: v[start:start + batch_size].to(model.cfg.device) for t, v in sets.items()}
         grabbed: dict[str, Tensor] = {}
 
         def grab(act: Tensor, hook: Any, grabbed: dict[str, Tensor] = grabbed) -> None:
             grabbed["x"] = act.detach()
 
+        def add_ce(key: str, logits: Tensor, tgts: dict[str, Tensor] = tgts) -> None:
+            # every target set from the same logits, which are dropped right after
+            for t, tgt in tgts.items():
+                ce[t][key] += float(_ce(logits, tgt)[tgt >= 0].double().sum())
+
         with torch.inference_mode():
             with model.hooks(fwd_hooks=[(name, grab)]):
-                loss_clean = _ce(model, toks, tgt)
+                add_ce("clean", model(toks))
             x = grabbed["x"][m.to(grabbed["x"].device)]
             feats = sae.encode(x.to(sae.dtype).to(sae.device))
             x_hat = sae.decode(feats).to(torch.float64).cpu()
@@ -212,28 +292,29 @@ def evaluate(
             sum_sq += float(xd.pow(2).sum())
             sum_res += float((xd - x_hat).pow(2).sum())
             n_tok += xd.shape[0]
-            with splice(model, sae, name, mask=m):
-                loss_sae = _ce(model, toks, tgt)
-            zero = _masked_zero(m)
-            with model.hooks(fwd_hooks=[(name, zero)]):
-                loss_abl = _ce(model, toks, tgt)
-        for key, loss in (("clean", loss_clean), ("sae", loss_sae), ("ablate", loss_abl)):
-            ce[key] += float(loss[real].double().sum())
-        n_pred += int(real.sum())
-    if n_tok == 0 or n_pred == 0:
-        raise ValueError(f"evaluate: expected at least one selected token and one predicted token, got "
-                         f"{n_tok} and {n_pred}")
+            with spliced_at(model, sae, name, mask=m):
+                add_ce("sae", model(toks))
+            with model.hooks(fwd_hooks=[(name, _masked_zero(m))]):
+                add_ce("ablate", model(toks))
+        for t, tgt in tgts.items():
+            n_pred[t] += int((tgt >= 0).sum())
+    empty = [t for t, n in n_pred.items() if n == 0]
+    if n_tok == 0 or empty:
+        raise ValueError(f"evaluate: expected at least one selected token and one predicted token per target set, "
+                         f"got {n_tok} selected tokens and no predicted token for {empty}")
     total_var = sum_sq / n_tok - float((sum_x / n_tok).pow(2).sum())
     mse = sum_res / n_tok
     fve = 1.0 - mse / total_var if total_var > 1e-12 else float("nan")
     freq = (n_fire / n_tok).float()
-    ce_clean, ce_sae, ce_abl = (ce[k] / n_pred for k in ("clean", "sae", "ablate"))
-    score = float(normalised_effect(torch.tensor(ce_sae), ce_abl, ce_clean))
+    losses = []
+    for t in sets:
+        ce_clean, ce_sae, ce_abl = (ce[t][k] / n_pred[t] for k in ("clean", "sae", "ablate"))
+        score = float(normalised_effect(torch.tensor(ce_sae), ce_abl, ce_clean))
+        losses.append(CELoss(t, n_pred[t], ce_clean, ce_sae, ce_abl, score))
     return SAEEval(
         hook_name=name, variance_explained=fve, mse=mse, l0=l0_sum / n_tok,
         dead_fraction=float((freq == 0).float().mean()), dense_fraction=float((freq > dense_threshold).float().mean()),
-        ce_clean=ce_clean, ce_sae=ce_sae, ce_ablate=ce_abl, ce_score=score, n_tokens=n_tok,
-        feature_frequency=freq, dense_threshold=dense_threshold,
+        ce=tuple(losses), n_tokens=n_tok, feature_frequency=freq, dense_threshold=dense_threshold,
     )
 
 

@@ -2,7 +2,10 @@
 
 A saved SAE directory is exactly sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``,
 readable by ``sae_lens.SAE.load_from_disk``) plus a toolkit ``manifest.json`` holding training
-facts, evaluation numbers and the sha256 of the weights (checked on load).
+facts, evaluation numbers, the sha256 of the weights (checked on load) and ``model_sha256``, the
+fingerprint of the model the SAE was trained on (`interp.sae.checks.model_fingerprint`). `load`
+puts that fingerprint into ``sae.cfg.metadata.model_sha256``, so every call that uses the SAE with
+a model checks it (`interp.sae.checks.check_sae`).
 
 ``load("sae:NAME")`` reads ``data/sae/NAME``; ``load(path)`` a local directory;
 ``load(release, sae_id=...)`` a sae-lens pretrained release from the Hugging Face hub. With no
@@ -56,6 +59,7 @@ def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None) 
         facts.setdefault("d_in", sae.cfg.d_in)
         facts.setdefault("d_sae", sae.cfg.d_sae)
         facts.setdefault("hook_name", sae.cfg.metadata.hook_name)
+        facts.setdefault("model_sha256", sae.cfg.metadata.get("model_sha256"))
         write_json_atomic(tmp / MANIFEST, facts)
     return path
 
@@ -100,8 +104,9 @@ def load(spec: str | Path, *, sae_id: str | None = None, device: str | torch.dev
         if missing:
             raise SAELoadError(f"SAE directory {d}: expected {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} "
                                f"(sae-lens format), missing {missing}")
-        if verify and (d / MANIFEST).is_file():
-            want = json.loads((d / MANIFEST).read_text()).get("sha256")
+        manifest = json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).is_file() else {}
+        if verify and manifest:
+            want = manifest.get("sha256")
             got = sha256_file(d / SAE_WEIGHTS_FILENAME)
             if want is not None and want != got:
                 raise SAELoadError(f"SAE weights {d / SAE_WEIGHTS_FILENAME}: expected sha256 {want} (from "
@@ -111,6 +116,8 @@ def load(spec: str | Path, *, sae_id: str | None = None, device: str | torch.dev
             sae = SAE.load_from_disk(d, device=str(device or "cpu"), dtype=dtype_str)
         except Exception as e:
             raise SAELoadError(f"SAE directory {d}: loading failed: {type(e).__name__}: {e}") from e
+        if manifest.get("model_sha256") and "model_sha256" not in sae.cfg.metadata:
+            sae.cfg.metadata.model_sha256 = manifest["model_sha256"]  # the model it was trained on
         return sae.eval()
     return _load_release(s, sae_id, device=str(device or "cpu"), dtype=dtype_str or "float32")
 

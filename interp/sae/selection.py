@@ -22,6 +22,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.sae.checks import check_sae
 from interp.stats import Estimate, bootstrap
 
 
@@ -114,11 +115,12 @@ def select_features(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"], *,
 
 @contextlib.contextmanager
 def steer_label(model: HookedTransformer, sae: SAE, selection: FeatureSelection, new_labels: Int[Tensor, "batch"],
-                *, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
+                *, mask: Tensor | None = None, allow_mismatch: bool = False) -> Iterator[HookedTransformer]:
     """Within the block, rewrite the label the selected features carry (an interchange done in
     feature space): the selected features are zeroed and those whose preferred label is
     ``new_labels[b]`` are set to their mean activation, at the positions in `mask` (bool
-    [batch, pos]; default all). The SAE error term is kept."""
+    [batch, pos]; default all). The SAE error term is kept. The SAE's recorded hook and model are
+    checked (`check_sae`; `allow_mismatch` skips that)."""
     from interp.sae.evaluation import splice
 
     feats = selection.features
@@ -131,7 +133,7 @@ def steer_label(model: HookedTransformer, sae: SAE, selection: FeatureSelection,
         f[..., feats.to(f.device)] = new[:, None, :] if f.ndim == 3 else new
         return f
 
-    with splice(model, sae, error_term=True, edit=edit, mask=mask):
+    with splice(model, sae, error_term=True, edit=edit, mask=mask, allow_mismatch=allow_mismatch):
         yield model
 
 
@@ -197,6 +199,7 @@ def label_feature_test(
     model: HookedTransformer, sae: SAE, tokens: Int[Tensor, "n pos"], labels: Int[Tensor, "n"],
     answers: Int[Tensor, "n"], *, k: int | None = None, pos: int = -1, train_fraction: float = 0.5,
     n_random: int = 5, min_frequency: float = 0.0, per_label: bool = True, seed: int = 0, n_boot: int = 1000,
+    allow_mismatch: bool = False,
 ) -> LabelFeatureTest:
     """Find label features at position `pos` without being told which they are, then test them.
 
@@ -204,18 +207,20 @@ def label_feature_test(
     `k` (default: one per label value, `per_label` selection) are zeroed at `pos` on the held-out
     split (error term kept) and the answer accuracy is compared with zeroing `k` random live
     features (firing at `pos` on at least one train prompt and on >= `min_frequency` of them).
+    The SAE's recorded hook and model are checked first (`check_sae`; `allow_mismatch` skips that).
     """
     from interp.sae.tracing import ablate, feature_activations
 
     if not 0 < train_fraction < 1:
         raise ValueError(f"label_feature_test.train_fraction: expected in (0, 1), got {train_fraction}")
+    check_sae(model, sae, allow_mismatch=allow_mismatch)
     n = tokens.shape[0]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     n_train = int(n * train_fraction)
     tr, te = perm[:n_train], perm[n_train:]
     positions = [pos]
-    acts_tr = feature_activations(model, sae, tokens[tr], positions=positions)
+    acts_tr = feature_activations(model, sae, tokens[tr], positions=positions, allow_mismatch=allow_mismatch)
     sel = select_features(acts_tr, labels[tr], k=k, per_label=per_label)
     chosen = sel.features
     n_labels = int(torch.unique(labels).numel())
@@ -233,7 +238,8 @@ def label_feature_test(
     with torch.inference_mode():
         clean = correct(torch.cat([predicted(model(toks_te[i:i + 256].to(model.cfg.device)))
                                    for i in range(0, toks_te.shape[0], 256)]))
-    ablated = correct(ablate(model, sae, toks_te, chosen, predicted, positions=positions))
+    ablated = correct(ablate(model, sae, toks_te, chosen, predicted, positions=positions,
+                             allow_mismatch=allow_mismatch))
     freq = (acts_tr != 0).float().mean(0)
     live = ((freq > 0) & (freq >= min_frequency)).nonzero()[:, 0]
     pool = live[~torch.isin(live, chosen)]
@@ -242,9 +248,9 @@ def label_feature_test(
                          f"selection for the random baseline, got {pool.numel()}; lower min_frequency")
     rand = torch.stack([
         correct(ablate(model, sae, toks_te, pool[torch.randperm(pool.numel(), generator=g)[:chosen.numel()]],
-                       predicted, positions=positions))
+                       predicted, positions=positions, allow_mismatch=allow_mismatch))
         for _ in range(n_random)]).mean(0)
-    acts_te = feature_activations(model, sae, toks_te, positions=positions)[:, chosen]
+    acts_te = feature_activations(model, sae, toks_te, positions=positions, allow_mismatch=allow_mismatch)[:, chosen]
     read = sel.preferred_label[chosen][acts_te.argmax(1)]
     ident = ((read == labels[te]) & (acts_te.max(1).values > 0)).float()
 

@@ -35,7 +35,8 @@ from transformer_lens import HookedTransformer
 
 from interp.graph import Node
 from interp.sae.data import as_batch, position_mask
-from interp.sae.evaluation import sae_hook_name, splice
+from interp.sae.checks import check_sae
+from interp.sae.evaluation import spliced_at
 from interp.tokens import Batch, Tokenizer
 
 RESIDUAL_WRITERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -81,7 +82,7 @@ def _features_index(sae: SAE, features: Sequence[int] | Tensor | None) -> Tensor
 
 def direct_logit_effect(
     model: HookedTransformer, sae: SAE, features: Sequence[int] | Tensor | None = None, *,
-    scale: float | Tensor = 1.0,
+    scale: float | Tensor = 1.0, allow_mismatch: bool = False,
 ) -> Float[Tensor, "feature d_vocab"]:
     """Each feature's decoder direction through the final norm (linearised) and the unembedding.
 
@@ -89,7 +90,12 @@ def direct_logit_effect(
     multiplies. `scale` is the final norm's scale (the divisor it applies), as the logit lens
     freezes it; pass the mean ``ln_final.hook_scale`` of a dataset for logit units.
     """
-    name = sae_hook_name(model, sae)
+    return _direct_logit_effect(model, sae, check_sae(model, sae, allow_mismatch=allow_mismatch), features,
+                                scale=scale)
+
+
+def _direct_logit_effect(model: HookedTransformer, sae: SAE, name: str, features: Sequence[int] | Tensor | None,
+                         *, scale: float | Tensor) -> Tensor:
     if not name.endswith(RESIDUAL_WRITERS):
         raise ValueError(f"direct logit effect of an SAE at {name}: expected a hook that writes to the residual "
                          f"stream ({', '.join(RESIDUAL_WRITERS)}), got {name}")
@@ -224,13 +230,15 @@ def trace(
     batch_size: int = 64,
     n_samples: int = 2000,
     progress: bool = False,
+    allow_mismatch: bool = False,
 ) -> FeatureTrace:
     """Feature activations over `tokens`: frequency, mean, top-`k` contexts and direct logit effect.
 
     `window` is how many tokens before and after the firing token a context shows.
     `n_samples` non-zero activations per feature are kept for the histogram of the dashboard.
+    The SAE's recorded hook and model are checked (`check_sae`; `allow_mismatch` skips that).
     """
-    name = sae_hook_name(model, sae)
+    name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     idx = _features_index(sae, features)
@@ -285,7 +293,7 @@ def trace(
             row.append(Context(int(idx[i]), r, v, ex, pos, _decode_tokens(tokenizer, ids), pos - lo))
         contexts.append(tuple(row))
     scale = scale_sum / scale_n if scale_n else 1.0
-    effect = (direct_logit_effect(model, sae, idx, scale=scale).float().cpu()
+    effect = (_direct_logit_effect(model, sae, name, idx, scale=scale).float().cpu()
               if name.endswith(RESIDUAL_WRITERS) else torch.zeros(nf, model.cfg.d_vocab))
     vocab = getattr(tokenizer, "vocab", None)
     if vocab is None and tokenizer is not None:
@@ -302,10 +310,10 @@ def trace(
 
 def feature_activations(
     model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, *,
-    positions: str | list[int] | Tensor = "last", batch_size: int = 64,
+    positions: str | list[int] | Tensor = "last", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> Float[Tensor, "n_act d_sae"]:
     """All feature activations at the selected positions (one row per selected token)."""
-    name = sae_hook_name(model, sae)
+    name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     out = []
@@ -332,16 +340,18 @@ def _zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
 def ablate(
     model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, features: Sequence[int] | Tensor,
     metric: Metric | None = None, *, positions: str | list[int] | Tensor = "all", batch_size: int = 64,
+    allow_mismatch: bool = False,
 ) -> Tensor:
     """Run with `features` zeroed at `positions` (error term kept); return metric [batch] or logits."""
+    name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     idx = _features_index(sae, features)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     outs = []
     for start in range(0, batch.tokens.shape[0], batch_size):
         toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        with torch.inference_mode(), splice(model, sae, error_term=True, edit=_zero_features(idx),
-                                            mask=mask[start:start + batch_size]):
+        with torch.inference_mode(), spliced_at(model, sae, name, error_term=True, edit=_zero_features(idx),
+                                                mask=mask[start:start + batch_size]):
             logits = model(toks)
         outs.append(metric(logits) if metric is not None else logits)
     return torch.cat(outs)
@@ -350,16 +360,24 @@ def ablate(
 @contextlib.contextmanager
 def steer(
     model: HookedTransformer, sae: SAE, feature: int, coefficient: float, *,
-    mask: Tensor | None = None, hook: str | Node | None = None,
+    mask: Tensor | None = None, hook: str | Node | None = None, allow_mismatch: bool = False,
 ) -> Iterator[HookedTransformer]:
     """Within the block, `coefficient` x the feature's decoder row is added at the SAE's hook.
 
     The decoder row is used as stored (sae-lens inference SAEs usually have unit-norm rows), so
     `coefficient` is in units of the feature's activation. `mask` (bool [batch, pos]) limits the
-    positions; by default every position is steered.
+    positions; by default every position is steered. The SAE's recorded hook and model are
+    checked (`check_sae`; `allow_mismatch` skips that).
     """
+    name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
+    with _steered_at(model, sae, name, feature, coefficient, mask):
+        yield model
+
+
+@contextlib.contextmanager
+def _steered_at(model: HookedTransformer, sae: SAE, name: str, feature: int, coefficient: float,
+                mask: Tensor | None) -> Iterator[HookedTransformer]:
     idx = _features_index(sae, [feature])
-    name = sae_hook_name(model, sae, hook)
     direction = sae.W_dec.detach()[int(idx[0])]
 
     def add(act: Tensor, hook: Any) -> Tensor:
@@ -412,14 +430,14 @@ class FeatureAttribution:
 
 def attribute(
     model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric, *,
-    positions: str | list[int] | Tensor = "all", batch_size: int = 32,
+    positions: str | list[int] | Tensor = "all", batch_size: int = 32, allow_mismatch: bool = False,
 ) -> FeatureAttribution:
     """Attribute `metric` to the SAE's features: activation x d metric / d activation.
 
     The SAE is spliced in with its error term at the selected positions (so the forward pass is
     the model's own); feature activations are leaves of the gradient computation.
     """
-    name = sae_hook_name(model, sae)
+    name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     batch = as_batch(tokens, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     scores, acts, metrics = [], [], []
@@ -489,14 +507,15 @@ def _pearson(a: Tensor, b: Tensor) -> float:
 def check_attribution(
     model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric,
     attribution: FeatureAttribution, features: Sequence[int] | Tensor | None = None, *, n: int = 20,
-    positions: str | list[int] | Tensor = "all", batch_size: int = 64,
+    positions: str | list[int] | Tensor = "all", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> AttributionCheck:
     """Exact single-feature ablations for `features` (default: the top `n` by |attribution|),
     compared with the attribution estimates: Pearson r over (example, feature) pairs and over
     per-feature means."""
     idx = attribution.top(n) if features is None else _features_index(sae, features)
     exact = torch.stack([attribution.metric - ablate(model, sae, tokens, [int(i)], metric, positions=positions,
-                                                     batch_size=batch_size).float().cpu()
+                                                     batch_size=batch_size,
+                                                     allow_mismatch=allow_mismatch).float().cpu()
                          for i in idx.tolist()], dim=1)
     est = attribution.scores[:, idx]
     return AttributionCheck(idx, est, exact, _pearson(est, exact), _pearson(est.mean(0), exact.mean(0)))
@@ -529,12 +548,13 @@ class Steering:
 
 def steering_curve(
     model: HookedTransformer, sae: SAE, tokens: Tensor, feature: int, coefficients: Sequence[float],
-    metric: Metric, *, mask: Tensor | None = None,
+    metric: Metric, *, mask: Tensor | None = None, allow_mismatch: bool = False,
 ) -> Steering:
     """The metric when steering `feature` by each coefficient."""
+    name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     rows = []
     for c in coefficients:
-        with torch.inference_mode(), steer(model, sae, feature, float(c), mask=mask):
+        with torch.inference_mode(), _steered_at(model, sae, name, feature, float(c), mask):
             rows.append(metric(model(tokens.to(model.cfg.device))).float().cpu())
     return Steering(feature, torch.tensor(list(coefficients), dtype=torch.float32), torch.stack(rows))
 
