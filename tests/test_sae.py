@@ -404,6 +404,17 @@ def test_cli_train_then_eval(tmp_path, gpt2_model):
     ref = isae.evaluate(gpt2_model, isae.load(tmp_path / "s"), toks)
     assert got["l0"] == pytest.approx(ref.l0)
     assert got["ce_score[next-token]"] == pytest.approx(ref.ce_for("next-token").score, rel=1e-5)
+    assert manifest["model_sha256"] == isae.model_fingerprint(gpt2_model)
+    res = runner.invoke(app, ["eval", str(tmp_path / "s"), "--model", str(tmp_path / "m"), "--tokens",
+                              str(tmp_path / "t.safetensors"), "--n-prompts", "20"])
+    assert res.exit_code == 0 and "CE targets" in res.output and "next-token" in res.output, res.output
+    # another model of the same shape: refused, unless --allow-mismatch
+    save_model(_twin(gpt2_model, perturb=True), tmp_path / "m2")
+    args = ["eval", str(tmp_path / "s"), "--model", str(tmp_path / "m2"), "--tokens", str(tmp_path / "t.safetensors"),
+            "--n-prompts", "20", "--json"]
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, isae.SAEMismatchError) and "SAE model: expected" in str(res.exception)
+    assert runner.invoke(app, [*args, "--allow-mismatch"]).exit_code == 0
 
 
 # ------------------------------------------------------------------------ multihop ground truth

@@ -72,9 +72,12 @@ def _eval_table(ev: Any) -> Table:
     table.add_column("metric")
     table.add_column("CE targets")
     table.add_column("value", justify="right")
-    for row in ev.to_frame().itertuples():
-        value = f"{int(row.value)}" if row.metric == "ce_n" else f"{row.value:.4f}"
-        table.add_row(row.metric, row.targets or "", value)
+    for k in ("variance_explained", "mse", "l0", "dead_fraction", "dense_fraction"):
+        table.add_row(k, "", f"{getattr(ev, k):.4f}")
+    for c in ev.ce:
+        for k in ("clean", "sae", "ablate", "score"):
+            table.add_row(f"ce_{k}", c.targets, f"{getattr(c, k):.4f}")
+        table.add_row("ce_n", c.targets, str(c.n_targets))
     return table
 
 
