@@ -614,11 +614,11 @@ def test_sae_width_mismatch_is_our_error(gpt2_model, trained):
     sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     toks = _tokens(4, 6, 41)
     msg = r"SAE input width at blocks.0.hook_resid_post: expected 16 \(the SAE's d_in\), got activations of width 32"
-    for allow in (False, True):
+    for override in ({}, {"allow_mismatch": True}):
         with pytest.raises(isae.SAEMismatchError, match=msg):
-            isae.evaluate(gpt2_model, sae, toks, allow_mismatch=allow)
+            isae.evaluate(gpt2_model, sae, toks, **override)
         with pytest.raises(isae.SAEMismatchError, match=msg):
-            isae.trace(gpt2_model, sae, toks, allow_mismatch=allow)
+            isae.trace(gpt2_model, sae, toks, **override)
     # the MLP hidden layer is 64 wide: the width is read at the hook itself
     mlp = StandardSAE(StandardSAEConfig(d_in=gpt2_model.cfg.d_mlp, d_sae=8))
     mlp.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
@@ -626,6 +626,10 @@ def test_sae_width_mismatch_is_our_error(gpt2_model, trained):
         isae.feature_activations(gpt2_model, mlp, toks)
     mlp.cfg.metadata.hook_name = "blocks.0.mlp.hook_post"
     assert isae.feature_activations(gpt2_model, mlp, toks).shape == (4, 8)
+    # a hook outside the architecture table is measured by a one-token forward pass
+    sae.cfg.metadata.hook_name = "blocks.1.ln2.hook_normalized"
+    with pytest.raises(isae.SAEMismatchError, match="ln2.hook_normalized: expected 16 .*got activations of width 32"):
+        isae.feature_activations(gpt2_model, sae, toks)
 
 
 def test_multihop_sae_is_checked_and_its_ce_score_names_its_targets(multihop_parts):

@@ -9,7 +9,8 @@ SAE with a model goes through `check_sae`, which compares
 - the model: the weight fingerprint the SAE records (``metadata.model_sha256``, written by
   `interp.sae.train`, or the ``model_sha256`` of a saved SAE's manifest) with `model_fingerprint`
   of the model passed in;
-- the width: the SAE's ``d_in`` with the activation width at the hook.
+- the width: the SAE's ``d_in`` with the activation width at the hook (from the architecture;
+  a one-token forward pass for unusual hooks).
 
 A hook or model mismatch raises `SAEMismatchError` unless ``allow_mismatch=True`` (the call then
 runs exactly as an unchecked one would); a width mismatch always raises, since nothing can run.
@@ -32,10 +33,11 @@ import weakref
 from typing import Any
 
 import torch
-from safetensors.torch import _remove_duplicate_names, save
 from sae_lens import SAE
+from safetensors.torch import _remove_duplicate_names, save
 from transformer_lens import HookedTransformer
 
+from interp.arch import Arch
 from interp.graph import Node
 from interp.hooks import hook_layer, resolve_hook
 
@@ -75,25 +77,38 @@ def model_fingerprint(model: torch.nn.Module, *, cache: bool = True) -> str:
     return digest
 
 
+_D_MODEL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                  "hook_embed", "hook_pos_embed", "ln_final.hook_normalized")
+_D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
+_PER_HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
+
+
 def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
-    """The width the SAE would read at hook `name` (one-token forward pass, stopped after the hook)."""
+    """The width the SAE would read at hook `name`: from the architecture for the usual hooks, else
+    from a one-token forward pass (a probe that would also run any hooks the caller has attached)."""
+    arch = Arch.of(model)
+    if name.endswith(_D_MODEL_HOOKS):
+        return arch.d_model
+    if name.endswith(_D_MLP_HOOKS):
+        return int(model.cfg.d_mlp)  # Arch has no d_mlp
+    if name.endswith(_PER_HEAD_HOOKS):
+        # sae-lens flattens the heads of a hook_z SAE; other per-head SAEs read one head's vector
+        flat = name.endswith("hook_z") and getattr(sae.cfg, "reshape_activations", "none") == "hook_z"
+        return arch.n_heads * arch.d_head if flat else arch.d_head
     shape: dict[str, tuple[int, ...]] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
         shape["x"] = tuple(act.shape)
 
     layer = hook_layer(name)
-    stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
+    stop = layer + 1 if layer is not None and layer + 1 < arch.n_layers else None
     tok = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
     with torch.inference_mode(), model.hooks(fwd_hooks=[(name, grab)]):
         model(tok, stop_at_layer=stop)
     if "x" not in shape:
         raise SAEMismatchError(f"SAE hook {name}: expected it to fire on a forward pass, got no activation; "
                                f"use a hook on the model's forward path")
-    s = shape["x"]
-    if len(s) == 4 and getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-        return s[-2] * s[-1]  # sae-lens flattens heads for hook_z SAEs
-    return s[-1]
+    return shape["x"][-1]
 
 
 def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *,

@@ -27,8 +27,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.graph import Site, node_from_hook_name
-from interp.sae.data import as_batch
 from interp.sae.checks import check_sae
+from interp.sae.data import as_batch
 from interp.sae.evaluation import spliced_at
 from interp.sae.tracing import _pearson, _zero_features
 from interp.tokens import Batch

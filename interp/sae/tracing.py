@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from interp.graph import Node
-from interp.sae.data import as_batch, position_mask
 from interp.sae.checks import check_sae
+from interp.sae.data import as_batch, position_mask
 from interp.sae.evaluation import spliced_at
 from interp.tokens import Batch, Tokenizer
 
