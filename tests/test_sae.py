@@ -134,8 +134,10 @@ def test_evaluate_matches_sae_lens_and_sklearn(gpt2_model, trained):
         x = collect_activations(gpt2_model, toks, "blocks.1.hook_resid_post")
         feats = sae.encode(x)
         x_hat = sae.decode(feats)
-    for ours, key in ((ev.ce_clean, "ce_loss_without_sae"), (ev.ce_sae, "ce_loss_with_sae"),
-                      (ev.ce_ablate, "ce_loss_with_ablation")):
+    assert ev.ce_targets == "next-token" and [c.targets for c in ev.ce] == ["next-token"]
+    ce = ev.ce[0]
+    for ours, key in ((ce.clean, "ce_loss_without_sae"), (ce.sae, "ce_loss_with_sae"),
+                      (ce.ablate, "ce_loss_with_ablation")):
         assert ours == pytest.approx(float(ref[key].mean()), rel=1e-4)
     calc = ExplainedVarianceCalculator()
     calc.add_batch(x_hat, x)
@@ -146,9 +148,35 @@ def test_evaluate_matches_sae_lens_and_sklearn(gpt2_model, trained):
     freq = (feats != 0).float().mean(0)
     assert ev.dead_fraction == pytest.approx(float((freq == 0).float().mean()))
     assert ev.dense_fraction == pytest.approx(float((freq > 0.1).float().mean()))
-    ce_score = (ev.ce_ablate - ev.ce_sae) / (ev.ce_ablate - ev.ce_clean)
+    ce_score = (ce.ablate - ce.sae) / (ce.ablate - ce.clean)
     assert ev.ce_score == pytest.approx(ce_score, rel=1e-5)
     assert list(ev.to_frame()["metric"])[:3] == ["variance_explained", "mse", "l0"]
+    # a second target set (only the last position, answer = first token) from the same forward
+    # passes; its CE against a hand computation with sae-lens's own splice
+    last = torch.full_like(toks, -1)
+    last[:, -1] = toks[:, 0]
+    both = isae.evaluate(gpt2_model, sae, toks, batch_size=8, targets={"next-token": _next(toks), "last": last})
+    assert both.ce_for("next-token") == ev.ce[0]
+    ref_model = _hooked_sae_model(gpt2_model)
+    hook = sae.cfg.metadata.hook_name
+    with torch.inference_mode():
+        runs = {"clean": gpt2_model(toks), "sae": ref_model.run_with_saes(toks, saes=[sae]),
+                "ablate": gpt2_model.run_with_hooks(toks, fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))])}
+    rows = torch.arange(toks.shape[0])
+    hand = {k: float(-v[rows, -1].log_softmax(-1)[rows, toks[:, 0]].double().mean()) for k, v in runs.items()}
+    got = both.ce_for("last")
+    assert got.n_targets == toks.shape[0]
+    assert (got.clean, got.sae, got.ablate) == pytest.approx((hand["clean"], hand["sae"], hand["ablate"]), rel=1e-4)
+    frame = both.to_frame()
+    assert set(frame.loc[frame.metric == "ce_score", "targets"]) == {"next-token", "last"}
+    assert "on last targets (24 positions" in str(both)
+
+
+def _next(toks):
+    """Next-token targets by hand: position p predicts token p + 1; the last position predicts nothing."""
+    t = torch.full_like(toks, -1)
+    t[:, :-1] = toks[:, 1:]
+    return t
 
 
 def test_training_smoke(gpt2_model, trained):

@@ -111,9 +111,9 @@ class CELoss:
 class SAEEval:
     """Quality figures of one SAE on one dataset (see the module docstring for definitions).
 
-    `ce` holds one `CELoss` per target set the CE score was computed on; `ce_score` and the other
-    ``ce_*`` properties are those of the first one (`ce_targets` names it). A CE score depends on
-    which positions are scored: say which whenever you quote one.
+    `ce` holds one `CELoss` per target set the CE score was computed on; `ce_score` is the first
+    one's (`ce_targets` names it). A CE score depends on which positions are scored: say which
+    whenever you quote one.
     """
 
     hook_name: str
@@ -129,22 +129,12 @@ class SAEEval:
 
     @property
     def ce_targets(self) -> str:
+        """The target set of the headline CE figures (`ce_score`): the first of `ce`."""
         return self.ce[0].targets
 
     @property
-    def ce_clean(self) -> float:
-        return self.ce[0].clean
-
-    @property
-    def ce_sae(self) -> float:
-        return self.ce[0].sae
-
-    @property
-    def ce_ablate(self) -> float:
-        return self.ce[0].ablate
-
-    @property
     def ce_score(self) -> float:
+        """The CE score on `ce_targets`; ``ce[i]`` / `ce_for` hold every target set's losses and score."""
         return self.ce[0].score
 
     def ce_for(self, targets: str) -> CELoss:
