@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from interp.models import ModelLoadError
 from interp.store import StoreError
@@ -30,7 +31,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, ImportError, ModelLoadError, Store
 def _fail(e: Exception, debug: bool) -> NoReturn:
     if debug:
         raise e
-    console.print(f"[red]error:[/red] {e}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # unwrapped: paths stay copyable
     console.print("(rerun with --debug for the traceback)", highlight=False)
     raise typer.Exit(2) from None
 
@@ -61,7 +62,7 @@ def sweep_cmd(
         _fail(e, debug)
     if res.changed:
         console.print(f"config changed since the last run in {cfg.out_dir}: " + "; ".join(res.changed),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     console.print(f"sweep {cfg.name}: fitted {res.n_fitted} cells, skipped {res.n_skipped} finished cells")
     for kind, path in res.paths.items():
         console.print(f"  {kind}: {path}")

@@ -38,7 +38,7 @@ ROW_FIELDS = ("position", "token")  # targets computed per row rather than read 
 CONTROL_SPECIAL = ("token", "example", "none")
 
 
-def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
+def _check_keys(cls: type, d: Any, where: str) -> None:
     if not isinstance(d, Mapping):
         known = [f.name for f in dataclasses.fields(cls)]
         raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {d!r} ({type(d).__name__}); "
@@ -132,7 +132,7 @@ class DataSpec:
             raise ValueError(f"data.n: expected at least 8 examples, got {self.n}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+    def from_dict(cls, d: Any) -> DataSpec:
         _check_keys(cls, d, "data")
         d = check_types(d, "data.", DATA_TYPES)
         kw = d.pop("kwargs", {}) or {}
@@ -197,7 +197,7 @@ class ProbeSpec:
             raise ValueError(f"probe.ci: expected a level in (0, 1), got {self.ci}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProbeSpec:
+    def from_dict(cls, d: Any) -> ProbeSpec:
         _check_keys(cls, d, "probe")
         return cls(**check_types(d, "probe.", PROBE_TYPES))
 
@@ -281,7 +281,7 @@ class SweepConfig:
         return Path(self.out) if self.out else Path("runs") / "probes" / self.name
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
+    def from_dict(cls, d: Any) -> SweepConfig:
         """Build from plain data (parsed YAML); unknown keys at any level are an error."""
         _check_keys(cls, d, "sweep config")
         d = check_types(d, "", SWEEP_TYPES)
@@ -346,4 +346,4 @@ def load_config(path: str | Path) -> SweepConfig:
     try:
         return SweepConfig.from_dict(raw)
     except ValueError as e:
-        raise ValueError(f"sweep config {path}: {e}") from e
+        raise ValueError(f"sweep config {path}: {str(e).removeprefix('sweep config: ')}") from e
