@@ -49,7 +49,7 @@ def sweep_cmd(
     """Run every unfinished cell of CONFIG and write probes.parquet/.csv/.html.
 
     Cells whose resolved spec (data, probe, seed, model weights ...) changed since the last run
-    in the same folder are recomputed; the run lists what changed."""
+    in the same folder are recomputed; the run logs what changed."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         cfg = load_config(config)
@@ -60,9 +60,6 @@ def sweep_cmd(
         res = sweep(cfg, workers=workers, backend=backend, address=address, progress=not quiet)
     except USER_ERRORS as e:
         _fail(e, debug)
-    if res.changed:
-        console.print(f"config changed since the last run in {cfg.out_dir}: " + "; ".join(res.changed),
-                      highlight=False, soft_wrap=True)
     console.print(f"sweep {cfg.name}: fitted {res.n_fitted} cells, skipped {res.n_skipped} finished cells")
     for kind, path in res.paths.items():
         console.print(f"  {kind}: {path}")

@@ -107,6 +107,11 @@ def test_worker_processes_give_the_same_table(model_dir, tmp_path):
     par = sweep(_config(model_dir, tmp_path / "b", hooks=["resid_post"]), workers=2, progress=False)
     assert par.n_fitted == serial.n_fitted == 3
     pd.testing.assert_frame_equal(serial.frame, par.frame)
+    cfg = _config(model_dir, tmp_path / "b", hooks=["resid_post"])
+    cell_path(cfg, plan(cfg)[0]).unlink()  # an interrupted parallel run resumes: only the lost cell is refitted
+    again = sweep(cfg, workers=2, progress=False)
+    assert (again.n_fitted, again.n_skipped) == (1, 2)
+    pd.testing.assert_frame_equal(serial.frame, again.frame)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -231,7 +236,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     ({"positions": [50]}, ValueError, r"positions 50: expected indices in \[-\d+, \d+\)"),
     ({"layers": [0, 99]}, ValueError, r"layers: expected indices below the 4 layers of"),
     ({"models": ["/no/such/model"]}, ModelLoadError, r"model '/no/such/model': expected a model directory"),
-])
+], ids=["dataset-kwarg", "organism", "target-field", "position-range", "layer-range", "model-path"])
 def test_bad_input_is_refused_before_any_file_is_written(model_dir, tmp_path, patch, error, message):
     """Regression: the output folder and config were written first, and a bad target field failed only
     after the activation store had been built."""
