@@ -245,3 +245,23 @@ def test_bad_input_is_refused_before_any_file_is_written(model_dir, tmp_path, pa
     with pytest.raises(error, match=message):
         sweep(cfg, progress=False)
     assert not out.exists()
+
+
+def test_retrained_checkpoint_in_the_same_folder_is_recomputed(model_dir, tmp_path):
+    """Regression: a model folder whose weights were replaced (retrained) kept its old cells and store."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(model_dir, ckpt)
+    first = sweep(_small(str(ckpt), tmp_path / "run"), progress=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        other = save_model(new_model(multihop.config()), tmp_path / "other")
+    for name in ("model.safetensors", "manifest.json"):
+        shutil.copy(other / name, ckpt / name)
+    got = sweep(_small(str(ckpt), tmp_path / "run"), progress=False)
+    fresh = sweep(_small(str(other), tmp_path / "fresh"), progress=False)
+    assert got.n_fitted == 1 and any(c.startswith("models.") and ".sha256: " in c for c in got.changed), got.changed
+    cols = ["layer", "value", "ci_low", "ci_high", "control", "shuffled"]
+    pd.testing.assert_frame_equal(got.frame[cols], fresh.frame[cols])
+    assert not first.frame["value"].equals(fresh.frame["value"])
