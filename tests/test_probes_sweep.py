@@ -261,7 +261,7 @@ def test_retrained_checkpoint_in_the_same_folder_is_recomputed(model_dir, tmp_pa
         shutil.copy(other / name, ckpt / name)
     got = sweep(_small(str(ckpt), tmp_path / "run"), progress=False)
     fresh = sweep(_small(str(other), tmp_path / "fresh"), progress=False)
-    assert got.n_fitted == 1 and any(c.startswith("models.") and ".sha256: " in c for c in got.changed), got.changed
     cols = ["layer", "value", "ci_low", "ci_high", "control", "shuffled"]
     pd.testing.assert_frame_equal(got.frame[cols], fresh.frame[cols])
+    assert got.n_fitted == 1 and any(c.startswith("models.") and ".sha256: " in c for c in got.changed), got.changed
     assert not first.frame["value"].equals(fresh.frame["value"])
