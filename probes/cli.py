@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from interp.models import ModelLoadError
+from interp.store import StoreError
 from probes.backends import BACKENDS
 from probes.config import load_config
 from probes.sweep import plan, summary, sweep
@@ -20,6 +24,16 @@ from probes.sweep import plan, summary, sweep
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Config-driven, resumable linear-probe sweeps (interp.probing).")
 console = Console()
+# errors about the user's input (config, files, models, stores); anything else is a bug and shows its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, ModelLoadError, StoreError)
+
+
+def _fail(e: Exception, debug: bool) -> NoReturn:
+    if debug:
+        raise e
+    console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # unwrapped: paths stay copyable
+    console.print("(rerun with --debug for the traceback)", highlight=False)
+    raise typer.Exit(2) from None
 
 
 @app.command("sweep")
@@ -30,8 +44,12 @@ def sweep_cmd(
     address: str | None = typer.Option(None, help="Ray cluster address (backend ray)"),
     out: Path | None = typer.Option(None, help="output folder (overrides the config's `out`)"),
     quiet: bool = typer.Option(False, help="no progress bars"),
+    debug: bool = typer.Option(False, help="show the full traceback of an error"),
 ) -> None:
-    """Run every unfinished cell of CONFIG and write probes.parquet/.csv/.html."""
+    """Run every unfinished cell of CONFIG and write probes.parquet/.csv/.html.
+
+    Cells whose resolved spec (data, probe, seed, model weights ...) changed since the last run
+    in the same folder are recomputed; the run logs what changed."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         cfg = load_config(config)
@@ -40,23 +58,23 @@ def sweep_cmd(
 
             cfg = replace(cfg, out=str(out))
         res = sweep(cfg, workers=workers, backend=backend, address=address, progress=not quiet)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    except USER_ERRORS as e:
+        _fail(e, debug)
     console.print(f"sweep {cfg.name}: fitted {res.n_fitted} cells, skipped {res.n_skipped} finished cells")
     for kind, path in res.paths.items():
         console.print(f"  {kind}: {path}")
 
 
 @app.command("plan")
-def plan_cmd(config: Path = typer.Argument(..., help="sweep config (YAML)")) -> None:
-    """List the cells of CONFIG and whether each is done."""
+def plan_cmd(config: Path = typer.Argument(..., help="sweep config (YAML)"),
+             debug: bool = typer.Option(False, help="show the full traceback of an error")) -> None:
+    """List the cells of CONFIG and whether each is done (for this exact config)."""
     try:
         cfg = load_config(config)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    console.print(summary(plan(cfg), cfg), highlight=False)
+        text = summary(plan(cfg), cfg)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    console.print(text, highlight=False)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,11 @@ ROW_FIELDS = ("position", "token")  # targets computed per row rather than read 
 CONTROL_SPECIAL = ("token", "example", "none")
 
 
-def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
+def _check_keys(cls: type, d: Any, where: str) -> None:
     if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {d!r} ({type(d).__name__}); "
+                         f"write `key: value` pairs with keys among {known}")
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -47,6 +50,70 @@ def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
         hint = "; ".join(f"{u!r} -> did you mean {h[0]!r}?" for u, h in hints.items() if h)
         raise ValueError(f"{where}: expected keys among {known}, got unknown keys {unknown}"
                          + (f" ({hint})" if hint else ""))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# field kind -> (test, what is expected); the test sees the value after `from_dict`'s list -> tuple
+KIND_CHECKS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int": (_is_int, "an integer"),
+    "int?": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "num": (_is_num, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "strs": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "nums": (lambda v: isinstance(v, (tuple, list)) and all(_is_num(x) for x in v), "a list of numbers"),
+    "ints?": (lambda v: v is None or (isinstance(v, (tuple, list)) and all(_is_int(x) for x in v)),
+              "a list of integers or null"),
+}
+
+
+def check_types(d: Mapping[str, Any], where: str, schema: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    """`d` with each key of `schema` (key -> (kind, example)) checked, numbers made floats and lists
+    tuples (so equal configs hash equal however they were written); one clear error otherwise."""
+    d = dict(d)
+    for name, (kind, example) in schema.items():
+        if name not in d:
+            continue
+        value = d[name]
+        if kind == "strs" and isinstance(value, str):
+            value = (value,)
+        ok, expected = KIND_CHECKS[kind]
+        if not ok(value):
+            hint = f"e.g. `{name}: {example}`"
+            if isinstance(value, str) and kind in ("num", "int"):
+                try:
+                    float(value)
+                    hint += " (YAML reads 1e-3 without a dot as a string: write 1.0e-3, without quotes)"
+                except ValueError:
+                    pass
+            raise ValueError(f"{where}{name}: expected {expected}, got {value!r} ({type(value).__name__}); {hint}")
+        if kind == "num":
+            value = float(value)
+        elif kind == "nums":
+            value = tuple(float(x) for x in value)
+        elif kind in ("strs", "ints?") and value is not None:
+            value = tuple(value)
+        d[name] = value
+    return d
+
+
+DATA_TYPES = {"organism": ("str", "multihop"), "n": ("int", 2000), "seed": ("int", 0)}
+TARGET_TYPES = {"name": ("str", "bridge"), "field": ("str", "bridge"), "kind": ("str", "logistic"),
+                "control": ("str", "token")}
+PROBE_TYPES = {"C": ("num", 1.0), "test_fraction": ("num", 0.25), "alphas": ("nums", "[0.1, 1.0]"),
+               "cv": ("int?", "null"), "max_iter": ("int", 100), "tol": ("num", 1.0e-4), "shuffled": ("bool", "true"),
+               "n_boot": ("int", 1000), "ci": ("num", 0.95)}
+SWEEP_TYPES = {"name": ("str", "multihop-bridge"), "models": ("strs", '["organism:multihop"]'),
+               "hooks": ("strs", "[resid_post]"), "layers": ("ints?", "[0, 1]"), "out": ("str?", "runs/probes/NAME"),
+               "store_dtype": ("str?", "float32"), "batch_size": ("int", 64), "seed": ("int", 0)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +132,9 @@ class DataSpec:
             raise ValueError(f"data.n: expected at least 8 examples, got {self.n}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+    def from_dict(cls, d: Any) -> DataSpec:
         _check_keys(cls, d, "data")
-        d = dict(d)
+        d = check_types(d, "data.", DATA_TYPES)
         kw = d.pop("kwargs", {}) or {}
         if not isinstance(kw, Mapping):
             raise ValueError(f"data.kwargs: expected a mapping, got {type(kw).__name__}")
@@ -130,23 +197,18 @@ class ProbeSpec:
             raise ValueError(f"probe.ci: expected a level in (0, 1), got {self.ci}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProbeSpec:
+    def from_dict(cls, d: Any) -> ProbeSpec:
         _check_keys(cls, d, "probe")
-        d = dict(d)
-        if "alphas" in d:
-            d["alphas"] = tuple(float(a) for a in d["alphas"])
-        return cls(**d)
+        return cls(**check_types(d, "probe.", PROBE_TYPES))
 
 
 def _position(entry: Any) -> PositionEntry:
-    if isinstance(entry, bool):
-        raise ValueError(f"positions: expected an int, 'last', 'all' or a list of ints, got {entry!r}")
-    if isinstance(entry, int) or entry in ("last", "all"):
-        return entry
-    if isinstance(entry, (list, tuple)) and entry and all(isinstance(p, int) and not isinstance(p, bool)
-                                                          for p in entry):
+    if isinstance(entry, (list, tuple)) and entry and all(_is_int(p) for p in entry):
         return tuple(entry)
-    raise ValueError(f"positions: expected an int, 'last', 'all' or a non-empty list of ints, got {entry!r}")
+    if _is_int(entry) or entry in ("last", "all"):
+        return entry  # type: ignore[no-any-return]
+    raise ValueError(f"positions: expected an int, 'last', 'all' or a non-empty list of ints, got {entry!r} "
+                     f"({type(entry).__name__}); e.g. `positions: [last, 1]` or `positions: [[1, 2, 3]]`")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +229,15 @@ class SweepConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.out, os.PathLike):
+            object.__setattr__(self, "out", os.fspath(self.out))
+        if not isinstance(self.data, DataSpec):
+            raise ValueError(f"data: expected a DataSpec, got {type(self.data).__name__}; e.g. "
+                             f"`data: {{organism: multihop, n: 2000, seed: 0}}`")
+        if not isinstance(self.probe, ProbeSpec):
+            raise ValueError(f"probe: expected a ProbeSpec, got {type(self.probe).__name__}; e.g. `probe: {{C: 1.0}}`")
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, TargetSpec) for t in self.targets):
+            raise ValueError(f"targets: expected a tuple of TargetSpec, got {self.targets!r}")
         if not self.name or "/" in self.name:
             raise ValueError(f"name: expected a non-empty name without '/', got {self.name!r}")
         if not self.models:
@@ -210,21 +281,22 @@ class SweepConfig:
         return Path(self.out) if self.out else Path("runs") / "probes" / self.name
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
+    def from_dict(cls, d: Any) -> SweepConfig:
         """Build from plain data (parsed YAML); unknown keys at any level are an error."""
         _check_keys(cls, d, "sweep config")
-        d = dict(d)
+        d = check_types(d, "", SWEEP_TYPES)
         for key in ("name", "data", "models", "targets"):
             if key not in d:
                 raise ValueError(f"sweep config: expected key {key!r}, got keys {sorted(d)}")
         d["data"] = DataSpec.from_dict(d["data"])
         targets = d["targets"]
         if not isinstance(targets, list):
-            raise ValueError(f"targets: expected a list of mappings, got {type(targets).__name__}")
+            raise ValueError(f"targets: expected a list of mappings, got {targets!r} ({type(targets).__name__}); "
+                             f"e.g. `targets: [{{name: bridge, field: bridge}}]`")
         parsed = []
         for i, t in enumerate(targets):
             _check_keys(TargetSpec, t, f"targets[{i}]")
-            t = dict(t)
+            t = check_types(t, f"targets[{i}].", TARGET_TYPES)
             if t.get("positions") is not None:
                 value = t["positions"] if isinstance(t["positions"], list) else [t["positions"]]
                 t["positions"] = tuple(_position(p) for p in value)
@@ -232,16 +304,10 @@ class SweepConfig:
         d["targets"] = tuple(parsed)
         if "probe" in d:
             d["probe"] = ProbeSpec.from_dict(d["probe"] or {})
-        for key in ("models", "hooks"):
-            if key in d:
-                value = d[key]
-                d[key] = (value,) if isinstance(value, str) else tuple(value)
         if "positions" in d:
             value = d["positions"]
             value = value if isinstance(value, list) else [value]
             d["positions"] = tuple(_position(p) for p in value)
-        if d.get("layers") is not None:
-            d["layers"] = tuple(int(v) for v in d["layers"])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,14 +325,25 @@ class SweepConfig:
 
 
 def load_config(path: str | Path) -> SweepConfig:
-    """Read a sweep config from YAML."""
+    """Read a sweep config from YAML; every error names the file (and the line for a syntax error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep config: expected a YAML file, got no file at {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"sweep config {path}: expected valid YAML, got a parse error: {e}") from e
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            context = f"{context} started at line {start.line + 1}"
+        problem = ": ".join(str(x) for x in (context, getattr(e, "problem", None)) if x) or str(e)
+        raise ValueError(f"sweep config {where}: expected valid YAML, got a syntax error ({problem}); "
+                         f"fix the file at line {mark.line + 1 if mark is not None else '?'}") from e
     if not isinstance(raw, Mapping):
-        raise ValueError(f"sweep config {path}: expected a mapping at top level, got {type(raw).__name__}")
-    return SweepConfig.from_dict(raw)
+        raise ValueError(f"sweep config {path}: expected a mapping at top level, got {type(raw).__name__}; "
+                         f"see probes/configs/multihop_bridge.yaml for an example")
+    try:
+        return SweepConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"sweep config {path}: {str(e).removeprefix('sweep config: ')}") from e

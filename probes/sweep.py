@@ -1,29 +1,36 @@
 """Config-driven, resumable probe sweeps over models x hooks x positions x targets.
 
-Plan, then apply: `plan` enumerates the cells of a `SweepConfig`; `sweep` builds (or reopens)
-one activation store per model with `interp.cache.collect(..., out=DIR)`, then runs the cells
-that have no output yet on a backend (this process, local worker processes, or Ray). Each cell
-fits one probe over all layers of its hook (`interp.probing.fit`) and writes its rows to
+Plan, then apply: `plan` enumerates the cells of a `SweepConfig`; `sweep` checks the config
+against the dataset and models (before any work is done or any file is written), builds (or
+reopens) one activation store per model with `interp.cache.collect(..., out=DIR)`, then runs the
+cells that have no output yet on a backend (this process, local worker processes, or Ray). Each
+cell fits one probe over all layers of its hook (`interp.probing.fit`) and writes its rows to
 ``OUT/cells/<cell>.parquet`` atomically, so an interrupted sweep resumes where it stopped and a
 rerun fits nothing. The combined table is written as ``OUT/probes.parquet``, ``probes.csv`` and
 an offline ``probes.html``.
 
+Stores and cells are named by a content hash of their resolved specs (`probes.identity`): after
+a change of `data`, `probe`, `seed`, a model's weights, ... the affected cells get new names and
+are recomputed (the run says what changed); outputs of earlier configs stay on disk, unused.
+
 Output folder layout::
 
-    OUT/config.json          the resolved config of the last run
-    OUT/stores/<model>/      activation stores (sharded safetensors + manifest)
-    OUT/cells/<cell>.parquet one finished cell (model, hook, position, target; all layers)
+    OUT/config.json                 the config of the last run
+    OUT/resolved.json               that config plus the model fingerprints (what the next run diffs)
+    OUT/stores/<model>-<hash>/      activation stores (sharded safetensors + manifest)
+    OUT/cells/<cell>-<hash>.parquet one finished cell (model, hook, position, target; all layers)
     OUT/probes.{parquet,csv,html}
 """
 
 from __future__ import annotations
 
-import hashlib
+import inspect
+import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +45,12 @@ from transformer_lens import HookedTransformer
 from interp.graph import Node, Site
 from interp.models import load_model, new_model, write_json_atomic
 from interp.probing import fit, plot_frame, save_frame
+from interp.tokens import Batch
 from probes.backends import get_backend
 from probes.config import PositionEntry, SweepConfig, load_config
+from probes.identity import RANDOM_PREFIX, cell_spec, changes, digest, model_fingerprint, n_layers, store_spec
 
 log = logging.getLogger(__name__)
-
-RANDOM_PREFIX = "random:"
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,13 @@ class Cell:
         return ",".join(str(v) for v in p) if isinstance(p, tuple) else str(p)
 
     @property
-    def key(self) -> str:
-        """A file-safe, collision-free name."""
-        text = f"{self.model}|{self.hook}|{self.position_label}|{self.target}"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}__{self.hook}__{self.position_label}__{self.target}")
-        return f"{slug[:80]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    def slug(self) -> str:
+        """A file-safe, readable name (not unique: `cell_path` adds the content hash)."""
+        return _slug(f"{self.model}__{self.hook}__{self.position_label}__{self.target}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:80]
 
 
 def plan(config: SweepConfig) -> list[Cell]:
@@ -74,12 +83,20 @@ def plan(config: SweepConfig) -> list[Cell]:
             for t in config.targets for p in config.positions_of(t)]
 
 
-def cell_path(config: SweepConfig, cell: Cell) -> Path:
-    return config.out_dir / "cells" / f"{cell.key}.parquet"
+def cell_path(config: SweepConfig, cell: Cell, fingerprint: Mapping[str, Any] | None = None) -> Path:
+    """Where `cell` is written: its readable slug and a hash of its resolved spec.
+
+    `fingerprint`: the cell model's `model_fingerprint` (computed here when not given).
+    """
+    fp = model_fingerprint(cell.model, config.seed) if fingerprint is None else fingerprint
+    key = digest(cell_spec(config, fp, cell.hook, cell.position, cell.target))
+    return config.out_dir / "cells" / f"{cell.slug}-{key}.parquet"
 
 
-def store_path(config: SweepConfig, model: str) -> Path:
-    return config.out_dir / "stores" / re.sub(r"[^A-Za-z0-9_.-]+", "-", model)
+def store_path(config: SweepConfig, model: str, fingerprint: Mapping[str, Any] | None = None) -> Path:
+    """The activation store of `model`: its slug and a hash of its resolved spec."""
+    fp = model_fingerprint(model, config.seed) if fingerprint is None else fingerprint
+    return config.out_dir / "stores" / f"{_slug(model)}-{digest(store_spec(config, fp, store_positions(config)))}"
 
 
 def store_positions(config: SweepConfig) -> str | list[int]:
@@ -106,10 +123,27 @@ def build_model(spec: str, seed: int = 0) -> HookedTransformer:
 
 
 def load_dataset(config: SweepConfig) -> Any:
+    """The organism's dataset; unknown organisms and keyword arguments are refused by name."""
     from interp.organisms import get
 
     spec = config.data
-    return get(spec.organism).dataset(spec.n, spec.seed, **dict(spec.kwargs))
+    kwargs = dict(spec.kwargs)
+    try:
+        make = get(spec.organism).dataset
+    except ValueError as e:
+        raise ValueError(f"data.organism: {e}") from e
+    params = inspect.signature(make).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = [k for k in params if k not in ("n", "seed")]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(f"data.kwargs: expected keyword arguments of the {spec.organism} dataset among "
+                             f"{valid}, got unknown {unknown}")
+    try:
+        return make(spec.n, spec.seed, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"data ({spec.organism}, kwargs {kwargs}): expected arguments its dataset accepts, "
+                         f"got {type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------ one cell
@@ -127,6 +161,11 @@ def _rows(entry: PositionEntry, stored: str | list[int], lengths: Tensor) -> tup
         return cols, cols
     wanted = list(entry) if isinstance(entry, tuple) else [-1 if entry == "last" else int(entry)]
     wanted_t = torch.tensor(wanted, dtype=torch.long)
+    short = int(lengths.min())
+    bad = [v for v in wanted if not -short <= v < short]
+    if bad:
+        raise ValueError(f"positions {list(wanted) if isinstance(entry, tuple) else entry!r}: expected indices in "
+                         f"[-{short}, {short}) (the shortest prompt has {short} tokens), got {bad}")
     absolute = torch.where(wanted_t[None] < 0, lengths[:, None] + wanted_t[None], wanted_t[None].expand(n, -1))
     if stored == "all":
         return absolute, absolute
@@ -216,6 +255,7 @@ class SweepResult:
     n_fitted: int
     n_skipped: int
     paths: dict[str, Path]
+    changed: tuple[str, ...] = ()  # content-relevant config changes since the last run in the same folder
 
     @property
     def values(self) -> pd.DataFrame:
@@ -228,18 +268,27 @@ class SweepResult:
         return plot_frame(self.frame, title=f"Probe sweep {self.config.name}")
 
 
-def _layers_of(config: SweepConfig, model: HookedTransformer) -> list[int]:
-    n_layers = model.cfg.n_layers
+def _layers_of(config: SweepConfig, model: str, count: int) -> list[int]:
     if config.layers is None:
-        return list(range(n_layers))
-    bad = [v for v in config.layers if v >= n_layers]
+        return list(range(count))
+    bad = [v for v in config.layers if v >= count]
     if bad:
-        raise ValueError(f"layers: expected indices below the model's {n_layers} layers, got {bad}")
+        raise ValueError(f"layers: expected indices below the {count} layers of {model}, got {bad}")
     return list(config.layers)
 
 
 def _store_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
+
+
+def _previous_record(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+RECORD = "resolved.json"
 
 
 def sweep(
@@ -252,62 +301,89 @@ def sweep(
 ) -> SweepResult:
     """Run every unfinished cell of `config` (a `SweepConfig` or a YAML path) and combine all cells.
 
+    A cell is finished when a file for its exact resolved spec exists (`probes.identity`); cells
+    whose data, probe, seed or model changed since the last run are recomputed, never reused.
     `workers`: local processes (backend ``auto``/``process``) or Ray CPUs when Ray is started
     here (backend ``ray``; `address` joins an existing cluster).
     """
     from interp.cache import collect
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", cfg.to_dict())
+    runner = get_backend(backend, workers, address)
+    # plan and check everything before any work is done or any file is written
+    fingerprints = {m: model_fingerprint(m, cfg.seed) for m in cfg.models}
     cells = plan(cfg)
-    todo = [c for c in cells if not cell_path(cfg, c).is_file()]
+    paths = {c: cell_path(cfg, c, fingerprints[c.model]) for c in cells}
+    todo = [c for c in cells if not paths[c].is_file()]
+    out = cfg.out_dir
+    record = {"config": cfg.to_dict(), "models": fingerprints}
+    previous = _previous_record(out)
+    changed = tuple(changes(previous, record)) if previous is not None else ()
+    if changed:
+        log.warning("sweep %s: config changed since the last run in %s (%s); recomputing the cells it affects",
+                    cfg.name, out, "; ".join(changed))
     log.info("sweep %s: %d cells, %d already done", cfg.name, len(cells), len(cells) - len(todo))
-    payloads: list[dict[str, Any]] = []
     p = cfg.probe
     probe_args = {"test_fraction": p.test_fraction, "seed": cfg.seed, "C": p.C, "max_iter": p.max_iter,
                   "tol": p.tol, "alphas": p.alphas, "cv": p.cv, "shuffled": p.shuffled, "n_boot": p.n_boot,
                   "ci": p.ci}
+    data: Any = None
+    inputs: dict[Cell, dict[str, Any]] = {}
+    layers_of: dict[str, list[int] | None] = {}
     if todo:
         data = load_dataset(cfg)
-        positions = store_positions(cfg)
+        lengths = Batch.of(data.tokens).lengths  # what `collect` records for a plain token tensor
+        inputs = {c: cell_inputs(cfg, c, data, lengths) for c in todo}
         for spec in dict.fromkeys(c.model for c in todo):
-            model = build_model(spec, seed=cfg.seed)
-            layers = _layers_of(cfg, model)
-            hooks = [Node(layer, Site(h)) for h in cfg.hooks for layer in layers]
-            spath = store_path(cfg, spec)
-            store = collect(model, data.tokens, hooks=hooks, positions=positions, dtype=_store_dtype(cfg.store_dtype),
-                    batch_size=cfg.batch_size, out=spath, progress=progress)
-            del model
-            lengths = store.lengths.long()
-            for c in (c for c in todo if c.model == spec):
-                payloads.append(cell_inputs(cfg, c, data, lengths) | {
-                    "store": str(spath), "path": str(cell_path(cfg, c)), "layers": layers,
-                    "hook_names": [Node(layer, Site(c.hook)).hook_name for layer in layers],
-                    "probe": probe_args, "meta": {"model": c.model, "hook": c.hook,
-                                                  "position": c.position_label, "target": c.target}})
-    runner = get_backend(backend, workers, address)
+            count = n_layers(spec)
+            layers_of[spec] = None if count is None else _layers_of(cfg, spec, count)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    write_json_atomic(out / RECORD, record)
+    payloads: list[dict[str, Any]] = []
+    for spec in dict.fromkeys(c.model for c in todo):
+        model = build_model(spec, seed=cfg.seed)
+        layers = layers_of[spec] or _layers_of(cfg, spec, model.cfg.n_layers)
+        hooks = [Node(layer, Site(h)) for h in cfg.hooks for layer in layers]
+        spath = store_path(cfg, spec, fingerprints[spec])
+        store = collect(model, data.tokens, hooks=hooks, positions=store_positions(cfg),
+                        dtype=_store_dtype(cfg.store_dtype), batch_size=cfg.batch_size, out=spath, progress=progress)
+        del model
+        if not torch.equal(store.lengths.long(), lengths.long()):
+            raise ValueError(f"store {spath}: expected {lengths.shape[0]} prompts of the dataset's lengths, got "
+                             f"{store.lengths.shape[0]} rows that differ; the store was built from other data: "
+                             f"delete it to rebuild")
+        for c in (c for c in todo if c.model == spec):
+            payloads.append(inputs[c] | {
+                "store": str(spath), "path": str(paths[c]), "layers": layers,
+                "hook_names": [Node(layer, Site(c.hook)).hook_name for layer in layers],
+                "probe": probe_args, "meta": {"model": c.model, "hook": c.hook,
+                                              "position": c.position_label, "target": c.target}})
     fitted = 0
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"probe cells ({cfg.name})", total=len(payloads))
         for _ in runner.map(run_cell, payloads):
             fitted += 1
             bar.update(task, advance=1)
-    frame = pd.concat([pd.read_parquet(cell_path(cfg, c)) for c in cells], ignore_index=True)
-    paths = save_frame(frame, out, title=f"Probe sweep {cfg.name}")
-    json_summary = {"cells": len(cells), "fitted": fitted, "skipped": len(cells) - len(todo)}
+    frame = pd.concat([pd.read_parquet(paths[c]) for c in cells], ignore_index=True)
+    unused = len({f.name for f in (out / "cells").glob("*.parquet")} - {paths[c].name for c in cells})
+    if unused:
+        log.info("sweep %s: %d cell files of earlier configs in %s are not part of this table",
+                 cfg.name, unused, out / "cells")
+    saved = save_frame(frame, out, title=f"Probe sweep {cfg.name}")
+    json_summary = {"cells": len(cells), "fitted": fitted, "skipped": len(cells) - len(todo), "changed": list(changed)}
     write_json_atomic(out / "summary.json", json_summary)
-    return SweepResult(cfg, frame, fitted, len(cells) - len(todo), paths)
+    return SweepResult(cfg, frame, fitted, len(cells) - len(todo), saved, changed)
 
 
 def finished(config: SweepConfig) -> list[Cell]:
-    """Cells of `config` whose output exists."""
-    return [c for c in plan(config) if cell_path(config, c).is_file()]
+    """Cells of `config` whose output (for this exact resolved spec) exists."""
+    fingerprints = {m: model_fingerprint(m, config.seed) for m in config.models}
+    return [c for c in plan(config) if cell_path(config, c, fingerprints[c.model]).is_file()]
 
 
 def summary(cells: Sequence[Cell], config: SweepConfig) -> str:
-    done = {c.key for c in finished(config)}
-    lines = [f"{'done' if c.key in done else 'todo'}  {c.model}  {c.hook}  {c.position_label}  {c.target}"
+    done = set(finished(config))
+    lines = [f"{'done' if c in done else 'todo'}  {c.model}  {c.hook}  {c.position_label}  {c.target}"
              for c in cells]
     return "\n".join(lines)
