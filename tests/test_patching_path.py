@@ -33,27 +33,32 @@ def _split_copy(model: HookedTransformer) -> HookedTransformer:
     return split
 
 
+def _frozen(model, base, src, senders: list[Node]) -> list:
+    """Hooks freezing every head output and MLP output at the base run, except the senders'
+    head outputs (source value)."""
+    def freeze_z(z, hook):
+        out = base[hook.name].clone()
+        for s in senders:
+            if s.hook_name == hook.name:
+                out[:, s.pos, s.head] = src[hook.name][:, s.pos, s.head]
+        return out
+
+    def freeze(act, hook):
+        return base[hook.name]
+
+    n_layers = model.cfg.n_layers
+    hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
+    return hooks + [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+
+
 def _reference(model, clean, corrupt, metric, sender: Node, receiver: Node | None):
     """Wang et al.: run 2 freezes every head output and MLP output at the corrupted run except the
     sender (clean value); run 3 writes run 2's receiver input into the corrupted run."""
     split = _split_copy(model)
-    n_layers = model.cfg.n_layers
     with torch.inference_mode():
         _, base = split.run_with_cache(corrupt)
         _, src = split.run_with_cache(clean)
-
-        def freeze_z(z, hook):
-            layer = int(hook.name.split(".")[1])
-            out = base[hook.name].clone()
-            if layer == sender.layer:
-                out[:, sender.pos, sender.head] = src[hook.name][:, sender.pos, sender.head]
-            return out
-
-        def freeze(act, hook):
-            return base[hook.name]
-
-        hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
-        hooks += [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+        hooks = _frozen(model, base, src, [sender])
         if receiver is None:  # the logits read the frozen residual directly
             return float(metric(split.run_with_hooks(corrupt, fwd_hooks=hooks)))
         name = f"blocks.{receiver.layer}.hook_{receiver.site.value}_input"
@@ -196,25 +201,13 @@ def _per_edge_reference(model, clean, corrupt, metric, senders: list[Node], rece
     attention computes every score, pattern and z; nothing mixes tensors by hand.
     """
     split = _split_copy(model)
-    n_layers, seq_len = model.cfg.n_layers, clean.shape[1]
+    seq_len = clean.shape[1]
     (layer,) = {r.layer for r in receivers}
     n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
     with torch.inference_mode():
         _, base = split.run_with_cache(corrupt)
         _, src = split.run_with_cache(clean)
-
-        def freeze_z(z, hook):
-            out = base[hook.name].clone()
-            for s in senders:
-                if s.hook_name == hook.name:
-                    out[:, s.pos, s.head] = src[hook.name][:, s.pos, s.head]
-            return out
-
-        def freeze(act, hook):
-            return base[hook.name]
-
-        frozen = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
-        frozen += [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+        frozen = _frozen(model, base, src, senders)
         names = {site: f"blocks.{layer}.hook_{site}_input" for site in ("k", "v")}
         captured = {}
 
