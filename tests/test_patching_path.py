@@ -33,27 +33,32 @@ def _split_copy(model: HookedTransformer) -> HookedTransformer:
     return split
 
 
+def _frozen(model, base, src, senders: list[Node]) -> list:
+    """Hooks freezing every head output and MLP output at the base run, except the senders'
+    head outputs (source value)."""
+    def freeze_z(z, hook):
+        out = base[hook.name].clone()
+        for s in senders:
+            if s.hook_name == hook.name:
+                out[:, s.pos, s.head] = src[hook.name][:, s.pos, s.head]
+        return out
+
+    def freeze(act, hook):
+        return base[hook.name]
+
+    n_layers = model.cfg.n_layers
+    hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
+    return hooks + [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+
+
 def _reference(model, clean, corrupt, metric, sender: Node, receiver: Node | None):
     """Wang et al.: run 2 freezes every head output and MLP output at the corrupted run except the
     sender (clean value); run 3 writes run 2's receiver input into the corrupted run."""
     split = _split_copy(model)
-    n_layers = model.cfg.n_layers
     with torch.inference_mode():
         _, base = split.run_with_cache(corrupt)
         _, src = split.run_with_cache(clean)
-
-        def freeze_z(z, hook):
-            layer = int(hook.name.split(".")[1])
-            out = base[hook.name].clone()
-            if layer == sender.layer:
-                out[:, sender.pos, sender.head] = src[hook.name][:, sender.pos, sender.head]
-            return out
-
-        def freeze(act, hook):
-            return base[hook.name]
-
-        hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
-        hooks += [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+        hooks = _frozen(model, base, src, [sender])
         if receiver is None:  # the logits read the frozen residual directly
             return float(metric(split.run_with_hooks(corrupt, fwd_hooks=hooks)))
         name = f"blocks.{receiver.layer}.hook_{receiver.site.value}_input"
@@ -171,3 +176,103 @@ def test_path_patch_bad_input(llama_model, pair):
                    stream="kv", reader=[1])
     with pytest.raises(ValueError, match=r"corrupted tokens: expected the clean shape"):
         path_patch(llama_model, clean, corrupt[:1], metric, [Node(0, "head", pos=2, head=0)], "logits")
+
+
+# ------------------------------------------------------- K/V receivers at several positions
+
+def _readers(stream: str, reader: list[int] | None, key_pos: int, seq_len: int) -> set[int]:
+    """The queries that read a K/V receiver at `key_pos` under the declared route class."""
+    if stream == "residual":
+        return {key_pos}
+    if reader is not None:
+        return set(reader)
+    return set(range(key_pos + 1, seq_len))  # "kv": every later query
+
+
+def _per_edge_reference(model, clean, corrupt, metric, senders: list[Node], receivers: list[Node],
+                        stream: str, reader: list[int] | None) -> float:
+    """Independent reference for per-(query, key) restricted K/V receivers, from TL hooks only.
+
+    Run 1 and 2 (clean, corrupted) give the sender values; run 3 freezes every head and MLP
+    output at the corrupted run except the senders and captures the receivers' key/value inputs
+    (use_split_qkv_input); then, for each query q of the receiver layer, one corrupted run writes
+    exactly the key/value inputs that q reads (its declared edges) and keeps q's head outputs;
+    a last corrupted run writes those head outputs in and reads the metric. TransformerLens's own
+    attention computes every score, pattern and z; nothing mixes tensors by hand.
+    """
+    split = _split_copy(model)
+    seq_len = clean.shape[1]
+    (layer,) = {r.layer for r in receivers}
+    n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
+    with torch.inference_mode():
+        _, base = split.run_with_cache(corrupt)
+        _, src = split.run_with_cache(clean)
+        frozen = _frozen(model, base, src, senders)
+        names = {site: f"blocks.{layer}.hook_{site}_input" for site in ("k", "v")}
+        captured = {}
+
+        def grab(act, hook):
+            captured[hook.name] = act.clone()
+
+        split.run_with_hooks(corrupt, fwd_hooks=frozen + [(n, grab) for n in names.values()])
+
+        z_name = f"blocks.{layer}.attn.hook_z"
+        z = base[z_name].clone()
+        for q in range(seq_len):
+            def write(act, hook, q=q):
+                act = act.clone()
+                for r in receivers:
+                    if names[r.site.value] == hook.name and q in _readers(stream, reader, r.pos, seq_len):
+                        groups = range(n_kv) if r.head is None else [r.head]
+                        for g in groups:
+                            act[:, r.pos, g] = captured[hook.name][:, r.pos, g]
+                return act
+
+            def keep(act, hook, q=q):
+                z[:, q] = act[:, q]
+
+            split.run_with_hooks(corrupt, fwd_hooks=[(n, write) for n in names.values()] + [(z_name, keep)])
+
+        def write_z(act, hook):
+            return z
+
+        return float(metric(split.run_with_hooks(corrupt, fwd_hooks=[(z_name, write_z)])))
+
+
+EDGE_CASES = {
+    # default "kv": each receiver is read by the queries after its own position
+    "kv": ([Node(1, "k", pos=1, head=0), Node(1, "k", pos=4, head=0), Node(1, "v", pos=1, head=1),
+            Node(1, "v", pos=3)], "kv", None),
+    # "residual": each receiver only by the query at its own position
+    "residual": ([Node(1, "k", pos=1), Node(1, "k", pos=3), Node(1, "v", pos=3, head=1)], "residual", None),
+    # an explicit reader list, shared by receivers at several positions
+    "reader": ([Node(1, "k", pos=1, head=1), Node(1, "v", pos=1), Node(1, "k", pos=3)], "kv", [3, 4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_kv_receivers_at_several_positions_match_a_per_edge_reference(any_model, pair, case):
+    clean, corrupt = pair
+    metric = _metric()
+    receivers, stream, reader = EDGE_CASES[case]
+    senders = [Node(0, "head", pos=1, head=h) for h in (0, 2)] + [Node(0, "head", pos=3, head=h) for h in (1, 3)]
+    ours = path_patch(any_model, clean, corrupt, metric, [senders], receivers, stream=stream, reader=reader)
+    ref = _per_edge_reference(any_model, clean, corrupt, metric, senders, receivers, stream, reader)
+    torch.testing.assert_close(ours.values[0].item(), ref, atol=1e-5, rtol=0)
+    assert abs(ref - ours.corrupt_metric) > 1e-3  # the routes carry some effect
+
+
+def test_adding_an_unchanged_kv_receiver_changes_nothing(any_model, pair):
+    """Regression (issue 10, item 3): the receivers' non-reader masks were OR-ed, so a receiver
+    at position 4, whose patched key equals its base key (the sender writes position 2 only),
+    restored query 4's output and cut its legitimate read of the patched key at position 2."""
+    clean, corrupt = pair
+    metric = _metric()
+    sender = [Node(0, "head", pos=2, head=1)]
+    n_kv = any_model.cfg.n_key_value_heads or any_model.cfg.n_heads
+    at_2 = [Node(1, "k", pos=2, head=g) for g in range(n_kv)]
+    at_4 = [Node(1, "k", pos=4, head=g) for g in range(n_kv)]
+    alone = path_patch(any_model, clean, corrupt, metric, sender, at_2, stream="kv")
+    with_unchanged = path_patch(any_model, clean, corrupt, metric, sender, at_2 + at_4, stream="kv")
+    torch.testing.assert_close(with_unchanged.values, alone.values, atol=1e-6, rtol=0)
+    assert abs(alone.values[0].item() - alone.corrupt_metric) > 1e-4  # query 4 reads the key at 2

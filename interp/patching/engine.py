@@ -15,8 +15,10 @@ How it is made fast, exactly:
   normalised and unembedded.
 
 Plan, then apply: callers turn nodes into `Edit`s (which entries of which hook take which
-values), group them into copies, and `run_copies` owns the loop. Hooks are attached through
-TransformerLens's `model.hooks` context, which removes them in `finally`.
+values) and, to restrict who reads patched keys/values, `EdgeEdit`s (which (query, key) edges
+of one layer's attention read them), group them into copies, and `run_copies` owns the loop.
+Hooks are attached through TransformerLens's `model.hooks` context, which removes them in
+`finally`.
 """
 
 from __future__ import annotations
@@ -166,6 +168,38 @@ class Edit:
     source: Tensor
 
 
+@dataclass(frozen=True)
+class EdgeEdit:
+    """Per-(query, key) choice, at one layer's attention, between the keys/values this copy's
+    `Edit`s write into hook_k / hook_v and the base run's.
+
+    `k_edges[h, q, k]` (`v_edges`) is True where query q of head h reads the copy's key (value) at
+    position k; every other edge reads the base run's. Keys are chosen at the attention scores
+    (an unmarked score is the base run's, `base_scores`, so the softmax normalises over the mixed
+    row); values at the pattern . V product (an unmarked edge's share of the copy's value change
+    is taken back out of z). None: no choice for that side (every edge reads the copy's).
+    Exact when the layer's queries are the base run's: no edit of this copy below the layer
+    and none of its queries.
+    """
+
+    layer: int
+    k_edges: Bool[Tensor, "head q_pos k_pos"] | None
+    v_edges: Bool[Tensor, "head q_pos k_pos"] | None
+    base_scores: Float[Tensor, "batch head q_pos k_pos"] | None  # needed with k_edges
+    base_values: Float[Tensor, "batch k_pos kv_head d_head"] | None  # needed with v_edges
+
+    def __post_init__(self) -> None:
+        if (self.k_edges is None) != (self.base_scores is None):
+            raise ValueError("EdgeEdit: expected base_scores exactly when k_edges is given, got "
+                             f"k_edges={self.k_edges is not None}, base_scores={self.base_scores is not None}")
+        if (self.v_edges is None) != (self.base_values is None):
+            raise ValueError("EdgeEdit: expected base_values exactly when v_edges is given, got "
+                             f"v_edges={self.v_edges is not None}, base_values={self.base_values is not None}")
+
+
+AnyEdit = Edit | EdgeEdit
+
+
 def node_mask(node: Node, seq_len: int, n_heads: int, device: torch.device | str) -> Bool[Tensor, "..."]:
     """The entries a node selects: [pos] or [pos head] booleans."""
     site: Site = node.site  # type: ignore[assignment]
@@ -207,30 +241,42 @@ def node_edit(model: HookedTransformer, node: Node, source: dict[str, Tensor], s
     return Edit(node.layer, node.hook_name, mask, source[node.hook_name])
 
 
-def merge_edits(edits: Sequence[Edit]) -> list[Edit]:
+def merge_edits(edits: Sequence[AnyEdit]) -> list[AnyEdit]:
     """Combine edits of one copy that write the same source tensor into the same hook."""
     out: dict[tuple[str, int], Edit] = {}
+    choices = []
     for e in edits:
+        if isinstance(e, EdgeEdit):
+            choices.append(e)
+            continue
         key = (e.hook, id(e.source))
         if key in out:
             prev = out[key]
             out[key] = Edit(e.layer, e.hook, prev.mask | e.mask, e.source)
         else:
             out[key] = e
-    return list(out.values())
+    return [*out.values(), *choices]
 
 
-def chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
+def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
     """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch).
 
     With `p0 > 0` the forward pass computes positions p0.. only (earlier ones come from a K/V
-    cache), so masks and sources are cut to those positions.
+    cache), so masks and sources are cut to those positions. `EdgeEdit` hooks come after the
+    `Edit` hooks, so they see the keys/values those write.
     """
     k = len(copies)
     per_hook: dict[str, list[list[Edit]]] = {}
+    per_layer: dict[int, list[EdgeEdit | None]] = {}
     for c, edits in enumerate(copies):
         for e in edits:
-            per_hook.setdefault(e.hook, [[] for _ in range(k)])[c].append(e)
+            if isinstance(e, EdgeEdit):
+                slots = per_layer.setdefault(e.layer, [None] * k)
+                if slots[c] is not None:
+                    raise ValueError(f"copy {c}: expected at most one EdgeEdit per layer, got two at layer {e.layer}")
+                slots[c] = e
+            else:
+                per_hook.setdefault(e.hook, [[] for _ in range(k)])[c].append(e)
     hooks = []
     for name, lists in per_hook.items():
         depth = max(len(x) for x in lists)
@@ -256,6 +302,66 @@ def chunk_hooks(copies: Sequence[Sequence[Edit]], batch: int, p0: int = 0) -> li
             return v.reshape(act.shape)
 
         hooks.append((name, hook))
+    for layer, slots in per_layer.items():
+        v_cols = sorted({int(p) for c, edits in enumerate(copies) if slots[c] is not None for e in edits
+                         if isinstance(e, Edit) and e.hook == Node(layer, Site.V).hook_name
+                         for p in torch.nonzero(e.mask.reshape(e.mask.shape[0], -1).any(-1))[:, 0]})
+        hooks += edge_hooks(layer, slots, batch, p0, v_cols)
+    return hooks
+
+
+def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int,
+               v_cols: list[int]) -> list[tuple[str, object]]:
+    """Hooks at `layer`'s attention that apply the copies' shared per-(query, key) K/V choice.
+
+    Keys: unmarked scores are replaced by the base run's (the causal mask is the same in both).
+    Values: with the copy's values v' written into hook_v, the wanted output of query q is
+    sum_k p[q, k] (E[q, k] v'[k] + (1 - E[q, k]) v[k]) = z - sum_k p[q, k] (1 - E[q, k]) (v'[k] - v[k]),
+    where p is this pass's pattern; only key positions `v_cols` (those the copy's value edits
+    write) can differ.
+    """
+    k = len(slots)
+    choice = slots[0]
+    if choice is None or any(e is not choice for e in slots):
+        # path patching gives every copy the same choice; a per-copy one would need stacking
+        raise ValueError(f"EdgeEdit at layer {layer}: expected one EdgeEdit shared by every copy of a "
+                         f"chunk, got {len({id(e) for e in slots})} different ones (or copies without one)")
+    hooks: list[tuple[str, object]] = []
+    # queries p0.. are computed in this pass; keys cover every position (earlier ones are cached)
+    if choice.k_edges is not None and choice.base_scores is not None:
+        k_mask = choice.k_edges[:, p0:]  # [head, q, k_pos], broadcast over copies and batch
+        base_scores = choice.base_scores[:, :, p0:]  # [batch, head, q, k_pos]
+
+        def scores_hook(act: Tensor, hook, k_mask=k_mask, base_scores=base_scores) -> Tensor:
+            v = act.reshape(k, batch, *act.shape[1:])
+            return torch.where(k_mask, v, base_scores.to(v.dtype)).reshape(act.shape)
+
+        hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, scores_hook))
+    if choice.v_edges is not None and choice.base_values is not None and v_cols:
+        cols = torch.tensor(v_cols, device=choice.v_edges.device)
+        off = ~choice.v_edges[:, p0:][..., cols]  # [head, q, cols]: edges that must read base values
+        base_at = choice.base_values[:, cols]  # [batch, cols, kv_head, d_head]
+        seen: dict[str, Tensor] = {}
+
+        def grab_values(act: Tensor, hook) -> None:
+            seen["v"] = act
+
+        def grab_pattern(act: Tensor, hook) -> None:
+            seen["pattern"] = act
+
+        def z_hook(act: Tensor, hook) -> Tensor:
+            z = act.reshape(k, batch, *act.shape[1:])  # [k, batch, q, head, d_head]
+            written = seen.pop("v")
+            written = written.reshape(k, batch, *written.shape[1:])[:, :, cols - p0]
+            change = written - base_at.to(written.dtype)  # [k, batch, cols, kv_head, d_head]
+            change = change.repeat_interleave(z.shape[3] // change.shape[3], dim=3)  # KV groups -> heads
+            pattern = seen.pop("pattern")
+            pattern = pattern.reshape(k, batch, *pattern.shape[1:])[..., cols]  # [k, batch, head, q, cols]
+            wrong = torch.einsum("cbhqk,cbkhd->cbqhd", (pattern * off).to(change.dtype), change)
+            return (z - wrong.to(z.dtype)).reshape(act.shape)
+
+        hooks += [(Node(layer, Site.V).hook_name, grab_values), (Node(layer, Site.PATTERN).hook_name, grab_pattern),
+                  (Node(layer, Site.HEAD).hook_name, z_hook)]
     return hooks
 
 
@@ -300,10 +406,13 @@ def kv_names(n_layers: int) -> set[str]:
     return {Node(layer, s).hook_name for layer in range(n_layers) for s in (Site.K, Site.V)}
 
 
-def _first_pos(edits: Sequence[Edit]) -> int:
-    """The first position any edit touches (positions before it are unchanged)."""
+def _first_pos(edits: Sequence[AnyEdit]) -> int:
+    """The first position any edit touches (positions before it are unchanged). An EdgeEdit
+    only chooses between the base run's keys/values and those its copy's Edits write."""
     first = None
     for e in edits:
+        if isinstance(e, EdgeEdit):
+            continue
         m = e.mask if e.mask.ndim == 1 else e.mask.any(-1)
         hit = torch.nonzero(m)
         if hit.numel():
@@ -362,7 +471,7 @@ def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, s
     return chunks[::-1]
 
 
-def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[Edit]], metric: Metric,
+def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[AnyEdit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
                ) -> Float[Tensor, "copies"]:
     """The metric of each patched copy of the base run (one value per copy, float64, CPU).

@@ -20,8 +20,13 @@ position i; a receiver K/V at position i is read sideways by later queries:
 - ``stream="kv"``: "up at i, then right" — only later queries (``reader``, default every position
   after i) read the patched key/value; the query at i sees the base values;
 - ``stream="any"``: every query reads it.
-The restriction is exact: the attention outputs of non-reading queries at the receiver layer are
-kept at their base value.
+The restriction is exact per (query, key) edge: query q of a head reads a K/V receiver's patched
+key (value) at position k only when q is one of that receiver's readers; every other edge — the
+same query reading another key, or another query reading this key — sees the base key (value).
+Receivers at several positions each keep their own readers. It is done at the receiver layer's
+attention (`interp.patching.engine.EdgeEdit`): a per-(q, k) choice between the patched and the
+base score before the softmax, and between the patched and the base value in pattern . V, per
+head (a KV group's receiver is read through every head of the group).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from interp.graph import Node, Site
 from interp.patching.engine import (
     DEFAULT_ROWS,
     Direction,
+    EdgeEdit,
     Edit,
     check_direction,
     check_pair,
@@ -192,8 +198,8 @@ def path_patch(
     restrict = (stream != "any" or reader is not None) and not to_logits
     if to_logits:
         names.add(final_name)
-    if restrict:
-        names.add(Node(recv_layer, Site.HEAD).hook_name)
+    if restrict:  # the base scores and values that non-reading edges see
+        names |= {Node(recv_layer, Site.ATTN_SCORES).hook_name, Node(recv_layer, Site.V).hook_name}
     runs = prepare(model, clean_tokens, corrupt_tokens, metric, names, direction)
     labels = tuple(" + ".join(str(n) for n in g) for g in groups)
     route = "logits" if to_logits else ", ".join(str(r) for r in recv)
@@ -247,45 +253,49 @@ def path_patch(
             copies.append(edits)
 
     if restrict:
-        keep = _base_z_mask(model, recv, stream, reader, seq_len)
-        z_name = Node(recv_layer, Site.HEAD).hook_name
-        restore = Edit(recv_layer, z_name, keep, runs.base[z_name])
-        copies = [c + [restore] for c in copies]
+        k_edges, v_edges = _edges(model, recv, stream, reader, seq_len)
+        choice = EdgeEdit(
+            recv_layer, k_edges, v_edges,
+            runs.base[Node(recv_layer, Site.ATTN_SCORES).hook_name] if k_edges is not None else None,
+            runs.base[Node(recv_layer, Site.V).hook_name] if v_edges is not None else None)
+        copies = [c + [choice] for c in copies]
     values = run_copies(model, runs, copies, metric, rows=rows, desc="path patching")
     return PatchResult(detach(values), ("sender",), (labels,), site_label, direction,
                        runs.clean_metric, runs.corrupt_metric, method="path patching")
 
 
-def _base_z_mask(model: HookedTransformer, recv: list[Node], stream: Stream,
-                 reader: Sequence[int] | None, seq_len: int) -> Tensor:
-    """[pos head]: attention outputs that must keep their base value (queries that do not read)."""
+def _edges(model: HookedTransformer, recv: list[Node], stream: Stream, reader: Sequence[int] | None,
+           seq_len: int) -> tuple[Tensor | None, Tensor | None]:
+    """[head q_pos k_pos] masks of the (query, key) edges that read the patched keys and the
+    patched values (None: no K, resp. V, receiver). Each receiver adds the edges from its own
+    readers to its position, on every head of its KV group."""
     arch = Arch.of(model)
     device = model.cfg.device
-    keep = torch.zeros((seq_len, arch.n_heads), dtype=torch.bool, device=device)
     group_size = arch.n_heads // heads_at(model, Site.K)
+    rd: list[int] = []
     if reader is not None:
-        rd = []
         for p in reader:
             if not isinstance(p, int) or not -seq_len <= p < seq_len:
                 raise ValueError(f"reader: expected query positions in [0, {seq_len}), got {p!r}")
             rd.append(p % seq_len)
+    masks: dict[Site, Tensor] = {}
     for r in recv:
-        if r.site == Site.Q:
+        site: Site = r.site  # type: ignore[assignment]
+        if site == Site.Q:  # a query input is read at its own position only
             continue
-        heads = (range(arch.n_heads) if r.head is None
-                 else range(r.head * group_size, (r.head + 1) * group_size))
+        heads = (slice(None) if r.head is None
+                 else slice(r.head * group_size, (r.head + 1) * group_size))
         pos = r.pos % seq_len  # type: ignore[operator]
         if stream == "residual":
-            readers = {pos}
+            readers = [pos]
         elif reader is not None:
-            readers = set(rd)
-            if any(q < pos for q in readers):
+            if any(q < pos for q in rd):
                 raise ValueError(f"reader: expected query positions >= the key position {pos} "
-                                 f"(causal attention), got {sorted(readers)}")
+                                 f"(causal attention), got {sorted(set(rd))}")
+            readers = sorted(set(rd))
         else:  # stream == "kv": every later query
-            readers = set(range(pos + 1, seq_len))
-        for h in heads:
-            for q in range(seq_len):
-                if q not in readers and q >= pos:
-                    keep[q, h] = True
-    return keep
+            readers = list(range(pos + 1, seq_len))
+        mask = masks.setdefault(site, torch.zeros((arch.n_heads, seq_len, seq_len), dtype=torch.bool,
+                                                  device=device))
+        mask[heads, readers, pos] = True
+    return masks.get(Site.K), masks.get(Site.V)
