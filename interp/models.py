@@ -109,8 +109,6 @@ def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
 
 # ---------------------------------------------------------------------------------- fingerprints
 
-_FP_SLICE = 1 << 22  # int16 words per reduction: |word * weight| < 2**31, so a slice sum stays < 2**53
-_FP_MOD = 65521
 # Config fields that name or initialise a model but do not change what it computes from tokens.
 _NOT_CONTENT = frozenset({"model_name", "tokenizer_name", "original_architecture", "seed", "init_mode",
                           "init_weights", "initializer_range", "checkpoint_index", "checkpoint_label_type",
@@ -118,38 +116,20 @@ _NOT_CONTENT = frozenset({"model_name", "tokenizer_name", "original_architecture
                           "tokenizer_prepends_bos", "dtype"})
 
 
-def _checksums(t: torch.Tensor) -> tuple[int, int]:
-    """Two exact integer checksums of a tensor's bytes (a plain and a position-weighted sum).
-
-    Integer arithmetic on the tensor's own device: no copy to the host, and the same numbers on
-    every device. Any change of one stored value changes the first; a swap changes the second.
-    """
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    if flat.numel() == 0:
-        return 0, 0
-    words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
-    plain, weighted = [], []
-    for start in range(0, words.numel(), _FP_SLICE):
-        w = words[start: start + _FP_SLICE].to(torch.int64)
-        pos = torch.arange(start, start + w.numel(), device=w.device) % _FP_MOD + 1
-        plain.append(w.sum())
-        weighted.append((w * pos).sum())
-    return sum(torch.stack(plain).tolist()), sum(torch.stack(weighted).tolist())
-
-
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A sha256 over every state-dict tensor's name, dtype, shape and exact checksums of its bytes.
+    """A sha256 over every state-dict tensor's name, dtype, shape and raw bytes (buffers included).
 
-    Deterministic and device-independent (the same weights on CPU and GPU give the same value);
-    a dtype cast or any edited value gives another. Costs about one pass over the weights on
-    their device.
+    Exact and device-independent: the same weights on CPU and GPU give the same value, a dtype
+    cast or any edited value another. Tensors are copied to the host one at a time (memory: the
+    largest tensor); the cost is one sha256 pass over the weights: 2.0 s for a 163M-parameter
+    GPT-2-shaped model (0.65 GB, float32) on a loaded CPU core, 15 ms for an organism.
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        plain, weighted = _checksums(t)
-        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|{plain}|{weighted};".encode())
+        flat = t.detach().contiguous().reshape(-1)
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
+        if flat.numel():
+            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
     return h.hexdigest()
 
 
