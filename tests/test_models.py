@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,61 @@ def test_hugging_face_folder_is_a_clear_error(tmp_path):
     (tmp_path / "model.safetensors").unlink()  # config only (weights not downloaded): the same answer
     with pytest.raises(ModelLoadError, match="Hugging Face model folder"):
         load_model(tmp_path)
+
+
+# ---------------------------------------------------- shipped checkpoints are failures, never skips
+
+TESTS = Path(__file__).resolve().parent
+_SHIPPED = re.compile(r"organism|checkpoint|shipped|ModelLoadError|SAELoadError|list_saes|sae:", re.I)
+
+
+def _skips_of_shipped_checkpoints(path: Path) -> list[str]:
+    """`pytest.skip(...)` / `skipif(...)` calls in `path` conditioned on (or explaining) a checkpoint."""
+    tree = ast.parse(path.read_text())
+    src = path.read_text()
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("skip", "skipif")):
+            continue
+        context = [ast.get_source_segment(src, node) or ""]
+        up = parents.get(node)
+        while up is not None and not isinstance(up, ast.FunctionDef | ast.Module):
+            if isinstance(up, ast.If):
+                context.append(ast.get_source_segment(src, up.test) or "")
+            if isinstance(up, ast.ExceptHandler) and up.type is not None:
+                context.append(ast.get_source_segment(src, up.type) or "")
+            up = parents.get(up)
+        if _SHIPPED.search(" ".join(context)):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_test_skips_when_a_shipped_checkpoint_is_missing_or_corrupted():
+    # A skip would hide a corrupted checkpoint (ModelLoadError is also the sha256 mismatch).
+    offenders = [hit for f in sorted(TESTS.glob("test_*.py")) for hit in _skips_of_shipped_checkpoints(f)]
+    assert offenders == []
+
+
+def test_a_corrupted_shipped_checkpoint_fails_the_lens_test(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    from interp.models import organisms_dir
+
+    shutil.copytree(organisms_dir() / "planning", tmp_path / "organisms" / "planning")
+    w = tmp_path / "organisms" / "planning" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")  # its sha256 no longer matches the manifest
+    monkeypatch.setenv("INTERP_DATA", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("_lens_tests", TESTS / "test_lens.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        mod.test_future_lens_on_the_planning_organism_beats_bigram()
+    except pytest.skip.Exception as e:
+        pytest.fail(f"a corrupted shipped checkpoint was skipped, not failed: {e}")
+    except ModelLoadError as e:
+        assert "expected sha256" in str(e)
+    else:
+        pytest.fail("the lens test ran on a corrupted checkpoint")

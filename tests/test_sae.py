@@ -435,10 +435,11 @@ MULTIHOP_SAE = "multihop-L0"  # blocks.0.hook_resid_post: the bridge is decodabl
 def multihop_parts():
     from interp.models import load_model, organisms_dir
 
+    # Both are shipped: a missing or corrupted checkpoint fails these tests, never skips them.
     if not (organisms_dir() / "multihop" / "model.safetensors").is_file():
-        pytest.skip("organism:multihop is not shipped yet (interp organisms train multihop)")
+        pytest.fail(f"organism:multihop is not shipped in {organisms_dir()} (interp organisms train multihop)")
     if MULTIHOP_SAE not in isae.list_saes():
-        pytest.skip(f"sae:{MULTIHOP_SAE} is not shipped (retrain: see data/sae/{MULTIHOP_SAE}/manifest.json)")
+        pytest.fail(f"sae:{MULTIHOP_SAE} is not shipped (retrain: see data/sae/{MULTIHOP_SAE}/manifest.json)")
     from interp.models import read_manifest
 
     want = isae.read_manifest(f"sae:{MULTIHOP_SAE}")
