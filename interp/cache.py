@@ -14,6 +14,7 @@ batch plus one shard, and an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from transformer_lens import HookedTransformer
 from interp.arch import Arch
 from interp.graph import Node
 from interp.hooks import HookError, hook_layer, resolve_hooks
+from interp.models import config_fingerprint, weights_fingerprint
 from interp.store import Store, StoreWriter
 from interp.tokens import Batch, check_tokens
 
@@ -144,9 +146,8 @@ def _gather(act: Tensor, idx: Tensor | None, pos_dim: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------- batches
 
-def _batches(data: Tensor | Batch | Iterable[Tensor], batch_size: int, skip: int
-             ) -> tuple[Iterator[Batch], int | None]:
-    """Right-padded batches of `data` after skipping its first `skip` rows; and the row count."""
+def _batches(data: Tensor | Batch | Iterable[Tensor], batch_size: int) -> tuple[Iterator[Batch], int | None]:
+    """Right-padded batches of `data`; and the row count when it is known."""
     if isinstance(data, Tensor):
         data = Batch.of(check_tokens(data))
     if isinstance(data, Batch):
@@ -154,22 +155,34 @@ def _batches(data: Tensor | Batch | Iterable[Tensor], batch_size: int, skip: int
         n = right.tokens.shape[0]
 
         def gen() -> Iterator[Batch]:
-            for i in range(skip, n, batch_size):
+            for i in range(0, n, batch_size):
                 yield Batch(right.tokens[i: i + batch_size], right.lengths[i: i + batch_size], "right")
         return gen(), n
 
     def gen_iter() -> Iterator[Batch]:
-        seen = 0
         for item in data:  # type: ignore[union-attr]
-            b = item.right() if isinstance(item, Batch) else Batch.of(check_tokens(item))
-            rows = b.tokens.shape[0]
-            if seen + rows <= skip:
-                seen += rows
-                continue
-            start = max(0, skip - seen)
-            seen += rows
-            yield Batch(b.tokens[start:], b.lengths[start:], "right")
+            yield item.right() if isinstance(item, Batch) else Batch.of(check_tokens(item))
     return gen_iter(), None
+
+
+def _skip_stored(batches: Iterator[Batch], writer: StoreWriter) -> Iterator[Batch]:
+    """The batches after the rows `writer` already holds, checking those rows' tokens on the way."""
+    left = writer.rows_done
+    for b in batches:
+        k = min(b.tokens.shape[0], left)
+        if k:
+            writer.check_rows(b.tokens[:k], b.lengths[:k])
+            left -= k
+        if k < b.tokens.shape[0]:
+            yield Batch(b.tokens[k:], b.lengths[k:], "right")
+
+
+def store_meta(model: HookedTransformer, hooks: Sequence[str], positions: PositionSpec,
+               dtype: torch.dtype | None) -> dict[str, object]:
+    """What identifies a store's content besides its tokens (the model's name is kept, not compared)."""
+    return {"model": model.cfg.model_name, "weights": weights_fingerprint(model),
+            "config": config_fingerprint(model.cfg), "hooks": list(hooks), "positions": _spec_repr(positions),
+            "dtype": str(dtype) if dtype else None}
 
 
 def _stop_layer(model: HookedTransformer, names: Sequence[str]) -> int | None:
@@ -194,6 +207,7 @@ def collect(
     shard_bytes: int = 64 << 20,
     progress: bool = True,
     resume: bool = True,
+    overwrite: bool = False,
 ) -> Cache | Store:
     """Cache the requested activations over `data`; in memory, or streamed to `out`.
 
@@ -201,6 +215,10 @@ def collect(
     selected axis is the query position). With positions="all" and padded prompts, padding rows
     hold the values computed at pad positions of the right-padded run and should be masked with
     `lengths`; they are returned in the caller's padding layout.
+
+    An existing store at `out` is resumed (or, when complete, reopened) only if it was built from
+    the same weights, config, tokens, hooks, positions and dtype; otherwise the error names the
+    field that differs. `overwrite=True` replaces it instead.
     """
     names = resolve_hooks(model, hooks, layers)
     if batch_size < 1:
@@ -209,16 +227,18 @@ def collect(
     stop = _stop_layer(model, names)
     writer: StoreWriter | None = None
     skip = 0
+    batches, n_total = _batches(data, batch_size)
     if out is not None:
-        meta = {"model": model.cfg.model_name, "hooks": names, "positions": _spec_repr(positions),
-                "dtype": str(dtype) if dtype else None}
-        writer = StoreWriter(out, meta, shard_bytes=shard_bytes, resume=resume)
-        if writer.complete:
-            log.info("store %s is complete; reopening it", out)
-            return writer.close()
+        writer = StoreWriter(out, store_meta(model, names, positions, dtype), shard_bytes=shard_bytes,
+                             resume=resume, overwrite=overwrite)
         skip = writer.rows_done
+        batches = _skip_stored(batches, writer)
+        if writer.complete:
+            log.info("store %s is complete; checking its tokens and reopening it", out)
+            if next(batches, None) is not None:  # every stored row's tokens were checked on the way
+                raise writer.more_rows_error()
+            return writer.close()
     left_batch = data if isinstance(data, Batch) and data.side == "left" else None
-    batches, n_total = _batches(data, batch_size, skip)
 
     kept: dict[str, list[Tensor]] = {n: [] for n in names}
     all_lengths: list[Tensor] = []
@@ -243,7 +263,7 @@ def collect(
             if missing:
                 raise HookError(f"hooks: expected every requested hook to fire, got {missing} never firing")
             if writer is not None:
-                writer.append(got, batch.lengths)
+                writer.append(got, batch.lengths, tokens=batch.tokens)
             else:
                 for n in names:
                     kept[n].append(got[n])
@@ -280,6 +300,7 @@ def _cat_ragged(parts: list[Tensor]) -> Tensor:
 def _spec_repr(spec: PositionSpec) -> str:
     if isinstance(spec, str):
         return spec
-    if isinstance(spec, Tensor):
-        return f"mask{tuple(spec.shape)}:{int(spec.sum())}"
+    if isinstance(spec, Tensor):  # the mask's content, not only its shape and count
+        digest = hashlib.sha256(spec.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()).hexdigest()
+        return f"mask{tuple(spec.shape)}:{int(spec.sum())}:{digest[:16]}"
     return "idx:" + ",".join(str(int(i)) for i in spec)

@@ -21,12 +21,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -36,6 +32,7 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from interp.atomic import Artefact, atomic_dir, write_json_atomic
 from interp.configs import unknown_keys
 
 log = logging.getLogger(__name__)
@@ -110,6 +107,38 @@ def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
     return HookedTransformerConfig(**d)
 
 
+# ---------------------------------------------------------------------------------- fingerprints
+
+# Config fields that name or initialise a model but do not change what it computes from tokens.
+_NOT_CONTENT = frozenset({"model_name", "tokenizer_name", "original_architecture", "seed", "init_mode",
+                          "init_weights", "initializer_range", "checkpoint_index", "checkpoint_label_type",
+                          "checkpoint_value", "from_checkpoint", "n_devices", "default_prepend_bos",
+                          "tokenizer_prepends_bos", "dtype"})
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 over every state-dict tensor's name, dtype, shape and raw bytes (buffers included).
+
+    Exact and device-independent: the same weights on CPU and GPU give the same value, a dtype
+    cast or any edited value another. Tensors are copied to the host one at a time (memory: the
+    largest tensor); the cost is one sha256 pass over the weights: 2.0 s for a 163M-parameter
+    GPT-2-shaped model (0.65 GB, float32) on a loaded CPU core, 15 ms for an organism.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().contiguous().reshape(-1)
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
+        if flat.numel():
+            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    return h.hexdigest()
+
+
+def config_fingerprint(cfg: HookedTransformerConfig) -> str:
+    """A sha256 of the config fields that change what the model computes (not its name or seed)."""
+    d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_CONTENT}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------- save / load
 
 def sha256_file(path: Path) -> str:
@@ -120,43 +149,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` via a temp file and rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and rename it into place on success.
-
-    An interrupted or failed build never leaves a half-written directory where a complete one
-    is expected; an existing directory is replaced only once the new one is whole.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+MODEL_DIR = Artefact(kind="model", files=frozenset({CONFIG, WEIGHTS, MANIFEST, TOKENIZER}),
+                     manifest_key="sha256", marker=WEIGHTS)
 
 
 def save_model(
@@ -165,14 +159,17 @@ def save_model(
     *,
     manifest: dict[str, Any] | None = None,
     vocab: list[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` to directory `path` (config + safetensors weights + manifest), atomically.
 
-    The directory is assembled in a temporary sibling and renamed into place, so an interrupted
-    save never leaves a half-written model where a complete one is expected.
+    `path` must be new, an empty directory, or (with `overwrite=True`) a model directory written
+    here before; only the model's own files are replaced and any other file in the folder is
+    kept. A new directory is assembled in a temporary sibling and renamed into place, so an
+    interrupted save never leaves a half-written model where a complete one is expected.
     """
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, MODEL_DIR, overwrite=overwrite) as tmp:
         cfg = config_to_dict(model.cfg)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         _st_save_model(model, str(tmp / WEIGHTS))
@@ -209,11 +206,30 @@ def _resolve_dir(spec: str) -> Path:
     return d
 
 
+def _refuse_hf_folder(d: Path, cfg: Any) -> None:
+    """A clear error for a Hugging Face model folder (its config.json names `model_type`)."""
+    if not isinstance(cfg, dict) or "n_layers" in cfg or not ({"model_type", "architectures"} & set(cfg)):
+        return
+    kind = cfg.get("model_type") or (cfg.get("architectures") or ["?"])[0]
+    raise ModelLoadError(
+        f"model directory {d}: expected a directory written by interp.save_model (a HookedTransformerConfig "
+        f"in {CONFIG}), got a Hugging Face model folder (model_type {kind!r}, architectures "
+        f"{cfg.get('architectures')}); loading Hugging Face folders is not supported yet: load it with "
+        f"transformer_lens.HookedTransformer.from_pretrained(NAME, hf_model=AutoModelForCausalLM."
+        f"from_pretrained({str(d)!r})) and save it once with interp.save_model"
+    )
+
+
 def load_local(path: str | Path, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, verify: bool = True) -> HookedTransformer:
     """Load a directory written by `save_model`; refuse weights whose sha256 mismatches."""
     d = Path(path)
     missing = [n for n in (CONFIG, WEIGHTS) if not (d / n).is_file()]
+    if missing and (d / CONFIG).is_file():
+        try:
+            _refuse_hf_folder(d, json.loads((d / CONFIG).read_text()))
+        except json.JSONDecodeError:
+            pass
     if missing:
         raise ModelLoadError(
             f"model directory {d}: expected {CONFIG} and {WEIGHTS} (written by interp.save_model), "
@@ -223,6 +239,7 @@ def load_local(path: str | Path, *, device: str | torch.device | None = None,
         cfg_dict = json.loads((d / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"model config {d / CONFIG}: expected JSON, got a parse error: {e}") from e
+    _refuse_hf_folder(d, cfg_dict)
     if verify and (d / MANIFEST).is_file():
         want = json.loads((d / MANIFEST).read_text()).get("sha256")
         if want is not None:

@@ -53,6 +53,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.atomic import atomic_file
 from interp.stats import Estimate, bootstrap, bootstrap_many
 
 log = logging.getLogger(__name__)
@@ -507,13 +508,10 @@ def save_frame(frame: pd.DataFrame, out: str | Path, title: str = "Probe results
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"parquet": out / "probes.parquet", "csv": out / "probes.csv", "html": out / "probes.html"}
-    for kind, path in (("parquet", paths["parquet"]), ("csv", paths["csv"])):
-        tmp = path.with_name(f".{path.name}.tmp")
-        if kind == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        tmp.replace(path)
+    with atomic_file(paths["parquet"]) as tmp:
+        frame.to_parquet(tmp, index=False)
+    with atomic_file(paths["csv"]) as tmp:
+        frame.to_csv(tmp, index=False)
     report = Report(title)
     groups = frame.groupby(["model", "metric"], sort=False) if len(frame) else []
     for (model, metric), sub in groups:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
+
+from interp.atomic import atomic_file
 
 
 @dataclass
@@ -64,15 +64,8 @@ class Report:
     def write(self, path: str | Path) -> Path:
         """Write the report atomically (temp file, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_html())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            tmp.write_text(self.to_html(), encoding="utf-8")
         return path
 
 

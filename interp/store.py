@@ -9,6 +9,13 @@ Writes are atomic: a shard is written to a temp file and renamed, then the manif
 the same way, so a store killed at any moment holds only whole shards and a manifest that lists
 exactly them. Reopening resumes after the last listed shard: no duplicated and no lost rows.
 
+A store is identified by what determines its content, never by a model's name: the build's
+`meta` (for `interp.cache.collect`: a fingerprint of the weights and of the config, the hooks,
+positions and storage dtype) and a digest of the tokens of every row written (right-padded
+tokens and lengths: the layout rows are computed and stored in). Resuming with any of these
+different is refused with the field that differs; `overwrite=True` replaces the store (only
+its own files), and a folder that is not a store is never written into.
+
 Reading is lazy: `safe_open` memory-maps each shard and only the rows asked for are read. On
 open every shard is checked against the manifest (presence, byte size, readable header, and by
 default its sha256), so a truncated or corrupted shard is an error, never silent garbage.
@@ -16,23 +23,29 @@ default its sha256), so a truncated or corrupted shard is an error, never silent
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Int
 from safetensors import safe_open
 from torch import Tensor
 
-from interp.models import sha256_file, write_json_atomic
+from interp.atomic import Artefact, atomic_file, check_destination, write_json_atomic
+from interp.models import sha256_file
 
 MANIFEST = "manifest.json"
 LENGTHS = "__lengths__"
 FORMAT_VERSION = 1
+STORE_DIR = Artefact(kind="activation store", files=frozenset({MANIFEST}), manifest_key="shards",
+                     pattern=r"shard_\d{5}\.safetensors")
+INFO_KEYS = frozenset({"model"})  # descriptive meta, not compared on resume
 
 
 class StoreError(RuntimeError):
@@ -79,43 +92,99 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor]) -> None:
         os.fsync(f.fileno())
 
 
+class RowDigest:
+    """A running sha256 of token rows: the same digest however the rows are split into batches."""
+
+    def __init__(self) -> None:
+        self._tokens = hashlib.sha256()
+        self._shape = hashlib.sha256()
+        self.rows = 0
+
+    def update(self, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"]) -> None:
+        t = tokens.detach().to("cpu", torch.int64).contiguous()
+        shape = torch.stack([torch.full_like(lengths.cpu(), t.shape[1]), lengths.cpu()], 1).to(torch.int64)
+        self._tokens.update(t.numpy().tobytes())
+        self._shape.update(shape.contiguous().numpy().tobytes())
+        self.rows += t.shape[0]
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self._tokens.digest() + self._shape.digest()).hexdigest()
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 class StoreWriter:
     """Appends rows to a store directory shard by shard; resumes an interrupted build.
 
     Rows are copied into one preallocated buffer per hook (about `shard_bytes` in all) and each
     full buffer is streamed to disk, so memory stays at one shard plus the caller's batch.
     Shards end on batch boundaries, so a resumed build sees exactly the batches of an
-    uninterrupted one.
+    uninterrupted one. The caller passes the rows already on disk to `check_rows` (their tokens
+    must match the store's digest) and the new ones to `append`.
     """
 
     def __init__(self, path: str | Path, meta: Mapping[str, Any], *, shard_bytes: int = 64 << 20,
-                 resume: bool = True) -> None:
-        self.path = Path(path)
+                 resume: bool = True, overwrite: bool = False) -> None:
+        self.path = check_destination(path, STORE_DIR, overwrite=True)  # an existing store resumes below
         self.shard_bytes = int(shard_bytes)
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.glob(".*.tmp"):
-            leftover.unlink()  # a temp file from a killed write: never listed, safe to drop
+            target = re.fullmatch(r"\.(.+)\.\w+\.tmp", leftover.name)
+            if target and STORE_DIR.owns(target[1]):
+                leftover.unlink()  # a temp file from a killed write of ours: never listed, safe to drop
         mf = self.path / MANIFEST
+        if mf.exists() and overwrite:
+            for f in self.path.iterdir():
+                if STORE_DIR.owns(f.name) and f.is_file():
+                    f.unlink()
         if mf.exists():
             existing = _read_manifest(self.path)
             if not resume:
                 raise StoreError(f"store {self.path}: expected an empty directory (resume=False), "
-                                 f"got an existing store with {existing['n_rows']} rows")
-            mismatched = [k for k in meta if existing["meta"].get(k) != meta[k]]
+                                 f"got an existing store with {existing['n_rows']} rows; pass overwrite=True "
+                                 f"to replace it")
+            mismatched = [k for k in meta if k not in INFO_KEYS and existing["meta"].get(k) != meta[k]]
             if mismatched:
                 raise StoreError(
                     f"store {self.path}: expected the same build to resume, got different "
-                    + ", ".join(f"{k} ({existing['meta'].get(k)!r} on disk vs {meta[k]!r})" for k in mismatched)
-                    + "; use a new directory"
+                    + ", ".join(f"{k} ({_short(existing['meta'].get(k))} on disk vs {_short(meta[k])})"
+                                for k in mismatched)
+                    + "; use a new directory, or pass overwrite=True to replace this store"
                 )
             _check_shards(self.path, existing, verify=True)
             self.manifest = existing
         else:
             self.manifest = {"version": FORMAT_VERSION, "meta": dict(meta), "shards": [], "n_rows": 0,
-                             "complete": False, "hooks": {}}
+                             "complete": False, "hooks": {}, "tokens": RowDigest().hexdigest()}
             write_json_atomic(mf, self.manifest)
+        self._digest = RowDigest()
         self._buf: dict[str, Tensor] = {}
         self._fill = 0
+
+    def check_rows(self, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, "batch"]) -> None:
+        """Account for rows already on disk (right-padded); refuse tokens the store was not built from."""
+        if self._digest.rows + tokens.shape[0] > self.rows_done:
+            raise StoreError(f"store {self.path}: expected at most the {self.rows_done} rows it holds before "
+                             f"new ones, got more (a bug in the caller)")
+        self._digest.update(tokens, lengths)
+        if self._digest.rows == self.rows_done:
+            self._check_tokens()
+
+    def more_rows_error(self) -> StoreError:
+        return StoreError(f"store {self.path}: expected the same build, got more rows of data than the "
+                          f"{self.rows_done} of the complete store; use a new directory, or pass "
+                          f"overwrite=True to replace this store")
+
+    def _check_tokens(self) -> None:
+        want, got = self.manifest.get("tokens"), self._digest.hexdigest()
+        if want != got:
+            raise StoreError(
+                f"store {self.path}: expected the same build to resume, got different tokens (sha256 "
+                f"{_short(want)} of its first {self.rows_done} rows on disk vs {_short(got)} given); use a "
+                f"new directory, or pass overwrite=True to replace this store")
 
     @property
     def rows_done(self) -> int:
@@ -132,8 +201,17 @@ class StoreWriter:
         capacity = max(rows, self.shard_bytes // max(row_bytes, 1) // rows * rows)
         self._buf = {k: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for k, t in acts.items()}
 
-    def append(self, acts: Mapping[str, Tensor], lengths: Tensor) -> None:
-        """Copy one batch of rows into the shard buffer; write the shard when it is full."""
+    def append(self, acts: Mapping[str, Tensor], lengths: Int[Tensor, "batch"], *,
+               tokens: Int[Tensor, "batch pos"]) -> None:
+        """Copy one batch of rows (and the right-padded tokens they came from) into the shard buffer.
+
+        The shard is written when the buffer is full.
+        """
+        if self.complete:
+            raise self.more_rows_error()
+        if self._digest.rows < self.rows_done:
+            raise StoreError(f"store {self.path}: expected its {self.rows_done} rows on disk passed to "
+                             f"check_rows before new ones, got {self._digest.rows} (a bug in the caller)")
         rows = lengths.shape[0]
         acts = {**acts, LENGTHS: lengths}
         for name, t in acts.items():
@@ -153,6 +231,7 @@ class StoreWriter:
         for name, t in acts.items():
             self._buf[name][self._fill: self._fill + rows] = t.detach()
         self._fill += rows
+        self._digest.update(tokens, lengths)
 
     def flush(self) -> None:
         """Write the buffered rows as one shard (temp file + rename), then the manifest."""
@@ -161,25 +240,27 @@ class StoreWriter:
         tensors = {k: v[: self._fill] for k, v in self._buf.items()}
         idx = len(self.manifest["shards"])
         fname = f"shard_{idx:05d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{fname}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(self.path / fname) as tmp:
             write_safetensors(tmp, tensors)
-            info = ShardInfo(fname, self.rows_done, self._fill, os.path.getsize(tmp), sha256_file(Path(tmp)))
-            os.replace(tmp, self.path / fname)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            info = ShardInfo(fname, self.rows_done, self._fill, os.path.getsize(tmp), sha256_file(tmp))
         for k, t in tensors.items():
             if k != LENGTHS:
                 self.manifest["hooks"][k] = {"shape": list(t.shape[1:]), "dtype": _dtype_name(t.dtype)}
         self.manifest["shards"].append(info.__dict__)
         self.manifest["n_rows"] = self.rows_done + self._fill
+        self.manifest["tokens"] = self._digest.hexdigest()  # every buffered row is in this shard
         write_json_atomic(self.path / MANIFEST, self.manifest)
         self._fill = 0
 
     def close(self) -> Store:
-        """Flush, mark the store complete and reopen it for reading."""
+        """Flush, mark the store complete and reopen it for reading.
+
+        Refuses (before marking it complete) data with fewer rows than the store already holds.
+        """
+        if self._digest.rows < self.rows_done:
+            raise StoreError(f"store {self.path}: expected the same build, got {self._digest.rows} rows of data "
+                             f"for a store holding {self.rows_done}; use a new directory, or pass "
+                             f"overwrite=True to replace this store")
         self.flush()
         self._buf = {}
         self.manifest["complete"] = True

@@ -28,7 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from interp.models import CONFIG, MANIFEST, ORGANISM_PREFIX, WEIGHTS, ModelLoadError, _resolve_dir, organisms_dir
+from interp.models import (
+    CONFIG,
+    MANIFEST,
+    ORGANISM_PREFIX,
+    WEIGHTS,
+    ModelLoadError,
+    _resolve_dir,
+    organisms_dir,
+)
 from probes.config import SweepConfig
 
 RANDOM_PREFIX = "random:"

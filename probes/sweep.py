@@ -27,9 +27,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,9 @@ from rich.progress import Progress
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.atomic import atomic_file, write_json_atomic
 from interp.graph import Node, Site
-from interp.models import load_model, new_model, write_json_atomic
+from interp.models import load_model, new_model
 from interp.probing import fit, plot_frame, save_frame
 from interp.tokens import Batch
 from probes.backends import get_backend
@@ -231,15 +230,8 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
               layers=payload["layers"], meta=payload["meta"], **payload["probe"])
     frame = res.to_frame()
     path = Path(payload["path"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"path": str(path), "rows": len(frame)}
 
 

@@ -257,13 +257,9 @@ def test_future_lens_on_the_planning_organism_beats_bigram():
     # x_t is always "say", so the bigram baseline can only guess the most common syllable. The
     # embedding layer (h_t = embed("say") + pos) carries no word information; after attention
     # reads the cue, x_{t+2} and x_{t+3} must be decodable.
-    from interp.models import ModelLoadError, load_model
+    from interp.models import load_model
 
-    try:
-        model = load_model("organism:planning")
-    except ModelLoadError as e:
-        pytest.skip(f"planning organism checkpoint absent (data/organisms/planning; train it with "
-                    f"`interp organisms train planning`): {e}")
+    model = load_model("organism:planning")  # shipped: a missing or corrupted checkpoint fails here
     from interp.organisms import planning
 
     data = planning.dataset(400, seed=123)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from interp.arch import Arch
+from interp.atomic import DestinationError
 from interp.models import ModelLoadError, load_model, read_manifest, save_model
 
 
@@ -84,3 +89,122 @@ def test_unknown_organism(monkeypatch, tmp_path):
     monkeypatch.setenv("INTERP_DATA", str(tmp_path))
     with pytest.raises(ModelLoadError, match="organisms train"):
         load_model("organism:nope")
+
+
+# ------------------------------------------------------------------ saving never deletes user files
+
+def _logits(model, tokens):
+    with torch.inference_mode():
+        return model(tokens)
+
+
+def test_save_into_a_user_folder_is_refused_and_keeps_its_files(gpt2_model, tmp_path):
+    (tmp_path / "notes.txt").write_text("my results")
+    with pytest.raises(DestinationError, match="non-empty directory that is not one.*notes.txt"):
+        save_model(gpt2_model, tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]  # nothing written, nothing deleted
+    assert (tmp_path / "notes.txt").read_text() == "my results"
+
+
+def test_overwrite_replaces_only_the_models_own_files(gpt2_model, llama_model, tokens, tmp_path):
+    path = save_model(gpt2_model, tmp_path / "m", vocab=[f"t{i}" for i in range(50)])
+    (path / "notes.txt").write_text("my results")
+    with pytest.raises(DestinationError, match="existing interp model; pass overwrite=True"):
+        save_model(llama_model, path)
+    torch.testing.assert_close(_logits(load_model(path), tokens), _logits(gpt2_model, tokens), rtol=0, atol=0)
+    save_model(llama_model, path, overwrite=True)  # no vocab this time: the old tokenizer.json goes
+    assert sorted(os.listdir(path)) == ["config.json", "manifest.json", "model.safetensors", "notes.txt"]
+    assert (path / "notes.txt").read_text() == "my results"
+    torch.testing.assert_close(_logits(load_model(path), tokens), _logits(llama_model, tokens), rtol=0, atol=0)
+
+
+def test_save_onto_an_existing_file_is_refused(gpt2_model, tmp_path):
+    f = tmp_path / "results.csv"
+    f.write_text("a,b\n1,2\n")
+    with pytest.raises(DestinationError, match="got an existing file"):
+        save_model(gpt2_model, f)
+    with pytest.raises(DestinationError, match="a path under the file"):
+        save_model(gpt2_model, f / "m")
+    assert os.listdir(tmp_path) == ["results.csv"] and f.read_text() == "a,b\n1,2\n"  # no .old left
+
+
+def test_save_to_dot_and_relative_paths(gpt2_model, tokens, tmp_path, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    save_model(gpt2_model, ".")
+    save_model(gpt2_model, "sub/m")
+    for spec in (".", "sub/m", here, here / "sub" / "m"):
+        torch.testing.assert_close(_logits(load_model(spec), tokens), _logits(gpt2_model, tokens), rtol=0, atol=0)
+    with pytest.raises(DestinationError, match="pass overwrite=True"):
+        save_model(gpt2_model, ".")
+
+
+def test_hugging_face_folder_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=20)).save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    with pytest.raises(ModelLoadError, match="got a Hugging Face model folder .model_type 'gpt2'.*not supported yet"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # config only (weights not downloaded): the same answer
+    with pytest.raises(ModelLoadError, match="Hugging Face model folder"):
+        load_model(tmp_path)
+
+
+# ---------------------------------------------------- shipped checkpoints are failures, never skips
+
+TESTS = Path(__file__).resolve().parent
+_SHIPPED = re.compile(r"organism|checkpoint|shipped|ModelLoadError|SAELoadError|list_saes|sae:", re.I)
+
+
+def _skips_of_shipped_checkpoints(path: Path) -> list[str]:
+    """`pytest.skip(...)` / `skipif(...)` calls in `path` conditioned on (or explaining) a checkpoint."""
+    tree = ast.parse(path.read_text())
+    src = path.read_text()
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("skip", "skipif")):
+            continue
+        context = [ast.get_source_segment(src, node) or ""]
+        up = parents.get(node)
+        while up is not None and not isinstance(up, ast.FunctionDef | ast.Module):
+            if isinstance(up, ast.If):
+                context.append(ast.get_source_segment(src, up.test) or "")
+            if isinstance(up, ast.ExceptHandler) and up.type is not None:
+                context.append(ast.get_source_segment(src, up.type) or "")
+            up = parents.get(up)
+        if _SHIPPED.search(" ".join(context)):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_test_skips_when_a_shipped_checkpoint_is_missing_or_corrupted():
+    # A skip would hide a corrupted checkpoint (ModelLoadError is also the sha256 mismatch).
+    offenders = [hit for f in sorted(TESTS.glob("test_*.py")) for hit in _skips_of_shipped_checkpoints(f)]
+    assert offenders == []
+
+
+def test_a_corrupted_shipped_checkpoint_fails_the_lens_test(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    from interp.models import organisms_dir
+
+    shutil.copytree(organisms_dir() / "planning", tmp_path / "organisms" / "planning")
+    w = tmp_path / "organisms" / "planning" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")  # its sha256 no longer matches the manifest
+    monkeypatch.setenv("INTERP_DATA", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("_lens_tests", TESTS / "test_lens.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        mod.test_future_lens_on_the_planning_organism_beats_bigram()
+    except pytest.skip.Exception as e:
+        pytest.fail(f"a corrupted shipped checkpoint was skipped, not failed: {e}")
+    except ModelLoadError as e:
+        assert "expected sha256" in str(e)
+    else:
+        pytest.fail("the lens test ran on a corrupted checkpoint")

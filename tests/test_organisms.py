@@ -4,6 +4,7 @@ forward equals the HookedTransformer forward; corrupted checkpoints are refused.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -171,6 +172,16 @@ def test_failed_training_is_not_saved(tmp_path):
     with pytest.raises(AcceptanceError, match="expected all acceptance criteria to pass"):
         train_and_save("planning", steps=2, out=tmp_path / "p", progress=False, eval_n=50)
     assert not (tmp_path / "p").exists()
+
+
+def test_train_out_into_a_user_folder_is_refused_before_training(tmp_path):
+    from interp.atomic import DestinationError
+    from interp.organisms import train_and_save
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="not one.*nothing was written"):
+        train_and_save("planning", steps=2, out=tmp_path, progress=False, eval_n=50, save_failed=True)
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------ datasets and labels

@@ -13,7 +13,7 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
 from interp.cache import collect
 from interp.graph import Node, Site
-from interp.models import load_model, new_model, organisms_dir
+from interp.models import load_model, new_model
 from interp.organisms import multihop
 from interp.probing import (
     FRAME_COLUMNS,
@@ -226,11 +226,6 @@ def test_errors_name_expected_and_received():
         fit(x, torch.zeros(10, dtype=torch.long), shuffled=False)
 
 
-MULTIHOP_READY = (organisms_dir() / "multihop" / "model.safetensors").is_file()
-
-
-@pytest.mark.skipif(not MULTIHOP_READY, reason="organism checkpoint data/organisms/multihop is absent "
-                    "(train it with `interp organisms train multihop`)")
 def test_ground_truth_multihop_bridge_decodable_above_control_only_in_trained_model():
     """On two-hop prompts the bridge b is decodable at the last position above its Hewitt-Liang
     control in the trained organism, and in no layer of a random-initialised model of the same

@@ -25,8 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from interp.atomic import atomic_file, write_json_atomic
 from interp.configs import from_dict
 from interp.lens.logit import LensResult, logit_lens, run_lens, summarise
 from interp.lens.residual import (
@@ -52,7 +51,6 @@ from interp.lens.residual import (
     model_name,
     residual_stack,
 )
-from interp.models import write_json_atomic
 from interp.viz import curves
 
 log = logging.getLogger(__name__)
@@ -131,14 +129,8 @@ def _fingerprint(acts: Tensor) -> dict[str, Any]:
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 class TunedLens(torch.nn.Module):

@@ -30,7 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.models import config_to_dict, load_model, organisms_dir, save_model
+from interp.atomic import check_destination
+from interp.models import MODEL_DIR, config_to_dict, load_model, organisms_dir, save_model
 from interp.organisms.base import Criterion, check, failures
 from interp.organisms.training import TrainLog
 from interp.tokens import VocabTokenizer
@@ -131,22 +132,25 @@ class AcceptanceError(RuntimeError):
 
 
 def train_and_save(name: str, steps: int | None = None, seed: int = 0, out: str | Path | None = None,
-                   progress: bool = True, eval_n: int | None = None, save_failed: bool = False
-                   ) -> tuple[Path | None, dict[str, Any]]:
+                   progress: bool = True, eval_n: int | None = None, save_failed: bool = False,
+                   overwrite: bool = False) -> tuple[Path | None, dict[str, Any]]:
     """Train, evaluate on held-out data and save to `out` (default data/organisms/NAME).
 
     A model that misses its acceptance criteria is not saved (unless `save_failed`) and raises
     `AcceptanceError` listing what failed, so a bad run never replaces a shipped checkpoint.
+    An existing model directory at `out` (a shipped checkpoint included) is replaced only with
+    `overwrite=True`; that, and a folder that is not a model, is refused before training.
     """
     org = get(name)
+    dest = Path(out) if out else organisms_dir() / name
+    check_destination(dest, MODEL_DIR, overwrite=overwrite)
     model, train_log = train(name, steps=steps, seed=seed, progress=progress)
     metrics = evaluate(model, n=eval_n, name=name)
     facts = manifest(name, train_log, metrics, model)
     failed = failures(org.ACCEPTANCE, metrics)
     path = None
     if not failed or save_failed:
-        path = save_model(model, Path(out) if out else organisms_dir() / name, manifest=facts,
-                          vocab=list(org.tokenizer().vocab))
+        path = save_model(model, dest, manifest=facts, vocab=list(org.tokenizer().vocab), overwrite=overwrite)
     if failed:
         raise AcceptanceError(f"organism {name!r} after {train_log.steps} steps: expected all "
                               f"acceptance criteria to pass, got failures: {failed}"

@@ -51,6 +51,7 @@ def train_cmd(
     seed: int = typer.Option(0, help="seed for initial weights and data"),
     out: Path = typer.Option(None, help="output directory (default: data/organisms/NAME)"),
     save_failed: bool = typer.Option(False, help="save even if acceptance fails"),
+    overwrite: bool = typer.Option(False, help="replace an existing model directory at OUT (other files kept)"),
 ) -> None:
     """Train an organism from scratch on CPU, check acceptance, and save the checkpoint."""
     _quiet()
@@ -58,7 +59,7 @@ def train_cmd(
 
     try:
         path, facts = train_and_save(name, steps=steps or None, seed=seed, out=out,
-                                     save_failed=save_failed)
+                                     save_failed=save_failed, overwrite=overwrite)
     except (AcceptanceError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None

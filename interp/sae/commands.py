@@ -109,14 +109,17 @@ def train_cmd(
     batch_size: int = typer.Option(1024),
     positions: str = typer.Option("all", help="all | last"),
     threads: int = typer.Option(1),
+    overwrite: bool = typer.Option(False, help="replace an existing SAE directory at OUT (other files kept)"),
 ) -> None:
     """Train an SAE at HOOK of MODEL, evaluate it on held-out prompts, save it with a manifest."""
     _quiet(threads)
+    from interp.atomic import check_destination
     from interp.models import load_model
     from interp.sae.evaluation import evaluate
-    from interp.sae.io import save
+    from interp.sae.io import SAE_DIR, save
     from interp.sae.training import TrainConfig, train
 
+    check_destination(out, SAE_DIR, overwrite=overwrite)  # refuse before any training
     m = load_model(model)
     toks, _, _ = load_data(model, tokens, n_prompts, seed)
     sae_kwargs = {"k": k} if architecture in ("topk", "batchtopk", "abstopk") else {}
@@ -139,7 +142,7 @@ def train_cmd(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": torch.__version__,
     }
-    save(res.sae, out, manifest=manifest)
+    save(res.sae, out, manifest=manifest, overwrite=overwrite)
     console.print(_eval_table(ev))
     console.print(f"saved {out} (trained in {res.seconds:.1f} s)")
 

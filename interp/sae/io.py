@@ -25,7 +25,8 @@ import torch
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-from interp.models import MANIFEST, _hub_reachable, atomic_dir, data_dir, sha256_file, write_json_atomic
+from interp.atomic import Artefact, atomic_dir, write_json_atomic
+from interp.models import MANIFEST, _hub_reachable, data_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,19 @@ def list_saes() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / SAE_WEIGHTS_FILENAME).is_file())
 
 
-def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None) -> Path:
-    """Write `sae` in sae-lens's on-disk format plus a manifest (with sha256), atomically."""
+SAE_DIR = Artefact(kind="SAE", files=frozenset({SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, MANIFEST,
+                                                  "sparsity.safetensors"}),
+                   manifest_key="sha256", marker=SAE_WEIGHTS_FILENAME)
+
+
+def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write `sae` in sae-lens's on-disk format plus a manifest (with sha256), atomically.
+
+    `path` must be new, an empty directory, or (with `overwrite=True`) an SAE directory written
+    here before; only the SAE's own files are replaced, any other file in the folder is kept.
+    """
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, SAE_DIR, overwrite=overwrite) as tmp:
         sae.save_model(tmp)
         facts = dict(manifest or {})
         facts["sha256"] = sha256_file(tmp / SAE_WEIGHTS_FILENAME)
