@@ -15,6 +15,7 @@ hanging or dumping a stack trace.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -67,9 +68,12 @@ def list_organisms() -> list[str]:
 
 
 def new_model(cfg: HookedTransformerConfig | dict[str, Any]) -> HookedTransformer:
-    """A fresh (random-initialised) HookedTransformer in eval mode, without the deprecation noise."""
-    if isinstance(cfg, dict):
-        cfg = config_from_dict(cfg)
+    """A fresh (random-initialised) HookedTransformer in eval mode, without the deprecation noise.
+
+    The model gets its own copy of `cfg`: TransformerLens keeps the config object and `.to(dtype)`
+    rewrites it, which would otherwise change every other model built from the same config.
+    """
+    cfg = config_from_dict(cfg) if isinstance(cfg, dict) else copy.deepcopy(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         model = HookedTransformer(cfg)

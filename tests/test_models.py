@@ -13,7 +13,7 @@ import torch
 
 from interp.arch import Arch
 from interp.atomic import DestinationError
-from interp.models import ModelLoadError, load_model, read_manifest, save_model
+from interp.models import ModelLoadError, load_model, new_model, read_manifest, save_model
 
 
 def test_save_load_roundtrip_same_logits(any_model, tokens, tmp_path):
@@ -208,3 +208,12 @@ def test_a_corrupted_shipped_checkpoint_fails_the_lens_test(tmp_path, monkeypatc
         assert "expected sha256" in str(e)
     else:
         pytest.fail("the lens test ran on a corrupted checkpoint")
+
+
+def test_new_model_does_not_share_its_config(gpt2_model):
+    # Regression: a twin built from another model's cfg shared the object, so `twin.to(bf16)`
+    # silently turned the original's cfg.dtype into bfloat16 (and its saves into bf16 checkpoints).
+    twin = new_model(gpt2_model.cfg)
+    twin.to(torch.bfloat16)
+    assert gpt2_model.cfg.dtype == torch.float32
+    assert twin.cfg.dtype == torch.bfloat16
