@@ -199,9 +199,9 @@ def test_last_token_refuses_sufficiency_at_n_layers():
 
     r = run.run_last_token("organism:induction", n=48)
     L = len(r.layers) - 1
-    assert L == 2 and r.clean_shows_behaviour
+    assert L == 2 and r.sufficient_from is None  # was 2 = n_layers
     assert float(r.knockout[L - 1].correct.mean()) < 0.5 < 0.9 < float(r.clean.correct.mean())
-    assert r.sufficient_from is None and f"n_layers={L}" in r.sufficiency_reason
+    assert r.clean_shows_behaviour and f"n_layers={L}" in r.sufficiency_reason
     assert r.verdict.supported and "not self-sufficient" in r.verdict.sentence, r.verdict
 
 

@@ -251,7 +251,12 @@ def last_token_sufficiency(
                              f"({batch.lengths.tolist()[:8]}...), got {nbatch.tokens.shape[0]} with lengths "
                              f"{nbatch.lengths.tolist()[:8]}...")
     batch = Batch(batch.tokens.to(model.cfg.device), batch.lengths.cpu(), "right")
-    if nbatch is not None:
+    if nbatch is None:  # built once over all prompts, so the baseline's subset shares it
+        nt = batch.tokens.clone()
+        for idx, _, group_neutral in _groups(batch, None, torch.arange(n)):
+            nt[idx.to(nt.device), : group_neutral.shape[1]] = group_neutral
+        nbatch = Batch(nt, batch.lengths, "right")
+    else:
         nbatch = Batch(nbatch.tokens.to(model.cfg.device), nbatch.lengths.cpu(), "right")
 
     clean, neut, knock, trans, kv = _grouped_curves(model, _groups(batch, nbatch, torch.arange(n)), answer,
