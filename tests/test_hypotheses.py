@@ -179,6 +179,17 @@ def test_last_token_padded_batch_matches_each_prompt_alone(any_model, side):
     assert r.clean.correct.mean() == 1.0
 
 
+def test_fixed_position_investigations_refuse_padded_batches(gpt2_model):
+    # they read fixed positions: a padded batch is refused with a clear error, never read at pads
+    padded = Batch.pad([torch.arange(1, 6), torch.arange(1, 9)])
+    with pytest.raises(ValueError, match="padded Batch with lengths 5..8"):
+        DistanceSet(padded, torch.zeros(2, dtype=torch.long), (1,))
+    with pytest.raises(ValueError, match="padded Batch"):
+        routes(gpt2_model, padded, padded, lambda row, i: logprob(0), source=1)
+    unpadded = Batch.of(torch.arange(1, 9).repeat(2, 1))  # a Batch without padding is fine
+    assert DistanceSet(unpadded, torch.zeros(2, dtype=torch.long), (1,)).tokens.shape == (2, 8)
+
+
 def test_last_token_no_layer_without_behaviour(gpt2_model):
     # regression: "sufficient from layer 0" was reported for a model whose clean accuracy is 0
     g = torch.Generator().manual_seed(4)

@@ -39,6 +39,7 @@ from interp.lens.future import FutureLensConfig, FutureLensResult
 from interp.lens.residual import layer_labels, residual_stack
 from interp.probing import ProbeResult, fit
 from interp.stats import Estimate
+from interp.tokens import Batch
 
 
 def _decodable_from(p: ProbeResult, margin: float = 0.0) -> int | None:
@@ -123,11 +124,11 @@ class MultihopResult:
 
 def multihop(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"],
+    tokens: Int[Tensor, "n pos"] | Batch,
     bridge: Int[Tensor, "n"],
     answer: Int[Tensor, "n"],
     *,
-    partner_tokens: Int[Tensor, "n pos"],
+    partner_tokens: Int[Tensor, "n pos"] | Batch,
     partner_answer: Int[Tensor, "n"],
     positions: Mapping[str, int] | None = None,
     control_types: Int[Tensor, "n"] | None = None,
@@ -255,7 +256,7 @@ class PlanAheadResult:
 
 def plan_ahead(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"],
+    tokens: Int[Tensor, "n pos"] | Batch,
     mask: Bool[Tensor, "n pos"],
     *,
     offsets: tuple[int, ...] = (2, 3),

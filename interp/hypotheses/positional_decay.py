@@ -52,7 +52,7 @@ from interp.tokens import Batch, check_tokens
 class DistanceSet:
     """Prompts whose needed fact sits at one distance: the fact's positions are the same in all."""
 
-    tokens: Int[Tensor, "n pos"]
+    tokens: Int[Tensor, "n pos"] | Batch  # a Batch without padding becomes its tokens; a padded one is refused
     answer: Int[Tensor, "n"]
     fact_pos: tuple[int, ...]  # positions holding the fact (e.g. key and value)
     query_pos: int = -1

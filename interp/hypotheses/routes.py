@@ -39,6 +39,7 @@ from interp.hypotheses.base import Verdict, estimate, random_like, unpadded
 from interp.patching import path_patch
 from interp.patching.metrics import PositionMetric
 from interp.stats import Estimate
+from interp.tokens import Batch
 
 PerExampleMetric = Callable[[Tensor, int], PositionMetric]  # (tokens row, example index) -> metric
 
@@ -174,8 +175,8 @@ def _route_effects(model: HookedTransformer, clean: Tensor, corrupt: Tensor, met
 
 def routes(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "n pos"],
-    corrupt_tokens: Int[Tensor, "n pos"],
+    clean_tokens: Int[Tensor, "n pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "n pos"] | Batch,
     metric: PerExampleMetric,
     *,
     source: int,
