@@ -235,8 +235,8 @@ def test_routes_figure_encodes_sign():
 
 def test_routes_without_clean_effect_reports_none(gpt2_model):
     g = torch.Generator().manual_seed(5)
-    clean = torch.randint(0, 50, (4, 5), generator=g)
-    ans = torch.randint(0, 50, (4,), generator=g)
+    clean = torch.randint(0, 50, (2, 4), generator=g)  # small: every route is path-patched per example
+    ans = torch.randint(0, 50, (2,), generator=g)
     # the corrupted run IS the clean run: there is no behaviour to decompose
     r = routes(gpt2_model, clean, clean.clone(), lambda row, i: logprob(int(ans[i])), source=1,
                baseline=random_like(gpt2_model))
