@@ -75,3 +75,5 @@ def test_retrieval_prompt_set_by_distance():
         assert tok.vocab[int(s.answer[0])].strip() in fact
     r = positional_decay({"random": model}, sets)
     assert not r.verdict.supported
+    m = r.models["random"]  # a model that does not retrieve gets no profile and no decay length
+    assert not m.clean_shows_behaviour and m.profile is None and m.decay_fit.length is None

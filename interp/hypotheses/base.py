@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer
 from interp.hooks import Intervention, intervene
 from interp.models import new_model
 from interp.stats import Estimate, bootstrap_many
-from interp.tokens import check_tokens
+from interp.tokens import Batch, check_tokens
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,18 @@ def curve_frame(values: Float[Tensor, "n m"], axis: Sequence[object], axis_name:
 def estimate(values: Float[Tensor, "n"]) -> Estimate:
     mean, low, high = bootstrap_many(values[:, None])
     return Estimate(float(mean[0]), float(low[0]), float(high[0]))
+
+
+def unpadded(tokens: object, d_vocab: int | None, name: str = "tokens", what: str = "this investigation"
+             ) -> Tensor:
+    """`tokens` as one-length prompts: a token tensor, or a `Batch` without padding.
+
+    Investigations that read fixed positions cannot read each prompt's own position in a padded
+    batch yet: they refuse it rather than read pads."""
+    if isinstance(tokens, Batch):
+        if int(tokens.lengths.min()) != tokens.tokens.shape[1]:
+            raise ValueError(f"{name}: expected prompts of one length for {what} (it reads fixed positions), got a "
+                             f"padded Batch with lengths {int(tokens.lengths.min())}..{int(tokens.lengths.max())}; "
+                             f"group the prompts by length (last_token_sufficiency takes a padded Batch)")
+        tokens = tokens.tokens
+    return check_tokens(tokens, d_vocab, name=name)

@@ -16,8 +16,15 @@ prompt whose last position is T, per layer l in 0..L (L = n_layers):
   log-prob. R_S(l) is the share already in the last residual at layer l; 1 - R_KV(l) is the
   share that still arrives by re-reading earlier positions at layers >= l.
 
-Baseline: a random-initialised model of the same shape; no verdict unless the clean model's
-accuracy clears that baseline and knocking out the whole context measurably hurts.
+Padded prompts: pass a `Batch` (interp.tokens); each prompt is read at its own last real token
+and computed exactly as if run alone (prompts are grouped by length and run unpadded). A plain
+tensor means every position is a real token.
+
+Baseline: a random-initialised model of the same shape; no verdict, and no sufficiency layer,
+unless the clean model's accuracy clears that baseline (`clean_shows_behaviour`) and knocking
+out the whole context measurably hurts. A sufficiency layer needs a contrast that could have
+failed: it is below n_layers (cutting at l = n_layers blocks nothing, true of any model) and
+cutting from the layer below measurably drops accuracy.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from interp.graph import Node, Site
 from interp.hooks import Patch, block_attention
 from interp.hypotheses.base import Outcome, Verdict, curve_frame, estimate, random_like, readout
 from interp.stats import Estimate, bootstrap
-from interp.tokens import check_tokens
+from interp.tokens import Batch, check_tokens
 
 
 def neutral_context(tokens: Int[Tensor, "n pos"], shift: int = 1) -> Int[Tensor, "n pos"]:
@@ -60,9 +67,12 @@ class LastTokenResult:
     kv: tuple[Outcome, ...]
     baseline_clean: Outcome | None
     baseline_knockout0: Outcome | None
-    sufficient_from: int | None
+    sufficient_from: int | None  # in 1..n_layers-1, only with a failing layer below it; else None
     verdict: Verdict
     meta: dict = field(default_factory=dict)
+    clean_shows_behaviour: bool = True  # clean accuracy clears the random-initialised baseline
+    behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
+    sufficiency_reason: str | None = None  # why sufficient_from is None
 
     @property
     def values(self) -> Tensor:
@@ -164,12 +174,53 @@ def _curves(model: HookedTransformer, tokens: Tensor, neutral: Tensor, answer: T
     return clean, neutral_o, outs(knock), outs(trans), outs(kvrep)
 
 
+def _groups(tokens: Batch, neutral: Batch | None, subset: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(example indices, unpadded tokens, unpadded neutral) per prompt length, over `subset`."""
+    out = []
+    lengths = tokens.lengths[subset].cpu()
+    for length in sorted(set(lengths.tolist())):
+        idx = subset[lengths == length]
+        t = tokens.tokens[idx.to(tokens.tokens.device), :length]
+        if neutral is not None:
+            nt = neutral.tokens[idx.to(neutral.tokens.device), :length]
+        elif len(idx) < 2:
+            raise ValueError(f"tokens: expected at least 2 prompts of each length to build a neutral context from "
+                             f"another example, got 1 of length {length}; pass `neutral` explicitly")
+        else:
+            nt = neutral_context(t)
+        out.append((idx, t, nt))
+    return out
+
+
+def _cat(parts: list[Outcome], order: Tensor) -> Outcome:
+    """Outcomes of groups concatenated in `order`, put back in example order."""
+    inv = torch.argsort(order)
+    return Outcome(*(torch.cat([getattr(o, f) for o in parts])[inv] for f in ("correct", "logprob", "kl")))
+
+
+def _grouped_curves(model: HookedTransformer, groups: list[tuple[Tensor, Tensor, Tensor]], answer: Tensor,
+                    batch_size: int) -> tuple[Outcome, Outcome, list[Outcome], list[Outcome], list[Outcome]]:
+    runs = [_curves(model, t, nt, answer[idx.to(answer.device)], batch_size) for idx, t, nt in groups]
+    order = torch.cat([idx for idx, _, _ in groups])
+    clean = _cat([r[0] for r in runs], order)
+    neutral = _cat([r[1] for r in runs], order)
+    curves = [[_cat([r[k][layer] for r in runs], order) for layer in range(len(runs[0][k]))] for k in (2, 3, 4)]
+    return clean, neutral, curves[0], curves[1], curves[2]
+
+
+def _as_batch(tokens: Tensor | Batch, d_vocab: int, name: str) -> Batch:
+    if isinstance(tokens, Batch):
+        check_tokens(tokens.tokens, d_vocab, name=name)
+        return tokens.right()
+    return Batch.of(check_tokens(tokens, d_vocab, name=name))
+
+
 def last_token_sufficiency(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"],
+    tokens: Int[Tensor, "n pos"] | Batch,
     answer: Int[Tensor, "n"],
     *,
-    neutral: Int[Tensor, "n pos"] | None = None,
+    neutral: Int[Tensor, "n pos"] | Batch | None = None,
     baseline: HookedTransformer | None = None,
     tolerance: float = 0.05,
     batch_size: int = 256,
@@ -177,50 +228,90 @@ def last_token_sufficiency(
 ) -> LastTokenResult:
     """Knockout, transplant and K/V-replacement curves of the last position, per layer.
 
-    `tokens`: prompts of one length whose next token after the last position is `answer`.
-    `neutral`: the same prompts with a neutral context (default: another example's earlier
-    tokens, last token kept). `baseline`: the comparison model (default: random-initialised,
-    same shape). `tolerance`: how close to clean accuracy counts as "suffices".
+    `tokens`: prompts whose next token after the last real position is `answer`: a tensor of
+    one length, or a padded `Batch` (each prompt read at its own last token). `neutral`: the same
+    prompts with a neutral context, same lengths (default: another example's earlier tokens of
+    the same length, last token kept). `baseline`: the comparison model (default:
+    random-initialised, same shape). `tolerance`: how close to clean accuracy counts as
+    "suffices".
     """
     arch = Arch.of(model)
-    tokens = check_tokens(tokens, arch.d_vocab).to(model.cfg.device)
-    answer = torch.as_tensor(answer, device=model.cfg.device).long()
-    if answer.shape != (tokens.shape[0],):
-        raise ValueError(f"answer: expected shape ({tokens.shape[0]},), got {tuple(answer.shape)}")
-    if tokens.shape[0] < 4:
-        raise ValueError(f"tokens: expected at least 4 examples for confidence intervals, got {tokens.shape[0]}")
-    neutral = neutral_context(tokens) if neutral is None else check_tokens(neutral, arch.d_vocab).to(tokens.device)
-    if neutral.shape != tokens.shape:
-        raise ValueError(f"neutral: expected shape {tuple(tokens.shape)}, got {tuple(neutral.shape)}")
+    batch = _as_batch(tokens, arch.d_vocab, "tokens")
+    n, L = batch.tokens.shape[0], arch.n_layers
+    answer = torch.as_tensor(answer).long().cpu()
+    if answer.shape != (n,):
+        raise ValueError(f"answer: expected shape ({n},), got {tuple(answer.shape)}")
+    if n < 4:
+        raise ValueError(f"tokens: expected at least 4 examples for confidence intervals, got {n}")
+    nbatch = None
+    if neutral is not None:
+        nbatch = _as_batch(neutral, arch.d_vocab, "neutral")
+        if nbatch.tokens.shape[0] != n or not torch.equal(nbatch.lengths.cpu(), batch.lengths.cpu()):
+            raise ValueError(f"neutral: expected {n} prompts with the same lengths as tokens "
+                             f"({batch.lengths.tolist()[:8]}...), got {nbatch.tokens.shape[0]} with lengths "
+                             f"{nbatch.lengths.tolist()[:8]}...")
+    batch = Batch(batch.tokens.to(model.cfg.device), batch.lengths.cpu(), "right")
+    if nbatch is None:  # built once over all prompts, so the baseline's subset shares it
+        nt = batch.tokens.clone()
+        for idx, _, group_neutral in _groups(batch, None, torch.arange(n)):
+            nt[idx.to(nt.device), : group_neutral.shape[1]] = group_neutral
+        nbatch = Batch(nt, batch.lengths, "right")
+    else:
+        nbatch = Batch(nbatch.tokens.to(model.cfg.device), nbatch.lengths.cpu(), "right")
 
-    clean, neut, knock, trans, kv = _curves(model, tokens, neutral, answer, batch_size)
+    clean, neut, knock, trans, kv = _grouped_curves(model, _groups(batch, nbatch, torch.arange(n)), answer,
+                                                    batch_size)
     base = random_like(model, seed) if baseline is None else baseline
-    b_clean, _, b_knock, _, _ = _curves(base, tokens[: min(128, len(tokens))], neutral[: min(128, len(tokens))],
-                                        answer[: min(128, len(tokens))], batch_size)
-    layers = tuple(range(arch.n_layers + 1))
+    b_clean, _, b_knock, _, _ = _grouped_curves(base, _groups(batch, nbatch, torch.arange(min(128, n))), answer,
+                                                batch_size)
+    layers = tuple(range(L + 1))
 
     clean_acc, base_acc = estimate(clean.correct), estimate(b_clean.correct)
     drop0 = estimate(clean.correct - knock[0].correct)
     acc = [o.correct.mean().item() for o in knock]
-    suff = None
-    for layer in layers:
-        if all(a >= clean_acc.value - tolerance for a in acc[layer:]):
-            suff = layer
-            break
     name = model.cfg.model_name
-    if not clean_acc.above(base_acc):
-        verdict = Verdict(False, f"clean accuracy {clean_acc} does not clear the random-initialised baseline "
-                                 f"{base_acc}, so there is no prediction to attribute")
+    shows = clean_acc.above(base_acc)
+    behaviour_reason = None if shows else (
+        f"clean accuracy {clean_acc} does not clear the random-initialised baseline {base_acc}, so there is no "
+        f"prediction to attribute")
+    suff, why = None, None
+    # the first layer from which cutting the context at every later layer keeps clean accuracy
+    first = next(layer for layer in layers if all(a >= clean_acc.value - tolerance for a in acc[layer:]))
+    if not shows:
+        why = behaviour_reason
+        verdict = Verdict(False, behaviour_reason)
     elif not drop0.excludes(0.0):
-        verdict = Verdict(False, f"blocking all attention from the last position to the context changes accuracy "
-                                 f"by {drop0} (CI includes 0): the context is not needed at all")
+        why = (f"blocking all attention from the last position to the context changes accuracy by {drop0} "
+               f"(CI includes 0): the context is not needed at all")
+        verdict = Verdict(False, why)
+    elif first == 0:
+        why = (f"cutting the context from layer 0 keeps accuracy within the tolerance {tolerance} of clean "
+               f"(drop {drop0}): there is no layer contrast")
+        verdict = Verdict(False, why)
+    elif first >= L:
+        # cutting at l = L blocks nothing: "sufficient from L" is true of any model, not a finding
+        k = estimate(knock[L - 1].correct)
+        contrast = estimate(clean.correct - knock[L - 1].correct)
+        why = (f"no layer below n_layers={L} suffices: cutting the context at layer {L - 1} alone gives accuracy "
+               f"{k} vs {clean_acc} clean")
+        verdict = Verdict(False, why + " (CI of the drop includes 0)") if not contrast.low > 0 else Verdict(True, (
+            f"The last position is not self-sufficient before the output: cutting its attention to earlier "
+            f"positions at the last layer ({L - 1}) alone gives accuracy {k} vs {clean_acc} clean, so it still "
+            f"reads the context there (random-initialised baseline {base_acc})."))
     else:
-        k = estimate(knock[suff].correct) if suff is not None else None
-        prev = estimate(knock[suff - 1].correct) if suff else None
-        verdict = Verdict(True, (
-            f"The last position's residual suffices from layer {suff} on: with its attention to earlier positions "
-            f"cut at layers >= {suff}, accuracy is {k} vs {clean_acc} clean"
-            + (f", while cutting from layer {suff - 1} gives {prev}" if prev is not None else "")
-            + f" (random-initialised baseline {base_acc})."))
+        k, prev = estimate(knock[first].correct), estimate(knock[first - 1].correct)
+        contrast = estimate(clean.correct - knock[first - 1].correct)
+        if not contrast.excludes(0.0) or contrast.value <= 0:
+            why = (f"cutting from layer {first - 1} changes accuracy by {contrast} (CI includes 0): no layer "
+                   f"contrast marks where the last position becomes sufficient")
+            verdict = Verdict(False, why)
+        else:
+            suff = first
+            verdict = Verdict(True, (
+                f"The last position's residual suffices from layer {suff} on (of {L}): with its attention to "
+                f"earlier positions cut at layers >= {suff}, accuracy is {k} vs {clean_acc} clean, while cutting "
+                f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_acc})."))
     return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), b_clean, b_knock[0],
-                           suff, verdict, meta={"n": int(tokens.shape[0]), "tolerance": tolerance})
+                           suff, verdict, meta={"n": n, "tolerance": tolerance,
+                                                "lengths": sorted(set(batch.lengths.tolist()))},
+                           clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, sufficiency_reason=why)

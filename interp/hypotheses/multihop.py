@@ -33,13 +33,13 @@ from transformer_lens import HookedTransformer
 from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.hooks import Patch
-from interp.hypotheses.base import Outcome, Verdict, curve_frame, estimate, random_like, readout
+from interp.hypotheses.base import Outcome, Verdict, curve_frame, estimate, random_like, readout, unpadded
 from interp.lens import future_lens, logit_lens
 from interp.lens.future import FutureLensConfig, FutureLensResult
 from interp.lens.residual import layer_labels, residual_stack
 from interp.probing import ProbeResult, fit
 from interp.stats import Estimate
-from interp.tokens import check_tokens
+from interp.tokens import Batch
 
 
 def _decodable_from(p: ProbeResult, margin: float = 0.0) -> int | None:
@@ -64,9 +64,11 @@ class MultihopResult:
     iia: dict[str, tuple[Outcome, ...]]  # position name -> per patched layer: outcome w.r.t. partner's answer
     baseline_iia: dict[str, tuple[Outcome, ...]]
     clean: Outcome
-    decodable_from: dict[tuple[str, str], int | None]
+    decodable_from: dict[tuple[str, str], int | None]  # all None when the clean run does not show the behaviour
     verdict: Verdict
     meta: dict = field(default_factory=dict)
+    clean_shows_behaviour: bool = True  # two-hop accuracy above 0 (CI) and at least 0.5
+    behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
 
     @property
     def values(self) -> Tensor:
@@ -122,11 +124,11 @@ class MultihopResult:
 
 def multihop(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"],
+    tokens: Int[Tensor, "n pos"] | Batch,
     bridge: Int[Tensor, "n"],
     answer: Int[Tensor, "n"],
     *,
-    partner_tokens: Int[Tensor, "n pos"],
+    partner_tokens: Int[Tensor, "n pos"] | Batch,
     partner_answer: Int[Tensor, "n"],
     positions: Mapping[str, int] | None = None,
     control_types: Int[Tensor, "n"] | None = None,
@@ -145,8 +147,8 @@ def multihop(
     well as the task; default: the token before the last).
     """
     arch = Arch.of(model)
-    tokens = check_tokens(tokens, arch.d_vocab)
-    partner_tokens = check_tokens(partner_tokens, arch.d_vocab, name="partner_tokens")
+    tokens = unpadded(tokens, arch.d_vocab, "tokens", "multihop")
+    partner_tokens = unpadded(partner_tokens, arch.d_vocab, "partner_tokens", "multihop")
     n, seq = tokens.shape
     if partner_tokens.shape != tokens.shape:
         raise ValueError(f"partner_tokens: expected shape {tuple(tokens.shape)}, got {tuple(partner_tokens.shape)}")
@@ -200,8 +202,11 @@ def multihop(
                key=lambda k: float(iia[k[0]][k[1]].correct.mean()))
     best_iia, best_base = estimate(iia[best[0]][best[1]].correct), estimate(b_iia[best[0]][best[1]].correct)
     b_last, a_last = decodable.get(("last", "bridge")), decodable.get(("last", "answer"))
-    if not acc.excludes(0.0) or acc.value < 0.5:
-        verdict = Verdict(False, f"two-hop accuracy is {acc}; the model does not solve these prompts")
+    shows = acc.excludes(0.0) and acc.value >= 0.5
+    behaviour_reason = None if shows else f"two-hop accuracy is {acc}; the model does not solve these prompts"
+    if not shows:
+        decodable = {k: None for k in decodable}  # no layer is reported for a behaviour the model lacks
+        verdict = Verdict(False, behaviour_reason)
     elif not best_iia.above(best_base):
         verdict = Verdict(False, f"no patch moves the answer to the partner's beyond the random-initialised "
                                  f"baseline (best IIA {best_iia} vs {best_base})")
@@ -217,7 +222,7 @@ def multihop(
     return MultihopResult(
         model_name=model.cfg.model_name, labels=labels, positions=pos, probes=probes, baseline_probes=b_probes,
         lens_rr=rr, iia=iia, baseline_iia=b_iia, clean=clean, decodable_from=decodable, verdict=verdict,
-        meta={"n": n, "accuracy": acc})
+        meta={"n": n, "accuracy": acc}, clean_shows_behaviour=shows, behaviour_reason=behaviour_reason)
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,10 @@ class PlanAheadResult:
     lens: FutureLensResult
     baseline: FutureLensResult  # the same lens on a random-initialised model of the same shape
     verdict: Verdict
+    clean: Estimate | None = None  # the model's own accuracy on x_(t+1)..x_(t+max offset), teacher-forced
+    baseline_clean: Estimate | None = None  # the same for the random-initialised model
+    clean_shows_behaviour: bool = True  # clean above baseline_clean: the model emits the planned tokens
+    behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
 
     @property
     def values(self) -> Tensor:
@@ -247,17 +256,28 @@ class PlanAheadResult:
 
 def plan_ahead(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"],
+    tokens: Int[Tensor, "n pos"] | Batch,
     mask: Bool[Tensor, "n pos"],
     *,
     offsets: tuple[int, ...] = (2, 3),
     seed: int = 0,
     progress: bool = False,
 ) -> PlanAheadResult:
-    """Does the hidden state at the masked positions already encode x_{t+2}, x_{t+3}?"""
+    """Does the hidden state at the masked positions already encode x_{t+2}, x_{t+3}?
+
+    No layer is claimed unless the model itself emits the tokens it would be planning: its
+    teacher-forced accuracy on x_(t+1)..x_(t+max offset) from the masked positions t clears the
+    random-initialised model's (`clean_shows_behaviour`)."""
+    tokens = unpadded(tokens, Arch.of(model).d_vocab, "tokens", "plan_ahead")
     cfg = FutureLensConfig(offsets=offsets, seed=seed)
     res = future_lens(model, tokens, mask=mask, config=cfg, progress=progress)
-    base = future_lens(random_like(model, seed), tokens, mask=mask, config=cfg, progress=progress)
+    random_model = random_like(model, seed)
+    base = future_lens(random_model, tokens, mask=mask, config=cfg, progress=progress)
+    clean, b_clean = (estimate(_emits(m, tokens, mask, max(offsets))) for m in (model, random_model))
+    shows = clean.above(b_clean)
+    behaviour_reason = None if shows else (
+        f"the model's own accuracy on the {max(offsets)} tokens after the masked positions is {clean}, not above the "
+        f"random-initialised model's {b_clean}: it does not emit what it would be planning")
     frame = res.to_frame()
     claims = []
     for k in offsets:
@@ -270,11 +290,30 @@ def plan_ahead(
             big = frame[(frame.offset == k) & (frame.method == "bigram")].iloc[0]
             claims.append(f"x_(t+{k}) from {lin.label} on (accuracy {lin.accuracy:.2f} "
                           f"[{lin.ci_low:.2f}, {lin.ci_high:.2f}] vs bigram {big.accuracy:.2f})")
-    if claims:
+    if not shows:
+        verdict = Verdict(False, behaviour_reason)
+    elif claims:
         verdict = Verdict(True, "Hidden states already encode tokens beyond the next one: a linear future lens "
                                 f"decodes {'; '.join(claims)}, above the bigram baseline's paired CI and "
                                 f"the same lens on a random-initialised model.")
     else:
         verdict = Verdict(False, "no layer decodes x_(t+k) above both the bigram baseline and the same lens on a "
                                  "random-initialised model, for any offset tested")
-    return PlanAheadResult(res, base, verdict)
+    return PlanAheadResult(res, base, verdict, clean, b_clean, shows, behaviour_reason)
+
+
+def _emits(model: HookedTransformer, tokens: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Per example: teacher-forced top-1 accuracy on x_(t+1)..x_(t+k) over its masked positions t."""
+    with torch.inference_mode():
+        pred = model(tokens.to(model.cfg.device)).argmax(-1).cpu()  # pred[:, j] predicts tokens[:, j + 1]
+    n, seq = tokens.shape
+    hits = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    for i, t in mask.nonzero().tolist():
+        for j in range(t, min(t + k, seq - 1)):
+            hits[i] += float(pred[i, j] == tokens[i, j + 1])
+            count[i] += 1
+    if not bool((count > 0).all()):
+        raise ValueError(f"mask: expected at least one masked position with a next token in every prompt, got "
+                         f"{int((count == 0).sum())} prompts without")
+    return hits / count

@@ -4,17 +4,24 @@ Three measurements per model (typically the same task under different positional
 learned absolute, rotary, none — Haviv et al. 2022 show NoPE models still learn position):
 
 (a) Probes, by layer: absolute position (ridge R^2 over many positions per prompt, split by
-    prompt) and the distance from the query to the needed fact (at the query position), with
-    bootstrap CIs and a shuffled-label baseline.
+    prompt; only real tokens are sampled, never pads) and the distance from the query to the
+    needed fact (at each prompt's own query position), with bootstrap CIs and a shuffled-label
+    baseline.
 (b) Accuracy as a function of the needed fact's distance d (prompts grouped by d).
 (c) Causal use: knock out the query's attention to the fact's positions at every layer; the
     drop in the answer's log-prob as a function of d, with a fitted exponential decay
-    drop(d) = a * exp(-d / tau) + c. A lost-in-the-middle profile (Liu et al. 2023) would show
+    drop(d) = a * exp(-d / tau) + c. A decay length is reported only when the measured curve
+    falls monotonically (within its CIs) and tau lies strictly inside the optimiser's bounds; a
+    fit at a bound says the data do not constrain a length (`DecayFit.length` is None, with the
+    reason). A lost-in-the-middle profile (Liu et al. 2023) would show
     middle distances below both ends; tiny from-scratch models may show recency only — we report
     what is measured.
 
 Baseline: a random-initialised model of the same shape (accuracy at chance, no decay to speak
-of); no verdict unless the trained models clear it.
+of); no verdict unless the trained models clear it. A model whose clean accuracy at the shortest
+distance does not clear its baseline does not show the behaviour
+(`SchemeDecay.clean_shows_behaviour` False, with the reason): it gets no profile and no decay
+length.
 """
 
 from __future__ import annotations
@@ -34,30 +41,51 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.hooks import block_attention
-from interp.hypotheses.base import Outcome, Verdict, estimate, random_like, readout
+from interp.hypotheses.base import Outcome, Verdict, estimate, random_like, readout, unpadded
 from interp.lens.residual import layer_labels, residual_stack
 from interp.probing import ProbeResult, fit
 from interp.stats import Estimate
-from interp.tokens import check_tokens
+from interp.tokens import Batch, check_tokens
 
 
 @dataclass(frozen=True)
 class DistanceSet:
     """Prompts whose needed fact sits at one distance: the fact's positions are the same in all."""
 
-    tokens: Int[Tensor, "n pos"]
+    tokens: Int[Tensor, "n pos"] | Batch  # a Batch without padding becomes its tokens; a padded one is refused
     answer: Int[Tensor, "n"]
     fact_pos: tuple[int, ...]  # positions holding the fact (e.g. key and value)
     query_pos: int = -1
 
     def __post_init__(self) -> None:
-        check_tokens(self.tokens)
+        object.__setattr__(self, "tokens", unpadded(self.tokens, None, "DistanceSet.tokens", "a distance set"))
         if self.answer.shape != (self.tokens.shape[0],):
             raise ValueError(f"DistanceSet.answer: expected shape ({self.tokens.shape[0]},), "
                              f"got {tuple(self.answer.shape)}")
         q = self.query_pos % self.tokens.shape[1]
         if not self.fact_pos or any(not 0 <= p < q for p in self.fact_pos):
             raise ValueError(f"DistanceSet.fact_pos: expected positions before the query ({q}), got {self.fact_pos}")
+
+
+@dataclass(frozen=True)
+class DecayFit:
+    """drop(d) = a exp(-d / tau) + c fitted to the knockout drops (a, tau, c NaN when the fit fails).
+
+    `length` (tokens) is tau only when the curve decays: the measured drops never rise with
+    distance (beyond the tolerance), a > 0, and tau lies strictly inside the optimiser's bounds
+    `tau_bounds`. Otherwise `length` is None and `reason` says why: a tau at a bound is the
+    optimiser's limit, not a measurement."""
+
+    a: float
+    tau: float
+    c: float
+    length: float | None
+    reason: str | None = None
+    tau_bounds: tuple[float, float] = (math.nan, math.nan)
+
+    @property
+    def decays(self) -> bool:
+        return self.length is not None
 
 
 @dataclass(frozen=True)
@@ -70,8 +98,10 @@ class SchemeDecay:
     clean: dict[int, Outcome]  # distance -> outcomes
     knocked: dict[int, Outcome]  # distance -> outcomes with the fact's K/V knocked out at every layer
     baseline_clean: dict[int, Outcome]
-    decay_fit: dict[str, float]  # a, tau, c of drop(d) = a exp(-d/tau) + c (NaN when the fit fails)
-    profile: str
+    decay_fit: DecayFit
+    profile: str | None  # None when the clean run does not show the behaviour
+    clean_shows_behaviour: bool = True
+    behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
 
     def accuracy(self, d: int) -> Estimate:
         return estimate(self.clean[d].correct)
@@ -129,26 +159,47 @@ class DecayResult:
                                                       arrayminus=sub.value - sub.ci_low)), row=1, col=col)
                 if analysis == "knockout_drop":
                     fitp = self.models[name].decay_fit
-                    if all(math.isfinite(v) for v in fitp.values()):
+                    if fitp.decays:  # a curve at the optimiser's bound is not drawn as a finding
                         d = np.linspace(min(self.distances), max(self.distances), 50)
-                        fig.add_trace(go.Scatter(x=d, y=fitp["a"] * np.exp(-d / fitp["tau"]) + fitp["c"],
+                        fig.add_trace(go.Scatter(x=d, y=fitp.a * np.exp(-d / fitp.tau) + fitp.c,
                                                  mode="lines", line=dict(dash="dot", color=palette.get(name)),
                                                  name=f"{name} fit", showlegend=False), row=1, col=col)
         fig.update_layout(title="Positional-information decay", template="plotly_white", height=430)
         return fig
 
 
-def _fit_decay(d: Sequence[int], y: Sequence[float]) -> dict[str, float]:
+def _fit_decay(d: Sequence[int], y: Sequence[float], tolerance: float = 0.0) -> DecayFit:
+    """Fit drop(d) = a exp(-d / tau) + c; a length only for a monotone decay fitted inside the bounds.
+
+    `tolerance`: how far (in y's units) a later distance may rise above an earlier one and still
+    count as noise (positional_decay passes the drops' largest CI half-width)."""
     from scipy.optimize import curve_fit
 
     x, v = np.asarray(d, dtype=float), np.asarray(y, dtype=float)
+    order = np.argsort(x)
+    x, v = x[order], v[order]
+    # a tau beyond 10x the longest distance is a straight line over the measured range, one below
+    # a tenth of the shortest is a step before the first point: neither is constrained by the data
+    lo, hi = float(x.min()) / 10, 10 * float(x.max())
     try:
         (a, tau, c), _ = curve_fit(lambda t, a, tau, c: a * np.exp(-t / tau) + c, x, v,
-                                   p0=(max(v.max() - v.min(), 1e-3), max(x.mean(), 1.0), v.min()),
-                                   bounds=([-np.inf, 1e-3, -np.inf], [np.inf, 1e6, np.inf]), maxfev=20000)
-        return {"a": float(a), "tau": float(tau), "c": float(c)}
-    except (RuntimeError, ValueError):
-        return {"a": math.nan, "tau": math.nan, "c": math.nan}
+                                   p0=(max(v.max() - v.min(), 1e-3), min(max(x.mean(), 1.0), hi / 2), v.min()),
+                                   bounds=([-np.inf, lo, -np.inf], [np.inf, hi, np.inf]), maxfev=20000)
+    except (RuntimeError, ValueError) as e:
+        return DecayFit(math.nan, math.nan, math.nan, None, f"the exponential fit failed ({e})", (lo, hi))
+    a, tau, c = float(a), float(tau), float(c)
+    rises = [(i, j) for i in range(len(v)) for j in range(i + 1, len(v)) if v[j] > v[i] + tolerance]
+    reason = None
+    if rises:
+        i, j = max(rises, key=lambda ij: v[ij[1]] - v[ij[0]])
+        reason = (f"the curve is not monotone: it rises from {v[i]:.3g} at d={x[i]:g} to {v[j]:.3g} at "
+                  f"d={x[j]:g}")
+    elif a <= 0:
+        reason = f"the fitted curve does not fall with distance (a = {a:.3g})"
+    elif tau >= hi * (1 - 1e-2) or tau <= lo * (1 + 1e-2):
+        reason = (f"the fitted length {tau:.3g} sits at the optimiser's bound [{lo:.3g}, {hi:.3g}]: "
+                  f"the measured distances do not constrain a decay length")
+    return DecayFit(a, tau, c, None if reason else tau, reason, (lo, hi))
 
 
 def _profile(acc: Sequence[Estimate]) -> str:
@@ -168,11 +219,38 @@ def _profile(acc: Sequence[Estimate]) -> str:
     return "flat"
 
 
+def sample_positions(lengths: Int[Tensor, "n"], k: int, generator: torch.Generator
+                     ) -> tuple[Int[Tensor, "n k"], torch.Tensor]:
+    """Up to `k` distinct real positions per prompt (never a pad: each prompt's positions are
+    0..length-1 in the right-padded layout), and the mask of the filled slots. Prompts shorter
+    than `k` fill their spare slots with their first draw (masked out)."""
+    cols = torch.zeros(len(lengths), k, dtype=torch.long)
+    valid = torch.zeros(len(lengths), k, dtype=torch.bool)
+    for i, length in enumerate(lengths.tolist()):
+        draw = torch.randperm(int(length), generator=generator)[:k]
+        cols[i] = draw[0]
+        cols[i, : len(draw)] = draw
+        valid[i, : len(draw)] = True
+    return cols, valid
+
+
+def _position_batch(position_tokens: Tensor | Batch | None, sets: Sequence[DistanceSet]) -> Batch:
+    """The absolute-position probe's prompts, right-padded, with each prompt's real length."""
+    if isinstance(position_tokens, Batch):
+        return position_tokens.right()
+    if position_tokens is not None:
+        return Batch.of(check_tokens(position_tokens, name="position_tokens"))
+    widths = {s.tokens.shape[1] for s in sets}
+    if len(widths) == 1:
+        return Batch.of(torch.cat([s.tokens for s in sets]))
+    return Batch.pad([row for s in sets for row in s.tokens])  # lengths recorded: pads never sampled
+
+
 def positional_decay(
     models: Mapping[str, HookedTransformer],
     by_distance: Mapping[int, DistanceSet],
     *,
-    position_tokens: Int[Tensor, "n pos"] | None = None,
+    position_tokens: Int[Tensor, "n pos"] | Batch | None = None,
     positions_per_prompt: int = 16,
     baseline: Mapping[str, HookedTransformer] | None = None,
     seed: int = 0,
@@ -180,39 +258,43 @@ def positional_decay(
 ) -> DecayResult:
     """Probe, accuracy-vs-distance and knockout-vs-distance curves for each model.
 
-    `by_distance`: prompts grouped by the distance of the needed fact. `position_tokens`: prompts
-    for the absolute-position probe (default: all prompts of `by_distance`).
+    `by_distance`: prompts grouped by the distance of the needed fact; each set has its own
+    length and query position (read per prompt). `position_tokens`: prompts for the
+    absolute-position probe, a plain tensor (every position is a real token) or a padded
+    `Batch` (only real tokens are sampled); default: all prompts of `by_distance`.
     """
     if not models:
         raise ValueError("positional_decay: expected at least one model, got none")
     if len(by_distance) < 3:
         raise ValueError(f"by_distance: expected at least 3 distances to see a decay, got {len(by_distance)}")
+    if positions_per_prompt < 1:
+        raise ValueError(f"positions_per_prompt: expected at least 1, got {positions_per_prompt}")
     distances = tuple(sorted(by_distance))
+    sets = [by_distance[d] for d in distances]
     g = torch.Generator().manual_seed(seed)
-    all_tokens = torch.cat([by_distance[d].tokens for d in distances])
-    pos_tokens = all_tokens if position_tokens is None else check_tokens(position_tokens)
-    dist_labels = torch.cat([torch.full((len(by_distance[d].tokens),), float(d)) for d in distances])
+    pos_batch = _position_batch(position_tokens, sets)
+    dist_labels = torch.cat([torch.full((len(s.tokens),), float(d)) for d, s in zip(distances, sets, strict=True)])
     n_layers = {Arch.of(m).n_layers for m in models.values()}
     labels = tuple(layer_labels(max(n_layers)))
     out: dict[str, SchemeDecay] = {}
     for name, model in models.items():
         base = (baseline or {}).get(name) or random_like(model, seed)
-        # (a) probes
-        acts = residual_stack(model, pos_tokens, progress=progress)  # [layer, n, pos, d]
-        n, p = pos_tokens.shape[:2]
-        cols = torch.stack([torch.randperm(p, generator=g)[:positions_per_prompt] for _ in range(n)])
-        rows = torch.arange(n)[:, None].expand_as(cols)
-        feats = acts[:, rows.flatten(), cols.flatten()].float()
-        position_probe = fit(feats, cols.flatten().double(), "ridge", groups=rows.flatten(), seed=seed,
+        # (a) probes: absolute position at sampled real tokens ...
+        cols, valid = sample_positions(pos_batch.lengths, positions_per_prompt, g)
+        rows = torch.arange(len(cols))[:, None].expand_as(cols)
+        acts = residual_stack(model, pos_batch.tokens, positions=cols, progress=progress)  # [layer, n, k, d]
+        feats = acts[:, valid].float()
+        position_probe = fit(feats, cols[valid].double(), "ridge", groups=rows[valid], seed=seed,
                              meta={"model": name, "target": "absolute position", "position": "sampled"})
-        acts_q = residual_stack(model, all_tokens, progress=progress)
-        q = by_distance[distances[0]].query_pos
-        distance_probe = fit(acts_q[:, :, q].float(), dist_labels.double(), "ridge", seed=seed,
+        # ... and distance to the fact at each prompt's own query position
+        acts_q = torch.cat([residual_stack(model, s.tokens, positions=torch.full(
+            (len(s.tokens), 1), s.query_pos % s.tokens.shape[1], dtype=torch.long), progress=progress)[:, :, 0]
+            for s in sets], dim=1)
+        distance_probe = fit(acts_q.float(), dist_labels.double(), "ridge", seed=seed,
                              meta={"model": name, "target": "distance to fact", "position": "query"})
         # (b) accuracy and (c) knockout, per distance
         clean, knocked, b_clean = {}, {}, {}
-        for d in distances:
-            s = by_distance[d]
+        for d, s in zip(distances, sets, strict=True):
             qpos = s.query_pos % s.tokens.shape[1]
             ref = readout(model, s.tokens, pos=s.query_pos, batch_size=max(256, len(s.tokens)))
             clean[d] = Outcome.of(ref, s.answer)
@@ -221,9 +303,20 @@ def positional_decay(
                                             batch_size=max(256, len(s.tokens))), s.answer, ref)
             b_clean[d] = Outcome.of(readout(base, s.tokens, pos=s.query_pos, batch_size=max(256, len(s.tokens))),
                                     s.answer)
-        drops = [float((clean[d].logprob - knocked[d].logprob).mean()) for d in distances]
-        out[name] = SchemeDecay(name, position_probe, distance_probe, clean, knocked, b_clean,
-                                _fit_decay(distances, drops), _profile([estimate(clean[d].correct) for d in distances]))
+        near = distances[0]
+        acc_near, base_near = estimate(clean[near].correct), estimate(b_clean[near].correct)
+        shows = acc_near.above(base_near)
+        if shows:
+            drop_est = [estimate(clean[d].logprob - knocked[d].logprob) for d in distances]
+            tol = max((e.high - e.low) / 2 for e in drop_est)
+            decay_fit = _fit_decay(distances, [e.value for e in drop_est], tolerance=tol)
+            why, profile = None, _profile([estimate(clean[d].correct) for d in distances])
+        else:
+            why = (f"clean accuracy {acc_near} at d={near} does not clear the random-initialised baseline "
+                   f"{base_near}: the model does not retrieve, so there is no decay to measure")
+            decay_fit, profile = DecayFit(math.nan, math.nan, math.nan, None, why), None
+        out[name] = SchemeDecay(name, position_probe, distance_probe, clean, knocked, b_clean, decay_fit, profile,
+                                clean_shows_behaviour=shows, behaviour_reason=why)
 
     verdict = _verdict(out, distances)
     return DecayResult(out, distances, labels, verdict, meta={"positions_per_prompt": positions_per_prompt})
@@ -231,8 +324,7 @@ def positional_decay(
 
 def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> Verdict:
     near, far = distances[0], distances[-1]
-    usable = {k: m for k, m in models.items()
-              if m.accuracy(near).above(estimate(m.baseline_clean[near].correct))}
+    usable = {k: m for k, m in models.items() if m.clean_shows_behaviour}
     if not usable:
         return Verdict(False, "no model's accuracy at the shortest distance clears its random-initialised baseline")
     parts = []
@@ -242,11 +334,13 @@ def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> V
         fit = m.decay_fit
         # a causal decay is claimed only when the knockout effect at the nearest distance is above
         # the farthest one (CIs apart); the fitted length is reported with it
-        if m.drop(near).above(m.drop(far)) and math.isfinite(fit["tau"]) and fit["a"] > 0:
-            decay = f"knockout effect decays (fitted length {fit['tau']:.0f} tokens)"
+        drops = f"drop {m.drop(near).value:.2f} nats at d={near}, {m.drop(far).value:.2f} at d={far}"
+        if m.drop(near).above(m.drop(far)) and fit.length is not None:
+            decay = f"knockout effect decays (fitted length {fit.length:.0f} tokens; {drops})"
+        elif m.drop(near).above(m.drop(far)):
+            decay = f"knockout effect falls with distance ({drops}) but has no decay length: {fit.reason}"
         else:
-            decay = (f"knockout effect does not decay (drop {m.drop(near).value:.2f} nats at d={near}, "
-                     f"{m.drop(far).value:.2f} at d={far})")
+            decay = f"knockout effect does not decay ({drops})"
         r2 = m.position_probe
         best = int(r2.value.argmax())
         parts.append(f"{k}: accuracy {a_near} at d={near} -> {a_far} at d={far}"

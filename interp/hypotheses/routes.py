@@ -35,11 +35,11 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
-from interp.hypotheses.base import Verdict, estimate, random_like
+from interp.hypotheses.base import Verdict, estimate, random_like, unpadded
 from interp.patching import path_patch
 from interp.patching.metrics import PositionMetric
 from interp.stats import Estimate
-from interp.tokens import check_tokens
+from interp.tokens import Batch
 
 PerExampleMetric = Callable[[Tensor, int], PositionMetric]  # (tokens row, example index) -> metric
 
@@ -69,6 +69,8 @@ class RoutesResult:
     baseline_total: Tensor
     verdict: Verdict
     meta: dict = field(default_factory=dict)
+    clean_shows_behaviour: bool = True  # the clean-minus-corrupted total effect is positive (CI above 0)
+    behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
 
     @property
     def values(self) -> Tensor:
@@ -87,7 +89,9 @@ class RoutesResult:
         return pd.DataFrame(rows)
 
     def plot(self) -> go.Figure:
-        """The grid (positions x layers) with each route drawn, width and opacity by its share."""
+        """The grid (positions x layers) with each route drawn: width and opacity by |share|, the
+        sign by the line style (a route that opposes the total effect is dashed, in grey, and says
+        "negative" in its legend), the signed share in the hover text and at the route's end."""
         fig = go.Figure()
         frame = self.to_frame()
         positions = sorted({self.source, self.target, *[r.via for r in self.routes if r.via is not None]})
@@ -102,6 +106,7 @@ class RoutesResult:
             if r.kind == "joint":
                 continue
             share = max(0.0, min(1.0, abs(row.share)))
+            negative = row.share < 0
             if r.kind == "direct":
                 (c,) = r.layers
                 path = [(self.source, 0), (self.source, c), (self.target, c + 1), (self.target, self.n_layers)]
@@ -109,18 +114,22 @@ class RoutesResult:
                 c1, c2 = r.layers
                 path = [(self.source, 0), (self.source, c1), (r.via, c1 + 1), (r.via, c2),
                         (self.target, c2 + 1), (self.target, self.n_layers)]
-            legend = f"{r.first_stream}-first"
+            legend = f"{r.first_stream}-first" + (", negative (opposes the effect)" if negative else "")
+            dash = ("dash" if r.receiver == "k" else "dashdot") if negative else (
+                "solid" if r.receiver == "k" else "dot")
+            x = [xs[p] + (0.04 if r.receiver == "v" else -0.04) for p, _ in path]
             fig.add_trace(go.Scatter(
-                x=[xs[p] + (0.04 if r.receiver == "v" else -0.04) for p, _ in path], y=[y for _, y in path],
-                mode="lines", line=dict(color=colors[r.first_stream], width=1 + 12 * share,
-                                        dash="solid" if r.receiver == "k" else "dot"),
+                x=x, y=[y for _, y in path], mode="lines+text",
+                text=[""] * (len(path) - 1) + [f"{row.share:+.0%}" if share >= 0.05 else ""],
+                textposition="top center",
+                line=dict(color="#7f7f7f" if negative else colors[r.first_stream], width=1 + 12 * share, dash=dash),
                 opacity=0.25 + 0.75 * share, name=legend, legendgroup=legend, showlegend=legend not in shown,
-                hovertext=f"{r.name}: effect {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
-                          f"share {row.share:.2f}", hoverinfo="text"))
+                hovertext=f"{r.name}: effect {row.value:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}], "
+                          f"share {row.share:+.2f}", hoverinfo="text"))
             shown.add(legend)
         fig.update_layout(
             title=f"Routes from position {self.source} to {self.target} — {self.model_name} "
-                  "(solid: via keys, dotted: via values; width: share of the effect)",
+                  "(solid: via keys, dotted: via values; dashed grey: negative share; width: |share|)",
             xaxis=dict(tickvals=list(xs.values()), ticktext=[str(p) for p in positions], title="position"),
             yaxis=dict(title="layer (residual stream entering block)", dtick=1), template="plotly_white", height=450)
         return fig
@@ -166,8 +175,8 @@ def _route_effects(model: HookedTransformer, clean: Tensor, corrupt: Tensor, met
 
 def routes(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "n pos"],
-    corrupt_tokens: Int[Tensor, "n pos"],
+    clean_tokens: Int[Tensor, "n pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "n pos"] | Batch,
     metric: PerExampleMetric,
     *,
     source: int,
@@ -184,8 +193,8 @@ def routes(
     between source and target).
     """
     arch = Arch.of(model)
-    clean_tokens = check_tokens(clean_tokens, arch.d_vocab)
-    corrupt_tokens = check_tokens(corrupt_tokens, arch.d_vocab, name="corrupt_tokens")
+    clean_tokens = unpadded(clean_tokens, arch.d_vocab, "clean_tokens", "routes")
+    corrupt_tokens = unpadded(corrupt_tokens, arch.d_vocab, "corrupt_tokens", "routes")
     if clean_tokens.shape != corrupt_tokens.shape:
         raise ValueError(f"corrupt_tokens: expected shape {tuple(clean_tokens.shape)}, got {tuple(corrupt_tokens.shape)}")
     seq = clean_tokens.shape[1]
@@ -204,7 +213,13 @@ def routes(
     best = max(single, key=lambda r: float(r.effect.mean()))
     best_e = best.estimate()
     b_best = next(r for r in b_routes if r.name == best.name).estimate()
-    if not tot.excludes(0.0) or not best_e.above(b_best):
+    shows = tot.low > 0
+    behaviour_reason = None if shows else (
+        f"the clean run does not show the behaviour: its metric minus the corrupted run's is {tot} (CI not above "
+        f"0), so there is no effect to decompose into routes")
+    if not shows:
+        verdict = Verdict(False, behaviour_reason)
+    elif not best_e.above(b_best):
         verdict = Verdict(False, f"the total effect {tot} or its largest route {best.name} {best_e} does not clear "
                                  f"the random-initialised baseline (total {b_tot}, same route {b_best})")
     else:
@@ -216,4 +231,5 @@ def routes(
             f"into {joint.name.removeprefix('joint -> ')} together carry {joint.estimate()} "
             f"({float(joint.effect.mean() / total.mean()):.0%}) (random-initialised baseline total {b_tot})."))
     return RoutesResult(model.cfg.model_name, source, t, arch.n_layers, total, tuple(found), b_total, verdict,
-                        meta={"n": int(clean_tokens.shape[0]), "via": via})
+                        meta={"n": int(clean_tokens.shape[0]), "via": via}, clean_shows_behaviour=shows,
+                        behaviour_reason=behaviour_reason)
