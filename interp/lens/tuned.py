@@ -53,6 +53,7 @@ from interp.lens.residual import (
     residual_stack,
 )
 from interp.models import write_json_atomic
+from interp.tokens import Batch
 from interp.viz import curves
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ class TunedLens(torch.nn.Module):
     def run(
         self,
         model: HookedTransformer,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | Batch,
         *,
         pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
         target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
