@@ -141,7 +141,7 @@ class Node:
                         f"query head h reads group h // {arch.group_size}") if arch.grouped else ""
                 raise ValueError(f"{self}: {what} expected in [0, {limit}), got {self.head}{hint}")
         if self.pos is not None and seq_len is not None and not -seq_len <= self.pos < seq_len:
-            raise ValueError(f"{self}: position expected in [-{seq_len}, {seq_len}), got {self.pos}")
+            raise ValueError(f"{self}: position expected in [0, {seq_len}), got {self.pos}")
         return self
 
     def __str__(self) -> str:

@@ -87,7 +87,7 @@ def check_tokens(tokens: object, d_vocab: int | None = None, name: str = "tokens
     """Validate a token tensor: the one token check every entry point uses.
 
     Integer dtype, shape (batch, pos) with at least one row and one position, ids in
-    [0, d_vocab) and at most `n_ctx` positions (when given). A token id of -1 would silently
+    [0, d_vocab) and at most `n_ctx` positions (when given). Returns the tokens as torch.long. A token id of -1 would silently
     index the last embedding row, and a sequence longer than n_ctx fails deep inside the
     positional embedding: both are refused here with what was expected.
     """
@@ -115,7 +115,8 @@ def check_tokens(tokens: object, d_vocab: int | None = None, name: str = "tokens
             raise ValueError(f"{name}: expected ids in [0, {d_vocab}), got values in [{lo}, {hi}] "
                              f"(first at row {bad[0]}, position {bad[1]}); pad ids too must be "
                              f"valid tokens")
-    return tokens
+    # torch indexes with long/int only, and reads a uint8 index tensor as a boolean mask
+    return tokens if tokens.dtype == torch.long else tokens.long()
 
 
 def check_model_tokens(model: object, tokens: object, name: str = "tokens") -> Tensor:
@@ -164,7 +165,7 @@ class Batch:
     @staticmethod
     def of(tokens: Tensor) -> Batch:
         """A batch with no padding."""
-        check_tokens(tokens)
+        tokens = check_tokens(tokens)
         return Batch(tokens, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long))
 
     @property

@@ -323,7 +323,7 @@ def future_lens(
     `mask` marks the positions t to use (for every offset, or a dict offset -> mask); positions
     whose x_{t+k} falls outside the sequence are dropped. For padded prompts, mask out the pads.
     """
-    check_model_tokens(model, tokens)
+    tokens = check_model_tokens(model, tokens)
     tokens = tokens.detach().cpu()
     n_b, n_pos = tokens.shape
     n_lens = model.cfg.n_layers + 1

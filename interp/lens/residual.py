@@ -145,7 +145,7 @@ def residual_stack(
     Runs the model once per batch of `batch_size` examples with hooks on the lens hooks (removed
     on exit, also on error); the result is on the model's device in the model's dtype.
     """
-    check_model_tokens(model, tokens)
+    tokens = check_model_tokens(model, tokens)
     device = model_device(model)
     if positions is None:
         positions = select_positions(tokens, None)
