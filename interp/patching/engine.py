@@ -174,8 +174,8 @@ def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Me
     if metric is None:
         m_clean = m_corrupt = float("nan")
     else:
-        m_clean = float(check_scalar(metric(clean_logits), "metric on the clean run"))
-        m_corrupt = float(check_scalar(metric(corrupt_logits), "metric on the corrupted run"))
+        m_clean = float(check_scalar(metric(clean_logits)))
+        m_corrupt = float(check_scalar(metric(corrupt_logits)))
         for m, run in ((m_clean, "clean"), (m_corrupt, "corrupted")):
             if not math.isfinite(m):
                 raise ValueError(f"metric on the {run} run: expected a finite number, got {m} "
