@@ -115,7 +115,7 @@ def check_tokens(tokens: object, d_vocab: int | None = None, name: str = "tokens
             raise ValueError(f"{name}: expected ids in [0, {d_vocab}), got values in [{lo}, {hi}] "
                              f"(first at row {bad[0]}, position {bad[1]}); pad ids too must be "
                              f"valid tokens")
-    # torch indexes with long/int only, and reads a uint8 index tensor as a boolean mask
+    # one index dtype downstream (jaxtyping's Int excludes uint8; hooks and stores see long ids)
     return tokens if tokens.dtype == torch.long else tokens.long()
 
 

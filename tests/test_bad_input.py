@@ -268,6 +268,8 @@ def test_logit_lens_on_a_left_padded_batch_equals_each_prompt_alone(any_model):
     batch = Batch.pad(prompts, side="left", pad_id=0)
     res = logit_lens(any_model, batch, k=3, keep_logits=True, progress=False)  # default: each last real token
     assert res.positions[:, 0].tolist() == [5, 5, 5]  # reported in the caller's (left) layout
+    by_tensor = logit_lens(any_model, batch, pos=batch.last, k=3, keep_logits=True, progress=False)
+    torch.testing.assert_close(by_tensor.logits, res.logits, rtol=0, atol=0)
     for i, p in enumerate(prompts):
         alone = logit_lens(any_model, torch.tensor([p]), k=3, keep_logits=True, progress=False)
         torch.testing.assert_close(res.logits[:, i], alone.logits[:, 0], rtol=1e-4, atol=1e-4)
@@ -301,3 +303,4 @@ def test_collect_to_a_store_writes_nothing_on_bad_input(gpt2_model, tmp_path):
     with pytest.raises(ValueError, match=r"ids in \[0, 50\)"):
         collect(gpt2_model, bad, hooks="blocks.0.hook_resid_post", out=tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
+

@@ -43,9 +43,10 @@ def token_tensors(draw, max_len: int = 36):
     """Mostly well-formed token tensors, with bad dtypes, ranks, sizes and ids mixed in."""
     dtype = draw(st.sampled_from(DTYPES[:3] * 3 + DTYPES))
     ndim = draw(st.sampled_from([2] * 6 + [0, 1, 3]))
-    shape = tuple(draw(st.integers(0 if ndim != 2 else 0, 3 if i == 0 else max_len)) for i in range(ndim))
     if ndim == 2:
         shape = (draw(st.sampled_from([0, 1, 2, 3, 2])), draw(st.sampled_from([0, 1, 4, 7, 7, 32, 33])))
+    else:
+        shape = tuple(draw(st.integers(0, 3 if i == 0 else max_len)) for i in range(ndim))
     lo, hi = draw(st.sampled_from([(0, 50)] * 5 + [(-1, 50), (0, 51), (45, 60)]))
     t = torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 9))))
     bad = draw(st.sampled_from([None, None, None, -1, 50, 99]))

@@ -33,8 +33,8 @@ from interp.lens.residual import (
     batches,
     compute_dtype,
     layer_labels,
-    model_name,
     lens_inputs,
+    model_name,
     residual_stack,
 )
 from interp.stats import bootstrap_many

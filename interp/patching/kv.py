@@ -32,8 +32,8 @@ from interp.patching.engine import (
 )
 from interp.patching.metrics import Metric
 from interp.patching.results import PatchResult, detach
-from interp.tokens import Batch
 from interp.patching.sweep import _axis
+from interp.tokens import Batch
 
 Which = Literal["k", "v", "kv"]
 
