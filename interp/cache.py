@@ -32,7 +32,7 @@ from interp.graph import Node
 from interp.hooks import HookError, hook_layer, resolve_hooks
 from interp.models import config_fingerprint, weights_fingerprint
 from interp.store import Store, StoreWriter
-from interp.tokens import Batch, check_tokens
+from interp.tokens import Batch, check_model_tokens, check_tokens
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,19 @@ def _pos_dim(name: str) -> int:
     return 2 if name.endswith("hook_pattern") or name.endswith("hook_attn_scores") else 1
 
 
+def check_position_spec(spec: object) -> PositionSpec:
+    """`spec` if it is a position spec: 'all', 'last', a bool mask or a non-empty list of ints."""
+    if isinstance(spec, str) or isinstance(spec, Tensor) and spec.dtype == torch.bool:
+        return spec  # type: ignore[return-value]
+    items = list(spec) if isinstance(spec, (Sequence, Tensor)) else None
+    if not items or not all(isinstance(i, int) and not isinstance(i, bool)
+                            or isinstance(i, Tensor) and i.ndim == 0 and not i.is_floating_point()
+                            and i.dtype != torch.bool for i in items):
+        raise ValueError(f"positions: expected 'all', 'last', a non-empty list of ints or a bool mask, "
+                         f"got {spec!r}")
+    return spec  # type: ignore[return-value]
+
+
 def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
                      offset: int = 0) -> Int[Tensor, "b k"] | None:
     """Per-example position indices (right-padded layout) for `spec`; None means all positions.
@@ -111,6 +124,9 @@ def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
             return (lengths - 1)[:, None]
         raise ValueError(f"positions: expected 'all', 'last', a list of indices or a bool mask, got {spec!r}")
     if isinstance(spec, Tensor) and spec.dtype == torch.bool:
+        if spec.ndim not in (1, 2) or spec.ndim == 2 and spec.shape[0] < offset + b:
+            raise ValueError(f"positions mask: expected shape (pos,) or (n_examples, pos) covering rows "
+                             f"up to {offset + b}, got {tuple(spec.shape)}")
         mask = spec if spec.ndim == 2 else spec[None].expand(b, -1)
         if spec.ndim == 2:
             mask = spec[offset: offset + b]
@@ -122,7 +138,7 @@ def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
                              f"counts in [{int(counts.min())}, {int(counts.max())}]")
         idx = torch.nonzero(mask)[:, 1].reshape(b, -1)
     else:
-        idx = torch.as_tensor(list(spec), dtype=torch.long)
+        idx = torch.as_tensor([int(i) for i in check_position_spec(spec)], dtype=torch.long)
         if idx.ndim != 1 or idx.numel() == 0:
             raise ValueError(f"positions: expected a non-empty list of ints, got {spec!r}")
         idx = torch.where(idx[None, :] < 0, lengths[:, None] + idx[None, :], idx[None, :].expand(b, -1))
@@ -132,6 +148,30 @@ def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
         raise ValueError(f"positions: expected indices within each prompt's length, got "
                          f"{idx[row].tolist()} for a prompt of length {int(lengths[row])} (row {offset + row})")
     return idx
+
+
+def check_finite_acts(acts: Mapping[str, Tensor], offset: int = 0, dtype: torch.dtype | None = None) -> None:
+    """Raise if any activation holds NaN or Inf, naming the hook (earliest layer first) and rows.
+
+    One reduction per tensor. Pre-softmax attention scores legitimately hold -inf (the causal
+    mask), so only NaN and +inf count there.
+    """
+    bad: list[tuple[int, str, list[int]]] = []
+    for name, t in acts.items():
+        if not t.is_floating_point():
+            continue
+        ok = torch.isfinite(t) if not name.endswith("hook_attn_scores") else ~(torch.isnan(t) | (t == float("inf")))
+        if not bool(ok.all()):
+            rows = (torch.nonzero(~ok.reshape(t.shape[0], -1).all(dim=1))[:, 0] + offset).tolist()
+            layer = hook_layer(name)
+            bad.append((-1 if name.startswith("hook_") else (layer if layer is not None else 10**9), name, rows))
+    if bad:
+        _, name, rows = min(bad)
+        hint = (f"; storage dtype {dtype} may overflow: try dtype=None or torch.float32"
+                if dtype is not None else "; check the model's weights and these prompts")
+        raise ValueError(f"collect: expected finite activations, got NaN/Inf at {name} in rows "
+                         f"{rows[:10]}{' ...' if len(rows) > 10 else ''} (earliest of {len(bad)} affected "
+                         f"hooks){hint}")
 
 
 def _gather(act: Tensor, idx: Tensor | None, pos_dim: int) -> Tensor:
@@ -223,7 +263,10 @@ def collect(
     names = resolve_hooks(model, hooks, layers)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    d_vocab = Arch.of(model).d_vocab
+    if isinstance(data, (Tensor, Batch)):  # validate everything before any file is written
+        whole = data.right() if isinstance(data, Batch) else Batch.of(check_model_tokens(model, data))
+        check_model_tokens(model, whole.tokens)
+        select_positions(check_position_spec(positions), whole.lengths, whole.tokens.shape[1])
     stop = _stop_layer(model, names)
     writer: StoreWriter | None = None
     skip = 0
@@ -247,7 +290,7 @@ def collect(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("caching", total=n_total, completed=skip)
         for batch in batches:
-            toks = check_tokens(batch.tokens, d_vocab).to(model.cfg.device)
+            toks = check_model_tokens(model, batch.tokens).to(model.cfg.device)
             idx = select_positions(positions, batch.lengths, toks.shape[1], offset=done)
             got: dict[str, Tensor] = {}
 
@@ -262,6 +305,7 @@ def collect(
             missing = [n for n in names if n not in got]
             if missing:
                 raise HookError(f"hooks: expected every requested hook to fire, got {missing} never firing")
+            check_finite_acts(got, done, dtype)
             if writer is not None:
                 writer.append(got, batch.lengths, tokens=batch.tokens)
             else:

@@ -111,6 +111,10 @@ class Node:
         object.__setattr__(self, "site", parse_site(self.site))
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise TypeError(f"Node.layer: expected int, got {type(self.layer).__name__}")
+        for name in ("pos", "head"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise TypeError(f"Node.{name}: expected None or an int, got {type(v).__name__} {v!r}")
         if self.head is not None and not self.site.per_head:  # type: ignore[union-attr]
             raise ValueError(
                 f"Node.head: site {self.site.value!r} has no heads, got head={self.head}; "  # type: ignore[union-attr]

@@ -31,6 +31,7 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site, node_from_hook_name
+from interp.tokens import Batch, check_model_tokens
 
 
 @runtime_checkable
@@ -145,8 +146,7 @@ class Target:
     head: int | None = None
 
 
-def _target(model: HookedTransformer, where: str | Node, pos: int | Sequence[int] | None,
-            head: int | None) -> Target:
+def _target(model: HookedTransformer, where: str | Node, pos: object, head: object) -> Target:
     if isinstance(where, Node):
         name = resolve_hook(model, where)
         if pos is None:
@@ -155,8 +155,10 @@ def _target(model: HookedTransformer, where: str | Node, pos: int | Sequence[int
             head = where.head
     else:
         name = resolve_hook(model, where)
-    if isinstance(pos, Sequence):
-        pos = tuple(int(p) for p in pos)
+    n_ctx = Arch.of(model).n_ctx
+    pos = _check_pos(pos, name, n_ctx)
+    if head is not None and (isinstance(head, bool) or not isinstance(head, int)):
+        raise HookError(f"hook {name!r}: head expected an int, got {head!r}")
     if head is not None:
         site = _site_of(name)
         arch = Arch.of(model)
@@ -166,6 +168,45 @@ def _target(model: HookedTransformer, where: str | Node, pos: int | Sequence[int
         if not 0 <= head < limit:
             raise HookError(f"hook {name!r}: head expected in [0, {limit}), got {head}")
     return Target(name, pos, head)
+
+
+def _check_pos(pos: object, name: str, n_ctx: int) -> int | tuple[int, ...] | None:
+    """Positions of an intervention: None, an int or a non-empty sequence of ints within n_ctx."""
+    if pos is None:
+        return None
+    if isinstance(pos, Tensor) and not pos.dtype.is_floating_point and pos.dtype != torch.bool and pos.ndim <= 1:
+        pos = pos.tolist()
+    items = pos if isinstance(pos, Sequence) and not isinstance(pos, str) else [pos]
+    if not items or not all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        raise HookError(f"hook {name!r}: positions expected None, an int or a non-empty list of ints, "
+                        f"got {pos!r}")
+    bad = [p for p in items if not -n_ctx <= p < n_ctx]
+    if bad:
+        raise HookError(f"hook {name!r}: positions expected in [-{n_ctx}, {n_ctx}) (n_ctx), got {bad}")
+    return tuple(items) if isinstance(pos, Sequence) else items[0]
+
+
+def _check_pos_in(target: Target, act: Tensor) -> None:
+    """Positions of `target` against the activation's position axis (known only when it fires)."""
+    if target.pos is None:
+        return
+    site = _site_of(target.name)
+    n = act.shape[2 if site in (Site.PATTERN, Site.ATTN_SCORES) else 1]
+    bad = [p for p in (target.pos if isinstance(target.pos, tuple) else (target.pos,)) if not -n <= p < n]
+    if bad:
+        raise HookError(f"hook {target.name!r}: positions expected in [-{n}, {n}) for a sequence of {n} "
+                        f"positions, got {bad}")
+
+
+def _check_values(iv: Intervention, name: str) -> None:
+    """NaN/Inf in a Set/Add/MeanAblate value would be written into every forward it touches."""
+    for field_name in ("value", "mean", "factor"):
+        v = getattr(iv, field_name, None)
+        if v is None:
+            continue
+        t = v if isinstance(v, Tensor) else torch.as_tensor(v)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HookError(f"{type(iv).__name__} at {name}: expected a finite {field_name}, got NaN/Inf")
 
 
 @dataclass(frozen=True)
@@ -295,6 +336,7 @@ def _make_hook(iv: Intervention, target: Target, fired: set[str]) -> HookFn:
 
     def hook(act: Tensor, *, hook: object) -> Tensor:
         fired.add(target.name)
+        _check_pos_in(target, act)
         new = iv.apply(act[idx], act, target)
         out = act.clone()
         out[idx] = new
@@ -333,6 +375,7 @@ def intervene(
             raise HookError(f"interventions: expected Intervention objects (Set, Add, Scale, Zero, "
                             f"MeanAblate, ResampleAblate, Patch, BlockAttention), got {type(iv).__name__}")
         target = _target(model, iv.where, iv.pos, iv.head)
+        _check_values(iv, target.name)
         fwd.append((target.name, _make_hook(iv, target, run.fired)))
     cap_names = resolve_hooks(model, list(capture)) if capture else []
     for name in cap_names:
@@ -352,13 +395,26 @@ def intervene(
 
 def run_with_interventions(
     model: HookedTransformer,
-    tokens: Tensor,
+    tokens: Tensor | Batch,
     interventions: Sequence[Intervention],
     *,
     capture: Sequence[str | Node] = (),
     **forward_kwargs: object,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
-    """One forward with `interventions` applied; returns the logits and captured activations."""
+    """One forward with `interventions` applied; returns the logits and captured activations.
+
+    `tokens`: validated by `interp.tokens.check_tokens` (ids in the vocabulary, at most n_ctx
+    positions). A raw tensor is run as unpadded prompts; padded prompts come as a right-padded
+    `interp.tokens.Batch` (each prompt then sees exactly what it sees alone, positions count from
+    its start, and values at pad positions should be masked with `Batch.mask`); a left-padded
+    Batch is refused (pass `batch.right()`).
+    """
+    if isinstance(tokens, Batch):
+        if tokens.side != "right" and bool((tokens.lengths != tokens.tokens.shape[1]).any()):
+            raise HookError("tokens: expected unpadded or right-padded prompts, got a left-padded Batch; "
+                            "pass batch.right() (positions then count from each prompt's start)")
+        tokens = tokens.tokens
+    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
     with intervene(model, interventions, capture=capture) as run:
         logits = model(tokens, **forward_kwargs)
     return logits, run.captured

@@ -526,6 +526,32 @@ def save_frame(frame: pd.DataFrame, out: str | Path, title: str = "Probe results
 # --------------------------------------------------------------------------------------- fit
 
 
+def check_finite_rows(features: Float[Tensor, "layer n d"], labels: Tensor) -> None:
+    """Raise when a feature row (at any layer) or a label is NaN/Inf, naming rows and layers.
+
+    A single non-finite row poisons the training mean and so every standardised row: the
+    logistic fit falls to chance on every layer and the ridge fit fails in its eigensolver.
+    One isfinite reduction per layer (no copy of the features is kept).
+    """
+    bad_rows = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
+    bad_layers = []
+    for i, layer in enumerate(features):
+        row_bad = ~torch.isfinite(layer).all(dim=-1)
+        if bool(row_bad.any()):
+            bad_layers.append(i)
+            bad_rows |= row_bad
+    if bad_layers:
+        rows = torch.nonzero(bad_rows)[:, 0].tolist()
+        raise ValueError(f"probe features: expected finite values, got NaN/Inf in {len(rows)} of "
+                         f"{features.shape[1]} rows {rows[:10]}{' ...' if len(rows) > 10 else ''} at "
+                         f"layers {bad_layers}; drop those rows (e.g. features[:, keep], labels[keep]) "
+                         f"or fix the activations that produced them")
+    if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+        rows = torch.nonzero(~torch.isfinite(labels))[:, 0].tolist()
+        raise ValueError(f"probe labels: expected finite values, got NaN/Inf at rows {rows[:10]}"
+                         f"{' ...' if len(rows) > 10 else ''}; drop those rows")
+
+
 def fit(
     features: Float[Tensor, "layer n d"],
     labels: Int[Tensor, " n"] | Float[Tensor, " n"],
@@ -560,11 +586,24 @@ def fit(
     """
     if kind not in KINDS:
         raise ValueError(f"probe kind: expected one of {list(KINDS)}, got {kind!r}")
-    if features.ndim != 3:
-        raise ValueError(f"probe features: expected (layer, n, d), got shape {tuple(features.shape)}")
+    if not isinstance(features, Tensor) or not features.is_floating_point():
+        raise TypeError(f"probe features: expected a floating-point tensor (layer, n, d), got "
+                        f"{features.dtype if isinstance(features, Tensor) else type(features).__name__}")
+    if not isinstance(labels, Tensor) or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"probe labels: expected an integer or float tensor (n,), got "
+                        f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}")
+    if features.ndim != 3 or 0 in features.shape:
+        raise ValueError(f"probe features: expected (layer, n, d) with no empty axis, got shape "
+                         f"{tuple(features.shape)}" + ("; add a layer axis with features[None]"
+                                                       if features.ndim == 2 else ""))
     n_layers, n, _ = features.shape
     if labels.shape != (n,):
         raise ValueError(f"probe labels: expected shape ({n},) (one per row), got {tuple(labels.shape)}")
+    for what, ids in (("groups", groups), ("types", types)):
+        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != (n,)):
+            raise ValueError(f"probe {what}: expected a tensor of shape ({n},) (one id per row), got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    check_finite_rows(features, labels)
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci: expected a level in (0, 1), got {ci}")
     if C <= 0:

@@ -82,23 +82,49 @@ class HFTokenizer:
         return self.hf.decode(ids)  # type: ignore[attr-defined]
 
 
-def check_tokens(tokens: object, d_vocab: int | None = None, name: str = "tokens") -> Tensor:
-    """Validate a token tensor: integer dtype, shape (batch, pos), ids in [0, d_vocab)."""
+def check_tokens(tokens: object, d_vocab: int | None = None, name: str = "tokens", *,
+                 n_ctx: int | None = None) -> Tensor:
+    """Validate a token tensor: the one token check every entry point uses.
+
+    Integer dtype, shape (batch, pos) with at least one row and one position, ids in
+    [0, d_vocab) and at most `n_ctx` positions (when given). Returns the tokens as torch.long. A token id of -1 would silently
+    index the last embedding row, and a sequence longer than n_ctx fails deep inside the
+    positional embedding: both are refused here with what was expected.
+    """
     if not isinstance(tokens, Tensor):
+        hint = ("; pass batch.tokens, or use an entry point that accepts a padded interp.tokens.Batch"
+                if isinstance(tokens, Batch) else "")
         raise TypeError(f"{name}: expected an integer torch.Tensor of shape (batch, pos), "
-                        f"got {type(tokens).__name__}")
+                        f"got {type(tokens).__name__}{hint}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
         raise TypeError(f"{name}: expected an integer dtype (torch.long), got {tokens.dtype}")
     if tokens.ndim != 2:
         raise ValueError(f"{name}: expected shape (batch, pos), got {tuple(tokens.shape)}"
                          + ("; add a batch axis with tokens[None]" if tokens.ndim == 1 else ""))
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one prompt (row), got shape {tuple(tokens.shape)}")
     if tokens.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one position, got shape {tuple(tokens.shape)}")
-    if d_vocab is not None and tokens.numel():
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(f"{name}: expected at most n_ctx={n_ctx} positions (the model's context "
+                         f"length), got {tokens.shape[1]}; truncate or split the prompts")
+    if d_vocab is not None:
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= d_vocab:
-            raise ValueError(f"{name}: expected ids in [0, {d_vocab}), got values in [{lo}, {hi}]")
-    return tokens
+            bad = torch.nonzero((tokens < 0) | (tokens >= d_vocab))[0].tolist()
+            raise ValueError(f"{name}: expected ids in [0, {d_vocab}), got values in [{lo}, {hi}] "
+                             f"(first at row {bad[0]}, position {bad[1]}); pad ids too must be "
+                             f"valid tokens")
+    # one index dtype downstream (jaxtyping's Int excludes uint8; hooks and stores see long ids)
+    return tokens if tokens.dtype == torch.long else tokens.long()
+
+
+def check_model_tokens(model: object, tokens: object, name: str = "tokens") -> Tensor:
+    """`check_tokens` against a model's vocabulary and context length."""
+    from interp.arch import Arch
+
+    arch = Arch.of(model)  # type: ignore[arg-type]
+    return check_tokens(tokens, arch.d_vocab, name, n_ctx=arch.n_ctx)
 
 
 @dataclass(frozen=True)
@@ -139,7 +165,7 @@ class Batch:
     @staticmethod
     def of(tokens: Tensor) -> Batch:
         """A batch with no padding."""
-        check_tokens(tokens)
+        tokens = check_tokens(tokens)
         return Batch(tokens, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long))
 
     @property

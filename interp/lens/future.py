@@ -45,7 +45,7 @@ from transformer_lens import HookedTransformer
 from interp.configs import from_dict
 from interp.lens.residual import compute_dtype, layer_labels, model_name, residual_stack
 from interp.stats import Estimate, bootstrap
-from interp.tokens import check_tokens
+from interp.tokens import check_model_tokens
 from interp.viz import curves
 
 METHODS = ("linear", "bigram", "unigram")
@@ -323,7 +323,7 @@ def future_lens(
     `mask` marks the positions t to use (for every offset, or a dict offset -> mask); positions
     whose x_{t+k} falls outside the sequence are dropped. For padded prompts, mask out the pads.
     """
-    check_tokens(tokens, model.cfg.d_vocab)
+    tokens = check_model_tokens(model, tokens)
     tokens = tokens.detach().cpu()
     n_b, n_pos = tokens.shape
     n_lens = model.cfg.n_layers + 1

@@ -33,12 +33,12 @@ from interp.lens.residual import (
     batches,
     compute_dtype,
     layer_labels,
+    lens_inputs,
     model_name,
     residual_stack,
-    select_positions,
 )
 from interp.stats import bootstrap_many
-from interp.tokens import Tokenizer, check_tokens
+from interp.tokens import Batch, Tokenizer
 from interp.viz import curves, heatmap
 
 Translate = Callable[[Tensor], Tensor]
@@ -169,6 +169,9 @@ def _targets(target: Tensor | None, positions: Tensor, d_vocab: int) -> Tensor |
         raise TypeError(f"lens target: expected an integer tensor of shape (batch,) or (batch, sel), "
                         f"got {target!r}")
     t = target.detach().to("cpu", torch.long)
+    if t.ndim == 1 and t.shape[0] != positions.shape[0]:
+        raise ValueError(f"lens target: expected shape ({positions.shape[0]},) or "
+                         f"{tuple(positions.shape)} (batch, selected positions), got {tuple(target.shape)}")
     if t.ndim == 1:
         t = t[:, None].expand_as(positions)
     if t.shape != positions.shape:
@@ -182,7 +185,7 @@ def _targets(target: Tensor | None, positions: Tensor, d_vocab: int) -> Tensor |
 
 def run_lens(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tensor | Batch,  # [batch pos] ids or a padded Batch; validated by lens_inputs
     *,
     lens: str,
     translate: Translate | None = None,
@@ -200,17 +203,16 @@ def run_lens(
     lens's translators); `decode_dtype` is the precision of the final norm + unembedding
     (None: the model's own).
     """
-    check_tokens(tokens, model.cfg.d_vocab)
+    tokens, run_pos, positions = lens_inputs(model, tokens, pos)
     d_vocab = model.cfg.d_vocab_out
-    if not 1 <= k <= d_vocab:
-        raise ValueError(f"lens top-k: expected 1 <= k <= d_vocab={d_vocab}, got {k}")
-    positions = select_positions(tokens, pos)
+    if not isinstance(k, int) or not 1 <= k <= d_vocab:
+        raise ValueError(f"lens top-k: expected 1 <= k <= d_vocab={d_vocab}, got {k!r}")
     tgt = _targets(target, positions, d_vocab)
     decoder = Decoder(model, decode_dtype)
     parts: dict[str, list[Tensor]] = {n: [] for n in ("kl", "ent", "tt", "tp", "rank", "tlp", "logits")}
     slices = list(batches(tokens.shape[0], batch_size))
     for sl in tqdm(slices, desc=f"{lens} lens", disable=not progress or len(slices) == 1, leave=False):
-        resid = residual_stack(model, tokens[sl], positions=positions[sl])
+        resid = residual_stack(model, tokens[sl], positions=run_pos[sl])
         with torch.no_grad():
             if translate is not None:
                 resid = translate(resid)
@@ -250,7 +252,7 @@ def run_lens(
 
 def logit_lens(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Batch,
     *,
     pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
     target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
@@ -262,7 +264,9 @@ def logit_lens(
     """The logit lens at every layer (embedding .. final) for the selected positions.
 
     `pos`: an int (same position in every example, default the last), a tensor of one or more
-    positions per example (e.g. `Batch.last` for right-padded prompts), or None for all.
+    positions per example (e.g. `Batch.last`), or None for all. `tokens`: a raw tensor is run as
+    unpadded prompts; pass padded prompts as an `interp.tokens.Batch` (run right-padded, an int
+    `pos` counting from each prompt's own start or end; see `lens_inputs`).
     `target`: a token per example (or per selected position) whose rank and probability to track.
     `keep_logits` also returns the lens logits (memory: layers x batch x sel x d_vocab).
     """

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from interp.tokens import check_tokens
+from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def select_positions(
     b, n = tokens.shape
     if pos is None:
         return torch.arange(n).expand(b, n).clone()
+    if isinstance(pos, bool):
+        raise TypeError(f"lens position: expected None, an int or an integer tensor, got {pos!r}")
     if isinstance(pos, int):
         if not -n <= pos < n:
             raise ValueError(f"lens position: expected an int in [{-n}, {n}), got {pos}")
@@ -79,6 +81,47 @@ def select_positions(
         raise ValueError(f"lens position tensor: expected values in [{-n}, {n}), got "
                          f"[{int(p.min())}, {int(p.max())}]")
     return p % n
+
+
+def lens_inputs(
+    model: HookedTransformer, tokens: Tensor | Batch,
+    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch sel"], Int[Tensor, "batch sel"]]:
+    """Validated lens inputs: (tokens to run, positions in them, positions in the caller's layout).
+
+    A raw tensor is taken as unpadded prompts (pad cannot be told from a token: a left-padded
+    tensor run as is gives wrong logits). A `Batch` is run right-padded, where each prompt sees
+    exactly the positions it would see alone; an int `pos` then counts from each prompt's first
+    real token (negative: from its last, so the default -1 is each prompt's last real token), a
+    tensor `pos` indexes the batch's own layout (e.g. `Batch.last`), and a selected pad raises.
+    """
+    if not isinstance(tokens, Batch):
+        toks = check_model_tokens(model, tokens)
+        positions = select_positions(toks, pos)
+        return toks, positions, positions
+    right = tokens.right()
+    toks = check_model_tokens(model, right.tokens, "Batch.tokens")
+    lengths = right.lengths.cpu().long()
+    b, n = toks.shape
+    shift = tokens.shift().cpu().long()
+    if pos is None:
+        if bool((lengths < n).any()):
+            raise ValueError("lens position: expected explicit positions for a padded Batch, got None "
+                             "(every position, pads included); pass pos=batch.last or a tensor of "
+                             "real positions")
+        positions = select_positions(toks, None)
+        return toks, positions, positions
+    if isinstance(pos, int) and not isinstance(pos, bool):
+        run_pos = (torch.full((b,), pos, dtype=torch.long) if pos >= 0 else lengths + pos)[:, None]
+    else:
+        run_pos = select_positions(tokens.tokens, pos) - shift[:, None]
+    bad = (run_pos < 0) | (run_pos >= lengths[:, None])
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"lens position: expected real (non-pad) positions of each prompt, got "
+                         f"{pos if isinstance(pos, int) else pos[row].tolist()} for prompt {row} of "
+                         f"length {int(lengths[row])} ({tokens.side}-padded to {n})")
+    return toks, run_pos, run_pos + shift[:, None]
 
 
 def batches(n: int, batch_size: int | None) -> Iterator[slice]:
@@ -102,7 +145,7 @@ def residual_stack(
     Runs the model once per batch of `batch_size` examples with hooks on the lens hooks (removed
     on exit, also on error); the result is on the model's device in the model's dtype.
     """
-    check_tokens(tokens, model.cfg.d_vocab)
+    tokens = check_model_tokens(model, tokens)
     device = model_device(model)
     if positions is None:
         positions = select_positions(tokens, None)

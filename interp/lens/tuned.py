@@ -51,6 +51,7 @@ from interp.lens.residual import (
     model_name,
     residual_stack,
 )
+from interp.tokens import Batch
 from interp.viz import curves
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ class TunedLens(torch.nn.Module):
     def run(
         self,
         model: HookedTransformer,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | Batch,
         *,
         pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
         target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,

@@ -24,6 +24,7 @@ Hooks are attached through TransformerLens's `model.hooks` context, which remove
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +40,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.patching.metrics import Metric, check_scalar, evaluate, metric_positions
-from interp.tokens import check_tokens
+from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,28 @@ def check_rows(rows: int) -> int:
     return rows
 
 
-def check_pair(model: HookedTransformer, clean: Tensor, corrupt: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate a clean/corrupted token pair and move it to the model's device."""
-    d_vocab = model.cfg.d_vocab
-    clean = check_tokens(clean, d_vocab, "clean tokens")
-    corrupt = check_tokens(corrupt, d_vocab, "corrupted tokens")
+def unpadded(tokens: object, name: str) -> object:
+    """The token tensor of an unpadded `Batch`; a padded one is refused with the reason."""
+    if isinstance(tokens, Batch):
+        if bool((tokens.lengths != tokens.tokens.shape[1]).any()):
+            raise ValueError(
+                f"{name}: expected prompts of one length, got a padded Batch (lengths "
+                f"{int(tokens.lengths.min())}..{int(tokens.lengths.max())}, {tokens.side} padding); "
+                f"patching pairs position p with position p and the metric reads fixed positions, "
+                f"so group prompts by length (or build same-length corruptions) first")
+        return tokens.tokens
+    return tokens
+
+
+def check_pair(model: HookedTransformer, clean: Tensor | Batch, corrupt: Tensor | Batch
+               ) -> tuple[Tensor, Tensor]:
+    """Validate a clean/corrupted token pair and move it to the model's device.
+
+    A raw tensor is taken as unpadded prompts (pad cannot be told from a token); a `Batch` is
+    accepted when it holds no padding and refused otherwise.
+    """
+    clean = check_model_tokens(model, unpadded(clean, "clean tokens"), "clean tokens")
+    corrupt = check_model_tokens(model, unpadded(corrupt, "corrupted tokens"), "corrupted tokens")
     if clean.shape != corrupt.shape:
         raise ValueError(
             f"corrupted tokens: expected the clean shape {tuple(clean.shape)}, got "
@@ -77,10 +95,23 @@ def check_pair(model: HookedTransformer, clean: Tensor, corrupt: Tensor) -> tupl
         raise ValueError("model: expected a positional scheme other than 'shortformer', got "
                          "'shortformer'; starting a forward pass mid-model needs its position "
                          "embeddings, which interp.patching does not thread through")
-    if clean.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens: expected at most n_ctx={model.cfg.n_ctx} positions, got {clean.shape[1]}")
     device = model.cfg.device
     return clean.to(device), corrupt.to(device)
+
+
+def check_finite(x: Tensor, what: str) -> Tensor:
+    """Raise when `x` (logits or activations, batch first) holds NaN or Inf, naming the rows.
+
+    One isfinite reduction; a NaN would otherwise be averaged into every metric downstream.
+    """
+    ok = torch.isfinite(x)
+    if not bool(ok.all()):
+        rows = torch.nonzero(~ok.reshape(x.shape[0], -1).all(dim=1))[:, 0].tolist()
+        kinds = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{what}: expected finite values, got {kinds} in rows {rows[:10]}"
+                         + (f" (and {len(rows) - 10} more)" if len(rows) > 10 else "")
+                         + "; check the model's weights and the inputs of those prompts")
+    return x
 
 
 def resid_pre_name(layer: int) -> str:
@@ -140,11 +171,17 @@ def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Me
         names |= kv_names(model.cfg.n_layers)
     clean_logits, clean_cache = cached_run(model, clean, names)
     corrupt_logits, corrupt_cache = cached_run(model, corrupt, names)
+    check_finite(clean_logits, "clean run logits")
+    check_finite(corrupt_logits, "corrupted run logits")
     if metric is None:
         m_clean = m_corrupt = float("nan")
     else:
         m_clean = float(check_scalar(metric(clean_logits)))
         m_corrupt = float(check_scalar(metric(corrupt_logits)))
+        for m, run in ((m_clean, "clean"), (m_corrupt, "corrupted")):
+            if not math.isfinite(m):
+                raise ValueError(f"metric on the {run} run: expected a finite number, got {m} "
+                                 f"(the logits are finite, so the metric itself produced it)")
     if direction == "denoising":
         base_tokens, base, source = corrupt, corrupt_cache, clean_cache
     else:
@@ -473,13 +510,14 @@ def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, s
 
 def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[AnyEdit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
-               ) -> Float[Tensor, "copies"]:
+               labels: Sequence[object] | None = None) -> Float[Tensor, "copies"]:
     """The metric of each patched copy of the base run (one value per copy, float64, CPU).
 
     Copies are grouped by the layer they start at and, when `runs` holds the base K/V
     (`prepare(..., kv=True)`), by the first position they touch: a chunk whose patches all lie
     at positions >= p0 computes positions p0.. only, reading the base run's keys and values of
-    the earlier (unchanged) positions from a frozen K/V cache.
+    the earlier (unchanged) positions from a frozen K/V cache. A non-finite value raises,
+    naming the copy by its entry in `labels`.
     """
     check_rows(rows)
     batch, seq_len = runs.base_tokens.shape
@@ -520,4 +558,10 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[A
                 bar.update(k)
     finally:
         bar.close()
+    bad = torch.nonzero(~torch.isfinite(out))[:, 0].tolist()
+    if bad:
+        where = [str(labels[i]) if labels is not None else f"copy {i}" for i in bad[:5]]
+        raise ValueError(f"{desc}: expected a finite metric for every patched copy, got NaN/Inf for "
+                         f"{len(bad)} of {len(copies)} (first: {', '.join(where)}); the clean and "
+                         f"corrupted runs are finite, so the patched values overflow there")
     return out

@@ -31,7 +31,7 @@ from interp.patching.engine import (
 )
 from interp.patching.metrics import Metric, check_scalar, evaluate, metric_positions
 from interp.patching.results import KnockoutResult, detach
-from interp.tokens import check_tokens
+from interp.tokens import check_model_tokens
 
 
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -60,7 +60,7 @@ def knockout(
     """
     check_rows(rows)
     arch = Arch.of(model)
-    tokens = check_tokens(tokens, arch.d_vocab).to(model.cfg.device)
+    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
     batch, seq_len = tokens.shape
     if not isinstance(target, int) or not -seq_len <= target < seq_len:
         raise ValueError(f"target: expected a position in [0, {seq_len}), got {target!r}")

@@ -33,14 +33,15 @@ from interp.patching.engine import (
 from interp.patching.metrics import Metric
 from interp.patching.results import PatchResult, detach
 from interp.patching.sweep import _axis
+from interp.tokens import Batch
 
 Which = Literal["k", "v", "kv"]
 
 
 def kv_patch(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
+    clean_tokens: Int[Tensor, "batch pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "_batch _pos"] | Batch,  # checked against clean_tokens with a clear error
     metric: Metric,
     *,
     which: Which = "kv",

@@ -53,10 +53,24 @@ class PositionMetric:
 
 
 def _as_index(x: Tensor | Sequence[int] | int, name: str) -> Tensor:
-    t = torch.as_tensor(x)
-    if t.dtype.is_floating_point or t.ndim > 1:
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name}: expected an int or a [batch] integer tensor, got {type(x).__name__}") from e
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.ndim > 1:
         raise ValueError(f"{name}: expected an int or a [batch] integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
     return t.long()
+
+
+def _rows(ids: Tensor, logits: Tensor, name: str) -> Tensor:
+    """`ids` (a scalar or one per example) checked against the batch and vocabulary of `logits`."""
+    b, d_vocab = logits.shape[0], logits.shape[-1]
+    if ids.ndim == 1 and ids.shape[0] not in (1, b):
+        raise ValueError(f"{name}: expected one token id per example ({b}) or a single id, got {ids.shape[0]}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+        raise ValueError(f"{name}: expected token ids in [0, {d_vocab}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return ids.to(logits.device).expand(b)
 
 
 def logit_diff(right: Int[Tensor, "batch"] | int, wrong: Int[Tensor, "batch"] | int,
@@ -67,7 +81,7 @@ def logit_diff(right: Int[Tensor, "batch"] | int, wrong: Int[Tensor, "batch"] | 
     def fn(logits: Tensor) -> Tensor:
         last = logits[:, 0]
         idx = torch.arange(last.shape[0], device=last.device)
-        rr, ww = r.to(last.device).expand(last.shape[0]), w.to(last.device).expand(last.shape[0])
+        rr, ww = _rows(r, last, "logit_diff right"), _rows(w, last, "logit_diff wrong")
         return (last[idx, rr] - last[idx, ww]).mean()
 
     return PositionMetric(fn, (pos,))
@@ -80,7 +94,7 @@ def logprob(target: Int[Tensor, "batch"] | int, pos: int = -1) -> PositionMetric
     def fn(logits: Tensor) -> Tensor:
         lp = logits[:, 0].float().log_softmax(-1)
         idx = torch.arange(lp.shape[0], device=lp.device)
-        return lp[idx, t.to(lp.device).expand(lp.shape[0])].mean().to(logits.dtype)
+        return lp[idx, _rows(t, lp, "logprob target")].mean().to(logits.dtype)
 
     return PositionMetric(fn, (pos,))
 
@@ -100,7 +114,10 @@ def metric_positions(metric: Metric, seq_len: int) -> list[int] | None:
 
 def check_scalar(value: object, what: str = "metric") -> Tensor:
     """The metric's value as a 0-d tensor; a clear error when it is not one number."""
-    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    try:
+        t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{what}: expected a scalar tensor or number, got {type(value).__name__}") from e
     if t.numel() != 1:
         raise ValueError(
             f"{what}: expected a scalar (one number for the whole batch, the TransformerLens "

@@ -39,6 +39,7 @@ from interp.patching.engine import (
 )
 from interp.patching.metrics import Metric
 from interp.patching.results import PatchResult, detach
+from interp.tokens import Batch
 
 SWEEP_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.MLP_OUT,
                Site.HEAD, Site.Q, Site.K, Site.V)
@@ -59,8 +60,8 @@ def _axis(values: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]
 
 def sweep(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
+    clean_tokens: Int[Tensor, "batch pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "_batch _pos"] | Batch,  # checked against clean_tokens with a clear error
     metric: Metric,
     site: Site | str = "resid_pre",
     *,
@@ -75,7 +76,9 @@ def sweep(
 
     Denoising patches the clean value into the corrupted run; noising the reverse. `heads`
     index heads (KV groups for k and v on grouped-query models). `rows` bounds the rows
-    (examples x patched copies) of one forward pass, and so the memory.
+    (examples x patched copies) of one forward pass, and so the memory. Tokens are unpadded
+    prompts of one length: a raw tensor is taken as such (pad cannot be told from a token), a
+    padded `interp.tokens.Batch` is refused. NaN/Inf in the runs or in a patched cell raises.
     """
     site = parse_site(site)
     if site not in SWEEP_SITES:
@@ -109,7 +112,7 @@ def sweep(
     runs = prepare(model, clean_tokens, corrupt_tokens, metric, hook_names, direction)
     copies = [[node_edit(model, n, runs.source, seq_len)] for n in nodes]
     values = run_copies(model, runs, copies, metric, rows=rows, progress=progress,
-                        desc=f"patching {site.value}")
+                        desc=f"patching {site.value}", labels=nodes)
     if site.per_head:
         axes = ("layer", "pos", "kv_head" if site.per_kv_group and arch.grouped else "head")
         coords: tuple[tuple, ...] = (layer_ix, pos_ix, head_ix)
@@ -129,8 +132,8 @@ def _as_nodes(nodes: Node | Sequence[Node]) -> list[Node]:
 
 def patch(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
+    clean_tokens: Int[Tensor, "batch pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "_batch _pos"] | Batch,  # checked against clean_tokens with a clear error
     metric: Metric,
     nodes: Node | Sequence[Node],
     *,
@@ -152,8 +155,8 @@ def patch(
 
 def patched_logits(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
+    clean_tokens: Int[Tensor, "batch pos"] | Batch,
+    corrupt_tokens: Int[Tensor, "_batch _pos"] | Batch,  # checked against clean_tokens with a clear error
     nodes: Node | Sequence[Node],
     *,
     direction: Direction = "denoising",
