@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -120,21 +121,44 @@ _NOT_CONTENT = frozenset({"model_name", "tokenizer_name", "original_architecture
                           "tokenizer_prepends_bos", "dtype"})
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def _state_signature(model: torch.nn.Module) -> tuple:
+    return tuple((k, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
+                 for k, t in model.state_dict(keep_vars=True).items())
+
+
+# model -> (state signature, digest). Weak keys: a memo never keeps a model alive. This is the one
+# piece of module-level state in the toolkit; it only caches a pure function of the weights.
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module, *, cache: bool = True) -> str:
     """A sha256 over every state-dict tensor's name, dtype, shape and raw bytes (buffers included).
 
+    The toolkit's one weight identity: stores are keyed on it and SAEs record it (``model_weights``).
     Exact and device-independent: the same weights on CPU and GPU give the same value, a dtype
     cast or any edited value another. Tensors are copied to the host one at a time (memory: the
     largest tensor); the cost is one sha256 pass over the weights: 2.0 s for a 163M-parameter
-    GPT-2-shaped model (0.65 GB, float32) on a loaded CPU core, 15 ms for an organism.
+    GPT-2-shaped model (0.65 GB, float32) on a loaded CPU core, 15 ms for an organism. The digest
+    is memoised per model object and recomputed when any tensor is replaced or edited in place
+    (its version counter moves); writes through ``param.data`` bypass that counter, so after such
+    an edit pass ``cache=False``.
     """
+    sig = _state_signature(model) if cache else None
+    if cache:
+        hit = _FINGERPRINTS.get(model)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().contiguous().reshape(-1)
-        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
-        if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
-    return h.hexdigest()
+    with torch.inference_mode():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().contiguous().reshape(-1)
+            h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)};".encode())
+            if flat.numel():
+                h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    digest = h.hexdigest()
+    if cache:
+        _FINGERPRINTS[model] = (sig, digest)
+    return digest
 
 
 def config_fingerprint(cfg: HookedTransformerConfig) -> str:

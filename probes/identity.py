@@ -70,7 +70,7 @@ def _architecture(d: Path) -> dict[str, Any]:
     return {"config": hashlib.sha256(f.read_bytes()).hexdigest()}
 
 
-def model_fingerprint(spec: str, seed: int) -> dict[str, Any]:
+def model_spec_identity(spec: str, seed: int) -> dict[str, Any]:
     """The identity of model `spec` as the sweep builds it (see the module docstring)."""
     if spec.startswith(RANDOM_PREFIX):
         base = spec.removeprefix(RANDOM_PREFIX)

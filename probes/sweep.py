@@ -47,7 +47,15 @@ from interp.probing import fit, plot_frame, save_frame
 from interp.tokens import Batch
 from probes.backends import get_backend
 from probes.config import PositionEntry, SweepConfig, load_config
-from probes.identity import RANDOM_PREFIX, cell_spec, changes, digest, model_fingerprint, n_layers, store_spec
+from probes.identity import (
+    RANDOM_PREFIX,
+    cell_spec,
+    changes,
+    digest,
+    model_spec_identity,
+    n_layers,
+    store_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +93,16 @@ def plan(config: SweepConfig) -> list[Cell]:
 def cell_path(config: SweepConfig, cell: Cell, fingerprint: Mapping[str, Any] | None = None) -> Path:
     """Where `cell` is written: its readable slug and a hash of its resolved spec.
 
-    `fingerprint`: the cell model's `model_fingerprint` (computed here when not given).
+    `fingerprint`: the cell model's `model_spec_identity` (computed here when not given).
     """
-    fp = model_fingerprint(cell.model, config.seed) if fingerprint is None else fingerprint
+    fp = model_spec_identity(cell.model, config.seed) if fingerprint is None else fingerprint
     key = digest(cell_spec(config, fp, cell.hook, cell.position, cell.target))
     return config.out_dir / "cells" / f"{cell.slug}-{key}.parquet"
 
 
 def store_path(config: SweepConfig, model: str, fingerprint: Mapping[str, Any] | None = None) -> Path:
     """The activation store of `model`: its slug and a hash of its resolved spec."""
-    fp = model_fingerprint(model, config.seed) if fingerprint is None else fingerprint
+    fp = model_spec_identity(model, config.seed) if fingerprint is None else fingerprint
     return config.out_dir / "stores" / f"{_slug(model)}-{digest(store_spec(config, fp, store_positions(config)))}"
 
 
@@ -303,7 +311,7 @@ def sweep(
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
     runner = get_backend(backend, workers, address)
     # plan and check everything before any work is done or any file is written
-    fingerprints = {m: model_fingerprint(m, cfg.seed) for m in cfg.models}
+    fingerprints = {m: model_spec_identity(m, cfg.seed) for m in cfg.models}
     cells = plan(cfg)
     paths = {c: cell_path(cfg, c, fingerprints[c.model]) for c in cells}
     todo = [c for c in cells if not paths[c].is_file()]
@@ -370,7 +378,7 @@ def sweep(
 
 def finished(config: SweepConfig) -> list[Cell]:
     """Cells of `config` whose output (for this exact resolved spec) exists."""
-    fingerprints = {m: model_fingerprint(m, config.seed) for m in config.models}
+    fingerprints = {m: model_spec_identity(m, config.seed) for m in config.models}
     return [c for c in plan(config) if cell_path(config, c, fingerprints[c.model]).is_file()]
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import mutual_info_score, r2_score
 from torch.testing import assert_close
 
 from interp import sae as isae
+from interp.models import load_model, weights_fingerprint
 from interp.sae.circuit import heads_between
 from interp.sae.data import ActivationBatches, collect_activations, position_mask
 from interp.sae.planted import PlantedConfig, max_cosine
@@ -453,7 +454,7 @@ def test_cli_train_then_eval(tmp_path, gpt2_model):
     ref = isae.evaluate(gpt2_model, isae.load(tmp_path / "s"), toks)
     assert got["l0"] == pytest.approx(ref.l0)
     assert got["ce_score[next-token]"] == pytest.approx(ref.ce_for("next-token").score, rel=1e-5)
-    assert manifest["model_sha256"] == isae.model_fingerprint(gpt2_model)
+    assert manifest["model_weights"] == weights_fingerprint(gpt2_model)
     res = runner.invoke(app, ["eval", str(tmp_path / "s"), "--model", str(tmp_path / "m"), "--tokens",
                               str(tmp_path / "t.safetensors"), "--n-prompts", "20"])
     assert res.exit_code == 0 and "CE targets" in res.output and "next-token" in res.output, res.output
@@ -480,12 +481,12 @@ def multihop_parts():
         pytest.fail(f"organism:multihop is not shipped in {organisms_dir()} (interp organisms train multihop)")
     if MULTIHOP_SAE not in isae.list_saes():
         pytest.fail(f"sae:{MULTIHOP_SAE} is not shipped (retrain: see data/sae/{MULTIHOP_SAE}/manifest.json)")
-    from interp.models import read_manifest
 
     want = isae.read_manifest(f"sae:{MULTIHOP_SAE}")
-    assert want["model_sha256"] == read_manifest("organism:multihop")["sha256"], (
+    model = load_model("organism:multihop")
+    assert want["model_weights"] == weights_fingerprint(model), (
         f"sae:{MULTIHOP_SAE} was trained on other multihop weights; retrain it: {want['command']}")
-    return load_model("organism:multihop"), isae.load(f"sae:{MULTIHOP_SAE}")
+    return model, isae.load(f"sae:{MULTIHOP_SAE}")
 
 
 def test_multihop_bridge_features_found_blind_and_causal(multihop_parts):
@@ -549,24 +550,23 @@ def _twin(model, *, perturb: bool):
     return twin.eval()
 
 
-def test_model_fingerprint_is_the_saved_checkpoints_sha256(tmp_path, gpt2_model, llama_model, trained):
-    from interp.models import read_manifest, save_model
+def test_weights_fingerprint_survives_save_and_load(tmp_path, gpt2_model, llama_model, trained):
+    from interp.models import save_model
 
     for model in (gpt2_model, llama_model):
-        save_model(model, tmp_path / model.cfg.positional_embedding_type)
-        want = read_manifest(tmp_path / model.cfg.positional_embedding_type)["sha256"]  # sha256 of the file
-        assert isae.model_fingerprint(model) == want == isae.model_fingerprint(model, cache=False)
+        loaded = load_model(save_model(model, tmp_path / model.cfg.positional_embedding_type))
+        assert weights_fingerprint(loaded) == weights_fingerprint(model) == weights_fingerprint(model, cache=False)
     # train() records it; a twin with the same weights has it, an in-place edit changes it (memo invalidated)
-    assert trained[0].sae.cfg.metadata.model_sha256 == isae.model_fingerprint(gpt2_model)
+    assert trained[0].sae.cfg.metadata.model_weights == weights_fingerprint(gpt2_model)
     twin = _twin(gpt2_model, perturb=False)
-    assert isae.model_fingerprint(twin) == isae.model_fingerprint(gpt2_model)
+    assert weights_fingerprint(twin) == weights_fingerprint(gpt2_model)
     with torch.no_grad():
         twin.W_E[0, 0] += 1e-3
-    assert isae.model_fingerprint(twin) == isae.model_fingerprint(twin, cache=False) != isae.model_fingerprint(gpt2_model)
+    assert weights_fingerprint(twin) == weights_fingerprint(twin, cache=False) != weights_fingerprint(gpt2_model)
     # the fingerprint survives save / load of the SAE (cfg.json and the manifest)
     path = isae.save(trained[0].sae, tmp_path / "s")
-    assert isae.read_manifest(path)["model_sha256"] == isae.model_fingerprint(gpt2_model)
-    assert isae.load(path).cfg.metadata.model_sha256 == isae.model_fingerprint(gpt2_model)
+    assert isae.read_manifest(path)["model_weights"] == weights_fingerprint(gpt2_model)
+    assert isae.load(path).cfg.metadata.model_weights == weights_fingerprint(gpt2_model)
 
 
 def _uses(model, up, down, toks):
@@ -605,7 +605,7 @@ def test_every_sae_use_checks_the_model(gpt2_model, trained):
     other = _twin(gpt2_model, perturb=True)
     toks = _tokens(6, 8, 29)
     for name, use in _uses(other, trained[0].sae, trained[1].sae, toks).items():
-        with pytest.raises(isae.SAEMismatchError, match=r"SAE model: expected weights with sha256 .*, got .*"
+        with pytest.raises(isae.SAEMismatchError, match=r"SAE model: expected weights with fingerprint .*, got .*"
                                                         r"allow_mismatch=True"):
             use()
         print(f"{name}: raises")
@@ -634,7 +634,7 @@ def _relabelled(sae, model, hook=None):
     import copy
 
     out = copy.deepcopy(sae)
-    out.cfg.metadata.model_sha256 = isae.model_fingerprint(model)
+    out.cfg.metadata.model_weights = weights_fingerprint(model)
     if hook is not None:
         out.cfg.metadata.hook_name = hook
     return out
@@ -687,11 +687,10 @@ def test_multihop_sae_is_checked_and_its_ce_score_names_its_targets(multihop_par
     hook of the same width; its CE score is reported per target set, and the manifest's numbers
     (quoted in data/sae/README.md and the README) are those of a fresh evaluation on the same
     held-out prompts."""
-    from interp.models import read_manifest
     from interp.sae.commands import _target_sets, organism_data
 
     model, sae = multihop_parts
-    assert sae.cfg.metadata.model_sha256 == isae.model_fingerprint(model) == read_manifest("organism:multihop")["sha256"]
+    assert sae.cfg.metadata.model_weights == weights_fingerprint(model) == weights_fingerprint(model, cache=False)
     manifest = isae.read_manifest(f"sae:{MULTIHOP_SAE}")
     toks, answers, _ = organism_data("multihop", manifest["data"]["n_eval"], manifest["data"]["eval_seed"])
     with pytest.raises(isae.SAEMismatchError, match="SAE hook: expected blocks.0.hook_resid_post"):

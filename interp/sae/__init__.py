@@ -11,7 +11,7 @@ this package adds what an investigation needs:
 - `evaluate`: variance explained, L0, dead/dense fractions, CE loss recovered when spliced in,
   per named target set (next-token, answer position, ...);
 - `check_sae`: every call that uses an SAE with a model first checks the SAE's recorded hook,
-  model weights (`model_fingerprint`) and width, and raises `SAEMismatchError` on a mismatch
+  model weights (`interp.models.weights_fingerprint`) and width, and raises `SAEMismatchError` on a mismatch
   (``allow_mismatch=True`` overrides the hook and model checks);
 - `trace`: top-activating contexts and direct logit effects; `attribute` (activation x gradient)
   with `check_attribution` (exact ablation); `ablate`; `steer`; `feature_graph` (cross-layer
@@ -22,7 +22,7 @@ Caveat: attribution is a first-order estimate; always look at its correlation wi
 ablation before trusting a ranking.
 """
 
-from interp.sae.checks import SAEMismatchError, check_sae, model_fingerprint
+from interp.sae.checks import SAEMismatchError, check_sae
 from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
 from interp.sae.dashboard import feature_dashboard, write_dashboards
 from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice
@@ -62,7 +62,7 @@ __all__ = [
     "LabelFeatureTest", "Metric", "PlantedConfig", "PlantedResult", "SAEEval", "SAELoadError", "SAEMismatchError", "Steering", "TrainConfig",
     "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution", "check_sae",
     "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_dashboard",
-    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff", "model_fingerprint",
+    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff",
     "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steer_label", "steering_curve", "trace",
     "train", "train_on_batches", "write_dashboards",
 ]

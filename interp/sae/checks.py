@@ -6,9 +6,9 @@ runs without any error and returns plausible numbers (e.g. variance explained 0.
 SAE with a model goes through `check_sae`, which compares
 
 - the hook: the one the SAE records (``sae.cfg.metadata.hook_name``) with the one asked for;
-- the model: the weight fingerprint the SAE records (``metadata.model_sha256``, written by
-  `interp.sae.train`, or the ``model_sha256`` of a saved SAE's manifest) with `model_fingerprint`
-  of the model passed in;
+- the model: the weight fingerprint the SAE records (``metadata.model_weights``, written by
+  `interp.sae.train`, or the ``model_weights`` of a saved SAE's manifest) with
+  `interp.models.weights_fingerprint` of the model passed in (exact; memoised per model object);
 - the width: the SAE's ``d_in`` with the activation width at the hook (from the architecture;
   a one-token forward pass for unusual hooks).
 
@@ -16,65 +16,29 @@ A hook or model mismatch raises `SAEMismatchError` unless ``allow_mismatch=True`
 runs exactly as an unchecked one would); a width mismatch always raises, since nothing can run.
 SAEs that record no fingerprint (sae-lens pretrained releases) are checked for hook and width only.
 
-`model_fingerprint` is the sha256 of the weights serialised exactly as `interp.save_model` writes
-them (safetensors ``save_model``: shared tensors dropped, contiguous), so it equals the ``sha256``
-in a saved model's manifest. It depends on the weights and their dtype, not on the device.
-Serialising costs about one pass over the weights (about 50 ms for the organisms), so the digest
-is memoised per model object (weakly) and recomputed when any weight tensor is replaced or
-modified in place (its version counter moves). Caveat: writes through ``param.data`` bypass the
-version counter; after such an edit pass a fresh model object (or call `model_fingerprint` with
-``cache=False``).
+SAEs saved before fingerprints were recorded under ``model_weights`` are checked for hook and
+width only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import weakref
 from typing import Any
 
 import torch
 from sae_lens import SAE
-from safetensors.torch import _remove_duplicate_names, save
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node
 from interp.hooks import hook_layer, resolve_hook
+from interp.models import weights_fingerprint
 
-# model -> (state signature, sha256); weak keys, so a memo never keeps a model alive
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+# the metadata / manifest key holding the fingerprint of the model an SAE was trained on
+MODEL_KEY = "model_weights"
 
 
 class SAEMismatchError(ValueError):
     """An SAE used with another model, at another hook, or with activations of another width."""
-
-
-def _state_signature(model: torch.nn.Module) -> tuple:
-    return tuple((k, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
-                 for k, t in model.state_dict(keep_vars=True).items())
-
-
-def model_fingerprint(model: torch.nn.Module, *, cache: bool = True) -> str:
-    """sha256 of `model`'s weights as `interp.save_model` writes them (equals its manifest's sha256)."""
-    sig = _state_signature(model) if cache else None
-    if cache:
-        hit = _FINGERPRINTS.get(model)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-    # mirrors safetensors.torch.save_model, so the bytes are those of the saved checkpoint
-    state = model.state_dict()
-    metadata: dict[str, str] | None = None
-    for kept, removed in _remove_duplicate_names(state).items():
-        for name in removed:
-            metadata = metadata or {}
-            metadata.setdefault(name, kept)
-            del state[name]
-    with torch.inference_mode():
-        digest = hashlib.sha256(save({k: v.detach().contiguous() for k, v in state.items()},
-                                     metadata=metadata)).hexdigest()
-    if cache:
-        _FINGERPRINTS[model] = (sig, digest)
-    return digest
 
 
 _D_MODEL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
@@ -116,7 +80,7 @@ def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None
     """The hook name at which `sae` reads `model`, after checking hook, model and width.
 
     `hook` defaults to the SAE's recorded hook. Raises `SAEMismatchError` when `hook` differs from
-    the recorded one, or the model's weight fingerprint differs from the recorded ``model_sha256``
+    the recorded one, or the model's weight fingerprint differs from the recorded ``model_weights``
     (both skipped with ``allow_mismatch=True``), and always when the activation width at the hook
     is not the SAE's ``d_in``.
     """
@@ -131,13 +95,13 @@ def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None
             f"SAE hook: expected {recorded} (the hook the SAE was trained on), got {name}; an SAE read at another "
             f"hook returns plausible but meaningless numbers: drop the hook argument, use an SAE trained at "
             f"{name}, or pass allow_mismatch=True to read it there anyway")
-    want = sae.cfg.metadata.get("model_sha256")
+    want = sae.cfg.metadata.get(MODEL_KEY)
     if not allow_mismatch and want is not None:
-        got = model_fingerprint(model)
+        got = weights_fingerprint(model)
         if got != want:
             trained_on = sae.cfg.metadata.model_name
             raise SAEMismatchError(
-                f"SAE model: expected weights with sha256 {want[:12]}... (the model the SAE was trained on"
+                f"SAE model: expected weights with fingerprint {want[:12]}... (the model the SAE was trained on"
                 + (f", {trained_on}" if trained_on else "") + f"), got {got[:12]}... ({model.cfg.model_name}, "
                 f"{model.cfg.dtype}); another model, retrained weights or another dtype make the SAE's numbers "
                 f"meaningless: load the model it was trained on, retrain the SAE, or pass allow_mismatch=True")
@@ -149,4 +113,4 @@ def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None
     return name
 
 
-__all__ = ["SAEMismatchError", "check_sae", "model_fingerprint"]
+__all__ = ["MODEL_KEY", "SAEMismatchError", "check_sae"]

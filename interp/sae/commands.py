@@ -131,7 +131,7 @@ def train_cmd(
         eval_toks = toks[-n_eval:]
     ev = evaluate(m, res.sae, eval_toks, targets=_target_sets(eval_toks, targets), positions=positions)
     manifest = {
-        "model": model, "model_sha256": res.sae.cfg.metadata.get("model_sha256"), "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
+        "model": model, "model_weights": res.sae.cfg.metadata.get("model_weights"), "hook_name": res.hook_name, "train_config": cfg.to_dict(), "positions": positions,
         "data": {"source": str(tokens) if tokens else f"{model} dataset", "n_prompts": n_prompts, "seed": seed,
                  "eval_seed": seed + 1_000_003, "n_eval": n_eval},
         "training_seconds": round(res.seconds, 2), "steps": res.steps, "eval": ev.values,

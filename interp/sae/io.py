@@ -2,9 +2,9 @@
 
 A saved SAE directory is exactly sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``,
 readable by ``sae_lens.SAE.load_from_disk``) plus a toolkit ``manifest.json`` holding training
-facts, evaluation numbers, the sha256 of the weights (checked on load) and ``model_sha256``, the
-fingerprint of the model the SAE was trained on (`interp.sae.checks.model_fingerprint`). `load`
-puts that fingerprint into ``sae.cfg.metadata.model_sha256``, so every call that uses the SAE with
+facts, evaluation numbers, the sha256 of the weights (checked on load) and ``model_weights``, the
+fingerprint of the model the SAE was trained on (`interp.models.weights_fingerprint`). `load`
+puts that fingerprint into ``sae.cfg.metadata.model_weights``, so every call that uses the SAE with
 a model checks it (`interp.sae.checks.check_sae`).
 
 ``load("sae:NAME")`` reads ``data/sae/NAME``; ``load(path)`` a local directory;
@@ -69,7 +69,7 @@ def save(sae: SAE, path: str | Path, *, manifest: dict[str, Any] | None = None, 
         facts.setdefault("d_in", sae.cfg.d_in)
         facts.setdefault("d_sae", sae.cfg.d_sae)
         facts.setdefault("hook_name", sae.cfg.metadata.hook_name)
-        facts.setdefault("model_sha256", sae.cfg.metadata.get("model_sha256"))
+        facts.setdefault("model_weights", sae.cfg.metadata.get("model_weights"))
         write_json_atomic(tmp / MANIFEST, facts)
     return path
 
@@ -126,8 +126,8 @@ def load(spec: str | Path, *, sae_id: str | None = None, device: str | torch.dev
             sae = SAE.load_from_disk(d, device=str(device or "cpu"), dtype=dtype_str)
         except Exception as e:
             raise SAELoadError(f"SAE directory {d}: loading failed: {type(e).__name__}: {e}") from e
-        if manifest.get("model_sha256") and "model_sha256" not in sae.cfg.metadata:
-            sae.cfg.metadata.model_sha256 = manifest["model_sha256"]  # the model it was trained on
+        if manifest.get("model_weights") and "model_weights" not in sae.cfg.metadata:
+            sae.cfg.metadata.model_weights = manifest["model_weights"]  # the model it was trained on
         return sae.eval()
     return _load_release(s, sae_id, device=str(device or "cpu"), dtype=dtype_str or "float32")
 

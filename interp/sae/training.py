@@ -5,7 +5,7 @@ training SAE classes: topk, batchtopk, standard, jumprelu, ...). This module onl
 an iterator of activation batches (from a model run over tokens, or from a toolkit store), picks
 CPU-sized defaults, and returns the *inference* SAE (norm scaling and decoder norms folded in by
 sae-lens's own `save_inference_model`), with the hook and model recorded in its metadata: the
-model's name and, when trained from a model, its weight fingerprint (``model_sha256``, see
+model's name and, when trained from a model, its weight fingerprint (``model_weights``, see
 `interp.sae.checks`), which every later use of the SAE with a model is checked against.
 
 TopK SAEs (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") are the default: L0 is
@@ -33,7 +33,7 @@ from transformer_lens import HookedTransformer
 
 from interp.configs import from_dict
 from interp.graph import Node
-from interp.sae.checks import model_fingerprint
+from interp.models import weights_fingerprint
 from interp.sae.data import ActivationBatches, ChunkSource, collect_activations, hook_name_of, source_of
 from interp.tokens import Batch
 
@@ -132,19 +132,19 @@ def train(
         chunk_source: ChunkSource = source_of(acts, batch_size=config.batch_size)
         device, dtype = model.cfg.device, model.cfg.dtype
         model_name = model_name or model.cfg.model_name
-        model_sha256: str | None = model_fingerprint(model)
+        model_weights: str | None = weights_fingerprint(model)
     else:
         name = hook.hook_name if isinstance(hook, Node) else hook
         chunk_source = source_of(data, hook=name, batch_size=config.batch_size)
         device, dtype = None, None
-        model_sha256 = None
+        model_weights = None
     batches = ActivationBatches(chunk_source, config.batch_size, seed=config.seed)
     first = next(batches)
     d_in = int(first.shape[-1])
     device = device or first.device
     dtype = dtype or first.dtype
     return train_on_batches(_prepend(first, batches), d_in, config, hook_name=name, model_name=model_name,
-                            model_sha256=model_sha256, device=device, dtype=dtype)
+                            model_weights=model_weights, device=device, dtype=dtype)
 
 
 def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
@@ -159,18 +159,18 @@ def train_on_batches(
     *,
     hook_name: str | None = None,
     model_name: str | None = None,
-    model_sha256: str | None = None,
+    model_weights: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train an SAE with sae-lens's `SAETrainer` on an iterator of [batch_size, d_in] batches.
 
-    `model_sha256` (`interp.sae.checks.model_fingerprint` of the model the batches come from) is
+    `model_weights` (`interp.models.weights_fingerprint` of the model the batches come from) is
     recorded in the SAE's metadata, so using the SAE with another model raises."""
     sae_cls, cfg_cls = get_sae_training_class(config.architecture)
     metadata = SAEMetadata(hook_name=hook_name, model_name=model_name)
-    if model_sha256 is not None:
-        metadata.model_sha256 = model_sha256
+    if model_weights is not None:
+        metadata.model_weights = model_weights
     sae_cfg = cfg_cls(
         d_in=d_in,
         d_sae=config.d_sae,
