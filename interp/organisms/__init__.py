@@ -25,15 +25,14 @@ import platform
 from importlib.metadata import version as _version
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.models import config_to_dict, load_model, organisms_dir, save_model
-from interp.organisms.base import Criterion, check, failures
-from interp.organisms.training import TrainLog
-from interp.tokens import VocabTokenizer
+    from interp.organisms.base import Criterion
+    from interp.organisms.training import TrainLog
+    from interp.tokens import VocabTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,8 @@ def train(name: str, steps: int | None = None, seed: int = 0, progress: bool = T
 def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed: int = 1,
              name: str | None = None) -> dict[str, Any]:
     """Metrics of a shipped organism (by name) or of a model (then pass the organism `name`)."""
+    from interp.models import load_model
+
     if isinstance(name_or_model, str):
         name = name_or_model
         model = load_model(f"organism:{name}")
@@ -108,6 +109,11 @@ def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed:
 def manifest(name: str, model_log: TrainLog, metrics: dict[str, Any],
              model: HookedTransformer | None = None) -> dict[str, Any]:
     """The JSON manifest facts for a trained organism (save_model adds the sha256)."""
+    import torch
+
+    from interp.models import config_to_dict
+    from interp.organisms.base import check, failures
+
     org = get(name)
     return {
         "organism": name,
@@ -138,6 +144,9 @@ def train_and_save(name: str, steps: int | None = None, seed: int = 0, out: str 
     A model that misses its acceptance criteria is not saved (unless `save_failed`) and raises
     `AcceptanceError` listing what failed, so a bad run never replaces a shipped checkpoint.
     """
+    from interp.models import organisms_dir, save_model
+    from interp.organisms.base import failures
+
     org = get(name)
     model, train_log = train(name, steps=steps, seed=seed, progress=progress)
     metrics = evaluate(model, n=eval_n, name=name)
