@@ -101,7 +101,7 @@ def test_bootstrap_rejects_bad_input():
     with pytest.raises(ValueError, match="0 < alpha < 1"):
         bootstrap(torch.tensor([1.0, 2.0]), alpha=1.0)
     with pytest.raises(ValueError, match="shape"):
-        bootstrap_many(torch.tensor([1.0, 2.0]))
+        bootstrap_many(torch.tensor([[1.0, 2.0]]))  # one example
 
 
 def test_normalised_effect_closed_form_and_zero_denominator():
