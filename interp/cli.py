@@ -1,15 +1,28 @@
-"""The `interp` command: models, caching, organisms, SAEs, investigations and the demo."""
+"""The `interp` command: models, caching, organisms, SAEs, investigations and the demo.
+
+Start-up is cheap: this module imports no subpackage at import time (torch and TransformerLens
+take ~10 s to import on a shared CPU), the `organisms`, `sae` and `run` groups are imported only
+when invoked, and each command imports what it needs inside its function.
+
+Errors: a validation error raised by interp's own code (`ValueError`, `TypeError`,
+`FileNotFoundError`, or one of its exception types) is printed as one line; anything else — a
+real bug, or an error from deep inside torch — keeps its traceback. `--debug` (anywhere on the
+command line) or `INTERP_DEBUG=1` shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
+from types import TracebackType
 
+import click
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="interp: mechanistic interpretability on hooked transformers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -23,20 +36,39 @@ def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _mount(module: str, name: str, help_text: str) -> None:
-    """Mount a sub-app owned by a subpackage, if that subpackage is present."""
-    try:
-        sub = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return
-        raise
-    app.add_typer(sub.app, name=name, help=help_text)
+class _LazyGroup(click.Command):
+    """A sub-app owned by a subpackage, listed by name and help, imported only when invoked."""
+
+    def __init__(self, name: str, module: str, help_text: str) -> None:
+        super().__init__(name, help=help_text, short_help=help_text)
+        self.module = module
+
+    def _load(self) -> click.Command:
+        cmd = typer.main.get_command(importlib.import_module(self.module).app)
+        cmd.name, cmd.help = self.name, cmd.help or self.help
+        return cmd
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: object) -> click.Context:
+        return self._load().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+
+
+SUBAPPS = (("organisms", "interp.organisms.commands", "Train, evaluate and list the model organisms."),
+           ("sae", "interp.sae.commands", "Train and evaluate sparse autoencoders."),
+           ("run", "interp.cli_run", "Run a hypothesis investigation."))
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error "
+                                                              "(or set INTERP_DEBUG=1)")) -> None:
+    """interp: mechanistic interpretability on hooked transformers."""
 
 
 @app.command("models")
 def models_cmd() -> None:
     """List the shipped organisms and example pretrained names."""
+    from rich.table import Table
+
     from interp.models import list_organisms, read_manifest
 
     table = Table(title="Shipped organisms (load with organism:NAME)")
@@ -128,21 +160,44 @@ def probe_sweep_cmd(ctx: typer.Context) -> None:
     os.execv(exe_path, [exe_path, "sweep", *ctx.args])
 
 
-def main() -> None:
-    _mount("interp.organisms.commands", "organisms", "Train, evaluate and list the model organisms.")
-    _mount("interp.sae.commands", "sae", "Train and evaluate sparse autoencoders.")
-    _mount("interp.hypotheses.commands", "run", "Run a hypothesis investigation.")
-    try:
-        app()
-    except Exception as e:  # a clear one-line error for known failure kinds, not a stack trace
-        from interp.hooks import HookError
-        from interp.models import ModelLoadError
-        from interp.store import StoreError
+def _ours(tb: TracebackType | None) -> bool:
+    """True when the innermost frame of a traceback is interp's own code (its validation)."""
+    here = Path(__file__).resolve().parent
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(here)
 
-        if isinstance(e, (ModelLoadError, StoreError, HookError, ValueError, TypeError, FileNotFoundError)):
-            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-            raise SystemExit(2) from None
-        raise
+
+def _one_line(e: BaseException) -> bool:
+    """Is `e` an error we raised on purpose (one line), rather than a bug (a traceback)?"""
+    kinds = {"ModelLoadError": "interp.models", "StoreError": "interp.store", "HookError": "interp.hooks"}
+    for kind, module in kinds.items():  # only when already imported: checking must not import torch
+        cls = getattr(sys.modules.get(module), kind, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return isinstance(e, (ValueError, TypeError, FileNotFoundError)) and _ours(e.__traceback__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("INTERP_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    for name, module, help_text in SUBAPPS:
+        command.add_command(_LazyGroup(name, module, help_text))  # type: ignore[attr-defined]
+    try:
+        command.main([a for a in args if a != "--debug"], prog_name="interp")
+    except Exception as e:
+        if debug or not _one_line(e):
+            raise
+        from rich.text import Text
+
+        err = Console(stderr=True, soft_wrap=True)
+        err.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+        err.print("(run with --debug or INTERP_DEBUG=1 for the traceback)", markup=False, highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

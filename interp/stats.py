@@ -1,4 +1,4 @@
-"""Uncertainty and baselines: bootstrap confidence intervals and permutation tests.
+"""Uncertainty: percentile-bootstrap confidence intervals and the normalised effect.
 
 Every accuracy, R^2 or effect the toolkit reports carries a percentile bootstrap interval over
 *examples* (Efron & Tibshirani 1993), resampled with an explicit seed so results reproduce.
@@ -64,7 +64,7 @@ def bootstrap(
     vt = v.mT if v.ndim == 2 else v  # [..., n]
     point = float(statistic(vt))
     boots = statistic(vt[..., idx].movedim(-2, 0) if v.ndim == 2 else v[idx])
-    lo, hi = torch.quantile(boots.float(), torch.tensor([alpha / 2, 1 - alpha / 2])).tolist()
+    lo, hi = torch.quantile(boots.double(), torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
     return Estimate(point, lo, hi)
 
 
@@ -80,24 +80,6 @@ def bootstrap_many(
     boots = v[idx].mean(dim=1)  # [n_boot, m]
     q = torch.quantile(boots, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64), dim=0)
     return v.mean(dim=0), q[0], q[1]
-
-
-def permutation_pvalue(
-    a: Float[Tensor, "n"], b: Float[Tensor, "m"], *, n_perm: int = 2000, seed: int = 0
-) -> float:
-    """Two-sided permutation p-value for a difference in means between samples `a` and `b`."""
-    a = torch.as_tensor(a, dtype=torch.float64).flatten()
-    b = torch.as_tensor(b, dtype=torch.float64).flatten()
-    if a.numel() < 1 or b.numel() < 1:
-        raise ValueError(f"permutation_pvalue: expected non-empty samples, got sizes {a.numel()}, {b.numel()}")
-    pooled = torch.cat([a, b])
-    observed = (a.mean() - b.mean()).abs()
-    g = torch.Generator().manual_seed(seed)
-    perms = torch.argsort(torch.rand(n_perm, pooled.numel(), generator=g), dim=1)
-    pa = pooled[perms[:, : a.numel()]].mean(dim=1)
-    pb = pooled[perms[:, a.numel():]].mean(dim=1)
-    extreme = ((pa - pb).abs() >= observed - 1e-12).sum().item()
-    return (extreme + 1) / (n_perm + 1)
 
 
 def normalised_effect(patched: Tensor, corrupted: Tensor | float, clean: Tensor | float,

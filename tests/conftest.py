@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny random-initialised models of both families."""
+"""Shared fixtures: tiny random-initialised models of both families, and one demo run per session."""
 
 from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +67,33 @@ def any_model(request, gpt2_model, llama_model) -> HookedTransformer:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------- the demo, run once per session
+
+@dataclass(frozen=True)
+class DemoRun:
+    """The five investigations on the shipped organisms (fast sizes), run once for the whole
+    suite: test_demo checks the report and its JSON, test_hypotheses the typed results."""
+
+    results: dict
+    report: Path
+    summary: dict
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    from rich.console import Console
+
+    from interp.demo import run_demo, run_investigations
+    from interp.hypotheses.run import Sizes
+    from interp.models import list_organisms
+
+    missing = {"multihop", "planning", "induction", "retrieval-learned", "retrieval-rotary",
+               "retrieval-nope"} - set(list_organisms())
+    if missing:  # a shipped checkpoint that is missing is a failure, not a skip
+        pytest.fail(f"shipped organisms missing: {sorted(missing)} (train with `interp organisms train NAME`)")
+    results = run_investigations(Sizes.fast(), console=Console(file=io.StringIO()))
+    out = tmp_path_factory.mktemp("demo") / "demo.html"
+    run_demo(out, fast=True, results=results)
+    return DemoRun(results, out, json.loads(out.with_suffix(".json").read_text()))

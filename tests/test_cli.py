@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
+from interp import cli
 from interp.models import save_model
 from interp.store import open_store
 
@@ -24,6 +28,77 @@ def test_help_lists_commands():
     out = interp("--help").stdout
     for cmd in ("models", "cache", "demo", "organisms", "sae", "run"):
         assert cmd in out, cmd
+
+
+# What `interp ... --help` may not import: it would cost ~10 s of start-up on a shared CPU.
+HEAVY = ("torch", "transformer_lens", "sae_lens", "pandas", "plotly", "sklearn")
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["interp", *sys.argv[1:]]
+try:
+    runpy.run_module("interp.cli", run_name="__main__")
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["cache", "--help"], ["demo", "--help"],
+                                  ["probe-sweep", "--help"], ["organisms", "--help"], ["organisms", "train", "--help"],
+                                  ["sae", "--help"], ["sae", "train", "--help"], ["run", "--help"],
+                                  ["run", "decay", "--help"]], ids=" ".join)
+def test_help_imports_no_torch(argv):
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", HELP_PROBE.format(heavy=HEAVY), *argv], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    print(f"interp {' '.join(argv)}: {time.perf_counter() - t0:.2f} s")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+    assert "Usage: interp" in res.stdout
+
+
+@pytest.mark.parametrize("module", ["interp", "interp.sae"])
+def test_lazy_public_names_resolve(module):
+    m = importlib.import_module(module)
+    assert set(m._LAZY) == set(m.__all__)  # a name added to __all__ needs its module in _LAZY
+    for name in m.__all__:
+        assert getattr(m, name) is getattr(importlib.import_module(m._LAZY[name]), name), name
+        assert name in dir(m)
+    with pytest.raises(AttributeError):
+        m.not_a_name  # noqa: B018
+
+
+def test_errors_from_interp_are_one_line_bugs_keep_their_traceback(gpt2_model, tmp_path, monkeypatch, capsys):
+    import interp.cache
+
+    model_dir = save_model(gpt2_model, tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"tokens": [1, 2]}\n')
+    argv = ["cache", str(model_dir), str(data), "--hooks", "blocks.0.hook_resid_pots", "--out", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as e:  # interp's own validation: one line, exit 2
+        cli.main(argv)
+    assert e.value.code == 2 and "closest" in capsys.readouterr().err
+    with pytest.raises(Exception, match="closest") as e:  # --debug: the exception itself, traceback and all
+        cli.main(["--debug", *argv])
+    assert not isinstance(e.value, SystemExit)
+    monkeypatch.setenv("INTERP_DEBUG", "1")
+    with pytest.raises(Exception, match="closest"):
+        cli.main(argv)
+    monkeypatch.delenv("INTERP_DEBUG")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a ValueError raised outside interp's code is a bug, not a validation message")
+
+    monkeypatch.setattr(interp.cache, "collect", bug)
+    with pytest.raises(ValueError, match="is a bug"):
+        cli.main(argv)
+
+    def key_error(*args, **kwargs):
+        return {}["missing"]
+
+    monkeypatch.setattr(interp.cache, "collect", key_error)
+    with pytest.raises(KeyError):
+        cli.main(argv)
 
 
 def test_cache_command_builds_a_store(gpt2_model, tmp_path):

@@ -258,12 +258,12 @@ def test_routes_on_random_model_claims_nothing(gpt2_model):
 
 # ------------------------------------------------------------------------------- organisms' ground truth
 
-@pytest.fixture(scope="module")
-def multihop_result():
-    need("multihop")
-    from interp.hypotheses import run
+# The five demo investigations run once per session (conftest.demo_run, fast sizes); the tests
+# below read their typed results rather than re-running them.
 
-    return run.run_multihop(n=200)
+@pytest.fixture(scope="module")
+def multihop_result(demo_run):
+    return demo_run.results["multihop"]
 
 
 def test_multihop_bridge_decodable_and_interchange_moves_answer(multihop_result):
@@ -300,11 +300,8 @@ def test_multihop_on_random_model_claims_nothing():
     assert not r.clean_shows_behaviour and all(v is None for v in r.decodable_from.values())
 
 
-def test_last_token_multihop_knockout_profile():
-    need("multihop")
-    from interp.hypotheses import run
-
-    r = run.run_last_token("organism:multihop", n=160)
+def test_last_token_multihop_knockout_profile(demo_run):
+    r = demo_run.results["last-token"]
     L = len(r.layers) - 1
     assert r.verdict.supported, r.verdict
     assert torch.equal(r.knockout[L].kl, torch.zeros_like(r.knockout[L].kl))  # nothing blocked: KL exactly 0
@@ -315,21 +312,15 @@ def test_last_token_multihop_knockout_profile():
     assert float(r.transplant[r.sufficient_from].correct.mean()) > 0.9
 
 
-def test_plan_ahead_future_tokens():
-    need("planning")
-    from interp.hypotheses import run
-
-    r = run.run_plan_ahead(n=200)
+def test_plan_ahead_future_tokens(demo_run):
+    r = demo_run.results["plan-ahead"]
     assert r.verdict.supported, r.verdict
     assert r.clean_shows_behaviour and r.clean.low > 0.9 and r.baseline_clean.high < 0.2
     assert not r.lens.beats_bigram(2) == []
 
 
-def test_induction_copy_travels_by_the_k_route():
-    need("induction")
-    from interp.hypotheses import run
-
-    r = run.run_routes(n=16)
+def test_induction_copy_travels_by_the_k_route(demo_run):
+    r = demo_run.results["routes"]
     assert r.verdict.supported, r.verdict
     by = {x.name: x for x in r.routes}
     k, v = by["joint -> L1 (k)"], by["joint -> L1 (v)"]
@@ -349,11 +340,8 @@ def test_last_token_knockout_above_layer_0_destroys_retrieval():
     assert torch.equal(r.knockout[-1].kl, torch.zeros_like(r.knockout[-1].kl))
 
 
-def test_decay_schemes_differ_and_nope_learns_position():
-    need("retrieval-learned", "retrieval-rotary", "retrieval-nope")
-    from interp.hypotheses import run
-
-    r = run.run_decay(n_per=12)
+def test_decay_schemes_differ_and_nope_learns_position(demo_run):
+    r = demo_run.results["decay"]
     assert r.verdict.supported and "differ" in r.verdict.sentence, r.verdict
     nope, learned = r.models["retrieval-nope"], r.models["retrieval-learned"]
     # by construction the NoPE embedding carries no position (R^2 ~ 0 at layer 0); attention

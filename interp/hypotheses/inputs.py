@@ -79,7 +79,8 @@ def _first_token(tok: Tokenizer, word: str) -> int:
     return ids[1] if isinstance(tok, HFTokenizer) and tok.prepend_bos and len(ids) > 1 else ids[0]
 
 
-def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | None = None) -> TwoHopInputs:
+def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | None = None,
+                    min_prompts: int = 20) -> TwoHopInputs:
     """GPT-2-style prompts from data/prompts/twohop_gpt2.jsonl, kept at their modal token length
     (the investigations read fixed positions); partners share the relation and length but not
     the bridge."""
@@ -88,16 +89,28 @@ def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | 
     enc = [tok.encode(r["text"]) for r in recs]
     length = Counter(len(e) for e in enc).most_common(1)[0][0]
     keep = [i for i, e in enumerate(enc) if len(e) == length]
+    # Labels are first tokens (what the model predicts next). A multi-token name's first token
+    # can be shared by another entity (" New" York / Jersey): such a label would merge two
+    # bridges into one probe class and let a partner "switch" the answer for free, so prompts
+    # whose bridge or answer shares its first token with another entity are left out.
+    first = {w: _first_token(tok, w) for i in keep for w in (recs[i]["bridge"], recs[i]["answer"])}
+    owners: dict[tuple[str, int], set[str]] = {}
+    for i in keep:
+        for field in ("bridge", "answer"):
+            owners.setdefault((field, first[recs[i][field]]), set()).add(recs[i][field])
+    keep = [i for i in keep if all(len(owners[(f, first[recs[i][f]])]) == 1 for f in ("bridge", "answer"))]
     g = torch.Generator().manual_seed(seed)
     rows, partners = [], []
     for i in keep:
-        cands = [j for j in keep if recs[j]["relation"] == recs[i]["relation"] and recs[j]["bridge"] != recs[i]["bridge"]]
+        cands = [j for j in keep if recs[j]["relation"] == recs[i]["relation"] and recs[j]["bridge"] != recs[i]["bridge"]
+                 and first[recs[j]["answer"]] != first[recs[i]["answer"]]]
         if cands:
             rows.append(i)
             partners.append(cands[int(torch.randint(len(cands), (1,), generator=g))])
-    if len(rows) < 20:
-        raise ValueError(f"two-hop prompt set: expected at least 20 prompts of one token length with partners, got "
-                         f"{len(rows)} at length {length}; add prompts to data/prompts/twohop_gpt2.jsonl")
+    if len(rows) < min_prompts:
+        raise ValueError(f"two-hop prompt set: expected at least {min_prompts} prompts of one token length with partners and "
+                         f"unambiguous first tokens, got {len(rows)} at length {length}; add prompts to "
+                         f"data/prompts/twohop_gpt2.jsonl")
     t = torch.tensor([enc[i] for i in rows])
     return TwoHopInputs(
         tokens=t, bridge=torch.tensor([_first_token(tok, recs[i]["bridge"]) for i in rows]),

@@ -40,6 +40,12 @@ class Sizes:
     def fast() -> Sizes:
         return Sizes(multihop=160, plan=200, decay_per_distance=12, last_token=160, routes=8)
 
+    @staticmethod
+    def smoke() -> Sizes:
+        """The notebooks' fast mode (INTERP_FAST=1, under the tests): only that every cell runs
+        and draws; the findings themselves are checked once per suite on the demo's run."""
+        return Sizes(multihop=64, plan=64, decay_per_distance=4, last_token=48, routes=4)
+
 
 def _load(spec: str) -> HookedTransformer:
     model = load_model(spec)

@@ -25,16 +25,14 @@ import platform
 from importlib.metadata import version as _version
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.atomic import check_destination
-from interp.models import MODEL_DIR, config_to_dict, load_model, organisms_dir, save_model
-from interp.organisms.base import Criterion, check, failures
-from interp.organisms.training import TrainLog
-from interp.tokens import VocabTokenizer
+    from interp.organisms.base import Criterion
+    from interp.organisms.training import TrainLog
+    from interp.tokens import VocabTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +87,8 @@ def train(name: str, steps: int | None = None, seed: int = 0, progress: bool = T
 def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed: int = 1,
              name: str | None = None) -> dict[str, Any]:
     """Metrics of a shipped organism (by name) or of a model (then pass the organism `name`)."""
+    from interp.models import load_model
+
     if isinstance(name_or_model, str):
         name = name_or_model
         model = load_model(f"organism:{name}")
@@ -109,6 +109,11 @@ def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed:
 def manifest(name: str, model_log: TrainLog, metrics: dict[str, Any],
              model: HookedTransformer | None = None) -> dict[str, Any]:
     """The JSON manifest facts for a trained organism (save_model adds the sha256)."""
+    import torch
+
+    from interp.models import config_to_dict
+    from interp.organisms.base import check, failures
+
     org = get(name)
     return {
         "organism": name,
@@ -141,6 +146,10 @@ def train_and_save(name: str, steps: int | None = None, seed: int = 0, out: str 
     An existing model directory at `out` (a shipped checkpoint included) is replaced only with
     `overwrite=True`; that, and a folder that is not a model, is refused before training.
     """
+    from interp.atomic import check_destination
+    from interp.models import MODEL_DIR, organisms_dir, save_model
+    from interp.organisms.base import failures
+
     org = get(name)
     dest = Path(out) if out else organisms_dir() / name
     check_destination(dest, MODEL_DIR, overwrite=overwrite)

@@ -20,42 +20,100 @@ this package adds what an investigation needs:
 
 Caveat: attribution is a first-order estimate; always look at its correlation with exact
 ablation before trusting a ranking.
+
+The names below are imported on first use (PEP 562): `interp sae --help` does not import torch.
 """
 
-from interp.sae.checks import SAEMismatchError, check_sae
-from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
-from interp.sae.dashboard import feature_dashboard, write_dashboards
-from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice
-from interp.sae.io import SAELoadError, list_saes, load, read_manifest, save
-from interp.sae.planted import PlantedConfig, PlantedResult
-from interp.sae.selection import (
-    FeatureSelection,
-    LabelFeatureTest,
-    firing_mutual_information,
-    label_feature_test,
-    select_features,
-    steer_label,
-)
-from interp.sae.tracing import (
-    AttributionCheck,
-    Context,
-    FeatureAttribution,
-    FeatureTrace,
-    Metric,
-    Steering,
-    ablate,
-    answer_logprob,
-    attribute,
-    check_attribution,
-    direct_logit_effect,
-    feature_activations,
-    final_norm_scale,
-    logit_diff,
-    steer,
-    steering_curve,
-    trace,
-)
-from interp.sae.training import TrainConfig, TrainResult, train, train_on_batches
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from interp.sae.checks import SAEMismatchError, check_sae
+    from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
+    from interp.sae.dashboard import feature_dashboard, write_dashboards
+    from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice
+    from interp.sae.io import SAELoadError, list_saes, load, read_manifest, save
+    from interp.sae.planted import PlantedConfig, PlantedResult
+    from interp.sae.selection import (
+        FeatureSelection,
+        LabelFeatureTest,
+        firing_mutual_information,
+        label_feature_test,
+        select_features,
+        steer_label,
+    )
+    from interp.sae.tracing import (
+        AttributionCheck,
+        Context,
+        FeatureAttribution,
+        FeatureTrace,
+        Metric,
+        Steering,
+        ablate,
+        answer_logprob,
+        attribute,
+        check_attribution,
+        direct_logit_effect,
+        feature_activations,
+        final_norm_scale,
+        logit_diff,
+        steer,
+        steering_curve,
+        trace,
+    )
+    from interp.sae.training import TrainConfig, TrainResult, train, train_on_batches
+
+_LAZY = {
+    "CELoss": "interp.sae.evaluation",
+    "SAEMismatchError": "interp.sae.checks",
+    "check_sae": "interp.sae.checks",
+    "AttributionCheck": "interp.sae.tracing",
+    "Context": "interp.sae.tracing",
+    "FeatureAttribution": "interp.sae.tracing",
+    "FeatureGraph": "interp.sae.circuit",
+    "FeatureSelection": "interp.sae.selection",
+    "FeatureTrace": "interp.sae.tracing",
+    "LabelFeatureTest": "interp.sae.selection",
+    "Metric": "interp.sae.tracing",
+    "PlantedConfig": "interp.sae.planted",
+    "PlantedResult": "interp.sae.planted",
+    "SAEEval": "interp.sae.evaluation",
+    "SAELoadError": "interp.sae.io",
+    "Steering": "interp.sae.tracing",
+    "TrainConfig": "interp.sae.training",
+    "TrainResult": "interp.sae.training",
+    "ablate": "interp.sae.tracing",
+    "answer_logprob": "interp.sae.tracing",
+    "attribute": "interp.sae.tracing",
+    "attribute_sources": "interp.sae.circuit",
+    "check_attribution": "interp.sae.tracing",
+    "direct_logit_effect": "interp.sae.tracing",
+    "evaluate": "interp.sae.evaluation",
+    "exact_source_effects": "interp.sae.circuit",
+    "feature_activations": "interp.sae.tracing",
+    "feature_dashboard": "interp.sae.dashboard",
+    "feature_graph": "interp.sae.circuit",
+    "final_norm_scale": "interp.sae.tracing",
+    "firing_mutual_information": "interp.sae.selection",
+    "label_feature_test": "interp.sae.selection",
+    "list_saes": "interp.sae.io",
+    "load": "interp.sae.io",
+    "logit_diff": "interp.sae.tracing",
+    "read_manifest": "interp.sae.io",
+    "reconstruct": "interp.sae.evaluation",
+    "save": "interp.sae.io",
+    "select_features": "interp.sae.selection",
+    "splice": "interp.sae.evaluation",
+    "steer": "interp.sae.tracing",
+    "steer_label": "interp.sae.selection",
+    "steering_curve": "interp.sae.tracing",
+    "trace": "interp.sae.tracing",
+    "train": "interp.sae.training",
+    "train_on_batches": "interp.sae.training",
+    "write_dashboards": "interp.sae.dashboard",
+}
 
 __all__ = [
     "AttributionCheck", "CELoss", "Context", "FeatureAttribution", "FeatureGraph", "FeatureSelection", "FeatureTrace",
@@ -66,3 +124,15 @@ __all__ = [
     "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steer_label", "steering_curve", "trace",
     "train", "train_on_batches", "write_dashboards",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'interp.sae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

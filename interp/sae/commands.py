@@ -16,13 +16,14 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 app = typer.Typer(help="Train and evaluate sparse autoencoders (sae-lens).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -32,6 +33,8 @@ console = Console()
 def _quiet(threads: int) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch  # here, not at import: `interp sae --help` stays fast
+
     # oversubscribed BLAS threads on a shared CPU are far slower than one thread
     torch.set_num_threads(threads)
 
@@ -56,6 +59,8 @@ def load_data(model_spec: str, tokens: Path | None, n: int, seed: int) -> tuple[
 def organism_data(name: str, n: int, seed: int) -> tuple[Tensor, Tensor | None, Any]:
     """An organism's prompts, CE targets (its answers at the query position, when it has them)
     and its tokenizer."""
+    import torch
+
     from interp import organisms
 
     org = organisms.get(name)
@@ -113,6 +118,8 @@ def train_cmd(
 ) -> None:
     """Train an SAE at HOOK of MODEL, evaluate it on held-out prompts, save it with a manifest."""
     _quiet(threads)
+    import torch
+
     from interp.atomic import check_destination
     from interp.models import load_model
     from interp.sae.evaluation import evaluate
