@@ -24,6 +24,7 @@ from interp import probing
 from interp.cache import collect
 from interp.graph import Node
 from interp.hooks import Set, Zero, intervene, run_with_interventions
+from interp.hypotheses import last_token_sufficiency, multihop
 from interp.lens import logit_lens
 from interp.patching import kv_patch, logit_diff, logprob, sweep
 from interp.tokens import Batch, check_tokens
@@ -157,6 +158,13 @@ CASES = [
     ("probing.fit", "NaN regression labels", lambda m, g, d: U(probing.fit)(_probe_feats(), torch.randn(40).index_fill(0, torch.tensor([5]), float("nan")),
                                                                             "ridge", n_boot=10),
      ValueError, r"probe labels: expected finite values, got NaN/Inf at rows \[5\]"),
+    ("last_token_sufficiency", "longer than n_ctx",
+     lambda m, g, d: U(last_token_sufficiency)(m, _tok(4, 40), torch.zeros(4, dtype=torch.long)),
+     ValueError, "at most n_ctx=32 positions"),
+    ("multihop", "longer than n_ctx",
+     lambda m, g, d: U(multihop)(m, _tok(4, 40), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+                                 partner_tokens=_tok(4, 40, seed=1), partner_answer=torch.ones(4, dtype=torch.long)),
+     ValueError, "at most n_ctx=32 positions"),
     ("probing.fit", "labels of the wrong length", lambda m, g, d: U(probing.fit)(_probe_feats(), torch.arange(39) % 2, n_boot=10),
      ValueError, r"probe labels: expected shape \(40,\)"),
     ("probing.fit", "groups of the wrong length", lambda m, g, d: U(probing.fit)(_probe_feats(), torch.arange(40) % 2,

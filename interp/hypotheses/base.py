@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer
 from interp.hooks import Intervention, intervene
 from interp.models import new_model
 from interp.stats import Estimate, bootstrap_many
-from interp.tokens import Batch, check_tokens
+from interp.tokens import Batch, check_model_tokens, check_tokens
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def readout(model: HookedTransformer, tokens: Int[Tensor, "n pos"], intervention
     Interventions holding full-batch source tensors are sliced per batch by the caller; here the
     whole dataset is one batch when it fits `batch_size`.
     """
-    tokens = check_tokens(tokens, model.cfg.d_vocab).to(model.cfg.device)
+    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
     if tokens.shape[0] > batch_size and interventions:
         raise ValueError(f"readout: expected at most {batch_size} examples with interventions, got "
                          f"{tokens.shape[0]}; split the dataset")
@@ -95,8 +95,8 @@ def estimate(values: Float[Tensor, "n"]) -> Estimate:
     return Estimate(float(mean[0]), float(low[0]), float(high[0]))
 
 
-def unpadded(tokens: object, d_vocab: int | None, name: str = "tokens", what: str = "this investigation"
-             ) -> Tensor:
+def unpadded(tokens: object, d_vocab: int | None, name: str = "tokens", what: str = "this investigation",
+             *, n_ctx: int | None = None) -> Tensor:
     """`tokens` as one-length prompts: a token tensor, or a `Batch` without padding.
 
     Investigations that read fixed positions cannot read each prompt's own position in a padded
@@ -107,4 +107,4 @@ def unpadded(tokens: object, d_vocab: int | None, name: str = "tokens", what: st
                              f"padded Batch with lengths {int(tokens.lengths.min())}..{int(tokens.lengths.max())}; "
                              f"group the prompts by length (last_token_sufficiency takes a padded Batch)")
         tokens = tokens.tokens
-    return check_tokens(tokens, d_vocab, name=name)
+    return check_tokens(tokens, d_vocab, name=name, n_ctx=n_ctx)

@@ -208,11 +208,11 @@ def _grouped_curves(model: HookedTransformer, groups: list[tuple[Tensor, Tensor,
     return clean, neutral, curves[0], curves[1], curves[2]
 
 
-def _as_batch(tokens: Tensor | Batch, d_vocab: int, name: str) -> Batch:
+def _as_batch(tokens: Tensor | Batch, d_vocab: int, name: str, n_ctx: int) -> Batch:
     if isinstance(tokens, Batch):
-        check_tokens(tokens.tokens, d_vocab, name=name)
+        check_tokens(tokens.tokens, d_vocab, name=name, n_ctx=n_ctx)
         return tokens.right()
-    return Batch.of(check_tokens(tokens, d_vocab, name=name))
+    return Batch.of(check_tokens(tokens, d_vocab, name=name, n_ctx=n_ctx))
 
 
 def last_token_sufficiency(
@@ -236,7 +236,7 @@ def last_token_sufficiency(
     "suffices".
     """
     arch = Arch.of(model)
-    batch = _as_batch(tokens, arch.d_vocab, "tokens")
+    batch = _as_batch(tokens, arch.d_vocab, "tokens", arch.n_ctx)
     n, L = batch.tokens.shape[0], arch.n_layers
     answer = torch.as_tensor(answer).long().cpu()
     if answer.shape != (n,):
@@ -245,7 +245,7 @@ def last_token_sufficiency(
         raise ValueError(f"tokens: expected at least 4 examples for confidence intervals, got {n}")
     nbatch = None
     if neutral is not None:
-        nbatch = _as_batch(neutral, arch.d_vocab, "neutral")
+        nbatch = _as_batch(neutral, arch.d_vocab, "neutral", arch.n_ctx)
         if nbatch.tokens.shape[0] != n or not torch.equal(nbatch.lengths.cpu(), batch.lengths.cpu()):
             raise ValueError(f"neutral: expected {n} prompts with the same lengths as tokens "
                              f"({batch.lengths.tolist()[:8]}...), got {nbatch.tokens.shape[0]} with lengths "

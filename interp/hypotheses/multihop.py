@@ -147,8 +147,8 @@ def multihop(
     well as the task; default: the token before the last).
     """
     arch = Arch.of(model)
-    tokens = unpadded(tokens, arch.d_vocab, "tokens", "multihop")
-    partner_tokens = unpadded(partner_tokens, arch.d_vocab, "partner_tokens", "multihop")
+    tokens = unpadded(tokens, arch.d_vocab, "tokens", "multihop", n_ctx=arch.n_ctx)
+    partner_tokens = unpadded(partner_tokens, arch.d_vocab, "partner_tokens", "multihop", n_ctx=arch.n_ctx)
     n, seq = tokens.shape
     if partner_tokens.shape != tokens.shape:
         raise ValueError(f"partner_tokens: expected shape {tuple(tokens.shape)}, got {tuple(partner_tokens.shape)}")
@@ -268,7 +268,7 @@ def plan_ahead(
     No layer is claimed unless the model itself emits the tokens it would be planning: its
     teacher-forced accuracy on x_(t+1)..x_(t+max offset) from the masked positions t clears the
     random-initialised model's (`clean_shows_behaviour`)."""
-    tokens = unpadded(tokens, Arch.of(model).d_vocab, "tokens", "plan_ahead")
+    tokens = unpadded(tokens, Arch.of(model).d_vocab, "tokens", "plan_ahead", n_ctx=Arch.of(model).n_ctx)
     cfg = FutureLensConfig(offsets=offsets, seed=seed)
     res = future_lens(model, tokens, mask=mask, config=cfg, progress=progress)
     random_model = random_like(model, seed)

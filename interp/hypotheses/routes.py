@@ -193,8 +193,8 @@ def routes(
     between source and target).
     """
     arch = Arch.of(model)
-    clean_tokens = unpadded(clean_tokens, arch.d_vocab, "clean_tokens", "routes")
-    corrupt_tokens = unpadded(corrupt_tokens, arch.d_vocab, "corrupt_tokens", "routes")
+    clean_tokens = unpadded(clean_tokens, arch.d_vocab, "clean_tokens", "routes", n_ctx=arch.n_ctx)
+    corrupt_tokens = unpadded(corrupt_tokens, arch.d_vocab, "corrupt_tokens", "routes", n_ctx=arch.n_ctx)
     if clean_tokens.shape != corrupt_tokens.shape:
         raise ValueError(f"corrupt_tokens: expected shape {tuple(clean_tokens.shape)}, got {tuple(corrupt_tokens.shape)}")
     seq = clean_tokens.shape[1]
