@@ -1,19 +1,28 @@
-"""`interp run multihop|plan-ahead|decay|last-token|routes --model SPEC --out report.html`.
+"""`interp run multihop|plan-ahead|decay|last-token|routes --model SPEC [--out report.html]`.
+
+Each run writes its own report: by default `reports/run-NAME-MODEL.html` (a free name: `-2`, `-3`
+… are appended rather than replace an earlier run's report); an explicit `--out` that exists is
+replaced only with `--overwrite`.
 
 Lives outside `interp.hypotheses` so that `interp run --help` does not import the investigations
 (and torch): importing a submodule always runs its package's `__init__`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from interp.atomic import DestinationError
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
-OUT = typer.Option(Path("reports/run.html"), "--out", help="offline HTML report")
+OUT = typer.Option(None, "--out", help="offline HTML report (default: reports/run-NAME-MODEL.html, never "
+                                         "an earlier run's)")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out file")
 SEED = typer.Option(0, help="dataset and baseline seed")
 
 
@@ -23,43 +32,73 @@ def _runner():  # noqa: ANN202
     return run
 
 
-def _write(name: str, result: object, out: Path) -> None:
+def report_path(name: str, models: str | list[str], out: Path | None = None, *, overwrite: bool = False,
+                root: Path = Path("reports")) -> Path:
+    """Where `interp run NAME` writes its report, never over an earlier run's file by accident.
+
+    Default: ``root/run-NAME-MODEL.html`` (model specs slugged), with ``-2``, ``-3`` … appended
+    when that name is taken. An explicit `out` that exists raises unless `overwrite`.
+    """
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise DestinationError(f"--out {out}: expected an HTML file path, got a directory; "
+                                   f"name a file such as {out / ('run-' + name + '.html')}")
+        if out.exists() and not overwrite:
+            raise DestinationError(f"--out {out}: expected a new file, got an existing one; pass --overwrite to "
+                                   f"replace it or choose another path")
+        return out
+    specs = [models] if isinstance(models, str) else list(models)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "+".join(Path(m).name if "/" in m else m for m in specs)).strip("_")
+    stem = f"run-{name}-{slug[:80] or 'model'}"
+    path, k = root / f"{stem}.html", 2
+    while path.exists():
+        path, k = root / f"{stem}-{k}.html", k + 1
+    return path
+
+
+def _write(name: str, result: object, path: Path) -> None:
     console.print(f"[bold]{name}[/]: {result.verdict}")  # type: ignore[attr-defined]
-    path = _runner().report_for(name, result).write(out)
+    path = _runner().report_for(name, result).write(path)
     console.print(f"report written: {path.resolve()}")
 
 
 @app.command("multihop")
 def multihop_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                 out: Path = OUT) -> None:
+                 out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Is the bridge entity computed internally, where, and does patching it move the answer?"""
-    _write("multihop", _runner().run_multihop(model, n, seed), out)
+    path = report_path("multihop", model, out, overwrite=overwrite)  # refused before any work
+    _write("multihop", _runner().run_multihop(model, n, seed), path)
 
 
 @app.command("plan-ahead")
 def plan_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
-             out: Path = OUT) -> None:
+             out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Do hidden states encode x_{t+2}, x_{t+3}? (future lens vs bigram baseline)"""
-    _write("plan-ahead", _runner().run_plan_ahead(model, n, seed), out)
+    path = report_path("plan-ahead", model, out, overwrite=overwrite)  # refused before any work
+    _write("plan-ahead", _runner().run_plan_ahead(model, n, seed), path)
 
 
 @app.command("decay")
 def decay_cmd(model: list[str] = typer.Option(["organism:retrieval-learned", "organism:retrieval-rotary",
                                                 "organism:retrieval-nope"], "--model"),
-              n_per: int = 48, seed: int = SEED, out: Path = OUT) -> None:
+              n_per: int = 48, seed: int = SEED, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Positional-information decay across models (e.g. positional schemes)."""
-    _write("decay", _runner().run_decay(model, n_per, seed), out)
+    path = report_path("decay", model, out, overwrite=overwrite)  # refused before any work
+    _write("decay", _runner().run_decay(model, n_per, seed), path)
 
 
 @app.command("last-token")
 def last_token_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                   out: Path = OUT) -> None:
+                   out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """From which layer does the last position's residual alone suffice?"""
-    _write("last-token", _runner().run_last_token(model, n, seed), out)
+    path = report_path("last-token", model, out, overwrite=overwrite)  # refused before any work
+    _write("last-token", _runner().run_last_token(model, n, seed), path)
 
 
 @app.command("routes")
 def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: int = 32, seed: int = SEED,
-               out: Path = OUT) -> None:
+               out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Residual-first vs K/V-first routes of the induction copy."""
-    _write("routes", _runner().run_routes(model, n, seed), out)
+    path = report_path("routes", model, out, overwrite=overwrite)  # refused before any work
+    _write("routes", _runner().run_routes(model, n, seed), path)

@@ -135,3 +135,37 @@ def test_bad_inputs_are_one_line_errors(gpt2_model, tmp_path):
 def test_probe_sweep_hands_over_to_probes(tmp_path):
     res = interp("probe-sweep", str(tmp_path / "missing.yaml"), check=False)
     assert res.returncode != 0 and "expected a YAML file" in res.stdout + res.stderr
+
+
+def test_run_reports_never_replace_an_earlier_run(tmp_path):
+    # Regression: every `interp run` wrote reports/run.html, silently replacing the last run's report.
+    from interp.atomic import DestinationError
+    from interp.cli_run import report_path
+
+    first = report_path("decay", ["organism:retrieval-learned", "organism:retrieval-nope"], root=tmp_path)
+    assert first == tmp_path / "run-decay-organism_retrieval-learned_organism_retrieval-nope.html"
+    first.write_text("earlier run")
+    second = report_path("decay", ["organism:retrieval-learned", "organism:retrieval-nope"], root=tmp_path)
+    assert second.name.endswith("-2.html") and second != first
+    assert report_path("routes", "/models/my-llama", root=tmp_path).name == "run-routes-my-llama.html"
+    with pytest.raises(DestinationError, match="expected a new file, got an existing one; pass --overwrite"):
+        report_path("decay", "x", first)
+    assert report_path("decay", "x", first, overwrite=True) == first
+    assert first.read_text() == "earlier run"  # nothing was written by choosing a path
+
+
+def test_run_refuses_an_existing_out_before_any_work(tmp_path):
+    out = tmp_path / "mine.html"
+    out.write_text("keep me")
+    res = interp("run", "routes", "--out", str(out), check=False)
+    assert res.returncode == 2 and "pass --overwrite" in res.stderr and "Traceback" not in res.stderr
+    assert out.read_text() == "keep me"
+
+
+def test_organisms_eval_json_is_pure_json():
+    # Regression: `--json` printed the metrics and then the acceptance table on stdout.
+    res = interp("organisms", "eval", "planning", "--n", "64", "--json", check=False)
+    doc = json.loads(res.stdout)
+    assert doc["organism"] == "planning" and set(doc["acceptance"]) and doc["passed"] is (res.returncode == 0)
+    assert all(r["value"] == pytest.approx(doc["metrics"][k]) for k, r in doc["acceptance"].items()
+               if k in doc["metrics"])

@@ -87,12 +87,17 @@ def eval_cmd(
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
     metrics = evaluate(m, n=n or None, seed=seed, name=name)
-    if as_json:
-        console.print_json(json.dumps(metrics))
+    results = check(org.ACCEPTANCE, metrics)
+    passed = all(r["passed"] for r in results.values())
+    if as_json:  # pure JSON on stdout (no table), so that it pipes into jq / json.loads
+        typer.echo(json.dumps({"organism": name, "metrics": metrics, "acceptance": results, "passed": passed},
+                              default=float))
+        if not passed:
+            raise typer.Exit(1)
+        return
     table = Table(title=f"{name}: acceptance")
     for col in ("criterion", "value", "threshold", "passed"):
         table.add_column(col)
-    results = check(org.ACCEPTANCE, metrics)
     for r in results.values():
         table.add_row(r["what"], f"{r['value']:.4f}", f"{r['op']} {r['threshold']}",
                       "yes" if r["passed"] else "[red]no[/red]")
