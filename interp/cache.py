@@ -264,7 +264,7 @@ def collect(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if isinstance(data, (Tensor, Batch)):  # validate everything before any file is written
-        whole = data.right() if isinstance(data, Batch) else Batch.of(check_model_tokens(model, data))
+        whole = data.right() if isinstance(data, Batch) else Batch.of(data)
         check_model_tokens(model, whole.tokens)
         select_positions(check_position_spec(positions), whole.lengths, whole.tokens.shape[1])
     stop = _stop_layer(model, names)

@@ -10,7 +10,9 @@ Lives outside `interp.hypotheses` so that `interp run --help` does not import th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -57,8 +59,12 @@ def report_path(name: str, models: str | list[str], out: Path | None = None, *, 
     return path
 
 
-def _write(name: str, result: object, path: Path) -> None:
-    console.print(f"[bold]{name}[/]: {result.verdict}")  # type: ignore[attr-defined]
+def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
+         investigate: Callable[[Any], Any]) -> None:
+    """Choose the report path (refused before any work), run `investigate(runner)`, write the report."""
+    path = report_path(name, models, out, overwrite=overwrite)
+    result = investigate(_runner())
+    console.print(f"[bold]{name}[/]: {result.verdict}")
     path = _runner().report_for(name, result).write(path)
     console.print(f"report written: {path.resolve()}")
 
@@ -67,16 +73,14 @@ def _write(name: str, result: object, path: Path) -> None:
 def multihop_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
                  out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Is the bridge entity computed internally, where, and does patching it move the answer?"""
-    path = report_path("multihop", model, out, overwrite=overwrite)  # refused before any work
-    _write("multihop", _runner().run_multihop(model, n, seed), path)
+    _run("multihop", model, out, overwrite, lambda r: r.run_multihop(model, n, seed))
 
 
 @app.command("plan-ahead")
 def plan_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
              out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Do hidden states encode x_{t+2}, x_{t+3}? (future lens vs bigram baseline)"""
-    path = report_path("plan-ahead", model, out, overwrite=overwrite)  # refused before any work
-    _write("plan-ahead", _runner().run_plan_ahead(model, n, seed), path)
+    _run("plan-ahead", model, out, overwrite, lambda r: r.run_plan_ahead(model, n, seed))
 
 
 @app.command("decay")
@@ -84,21 +88,18 @@ def decay_cmd(model: list[str] = typer.Option(["organism:retrieval-learned", "or
                                                 "organism:retrieval-nope"], "--model"),
               n_per: int = 48, seed: int = SEED, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Positional-information decay across models (e.g. positional schemes)."""
-    path = report_path("decay", model, out, overwrite=overwrite)  # refused before any work
-    _write("decay", _runner().run_decay(model, n_per, seed), path)
+    _run("decay", model, out, overwrite, lambda r: r.run_decay(model, n_per, seed))
 
 
 @app.command("last-token")
 def last_token_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
                    out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """From which layer does the last position's residual alone suffice?"""
-    path = report_path("last-token", model, out, overwrite=overwrite)  # refused before any work
-    _write("last-token", _runner().run_last_token(model, n, seed), path)
+    _run("last-token", model, out, overwrite, lambda r: r.run_last_token(model, n, seed))
 
 
 @app.command("routes")
 def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: int = 32, seed: int = SEED,
                out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Residual-first vs K/V-first routes of the induction copy."""
-    path = report_path("routes", model, out, overwrite=overwrite)  # refused before any work
-    _write("routes", _runner().run_routes(model, n, seed), path)
+    _run("routes", model, out, overwrite, lambda r: r.run_routes(model, n, seed))
