@@ -64,6 +64,29 @@ def any_model(request, gpt2_model, llama_model) -> HookedTransformer:
     return gpt2_model if request.param == "gpt2" else llama_model
 
 
+# Natural prompts of different token lengths whose names span several tokens (with bpe_tokenizer:
+# 8..20 tokens plus BOS, within the fixtures' n_ctx of 32).
+CITY_PROMPTS = [("the eiffel tower is in", "eiffel tower", " paris"), ("the colosseum is in", "colosseum", " rome"),
+                ("big ben is in", "big ben", " london"), ("the statue of liberty is in", "statue of liberty", " new york"),
+                ("the brandenburg gate is in", "brandenburg gate", " berlin")]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-pair-encoding tokenizer (Metaspace, like Llama's) trained offline with the `tokenizers`
+    library to the fixtures' vocabulary of 50: a Hugging Face fast tokenizer with offsets and a BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    texts = [f"{p} {a.strip()}" for p, _, a in CITY_PROMPTS] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=50, special_tokens=["<s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
+                                   pad_token="<s>")
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
