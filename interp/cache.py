@@ -27,16 +27,19 @@ from rich.progress import Progress
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
 from interp.graph import Node
-from interp.hooks import HookError, hook_layer, resolve_hooks
+from interp.hooks import Capture, check_finite_acts, gather_positions, pos_dim, resolve_hooks, run
 from interp.models import config_fingerprint, weights_fingerprint
+from interp.prompts import Prompts, as_prompts
 from interp.store import Store, StoreWriter
 from interp.tokens import Batch, check_model_tokens, check_tokens
 
 log = logging.getLogger(__name__)
 
-PositionSpec = Literal["all", "last"] | Sequence[int] | Bool[Tensor, "pos"] | Bool[Tensor, "n pos"]
+PositionSpec = Literal["all", "last"] | str | Sequence[int] | Bool[Tensor, "pos"] | Bool[Tensor, "n pos"]
+
+__all__ = ["Cache", "check_finite_acts", "check_position_spec", "collect", "rows", "select_positions",
+           "span_positions", "store_meta"]
 
 
 @dataclass
@@ -48,8 +51,9 @@ class Cache(Mapping[str, Tensor]):
 
     acts: dict[str, Tensor]
     lengths: Int[Tensor, "n"]
-    positions: Int[Tensor, "n k"] | None = None  # selected positions (right layout); None = all
+    positions: Int[Tensor, "n k"] | None = None  # selected positions (prompt coordinates, -1: none); None = all
     meta: dict = field(default_factory=dict)
+    side: str = "right"  # the padding layout of position-"all" activations
 
     def _key(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
@@ -93,36 +97,60 @@ class Cache(Mapping[str, Tensor]):
 # ------------------------------------------------------------------------------------ positions
 
 def _pos_dim(name: str) -> int:
-    return 2 if name.endswith("hook_pattern") or name.endswith("hook_attn_scores") else 1
+    return pos_dim(name)
 
 
 def check_position_spec(spec: object) -> PositionSpec:
-    """`spec` if it is a position spec: 'all', 'last', a bool mask or a non-empty list of ints."""
-    if isinstance(spec, str) or isinstance(spec, Tensor) and spec.dtype == torch.bool:
+    """`spec` if it is a position spec: 'all', 'last', a span name, a bool mask or a non-empty list of ints."""
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError("positions: expected 'all', a span name, a list of ints or a bool mask, got ''")
+        return spec
+    if isinstance(spec, Tensor) and spec.dtype == torch.bool:
         return spec  # type: ignore[return-value]
     items = list(spec) if isinstance(spec, (Sequence, Tensor)) else None
     if not items or not all(isinstance(i, int) and not isinstance(i, bool)
                             or isinstance(i, Tensor) and i.ndim == 0 and not i.is_floating_point()
                             and i.dtype != torch.bool for i in items):
-        raise ValueError(f"positions: expected 'all', 'last', a non-empty list of ints or a bool mask, "
+        raise ValueError(f"positions: expected 'all', 'last', a span name, a non-empty list of ints or a bool mask, "
                          f"got {spec!r}")
     return spec  # type: ignore[return-value]
 
 
-def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
+def span_positions(prompts: Prompts, name: str) -> Int[Tensor, "batch k"]:
+    """Each prompt's token indices of span `name` (prompt coordinates), [batch, k] for the longest
+    span; -1 after a shorter span's end (a cell that example does not have)."""
+    s = prompts.span(name)
+    k = int((s[:, 1] - s[:, 0]).max())
+    idx = s[:, :1] + torch.arange(k)[None]
+    return torch.where(idx < s[:, 1:], idx, -1)
+
+
+def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"] | Prompts, width: int,
                      offset: int = 0) -> Int[Tensor, "b k"] | None:
-    """Per-example position indices (right-padded layout) for `spec`; None means all positions.
+    """Per-example position indices (right-padded layout = prompt coordinates) for `spec`; None means all.
 
     Integer indices count from each prompt's start; negative ones from its last real token.
-    `offset` is the row offset of this batch in the dataset (for per-example masks).
+    A name ('last' or a span of `Prompts`) gives each prompt's tokens of that span, padded with
+    -1 where a prompt's span is shorter than the longest. `offset` is the row offset of this
+    batch in the dataset (for per-example masks and errors).
     """
+    prompts = lengths if isinstance(lengths, Prompts) else None
+    lengths = prompts.lengths if prompts is not None else lengths
     b = lengths.shape[0]
     if isinstance(spec, str):
         if spec == "all":
             return None
+        if prompts is not None:
+            try:
+                return span_positions(prompts, spec)
+            except KeyError as e:
+                raise ValueError(f"positions: expected 'all' or a named position of the prompts {sorted(prompts.names)}, "
+                                 f"got {spec!r}") from e
         if spec == "last":
             return (lengths - 1)[:, None]
-        raise ValueError(f"positions: expected 'all', 'last', a list of indices or a bool mask, got {spec!r}")
+        raise ValueError(f"positions: expected 'all', 'last', a list of indices or a bool mask, got {spec!r}; "
+                         f"span names need Prompts (interp.prompts.Prompts)")
     if isinstance(spec, Tensor) and spec.dtype == torch.bool:
         if spec.ndim not in (1, 2) or spec.ndim == 2 and spec.shape[0] < offset + b:
             raise ValueError(f"positions mask: expected shape (pos,) or (n_examples, pos) covering rows "
@@ -150,93 +178,74 @@ def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"], width: int,
     return idx
 
 
-def check_finite_acts(acts: Mapping[str, Tensor], offset: int = 0, dtype: torch.dtype | None = None) -> None:
-    """Raise if any activation holds NaN or Inf, naming the hook (earliest layer first) and rows.
-
-    One reduction per tensor. Pre-softmax attention scores legitimately hold -inf (the causal
-    mask), so only NaN and +inf count there.
-    """
-    bad: list[tuple[int, str, list[int]]] = []
-    for name, t in acts.items():
-        if not t.is_floating_point():
-            continue
-        ok = torch.isfinite(t) if not name.endswith("hook_attn_scores") else ~(torch.isnan(t) | (t == float("inf")))
-        if not bool(ok.all()):
-            rows = (torch.nonzero(~ok.reshape(t.shape[0], -1).all(dim=1))[:, 0] + offset).tolist()
-            layer = hook_layer(name)
-            bad.append((-1 if name.startswith("hook_") else (layer if layer is not None else 10**9), name, rows))
-    if bad:
-        _, name, rows = min(bad)
-        hint = (f"; storage dtype {dtype} may overflow: try dtype=None or torch.float32"
-                if dtype is not None else "; check the model's weights and these prompts")
-        raise ValueError(f"collect: expected finite activations, got NaN/Inf at {name} in rows "
-                         f"{rows[:10]}{' ...' if len(rows) > 10 else ''} (earliest of {len(bad)} affected "
-                         f"hooks){hint}")
-
-
 def _gather(act: Tensor, idx: Tensor | None, pos_dim: int) -> Tensor:
-    if idx is None:
-        return act
-    shape = [1] * act.ndim
-    shape[0], shape[pos_dim] = idx.shape
-    full = list(act.shape)
-    full[pos_dim] = idx.shape[1]
-    return torch.gather(act, pos_dim, idx.to(act.device).reshape(shape).expand(full))
+    return gather_positions(act, idx, pos_dim)
+
+
+def _nan_missing(acts: dict[str, Tensor], idx: Tensor | None) -> dict[str, Tensor]:
+    """NaN in the cells of positions a prompt does not have (idx -1)."""
+    if idx is None or not bool((idx < 0).any()):
+        return acts
+    out = {}
+    for name, a in acts.items():
+        miss = (idx < 0).to(a.device)
+        shape = [1] * a.ndim
+        shape[0], shape[pos_dim(name)] = miss.shape
+        out[name] = a.masked_fill(miss.reshape(shape), float("nan")) if a.is_floating_point() else a
+    return out
 
 
 # ---------------------------------------------------------------------------------------- batches
 
-def _batches(data: Tensor | Batch | Iterable[Tensor], batch_size: int) -> tuple[Iterator[Batch], int | None]:
-    """Right-padded batches of `data`; and the row count when it is known."""
-    if isinstance(data, Tensor):
-        data = Batch.of(check_tokens(data))
-    if isinstance(data, Batch):
-        right = data.right()
-        n = right.tokens.shape[0]
+def _batches(data: Tensor | Batch | Iterable[Tensor], batch_size: int, positions: PositionSpec
+             ) -> tuple[Iterator[tuple[Batch, Tensor | None]], int | None]:
+    """Right-padded batches of `data` with their selected positions; and the row count when known."""
+    if isinstance(data, (Tensor, Batch)):
+        prompts = as_prompts(data).right()
+        n = len(prompts)
+        idx = select_positions(positions, prompts, prompts.tokens.shape[1])
 
-        def gen() -> Iterator[Batch]:
+        def gen() -> Iterator[tuple[Batch, Tensor | None]]:
             for i in range(0, n, batch_size):
-                yield Batch(right.tokens[i: i + batch_size], right.lengths[i: i + batch_size], "right")
+                sl = slice(i, i + batch_size)
+                yield (Batch(prompts.tokens[sl], prompts.lengths[sl], "right"),
+                       None if idx is None else idx[sl])
         return gen(), n
 
-    def gen_iter() -> Iterator[Batch]:
+    def gen_iter() -> Iterator[tuple[Batch, Tensor | None]]:
+        done = 0
         for item in data:  # type: ignore[union-attr]
-            yield item.right() if isinstance(item, Batch) else Batch.of(check_tokens(item))
+            p = as_prompts(item if isinstance(item, Batch) else check_tokens(item)).right()
+            idx = select_positions(positions, p, p.tokens.shape[1], offset=done)
+            yield Batch(p.tokens, p.lengths, "right"), idx
+            done += len(p)
     return gen_iter(), None
 
 
-def _skip_stored(batches: Iterator[Batch], writer: StoreWriter) -> Iterator[Batch]:
+def _skip_stored(batches: Iterator[tuple[Batch, Tensor | None]], writer: StoreWriter
+                 ) -> Iterator[tuple[Batch, Tensor | None]]:
     """The batches after the rows `writer` already holds, checking those rows' tokens on the way."""
     left = writer.rows_done
-    for b in batches:
+    for b, idx in batches:
         k = min(b.tokens.shape[0], left)
         if k:
             writer.check_rows(b.tokens[:k], b.lengths[:k])
             left -= k
         if k < b.tokens.shape[0]:
-            yield Batch(b.tokens[k:], b.lengths[k:], "right")
+            yield Batch(b.tokens[k:], b.lengths[k:], "right"), None if idx is None else idx[k:]
 
 
 def store_meta(model: HookedTransformer, hooks: Sequence[str], positions: PositionSpec,
-               dtype: torch.dtype | None) -> dict[str, object]:
+               dtype: torch.dtype | None, prompts: Prompts | None = None) -> dict[str, object]:
     """What identifies a store's content besides its tokens (the model's name is kept, not compared)."""
     return {"model": model.cfg.model_name, "weights": weights_fingerprint(model),
-            "config": config_fingerprint(model.cfg), "hooks": list(hooks), "positions": _spec_repr(positions),
-            "dtype": str(dtype) if dtype else None}
-
-
-def _stop_layer(model: HookedTransformer, names: Sequence[str]) -> int | None:
-    layers = [hook_layer(n) for n in names]
-    if any(layer is None and not n.startswith(("hook_embed", "hook_pos_embed", "hook_tokens"))
-           for layer, n in zip(layers, names, strict=True)):
-        return None  # final-norm or unembed hooks need the whole forward
-    top = max((layer for layer in layers if layer is not None), default=-1) + 1
-    return top if top < Arch.of(model).n_layers else None
+            "config": config_fingerprint(model.cfg), "hooks": list(hooks),
+            "positions": _spec_repr(positions, prompts), "dtype": str(dtype) if dtype else None}
 
 
 def collect(
     model: HookedTransformer,
-    data: Tensor | Batch | Iterable[Tensor],
+    prompts: Prompts | Tensor | Batch | Iterable[Tensor],
     *,
     hooks: Sequence[str | Node] | str,
     layers: Sequence[int] | None = None,
@@ -249,12 +258,17 @@ def collect(
     resume: bool = True,
     overwrite: bool = False,
 ) -> Cache | Store:
-    """Cache the requested activations over `data`; in memory, or streamed to `out`.
+    """Cache the requested activations over `prompts`; in memory, or streamed to `out`.
 
-    Each result tensor is [n_examples, n_positions, *act_shape] (for attention patterns the
-    selected axis is the query position). With positions="all" and padded prompts, padding rows
-    hold the values computed at pad positions of the right-padded run and should be masked with
-    `lengths`; they are returned in the caller's padding layout.
+    `prompts`: `Prompts`, a padded `Batch`, a token tensor (unpadded prompts) or an iterable of
+    them (streamed). `positions`: "all"; "last" (each prompt's last token); a span name of the
+    prompts (each prompt's tokens of that span: the result has the longest span's width and is
+    NaN where a prompt's span is shorter, `Cache.positions` -1 there); a list of indices (from
+    each prompt's start; negative from its end); or a bool mask. Each result tensor is
+    [n_examples, n_positions, *act_shape] (for attention patterns the selected axis is the query
+    position). With positions="all" and padded prompts, padding rows hold the values computed
+    at pad positions of the right-padded run and should be masked with `lengths`; they are
+    returned in the caller's padding layout (`Cache.side`). Computed with `interp.hooks.run`.
 
     An existing store at `out` is resumed (or, when complete, reopened) only if it was built from
     the same weights, config, tokens, hooks, positions and dtype; otherwise the error names the
@@ -263,16 +277,17 @@ def collect(
     names = resolve_hooks(model, hooks, layers)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    if isinstance(data, (Tensor, Batch)):  # validate everything before any file is written
-        whole = data.right() if isinstance(data, Batch) else Batch.of(data)
+    positions = check_position_spec(positions)
+    whole: Prompts | None = None
+    if isinstance(prompts, (Tensor, Batch)):  # validate everything before any file is written
+        whole = as_prompts(prompts).right()
         check_model_tokens(model, whole.tokens)
-        select_positions(check_position_spec(positions), whole.lengths, whole.tokens.shape[1])
-    stop = _stop_layer(model, names)
+        select_positions(positions, whole, whole.tokens.shape[1])
     writer: StoreWriter | None = None
     skip = 0
-    batches, n_total = _batches(data, batch_size)
+    batches, n_total = _batches(prompts, batch_size, positions)
     if out is not None:
-        writer = StoreWriter(out, store_meta(model, names, positions, dtype), shard_bytes=shard_bytes,
+        writer = StoreWriter(out, store_meta(model, names, positions, dtype, whole), shard_bytes=shard_bytes,
                              resume=resume, overwrite=overwrite)
         skip = writer.rows_done
         batches = _skip_stored(batches, writer)
@@ -281,7 +296,7 @@ def collect(
             if next(batches, None) is not None:  # every stored row's tokens were checked on the way
                 raise writer.more_rows_error()
             return writer.close()
-    left_batch = data if isinstance(data, Batch) and data.side == "left" else None
+    left_batch = prompts if isinstance(prompts, Batch) and prompts.side == "left" else None
 
     kept: dict[str, list[Tensor]] = {n: [] for n in names}
     all_lengths: list[Tensor] = []
@@ -289,23 +304,14 @@ def collect(
     done = skip
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("caching", total=n_total, completed=skip)
-        for batch in batches:
-            toks = check_model_tokens(model, batch.tokens).to(model.cfg.device)
-            idx = select_positions(positions, batch.lengths, toks.shape[1], offset=done)
-            got: dict[str, Tensor] = {}
-
-            def keep(act: Tensor, *, hook: object, _idx: Tensor | None = idx,
-                     _got: dict[str, Tensor] = got) -> None:
-                name = hook.name  # type: ignore[attr-defined]
-                sel = _gather(act.detach(), _idx, _pos_dim(name))
-                _got[name] = sel.to(dtype) if dtype is not None else sel.clone()
-
-            with torch.inference_mode(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-                model(toks, stop_at_layer=stop)
-            missing = [n for n in names if n not in got]
-            if missing:
-                raise HookError(f"hooks: expected every requested hook to fire, got {missing} never firing")
-            check_finite_acts(got, done, dtype)
+        for batch, idx in batches:
+            check_model_tokens(model, batch.tokens)
+            gather = None if idx is None else idx.clamp_min(0)  # -1: a cell this prompt lacks (NaN below)
+            res = run(model, batch, captures=[Capture(n, gather) for n in names], logits=False, row_offset=done)
+            got = {n: (res.acts[n].to(dtype) if dtype is not None else res.acts[n].clone()) for n in names}
+            if dtype is not None:
+                check_finite_acts(got, done, dtype)
+            got = _nan_missing(got, idx)
             if writer is not None:
                 writer.append(got, batch.lengths, tokens=batch.tokens)
             else:
@@ -314,36 +320,87 @@ def collect(
                 all_lengths.append(batch.lengths)
                 if idx is not None:
                     all_idx.append(idx)
-            done += toks.shape[0]
+            done += batch.tokens.shape[0]
             bar.update(task, completed=done)
     if writer is not None:
         return writer.close()
     if not all_lengths:
-        raise ValueError("collect: expected at least one example in data, got none")
+        raise ValueError("collect: expected at least one example in prompts, got none")
     lengths = torch.cat(all_lengths)
     acts = {n: _cat_ragged(v) for n, v in kept.items()}
+    side = "right"
     if left_batch is not None and positions == "all":
         acts = {n: left_batch.to_layout(a, _pos_dim(n)) for n, a in acts.items()}
-    return Cache(acts, lengths, torch.cat(all_idx) if all_idx else None,
-                 meta={"model": model.cfg.model_name, "positions": _spec_repr(positions)})
+        side = "left"
+    return Cache(acts, lengths, _cat_ragged(all_idx, -1) if all_idx else None,
+                 meta={"model": model.cfg.model_name, "positions": _spec_repr(positions, whole)}, side=side)
 
 
-def _cat_ragged(parts: list[Tensor]) -> Tensor:
-    """Concatenate along the batch axis, zero-padding every other axis to the widest part."""
+def rows(
+    acts: Cache | Mapping[str, Tensor] | Tensor,
+    prompts: Prompts,
+    name: str = "last",
+    hook: str | Node | None = None,
+) -> Tensor:
+    """The activation at each prompt's position `name` (a span's last token): [batch, *act_shape].
+
+    For probes and other per-example readers. `acts`: a `Cache` (collected with positions="all",
+    in either padding layout, or with the positions that include `name`'s index), a mapping of
+    hook name -> [batch, pos, ...] tensors in the right-padded layout, or one such tensor.
+    `hook` picks the hook of a cache holding several.
+    """
+    if isinstance(acts, Tensor):
+        x, sel, side = acts, None, "right"
+        hname = None
+    else:
+        keys = list(acts)
+        hname = (hook.hook_name if isinstance(hook, Node) else hook) if hook is not None else None
+        if hname is None:
+            if len(keys) != 1:
+                raise ValueError(f"rows: expected hook=... for a cache of several hooks {keys}, got None")
+            hname = keys[0]
+        x = acts[hname]
+        sel = getattr(acts, "positions", None)
+        side = getattr(acts, "side", "right")
+    if x.shape[0] != len(prompts):
+        raise ValueError(f"rows: expected activations of {len(prompts)} examples (one per prompt), got {x.shape[0]}")
+    dim = pos_dim(hname) if hname is not None else 1
+    want = prompts.index(name)
+    if sel is None:
+        col = want + (prompts.to_side(side).shift() if side == "left" else 0)  # type: ignore[arg-type]
+        if int(col.max()) >= x.shape[dim]:
+            raise ValueError(f"rows: expected activations covering position {int(col.max())}, got {x.shape[dim]}")
+    else:
+        hit = sel == want[:, None]
+        if not bool(hit.any(1).all()):
+            i = int(torch.nonzero(~hit.any(1))[0, 0])
+            raise ValueError(f"rows {name!r}: expected the cache's positions to include each prompt's index, got "
+                             f"{sel[i].tolist()} for prompt {i} (wants {int(want[i])}); collect with positions='all' "
+                             f"or positions={name!r}")
+        col = hit.float().argmax(1)
+    return gather_positions(x, col[:, None], dim).squeeze(dim)
+
+
+def _cat_ragged(parts: list[Tensor], fill: float | int = 0) -> Tensor:
+    """Concatenate along the batch axis, padding every other axis to the widest part with `fill`."""
     shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].ndim)]
     out = []
     for p in parts:
         if list(p.shape[1:]) != shape:
-            q = p.new_zeros((p.shape[0], *shape))
+            q = p.new_full((p.shape[0], *shape), fill)
             q[tuple(slice(0, s) for s in p.shape)] = p
             p = q
         out.append(p)
     return torch.cat(out)
 
 
-def _spec_repr(spec: PositionSpec) -> str:
+def _spec_repr(spec: PositionSpec, prompts: Prompts | None = None) -> str:
     if isinstance(spec, str):
-        return spec
+        if spec in ("all", "last") or prompts is None:
+            return spec
+        table = span_positions(prompts, spec)  # a span's content, not only its name
+        digest = hashlib.sha256(table.contiguous().numpy().tobytes()).hexdigest()
+        return f"span:{spec}:{digest[:16]}"
     if isinstance(spec, Tensor):  # the mask's content, not only its shape and count
         digest = hashlib.sha256(spec.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()).hexdigest()
         return f"mask{tuple(spec.shape)}:{int(spec.sum())}:{digest[:16]}"

@@ -6,7 +6,8 @@ contributes keys and values that the attention of a later position j reads. A *n
 (layer, site, position, head); a *route* is a sequence of grid steps, each "up" (residual) or
 "right" (K/V).
 
-This module is the only place that turns a node into a TransformerLens hook name.
+This module is the only place that turns a node into a TransformerLens hook name (and that names
+the few hook points outside the blocks: the embeddings and the final norm).
 
 Two route models are offered (`routes`, `count_routes`):
 - ``"lattice"``: unit steps on the layer x position grid, up or right in any order. From
@@ -79,6 +80,14 @@ _HOOK_SUFFIX = {
     Site.V_INPUT: "hook_v_input",
 }
 _SUFFIX_SITE = {v: k for k, v in _HOOK_SUFFIX.items()}
+
+# Hook points outside the blocks (no layer, so no Node): named here and nowhere else.
+HOOK_EMBED = "hook_embed"
+HOOK_POS_EMBED = "hook_pos_embed"
+HOOK_TOKENS = "hook_tokens"
+EMBED_HOOKS = (HOOK_EMBED, HOOK_POS_EMBED, HOOK_TOKENS)  # before block 0
+FINAL_NORM_SCALE = "ln_final.hook_scale"  # the final norm's divisor, [batch pos 1]
+FINAL_NORM_OUT = "ln_final.hook_normalized"
 
 
 def parse_site(site: Site | str) -> Site:

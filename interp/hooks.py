@@ -1,11 +1,17 @@
-"""A reusable hook API: resolve hook names, and compose interventions that are always removed.
+"""The one run path: run a model on prompts with edits (interventions) and captures.
 
 Research code says *what* to do to *which* node, not how to write hook plumbing:
 
-    with intervene(model, [Zero(Node(1, "head", head=3)), Add("blocks.0.hook_resid_post", v)],
-                   capture=["blocks.1.hook_resid_pre"]) as run:
-        logits = model(tokens)
-    run.captured["blocks.1.hook_resid_pre"]
+    out = run(model, prompts, edits=[Zero(Node(1, "head", head=3)), Add(Node(0, "resid_post"), v)],
+              captures=[Node(1, "resid_pre")])
+    out.logits, out.acts["blocks.1.hook_resid_pre"]
+
+`run` is the single internal way the toolkit runs a model with hooks (caching, lenses, SAEs):
+padded prompts are computed right-padded (`Prompts.right()`: each prompt sees exactly what it
+sees alone, positions count from its first token), tokens go to the model's device, captures
+may keep only selected positions (gathered inside the hook) or stay in the autograd graph, every
+hook must fire, captured activations are checked for NaN/Inf, and the hooks are always removed.
+`intervene` is the context-manager form for code that runs the forward itself.
 
 Targets are `Node`s (layer, site, pos, head) or raw TransformerLens hook names, validated once
 against the model's hook points (an unknown name gets the closest valid ones in the error).
@@ -19,18 +25,19 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node, Site, node_from_hook_name
+from interp.graph import EMBED_HOOKS, Node, Site, node_from_hook_name
+from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
 
@@ -304,6 +311,23 @@ class Patch(Intervention):
 
 
 @dataclass(frozen=True)
+class Map(Intervention):
+    """Replace the selected activation by `fn(selection)` (any differentiable function; e.g. an
+    SAE spliced in, or a masked edit). `fn` must return the selection's shape."""
+
+    fn: Callable[[Tensor], Tensor] | None = None
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.fn is None:
+            raise HookError(f"Map at {target.name}: expected a function, got None")
+        out = self.fn(sel)
+        if not isinstance(out, Tensor) or out.shape != sel.shape:
+            raise HookError(f"Map at {target.name}: expected fn to return shape {tuple(sel.shape)}, got "
+                            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        return out.to(sel.dtype)
+
+
+@dataclass(frozen=True)
 class BlockAttention(Intervention):
     """Attention knockout (Geva et al. 2023): query position `pos` may not read key positions
     `sources` in layer `where` (an int layer, or an attn_scores Node / hook name). Set on the
@@ -345,6 +369,17 @@ def _make_hook(iv: Intervention, target: Target, fired: set[str]) -> HookFn:
     return hook
 
 
+@dataclass(frozen=True)
+class Capture:
+    """An activation to keep from a run: hook `where`; `index` ([batch, k] positions of the run's
+    layout) keeps only those positions, gathered inside the hook (the position axis is the query
+    axis of attention patterns/scores); `grad` keeps it in the autograd graph (runs with grad)."""
+
+    where: str | Node
+    index: Int[Tensor, "batch k"] | None = None
+    grad: bool = False
+
+
 @dataclass
 class Run:
     """What `intervene` yields: the captured activations (filled as the forward runs)."""
@@ -353,12 +388,42 @@ class Run:
     fired: set[str] = field(default_factory=set)
 
 
+def pos_dim(name: str) -> int:
+    """The position axis of hook `name`'s activation (the query axis of patterns and scores)."""
+    return 2 if _site_of(name) in (Site.PATTERN, Site.ATTN_SCORES) else 1
+
+
+def gather_positions(act: Tensor, idx: Tensor | None, dim: int) -> Tensor:
+    """`act` at per-example positions `idx` [batch, k] along axis `dim` (all of it when None)."""
+    if idx is None:
+        return act
+    shape = [1] * act.ndim
+    shape[0], shape[dim] = idx.shape
+    full = list(act.shape)
+    full[dim] = idx.shape[1]
+    return torch.gather(act, dim, idx.to(act.device).reshape(shape).expand(full))
+
+
+def _capture_hook(name: str, cap: Capture, run: Run) -> HookFn:
+    def hook(act: Tensor, *, hook: object) -> None:
+        run.fired.add(name)
+        x = act if cap.grad else act.detach()
+        if cap.index is not None:
+            if cap.index.shape[0] != act.shape[0]:
+                raise HookError(f"capture {name}: expected index rows for {act.shape[0]} examples, got "
+                                f"{tuple(cap.index.shape)}")
+            x = gather_positions(x, cap.index, pos_dim(name))
+        run.captured[name] = x
+
+    return hook
+
+
 @contextmanager
 def intervene(
     model: HookedTransformer,
     interventions: Sequence[Intervention] = (),
     *,
-    capture: Sequence[str | Node] = (),
+    capture: Sequence[str | Node | Capture] = (),
     capture_grad: bool = False,
     strict: bool = True,
 ) -> Iterator[Run]:
@@ -372,17 +437,19 @@ def intervene(
     fwd: list[tuple[str, Callable]] = []
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise HookError(f"interventions: expected Intervention objects (Set, Add, Scale, Zero, "
+            raise HookError(f"interventions: expected Intervention objects (Set, Add, Scale, Zero, Map, "
                             f"MeanAblate, ResampleAblate, Patch, BlockAttention), got {type(iv).__name__}")
         target = _target(model, iv.where, iv.pos, iv.head)
         _check_values(iv, target.name)
         fwd.append((target.name, _make_hook(iv, target, run.fired)))
-    cap_names = resolve_hooks(model, list(capture)) if capture else []
-    for name in cap_names:
-        def cap(act: Tensor, *, hook: object, _name: str = name) -> None:
-            run.fired.add(_name)
-            run.captured[_name] = act if capture_grad else act.detach()
-        fwd.append((name, cap))
+    caps: dict[str, Capture] = {}
+    for c in capture:
+        spec = c if isinstance(c, Capture) else Capture(c, grad=capture_grad)
+        names = resolve_hooks(model, spec.where) if not isinstance(spec.where, Node) else [resolve_hook(model, spec.where)]
+        for name in names:
+            caps[name] = spec
+    for name, spec in caps.items():
+        fwd.append((name, _capture_hook(name, spec, run)))
     with model.hooks(fwd_hooks=fwd):
         yield run
     if strict:
@@ -391,6 +458,95 @@ def intervene(
         if missing:
             raise HookError(f"hooks: expected every requested hook to fire in the forward pass, got "
                             f"{missing} never firing (stop_at_layer too low, or no forward ran?)")
+
+
+def stop_layer(model: HookedTransformer, names: Sequence[str]) -> int | None:
+    """The `stop_at_layer` that still runs every hook in `names` (None: the whole forward)."""
+    layers = [hook_layer(n) for n in names]
+    if any(layer is None and n not in EMBED_HOOKS for layer, n in zip(layers, names, strict=True)):
+        return None  # final-norm or unembed hooks need the whole forward
+    top = max((layer for layer in layers if layer is not None), default=-1) + 1
+    return top if top < Arch.of(model).n_layers else None
+
+
+def check_finite_acts(acts: Mapping[str, Tensor], offset: int = 0, dtype: torch.dtype | None = None,
+                      what: str = "collect") -> None:
+    """Raise if any activation holds NaN or Inf, naming the hook (earliest layer first) and rows
+    (counted from `offset`, the batch's first row in the dataset).
+
+    One reduction per tensor. Pre-softmax attention scores legitimately hold -inf (the causal
+    mask), so only NaN and +inf count there.
+    """
+    bad: list[tuple[int, str, list[int]]] = []
+    for name, t in acts.items():
+        if not t.is_floating_point():
+            continue
+        ok = torch.isfinite(t) if _site_of(name) != Site.ATTN_SCORES else ~(torch.isnan(t) | (t == float("inf")))
+        if not bool(ok.all()):
+            rows = (torch.nonzero(~ok.reshape(t.shape[0], -1).all(dim=1))[:, 0] + offset).tolist()
+            layer = hook_layer(name)
+            bad.append((-1 if name.startswith("hook_") else (layer if layer is not None else 10**9), name, rows))
+    if bad:
+        _, name, rows = min(bad)
+        hint = (f"; storage dtype {dtype} may overflow: try dtype=None or torch.float32"
+                if dtype is not None else "; check the model's weights and these prompts")
+        raise ValueError(f"{what}: expected finite activations, got NaN/Inf at {name} in rows "
+                         f"{rows[:10]}{' ...' if len(rows) > 10 else ''} (earliest of {len(bad)} affected "
+                         f"hooks){hint}")
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """One run: `logits` [batch, pos, d_vocab] in the layout of `prompts` (the right-padded prompts
+    the run computed on; None when the run stopped early), and the captured activations by hook
+    name (positions as captured: all of the right-padded layout, or the capture's `index`)."""
+
+    logits: Float[Tensor, "batch pos d_vocab"] | None
+    acts: dict[str, Tensor]
+    prompts: Prompts
+
+
+def run(
+    model: HookedTransformer,
+    prompts: Prompts | Batch | Tensor,
+    *,
+    edits: Sequence[Intervention] = (),
+    captures: Sequence[str | Node | Capture] = (),
+    logits: bool = True,
+    stop_at_layer: int | None = None,
+    grad: bool = False,
+    check_finite: bool = True,
+    row_offset: int = 0,
+) -> RunOutput:
+    """Run `model` once on `prompts` with `edits` applied, keeping `captures`.
+
+    `prompts`: `Prompts`, a padded `Batch` or a token tensor (unpadded prompts); computed on the
+    right-padded layout, so positions in edits and capture indices are prompt coordinates and
+    each prompt's values equal running it alone. With ``logits=False`` the forward stops after
+    the last block an edit or capture needs (`stop_layer`) and no logits are returned;
+    `stop_at_layer` sets that layer explicitly. ``grad=True`` runs with autograd (for
+    attribution); otherwise under `torch.no_grad`. Every hook must fire; captured
+    activations must be finite (rows in the error count from `row_offset`). Hooks are removed on
+    exit, also on error.
+    """
+    p = as_prompts(prompts).right()
+    tokens = check_model_tokens(model, p.tokens, "prompts.tokens").to(_device(model))
+    if stop_at_layer is None and not logits:
+        names = [_target(model, e.where, e.pos, e.head).name for e in edits if isinstance(e, Intervention)]
+        for c in captures:
+            where = c.where if isinstance(c, Capture) else c
+            names += [resolve_hook(model, where)] if isinstance(where, Node) else resolve_hooks(model, where)
+        stop_at_layer = stop_layer(model, names)
+    ctx = torch.enable_grad() if grad else torch.no_grad()  # not inference_mode: results may feed autograd
+    with ctx, intervene(model, edits, capture=captures) as r:
+        out = model(tokens, stop_at_layer=stop_at_layer, return_type="logits" if logits else None)
+    if check_finite:
+        check_finite_acts(r.captured, row_offset, what="run")
+    return RunOutput(out if logits and stop_at_layer is None else None, r.captured, p)
+
+
+def _device(model: HookedTransformer) -> torch.device:
+    return next(model.parameters()).device
 
 
 def run_with_interventions(
@@ -407,17 +563,20 @@ def run_with_interventions(
     positions). A raw tensor is run as unpadded prompts; padded prompts come as a right-padded
     `interp.tokens.Batch` (each prompt then sees exactly what it sees alone, positions count from
     its start, and values at pad positions should be masked with `Batch.mask`); a left-padded
-    Batch is refused (pass `batch.right()`).
+    Batch is refused (pass `batch.right()`). Prefer `run` (which takes any padding).
     """
     if isinstance(tokens, Batch):
         if tokens.side != "right" and bool((tokens.lengths != tokens.tokens.shape[1]).any()):
             raise HookError("tokens: expected unpadded or right-padded prompts, got a left-padded Batch; "
                             "pass batch.right() (positions then count from each prompt's start)")
-        tokens = tokens.tokens
-    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
-    with intervene(model, interventions, capture=capture) as run:
-        logits = model(tokens, **forward_kwargs)
-    return logits, run.captured
+    if forward_kwargs:
+        toks = check_model_tokens(model, tokens.tokens if isinstance(tokens, Batch) else tokens).to(_device(model))
+        with intervene(model, interventions, capture=capture) as r:
+            logits = model(toks, **forward_kwargs)
+        return logits, r.captured
+    out = run(model, tokens, edits=interventions, captures=capture, grad=torch.is_grad_enabled(),
+              check_finite=False)
+    return out.logits, out.acts  # type: ignore[return-value]
 
 
 AblationKind = Literal["zero", "mean", "resample"]
