@@ -1,6 +1,7 @@
 """Atomic writes that never delete what the toolkit did not write.
 
-One writer for files and one for artefact directories, used by every module that saves:
+One writer for files and one for artefact directories, used by every module that saves (JSON
+through `write_json_atomic`, tensors through `write_tensors_atomic`):
 
 - `atomic_file(path)` yields a temporary path beside `path` and renames it onto `path` only when
   the block succeeds, so a reader never sees half a file; `write_json_atomic` is built on it.
@@ -20,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to `path` via a temp file and rename, so readers never see half a file."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_tensors_atomic(path: str | Path, tensors: Mapping[str, Any]) -> None:
+    """Write tensors as one safetensors file via a temp file and rename (copied to the CPU first)."""
+    from safetensors.torch import save_file  # torch stays out of this module's import
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))

@@ -80,7 +80,7 @@ def test_logit_lens_metrics_against_torch_distributions(any_model, tokens):
     # the tidy frame carries the same numbers
     frame = r.to_frame()
     row = frame[(frame.layer == 1) & (frame.example == 2)].iloc[0]
-    assert row["pos"] == 5 and row["target"] == 42 and row["target_rank"] == int(rank[1, 2])
+    assert row["pos"] == 5 and row["answer"] == 42 and row["answer_rank"] == int(rank[1, 2])
     assert row["kl"] == pytest.approx(float(r.kl[1, 2, 0]))
     summary = r.summary("kl")
     assert_close(torch.tensor(summary["mean"].to_numpy()), r.kl[:, :, 0].double().mean(1))

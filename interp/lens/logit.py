@@ -6,7 +6,9 @@ For lens layer l (see `interp.lens.residual`) the lens distribution is
 followed by ``model.unembed``, and at the last lens layer it is the model's own output.
 
 Per layer and selected position the lens reports the top-k tokens and their probabilities, the
-rank and probability of a target token, the entropy and KL(final || lens) in nats. Divergences are
+rank and probability of an answer token, the entropy and KL(final || lens) in nats. The lens
+reads each prompt at a named position (`at="last"`, or any span of `interp.prompts.Prompts`);
+answers default to the prompts' own (`Prompts.answers`, first token). Divergences are
 computed in at least float32 (bf16 logits are promoted). Caveat (Belrose et al. 2023): the logit
 lens is biased on early layers of many models (their residual basis drifts), which is what the
 tuned lens (`interp.lens.TunedLens`) corrects.
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from interp.lens.residual import (
+    UNSET,
     Decoder,
     batches,
     compute_dtype,
@@ -37,21 +40,25 @@ from interp.lens.residual import (
     model_name,
     residual_stack,
 )
+from interp.prompts import Prompts
 from interp.stats import bootstrap_many
 from interp.tokens import Batch, Tokenizer
 from interp.viz import curves, heatmap
 
 Translate = Callable[[Tensor], Tensor]
 
-METRICS = ("kl", "entropy", "top_prob", "target_prob", "target_rank", "target_logprob")
+METRICS = ("kl", "entropy", "top_prob", "answer_prob", "answer_rank", "answer_logprob")
+_OLD_METRICS = {"target_prob": "answer_prob", "target_rank": "answer_rank", "target_logprob": "answer_logprob"}
 
 
 @dataclass(frozen=True)
 class LensResult:
     """What a lens reads at each (lens layer, example, selected position). Tensors are on the CPU.
 
-    `kl` is KL(final || lens) in nats; `target_rank` is 0 for the top token (the number of tokens
-    with a strictly higher probability). Target fields are None when no target was given.
+    `kl` is KL(final || lens) in nats; `answer_rank` is 0 for the top token (the number of tokens
+    with a strictly higher probability). Answer fields are None when there was no answer.
+    (`target`, `target_rank`, `target_logprob`, `target_prob` are the former names of the answer
+    fields, kept as read-only aliases.)
     """
 
     lens: str
@@ -62,9 +69,9 @@ class LensResult:
     entropy: Float[Tensor, "layer batch sel"]
     top_tokens: Int[Tensor, "layer batch sel k"]
     top_probs: Float[Tensor, "layer batch sel k"]
-    target: Int[Tensor, "batch sel"] | None = None
-    target_rank: Int[Tensor, "layer batch sel"] | None = None
-    target_logprob: Float[Tensor, "layer batch sel"] | None = None
+    answer: Int[Tensor, "batch sel"] | None = None
+    answer_rank: Int[Tensor, "layer batch sel"] | None = None
+    answer_logprob: Float[Tensor, "layer batch sel"] | None = None
     logits: Float[Tensor, "layer batch sel d_vocab"] | None = None
 
     @property
@@ -73,11 +80,32 @@ class LensResult:
         return self.kl
 
     @property
+    def per_example(self) -> Float[Tensor, "layer batch sel"]:
+        """The kept per-example values of the headline metric (KL, nats)."""
+        return self.kl
+
+    @property
+    def answer_prob(self) -> Float[Tensor, "layer batch sel"] | None:
+        return None if self.answer_logprob is None else self.answer_logprob.exp()
+
+    @property
+    def target(self) -> Int[Tensor, "batch sel"] | None:
+        return self.answer
+
+    @property
+    def target_rank(self) -> Int[Tensor, "layer batch sel"] | None:
+        return self.answer_rank
+
+    @property
+    def target_logprob(self) -> Float[Tensor, "layer batch sel"] | None:
+        return self.answer_logprob
+
+    @property
     def target_prob(self) -> Float[Tensor, "layer batch sel"] | None:
-        return None if self.target_logprob is None else self.target_logprob.exp()
+        return self.answer_prob
 
     def to_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
-        """One row per (layer, example, selected position): kl, entropy, top-1 token/prob, target metrics.
+        """One row per (layer, example, selected position): kl, entropy, top-1 token/prob, answer metrics.
 
         `sel` indexes the selected positions (0 for a single one) and `pos` is the position itself.
         """
@@ -100,11 +128,11 @@ class LensResult:
         }
         if tokenizer is not None:
             cols["top_str"] = [tokenizer.decode([t]) for t in cols["top_token"].tolist()]
-        if self.target is not None and self.target_rank is not None and self.target_logprob is not None:
-            cols["target"] = self.target[None].expand(n_layer, n_b, n_s).flatten().numpy()
-            cols["target_rank"] = self.target_rank.flatten().numpy()
-            cols["target_logprob"] = self.target_logprob.flatten().double().numpy()
-            cols["target_prob"] = self.target_logprob.exp().flatten().double().numpy()
+        if self.answer is not None and self.answer_rank is not None and self.answer_logprob is not None:
+            cols["answer"] = self.answer[None].expand(n_layer, n_b, n_s).flatten().numpy()
+            cols["answer_rank"] = self.answer_rank.flatten().numpy()
+            cols["answer_logprob"] = self.answer_logprob.flatten().double().numpy()
+            cols["answer_prob"] = self.answer_logprob.exp().flatten().double().numpy()
         return pd.DataFrame(cols)
 
     def top_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
@@ -128,7 +156,8 @@ class LensResult:
 
     def summary(self, metric: str = "kl", *, n_boot: int = 1000, alpha: float = 0.05,
                 seed: int = 0) -> pd.DataFrame:
-        """Mean of `metric` over examples per (layer, selected position), with a bootstrap CI over examples."""
+        """Mean of `metric` over examples per (layer, selected position), with a bootstrap CI over
+        examples: columns ``value`` (= ``mean``), ``ci_low``, ``ci_high``, ``n`` plus the axes."""
         return summarise(self.to_frame(), metric, n_boot=n_boot, alpha=alpha, seed=seed)
 
     def plot(self, metric: str = "kl") -> go.Figure:
@@ -144,6 +173,7 @@ class LensResult:
 def summarise(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, alpha: float = 0.05,
               seed: int = 0, by: tuple[str, ...] = ("lens", "layer", "sel")) -> pd.DataFrame:
     """Mean of `metric` per group of `by`, with a percentile bootstrap CI over examples."""
+    metric = _OLD_METRICS.get(metric, metric)
     if metric not in frame.columns:
         raise ValueError(f"lens summary metric: expected one of "
                          f"{[m for m in METRICS if m in frame.columns]}, got {metric!r}")
@@ -157,40 +187,54 @@ def summarise(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, alpha: fl
     else:
         mean = lo = hi = values[0]
     out = wide.columns.to_frame(index=False)
-    out["mean"], out["ci_low"], out["ci_high"] = mean.numpy(), lo.numpy(), hi.numpy()
+    out["value"], out["ci_low"], out["ci_high"] = mean.numpy(), lo.numpy(), hi.numpy()
+    out["mean"] = out["value"]
     out["n"] = values.shape[0]
     return out
 
 
-def _targets(target: Tensor | None, positions: Tensor, d_vocab: int) -> Tensor | None:
+def _answers(target: Tensor | None, positions: Tensor, d_vocab: int, what: str = "answer") -> Tensor | None:
     if target is None:
         return None
     if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(f"lens target: expected an integer tensor of shape (batch,) or (batch, sel), "
+        raise TypeError(f"lens {what}: expected an integer tensor of shape (batch,) or (batch, sel), "
                         f"got {target!r}")
     t = target.detach().to("cpu", torch.long)
     if t.ndim == 1 and t.shape[0] != positions.shape[0]:
-        raise ValueError(f"lens target: expected shape ({positions.shape[0]},) or "
+        raise ValueError(f"lens {what}: expected shape ({positions.shape[0]},) or "
                          f"{tuple(positions.shape)} (batch, selected positions), got {tuple(target.shape)}")
     if t.ndim == 1:
         t = t[:, None].expand_as(positions)
     if t.shape != positions.shape:
-        raise ValueError(f"lens target: expected shape ({positions.shape[0]},) or "
+        raise ValueError(f"lens {what}: expected shape ({positions.shape[0]},) or "
                          f"{tuple(positions.shape)} (batch, selected positions), got {tuple(target.shape)}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
-        raise ValueError(f"lens target: expected token ids in [0, {d_vocab}), got "
+        raise ValueError(f"lens {what}: expected token ids in [0, {d_vocab}), got "
                          f"[{int(t.min())}, {int(t.max())}]")
     return t.contiguous()
 
 
+def _answer_arg(prompts: Tensor | Batch | Prompts, answer: Tensor | None, target: Tensor | None
+                ) -> tuple[Tensor | None, str]:
+    if answer is not None and target is not None:
+        raise ValueError("lens: expected answer=... or its former name target=..., got both")
+    if target is not None:
+        return target, "target"
+    if answer is None and isinstance(prompts, Prompts) and prompts.answers is not None:
+        return prompts.first_answer, "answer"
+    return answer, "answer"
+
+
 def run_lens(
     model: HookedTransformer,
-    tokens: Tensor | Batch,  # [batch pos] ids or a padded Batch; validated by lens_inputs
+    prompts: Tensor | Batch | Prompts,
     *,
     lens: str,
     translate: Translate | None = None,
     decode_dtype: torch.dtype | None = None,
-    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+    at: str = "last",
+    pos: object = UNSET,
+    answer: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     k: int = 5,
     batch_size: int | None = None,
@@ -203,11 +247,12 @@ def run_lens(
     lens's translators); `decode_dtype` is the precision of the final norm + unembedding
     (None: the model's own).
     """
-    tokens, run_pos, positions = lens_inputs(model, tokens, pos)
+    ans, what = _answer_arg(prompts, answer, target)
+    tokens, run_pos, positions = lens_inputs(model, prompts, pos, at)  # type: ignore[arg-type]
     d_vocab = model.cfg.d_vocab_out
     if not isinstance(k, int) or not 1 <= k <= d_vocab:
         raise ValueError(f"lens top-k: expected 1 <= k <= d_vocab={d_vocab}, got {k!r}")
-    tgt = _targets(target, positions, d_vocab)
+    tgt = _answers(ans, positions, d_vocab, what)
     decoder = Decoder(model, decode_dtype)
     parts: dict[str, list[Tensor]] = {n: [] for n in ("kl", "ent", "tt", "tp", "rank", "tlp", "logits")}
     slices = list(batches(tokens.shape[0], batch_size))
@@ -243,32 +288,37 @@ def run_lens(
         entropy=cat["ent"],  # type: ignore[arg-type]
         top_tokens=cat["tt"],  # type: ignore[arg-type]
         top_probs=cat["tp"],  # type: ignore[arg-type]
-        target=tgt,
-        target_rank=cat["rank"],
-        target_logprob=cat["tlp"],
+        answer=tgt,
+        answer_rank=cat["rank"],
+        answer_logprob=cat["tlp"],
         logits=cat["logits"],
     )
 
 
 def logit_lens(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"] | Batch,
+    prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
     *,
-    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+    at: str = "last",
+    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None | object = UNSET,
+    answer: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
     k: int = 5,
     batch_size: int | None = None,
     keep_logits: bool = False,
     progress: bool = True,
 ) -> LensResult:
-    """The logit lens at every layer (embedding .. final) for the selected positions.
+    """The logit lens at every layer (embedding .. final), read at each prompt's position `at`.
 
-    `pos`: an int (same position in every example, default the last), a tensor of one or more
-    positions per example (e.g. `Batch.last`), or None for all. `tokens`: a raw tensor is run as
-    unpadded prompts; pass padded prompts as an `interp.tokens.Batch` (run right-padded, an int
-    `pos` counting from each prompt's own start or end; see `lens_inputs`).
-    `target`: a token per example (or per selected position) whose rank and probability to track.
-    `keep_logits` also returns the lens logits (memory: layers x batch x sel x d_vocab).
+    `prompts`: `Prompts`, a padded `Batch` or a token tensor (unpadded prompts); computed
+    right-padded, so each prompt reads what it reads alone. `at`: "last" (each prompt's last
+    token) or a named span of the prompts (its last token). `pos` instead selects explicit
+    positions: an int (counting from each prompt's start; negative from its end), a tensor of
+    one or more positions per example in the batch's own layout (e.g. `Batch.last`), or None
+    for all (unpadded prompts only). `answer`: a token per example (or per selected position)
+    whose rank and probability to track; default: the prompts' first answer tokens, if any
+    (`target` is its former name). `keep_logits` also returns the lens logits (memory:
+    layers x batch x sel x d_vocab).
     """
-    return run_lens(model, tokens, lens="logit", pos=pos, target=target, k=k, batch_size=batch_size,
-                    keep_logits=keep_logits, progress=progress)
+    return run_lens(model, prompts, lens="logit", at=at, pos=pos, answer=answer, target=target, k=k,
+                    batch_size=batch_size, keep_logits=keep_logits, progress=progress)

@@ -23,16 +23,30 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from interp.graph import Node, Site
+from interp.hooks import Capture, run
+from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()  # "argument not given" (None is a value of `pos`: every position)
+
+
+def lens_nodes(n_layers: int) -> list[Node]:
+    """The n_layers + 1 lens layers as nodes: resid_pre of each block, then the final resid_post."""
+    return [Node(i, Site.RESID_PRE) for i in range(n_layers)] + [Node(n_layers - 1, Site.RESID_POST)]
+
+
 def lens_hooks(n_layers: int) -> list[str]:
     """The hook names of the n_layers + 1 lens layers (resid_pre of each block, then the final resid_post)."""
-    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [
-        f"blocks.{n_layers - 1}.hook_resid_post"
-    ]
+    return [n.hook_name for n in lens_nodes(n_layers)]
 
 
 def layer_labels(n_layers: int) -> list[str]:
@@ -84,10 +98,14 @@ def select_positions(
 
 
 def lens_inputs(
-    model: HookedTransformer, tokens: Tensor | Batch,
-    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None,
+    model: HookedTransformer, tokens: Tensor | Batch | Prompts,
+    pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None | _Unset,
+    at: str = "last",
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch sel"], Int[Tensor, "batch sel"]]:
     """Validated lens inputs: (tokens to run, positions in them, positions in the caller's layout).
+
+    Without `pos` the lens reads each prompt's named position `at` ("last": its last token; any
+    span name of `Prompts`: that span's last token), in prompt coordinates.
 
     A raw tensor is taken as unpadded prompts (pad cannot be told from a token: a left-padded
     tensor run as is gives wrong logits). A `Batch` is run right-padded, where each prompt sees
@@ -95,6 +113,19 @@ def lens_inputs(
     real token (negative: from its last, so the default -1 is each prompt's last real token), a
     tensor `pos` indexes the batch's own layout (e.g. `Batch.last`), and a selected pad raises.
     """
+    if isinstance(pos, _Unset):
+        p = as_prompts(tokens)
+        right = p.right()
+        toks = check_model_tokens(model, right.tokens, "prompts.tokens" if isinstance(tokens, Batch) else "tokens")
+        if not isinstance(at, str):
+            raise TypeError(f"lens at: expected a position name ('last' or a span of the prompts), got {at!r}")
+        try:
+            run_pos = p.index(at)[:, None]
+        except KeyError as e:
+            raise ValueError(f"lens at: expected 'last' or a named position of the prompts {sorted(p.names)}, "
+                             f"got {at!r}") from e
+        shift = p.shift().cpu().long() if p.side == "left" else torch.zeros(len(p), dtype=torch.long)
+        return toks, run_pos, run_pos + shift[:, None]
     if not isinstance(tokens, Batch):
         toks = check_model_tokens(model, tokens)
         positions = select_positions(toks, pos)
@@ -134,7 +165,7 @@ def batches(n: int, batch_size: int | None) -> Iterator[slice]:
 
 def residual_stack(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Batch | Prompts,
     *,
     positions: Int[Tensor, "batch sel"] | None = None,
     batch_size: int | None = None,
@@ -142,30 +173,24 @@ def residual_stack(
 ) -> Float[Tensor, "layer batch sel d_model"]:
     """The residual stream at every lens layer (n_layers + 1), at the selected positions.
 
-    Runs the model once per batch of `batch_size` examples with hooks on the lens hooks (removed
-    on exit, also on error); the result is on the model's device in the model's dtype.
+    `tokens`: a token tensor (unpadded prompts), or padded `Batch`/`Prompts` (computed
+    right-padded); `positions` [batch, sel] index the right-padded layout (prompt coordinates);
+    None keeps every position (pads included for padded prompts: mask them with `lengths`).
+    One `interp.hooks.run` per batch of `batch_size` examples; the result is on the model's
+    device in the model's dtype.
     """
-    tokens = check_model_tokens(model, tokens)
-    device = model_device(model)
+    p = as_prompts(tokens).right()
+    check_model_tokens(model, p.tokens, "prompts.tokens" if isinstance(tokens, Batch) else "tokens")
     if positions is None:
-        positions = select_positions(tokens, None)
-    names = lens_hooks(model.cfg.n_layers)
+        positions = select_positions(p.tokens, None)
+    nodes = lens_nodes(model.cfg.n_layers)
     chunks: list[Tensor] = []
-    slices = list(batches(tokens.shape[0], batch_size))
+    slices = list(batches(p.tokens.shape[0], batch_size))
     for sl in tqdm(slices, desc="lens: residuals", disable=not progress or len(slices) == 1, leave=False):
-        idx = positions[sl].to(device)
-        store: dict[str, Tensor] = {}
-
-        def keep(act: Tensor, hook: object, _idx: Tensor = idx, _store: dict = store) -> None:
-            sel = act.gather(1, _idx[:, :, None].expand(-1, -1, act.shape[-1]))
-            _store[hook.name] = sel  # type: ignore[attr-defined]
-
-        with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-            model(tokens[sl].to(device), return_type=None)
-        missing = [n for n in names if n not in store]
-        if missing:
-            raise RuntimeError(f"lens: expected hooks {names} to fire, got no activation from {missing}")
-        chunks.append(torch.stack([store[n] for n in names]))
+        idx = positions[sl]
+        part = Batch(p.tokens[sl], p.lengths[sl], "right")
+        out = run(model, part, captures=[Capture(n, idx) for n in nodes], logits=False)
+        chunks.append(torch.stack([out.acts[n.hook_name] for n in nodes]))
     return torch.cat(chunks, dim=1)
 
 

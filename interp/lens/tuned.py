@@ -33,15 +33,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from interp.atomic import atomic_file, write_json_atomic
+from interp.atomic import write_json_atomic, write_tensors_atomic
 from interp.configs import from_dict
 from interp.lens.logit import LensResult, logit_lens, run_lens, summarise
 from interp.lens.residual import (
+    UNSET,
     Decoder,
     compute_dtype,
     kl_from_final,
@@ -51,6 +52,7 @@ from interp.lens.residual import (
     model_name,
     residual_stack,
 )
+from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch
 from interp.viz import curves
 
@@ -129,11 +131,6 @@ def _fingerprint(acts: Tensor) -> dict[str, Any]:
     return {"shape": list(a.shape), "sum": float(a.double().sum()), "abs_sum": float(a.double().abs().sum())}
 
 
-def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-
-
 class TunedLens(torch.nn.Module):
     """Per-layer affine translators for the lens layers of one model (see the module docstring).
 
@@ -194,7 +191,7 @@ class TunedLens(torch.nn.Module):
     @staticmethod
     def fit(
         model: HookedTransformer,
-        data: Int[Tensor, "batch pos"] | Float[Tensor, "layer n d_model"],
+        data: Int[Tensor, "batch pos"] | Batch | Prompts | Float[Tensor, "layer n d_model"],
         config: TunedLensConfig = TunedLensConfig(),
         *,
         checkpoint_dir: str | Path | None = None,
@@ -204,8 +201,9 @@ class TunedLens(torch.nn.Module):
     ) -> TunedLens:
         """Train translators on cached residuals; resume from `checkpoint_dir` if it holds a run.
 
-        `data` is a token tensor (its residuals at every position are collected first) or the
-        residuals themselves in the lens-grid layout [n_layers + 1, n, d_model].
+        `data` is a token tensor or padded `Prompts`/`Batch` (their residuals at every real
+        position are collected first, with `interp.hooks.run`) or the residuals themselves in
+        the lens-grid layout [n_layers + 1, n, d_model].
         """
         acts = TunedLens._training_acts(model, data, batch_size, progress)
         lens = TunedLens.for_model(model, name=name)
@@ -243,8 +241,12 @@ class TunedLens(torch.nn.Module):
         return lens
 
     @staticmethod
-    def _training_acts(model: HookedTransformer, data: Tensor, batch_size: int | None,
+    def _training_acts(model: HookedTransformer, data: Tensor | Batch, batch_size: int | None,
                        progress: bool) -> Tensor:
+        if isinstance(data, Batch):  # padded prompts: every real position, no pads
+            p = as_prompts(data).right()
+            acts = residual_stack(model, p, batch_size=batch_size, progress=progress)
+            return acts[:, p.mask.to(acts.device)]
         if not isinstance(data, Tensor):
             raise TypeError(f"tuned lens data: expected a token tensor (batch, pos) or residuals "
                             f"(layer, n, d_model), got {type(data).__name__}")
@@ -274,8 +276,8 @@ class TunedLens(torch.nn.Module):
                     tensors[f"{pid}.{key}"] = value
                 else:
                     scalars[f"{pid}.{key}"] = value
-        _atomic_save_tensors({"delta": self.delta, "bias": self.bias}, ckpt / TRANSLATORS)
-        _atomic_save_tensors(tensors, ckpt / OPTIMIZER)
+        write_tensors_atomic(ckpt / TRANSLATORS, {"delta": self.delta, "bias": self.bias})
+        write_tensors_atomic(ckpt / OPTIMIZER, tensors)
         state = self._state(config, fingerprint)
         state["optimizer"] = {"param_groups": sd["param_groups"], "scalars": scalars}
         write_json_atomic(ckpt / STATE, state)  # written last: it marks the checkpoint complete
@@ -325,7 +327,7 @@ class TunedLens(torch.nn.Module):
         """Write the translators and their facts (model name, hooks, step) to directory `path`."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors({"delta": self.delta, "bias": self.bias}, d / TRANSLATORS)
+        write_tensors_atomic(d / TRANSLATORS, {"delta": self.delta, "bias": self.bias})
         state = {"model_name": self.model_name, "hooks": self.hook_names, "n_layers": self.n_layers,
                  "d_model": self.d_model, "d_vocab": self.d_vocab, "step": self.step,
                  "dtype": str(self.delta.dtype)}
@@ -355,9 +357,11 @@ class TunedLens(torch.nn.Module):
     def run(
         self,
         model: HookedTransformer,
-        tokens: Int[Tensor, "batch pos"] | Batch,
+        prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
         *,
-        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = -1,
+        at: str = "last",
+        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None | object = UNSET,
+        answer: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
         target: Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
         k: int = 5,
         batch_size: int | None = None,
@@ -366,20 +370,25 @@ class TunedLens(torch.nn.Module):
     ) -> LensResult:
         """The tuned lens at every layer: same arguments and result as `interp.lens.logit_lens`."""
         self.check_model(model)
-        return run_lens(model, tokens, lens="tuned", translate=self, decode_dtype=self.delta.dtype,
-                        pos=pos, target=target, k=k, batch_size=batch_size, keep_logits=keep_logits,
-                        progress=progress)
+        return run_lens(model, prompts, lens="tuned", translate=self, decode_dtype=self.delta.dtype,
+                        at=at, pos=pos, answer=answer, target=target, k=k, batch_size=batch_size,
+                        keep_logits=keep_logits, progress=progress)
 
     def compare(
         self,
         model: HookedTransformer,
-        tokens: Int[Tensor, "batch pos"],
+        prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
         *,
-        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None = None,
+        at: str = "last",
+        pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None | object = None,
         batch_size: int | None = None,
     ) -> LensComparison:
-        """KL(final || lens) per layer for the logit lens and this lens on the same (held-out) tokens."""
-        logit = logit_lens(model, tokens, pos=pos, k=1, batch_size=batch_size, progress=False)
-        tuned = self.run(model, tokens, pos=pos, k=1, batch_size=batch_size, progress=False)
+        """KL(final || lens) per layer for the logit lens and this lens on the same (held-out)
+        prompts: every position of unpadded prompts by default (`pos=None`); padded prompts (or
+        ``pos=UNSET``) are read at each prompt's named position `at`."""
+        if pos is None and isinstance(prompts, Batch) and bool((prompts.lengths < prompts.tokens.shape[1]).any()):
+            pos = UNSET
+        logit = logit_lens(model, prompts, at=at, pos=pos, k=1, batch_size=batch_size, progress=False)
+        tuned = self.run(model, prompts, at=at, pos=pos, k=1, batch_size=batch_size, progress=False)
         return LensComparison(model_name=self.model_name, labels=tuple(layer_labels(self.n_layers)),
                               logit=logit.kl.flatten(1), tuned=tuned.kl.flatten(1))
