@@ -209,6 +209,19 @@ class Prompts(Batch):
                       None if r.partner is None else r.partner.select(idx))
         return out.to_side(self.side)
 
+    def rows(self, sl: slice) -> Prompts:
+        """Rows `sl` of the prompts (and of the partner), keeping the width and the side (a batch of
+        a larger set: its tensors line up with the whole set's)."""
+        if not isinstance(sl, slice):
+            raise TypeError(f"Prompts.rows: expected a slice, got {type(sl).__name__}; use select() for indices")
+        if not len(range(*sl.indices(len(self)))):
+            raise ValueError(f"Prompts.rows: expected a non-empty slice of {len(self)} prompts, got {sl}")
+        return Prompts(self.tokens[sl], self.lengths[sl], self.side, self.prompt_lengths[sl],
+                       {k: v[sl] for k, v in self.spans.items() if k not in RESERVED},
+                       None if self.answers is None else self.answers[sl],
+                       None if self.answer_lengths is None else self.answer_lengths[sl],
+                       None if self.partner is None else self.partner.rows(sl))
+
     def to_side(self, side: Side) -> Prompts:
         """The same prompts padded on `side`."""
         if side == self.side:

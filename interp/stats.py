@@ -92,3 +92,17 @@ def normalised_effect(patched: Tensor, corrupted: Tensor | float, clean: Tensor 
             f"{float(denom.abs().min()):.3g} (< {eps}); pick prompts where the corruption changes the metric"
         )
     return (patched - torch.as_tensor(corrupted)) / denom
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two tensors with the same number of cells (flattened), in float64;
+    NaN when it is undefined (fewer than 2 cells, or a constant side)."""
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    if x.shape != y.shape:
+        raise ValueError(f"correlation: expected two tensors with the same number of cells, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(x.norm() * y.norm())
+    return float((x @ y) / denom) if denom > 0 else float("nan")

@@ -16,7 +16,9 @@ from sklearn.metrics import mutual_info_score, r2_score
 from torch.testing import assert_close
 
 from interp import sae as isae
+from interp.metrics import answer_logprob
 from interp.models import load_model, weights_fingerprint
+from interp.prompts import Prompts
 from interp.sae.circuit import heads_between
 from interp.sae.data import ActivationBatches, collect_activations, position_mask
 from interp.sae.planted import PlantedConfig, max_cosine
@@ -348,10 +350,11 @@ def test_trace_top_contexts_and_dashboard(tmp_path, gpt2_model, trained):
 def test_attribution_agrees_with_exact_ablation(gpt2_model, trained):
     sae = trained[1].sae
     toks = _tokens(12, 10, 13)
-    metric = isae.answer_logprob(toks[:, 0])
-    attr = isae.attribute(gpt2_model, sae, toks, metric, positions="last")
+    toks = Prompts.from_tokens(toks, answers=toks[:, 0])
+    metric = answer_logprob()
+    attr = isae.feature_attribution(gpt2_model, sae, toks, metric, positions="last")
     with torch.inference_mode():
-        clean = metric(gpt2_model(toks))
+        clean = metric(gpt2_model(toks.tokens), toks)
     assert_close(attr.metric, clean, atol=1e-5, rtol=1e-5)  # the error term keeps the forward exact
     check = isae.check_attribution(gpt2_model, sae, toks, metric, attr, n=15, positions="last")
     print(f"\nattribution vs exact ablation: r = {check.correlation:.3f} over (example, feature); "
@@ -369,7 +372,7 @@ def test_attribution_agrees_with_exact_ablation(gpt2_model, trained):
         return act
 
     with torch.inference_mode(), gpt2_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", ref_hook)]):
-        assert_close(ablated, metric(gpt2_model(toks)), atol=1e-5, rtol=1e-5)
+        assert_close(ablated, metric(gpt2_model(toks.tokens), toks), atol=1e-5, rtol=1e-5)
 
 
 def test_steering_matches_sae_lens_feature_edit(gpt2_model, trained):
@@ -395,8 +398,13 @@ def test_steering_matches_sae_lens_feature_edit(gpt2_model, trained):
         clean = gpt2_model(toks)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert_close(zero, clean)
-    curve = isae.steering_curve(gpt2_model, sae, toks, feature, [0.0, 1.0], isae.answer_logprob(toks[:, 0]))
+    p = Prompts.from_tokens(toks, answers=toks[:, 0])
+    curve = isae.steering_curve(gpt2_model, sae, p, feature, [0.0, 1.0], answer_logprob())
     assert curve.to_frame().shape[0] == 8
+    with torch.inference_mode(), isae.steer(gpt2_model, sae, feature, 1.0):
+        one = torch.log_softmax(gpt2_model(toks)[:, -1], -1)[torch.arange(4), toks[:, 0]]
+    assert_close(curve.metric[1], one, atol=1e-5, rtol=1e-5)
+    assert_close(curve.metric[0], torch.log_softmax(clean[:, -1], -1)[torch.arange(4), toks[:, 0]], atol=1e-5, rtol=1e-5)
 
 
 def test_feature_graph_attribution_matches_exact(gpt2_model, trained):
@@ -571,7 +579,8 @@ def test_weights_fingerprint_survives_save_and_load(tmp_path, gpt2_model, llama_
 
 def _uses(model, up, down, toks):
     """Every public call that uses an SAE with a model (name -> thunk), for SAE `down` (and `up`)."""
-    metric = isae.answer_logprob(toks[:, 0])
+    metric = answer_logprob()
+    answered = Prompts.from_tokens(toks, answers=toks[:, 0])
     sel = isae.select_features(torch.rand(8, down.cfg.d_sae), torch.arange(8) % 2, k=2)
 
     def ctx(cm):
@@ -588,9 +597,9 @@ def _uses(model, up, down, toks):
         "trace": lambda: isae.trace(model, down, toks, k=2),
         "feature_activations": lambda: isae.feature_activations(model, down, toks),
         "direct_logit_effect": lambda: isae.direct_logit_effect(model, down),
-        "ablate": lambda: isae.ablate(model, down, toks, [0], metric),
-        "attribute": lambda: isae.attribute(model, down, toks, metric),
-        "steering_curve": lambda: isae.steering_curve(model, down, toks, 0, [1.0], metric),
+        "ablate": lambda: isae.ablate(model, down, answered, [0], metric),
+        "feature_attribution": lambda: isae.feature_attribution(model, down, answered, metric),
+        "steering_curve": lambda: isae.steering_curve(model, down, answered, 0, [1.0], metric),
         "attribute_sources": lambda: isae.attribute_sources(model, up, down, 0, toks),
         "exact_source_effects": lambda: isae.exact_source_effects(model, up, down, 0, toks, features=[0]),
         "feature_graph": lambda: isae.feature_graph(model, [up, down], 0, toks, top_k=1),
@@ -650,9 +659,9 @@ def test_allow_mismatch_returns_the_unchecked_numbers(gpt2_model, trained):
     got = isae.evaluate(other, sae, toks, hook, allow_mismatch=True)
     ref = isae.evaluate(other, _relabelled(sae, other, hook), toks, hook)
     assert got.values == ref.values
-    metric = isae.answer_logprob(toks[:, 0])
-    assert_close(isae.ablate(other, sae, toks, [1, 2], metric, allow_mismatch=True),
-                 isae.ablate(other, _relabelled(sae, other), toks, [1, 2], metric), rtol=0, atol=0)
+    answered, metric = Prompts.from_tokens(toks, answers=toks[:, 0]), answer_logprob()
+    assert_close(isae.ablate(other, sae, answered, [1, 2], metric, allow_mismatch=True),
+                 isae.ablate(other, _relabelled(sae, other), answered, [1, 2], metric), rtol=0, atol=0)
     tr = isae.trace(other, sae, toks, k=3, allow_mismatch=True)
     assert_close(tr.top_values, isae.trace(other, _relabelled(sae, other), toks, k=3).top_values, rtol=0, atol=0)
 

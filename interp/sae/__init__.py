@@ -13,13 +13,18 @@ this package adds what an investigation needs:
 - `check_sae`: every call that uses an SAE with a model first checks the SAE's recorded hook,
   model weights (`interp.models.weights_fingerprint`) and width, and raises `SAEMismatchError` on a mismatch
   (``allow_mismatch=True`` overrides the hook and model checks);
-- `trace`: top-activating contexts and direct logit effects; `attribute` (activation x gradient)
-  with `check_attribution` (exact ablation); `ablate`; `steer`; `feature_graph` (cross-layer
+- `trace`: top-activating contexts and direct logit effects; `feature_attribution` (activation x
+  gradient, per example) with `check_attribution` (exact ablation); `ablate`; `steer`;
+  `feature_graph` (cross-layer
   tracing through upstream features and attention heads); `select_features` (features that carry
   a label, by mutual information); dashboards and an offline HTML export.
 
 Caveat: attribution is a first-order estimate; always look at its correlation with exact
 ablation before trusting a ranking.
+
+Every function takes `interp.prompts.Prompts` (a padded `Batch` or a token tensor also works),
+selects positions by name (`positions="last"`, a span name, ...) and takes metrics of the one
+contract `interp.metrics` (``metric(logits, prompts) -> [batch]``).
 
 The names below are imported on first use (PEP 562): `interp sae --help` does not import torch.
 """
@@ -30,10 +35,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from interp.metrics import Metric
     from interp.sae.checks import SAEMismatchError, check_sae
     from interp.sae.circuit import FeatureGraph, attribute_sources, exact_source_effects, feature_graph
-    from interp.sae.dashboard import feature_dashboard, write_dashboards
-    from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice
+    from interp.sae.commands import write_dashboards
+    from interp.sae.evaluation import CELoss, SAEEval, evaluate, reconstruct, splice, splice_edit
     from interp.sae.io import SAELoadError, list_saes, load, read_manifest, save
     from interp.sae.planted import PlantedConfig, PlantedResult
     from interp.sae.selection import (
@@ -49,19 +55,19 @@ if TYPE_CHECKING:
         Context,
         FeatureAttribution,
         FeatureTrace,
-        Metric,
         Steering,
         ablate,
-        answer_logprob,
-        attribute,
         check_attribution,
         direct_logit_effect,
         feature_activations,
+        feature_attribution,
+        feature_dashboard,
         final_norm_scale,
-        logit_diff,
         steer,
         steering_curve,
+        steering_edit,
         trace,
+        zero_features,
     )
     from interp.sae.training import TrainConfig, TrainResult, train, train_on_batches
 
@@ -76,7 +82,7 @@ _LAZY = {
     "FeatureSelection": "interp.sae.selection",
     "FeatureTrace": "interp.sae.tracing",
     "LabelFeatureTest": "interp.sae.selection",
-    "Metric": "interp.sae.tracing",
+    "Metric": "interp.metrics",
     "PlantedConfig": "interp.sae.planted",
     "PlantedResult": "interp.sae.planted",
     "SAEEval": "interp.sae.evaluation",
@@ -85,44 +91,46 @@ _LAZY = {
     "TrainConfig": "interp.sae.training",
     "TrainResult": "interp.sae.training",
     "ablate": "interp.sae.tracing",
-    "answer_logprob": "interp.sae.tracing",
-    "attribute": "interp.sae.tracing",
     "attribute_sources": "interp.sae.circuit",
     "check_attribution": "interp.sae.tracing",
     "direct_logit_effect": "interp.sae.tracing",
     "evaluate": "interp.sae.evaluation",
     "exact_source_effects": "interp.sae.circuit",
     "feature_activations": "interp.sae.tracing",
-    "feature_dashboard": "interp.sae.dashboard",
+    "feature_attribution": "interp.sae.tracing",
+    "feature_dashboard": "interp.sae.tracing",
     "feature_graph": "interp.sae.circuit",
     "final_norm_scale": "interp.sae.tracing",
     "firing_mutual_information": "interp.sae.selection",
     "label_feature_test": "interp.sae.selection",
     "list_saes": "interp.sae.io",
     "load": "interp.sae.io",
-    "logit_diff": "interp.sae.tracing",
     "read_manifest": "interp.sae.io",
     "reconstruct": "interp.sae.evaluation",
     "save": "interp.sae.io",
     "select_features": "interp.sae.selection",
     "splice": "interp.sae.evaluation",
+    "splice_edit": "interp.sae.evaluation",
     "steer": "interp.sae.tracing",
     "steer_label": "interp.sae.selection",
     "steering_curve": "interp.sae.tracing",
+    "steering_edit": "interp.sae.tracing",
     "trace": "interp.sae.tracing",
     "train": "interp.sae.training",
     "train_on_batches": "interp.sae.training",
-    "write_dashboards": "interp.sae.dashboard",
+    "write_dashboards": "interp.sae.commands",
+    "zero_features": "interp.sae.tracing",
 }
 
 __all__ = [
     "AttributionCheck", "CELoss", "Context", "FeatureAttribution", "FeatureGraph", "FeatureSelection", "FeatureTrace",
     "LabelFeatureTest", "Metric", "PlantedConfig", "PlantedResult", "SAEEval", "SAELoadError", "SAEMismatchError", "Steering", "TrainConfig",
-    "TrainResult", "ablate", "answer_logprob", "attribute", "attribute_sources", "check_attribution", "check_sae",
-    "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_dashboard",
-    "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test", "list_saes", "load", "logit_diff",
-    "read_manifest", "reconstruct", "save", "select_features", "splice", "steer", "steer_label", "steering_curve", "trace",
-    "train", "train_on_batches", "write_dashboards",
+    "TrainResult", "ablate", "attribute_sources", "check_attribution", "check_sae",
+    "direct_logit_effect", "evaluate", "exact_source_effects", "feature_activations", "feature_attribution",
+    "feature_dashboard", "feature_graph", "final_norm_scale", "firing_mutual_information", "label_feature_test",
+    "list_saes", "load", "read_manifest", "reconstruct", "save", "select_features", "splice", "splice_edit", "steer",
+    "steer_label", "steering_curve", "steering_edit", "trace", "train", "train_on_batches", "write_dashboards",
+    "zero_features",
 ]
 
 

@@ -22,15 +22,13 @@ width only.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node
-from interp.hooks import hook_layer, resolve_hook
+from interp.graph import FINAL_NORM_OUT, HOOK_EMBED, HOOK_POS_EMBED, Node
+from interp.hooks import HookError, resolve_hook, run
 from interp.models import weights_fingerprint
 
 # the metadata / manifest key holding the fingerprint of the model an SAE was trained on
@@ -42,7 +40,7 @@ class SAEMismatchError(ValueError):
 
 
 _D_MODEL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                  "hook_embed", "hook_pos_embed", "ln_final.hook_normalized")
+                  HOOK_EMBED, HOOK_POS_EMBED, FINAL_NORM_OUT)
 _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
 _PER_HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 
@@ -59,20 +57,13 @@ def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
         # sae-lens flattens the heads of a hook_z SAE; other per-head SAEs read one head's vector
         flat = name.endswith("hook_z") and getattr(sae.cfg, "reshape_activations", "none") == "hook_z"
         return arch.n_heads * arch.d_head if flat else arch.d_head
-    shape: dict[str, tuple[int, ...]] = {}
-
-    def grab(act: torch.Tensor, hook: Any) -> None:
-        shape["x"] = tuple(act.shape)
-
-    layer = hook_layer(name)
-    stop = layer + 1 if layer is not None and layer + 1 < arch.n_layers else None
-    tok = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(name, grab)]):
-        model(tok, stop_at_layer=stop)
-    if "x" not in shape:
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    try:
+        act = run(model, tok, captures=[name], logits=False).acts[name]
+    except HookError as e:
         raise SAEMismatchError(f"SAE hook {name}: expected it to fire on a forward pass, got no activation; "
-                               f"use a hook on the model's forward path")
-    return shape["x"][-1]
+                               f"use a hook on the model's forward path") from e
+    return act.shape[-1]
 
 
 def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *,

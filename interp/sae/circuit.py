@@ -26,11 +26,14 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.graph import Site, node_from_hook_name
+from interp.graph import Node, Site, node_from_hook_name
+from interp.hooks import Capture, Map, Zero, run
+from interp.prompts import Prompts
 from interp.sae.checks import check_sae
 from interp.sae.data import as_batch
-from interp.sae.evaluation import spliced_at
-from interp.sae.tracing import _pearson, _zero_features
+from interp.sae.evaluation import splice_edit
+from interp.sae.tracing import zero_features
+from interp.stats import pearson
 from interp.tokens import Batch
 
 
@@ -66,49 +69,50 @@ class Sources:
     target: Float[Tensor, "batch"]
 
 
-def _target_positions(batch: Batch, pos: int | Tensor) -> Tensor:
+def _target_positions(batch: Prompts, pos: int | Tensor | str) -> Tensor:
+    """Each example's read-out position (right-padded layout): a name of the prompts ("last", a
+    span: its last token), an int (negative: from each prompt's end) or a [batch] tensor."""
+    if isinstance(pos, str):
+        return batch.index(pos)
     if isinstance(pos, Tensor):
-        return pos.long()
+        return pos.long().cpu()
     return torch.where(torch.tensor(pos) < 0, batch.lengths + pos, torch.full_like(batch.lengths, pos))
 
 
+def _head_node(layer: int) -> Node:
+    return Node(layer, Site.HEAD)
+
+
 def attribute_sources(
-    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, tokens: Tensor | Batch,
-    pos: int | Tensor = -1, *, allow_mismatch: bool = False,
+    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
+    pos: int | Tensor | str = -1, *, allow_mismatch: bool = False,
 ) -> Sources:
-    """Activation x gradient of downstream `feature` (at `pos`) w.r.t. upstream features and heads."""
+    """Activation x gradient of downstream `feature` (at `pos`: an int, a [batch] tensor or a
+    position name such as "last") w.r.t. upstream features and heads, per example."""
     up = check_sae(model, upstream, allow_mismatch=allow_mismatch)
     down = check_sae(model, downstream, allow_mismatch=allow_mismatch)
     if _order(up) >= _order(down):
         raise ValueError(f"cross-layer tracing: expected the upstream SAE's hook before the downstream one's, "
                          f"got {up} and {down}")
     layers = heads_between(model, up, down)
-    batch = as_batch(tokens, model.cfg.d_vocab)
-    toks = batch.tokens.to(model.cfg.device)
-    p = _target_positions(batch, pos).to(model.cfg.device)
-    rows = torch.arange(toks.shape[0], device=toks.device)
+    batch = as_batch(prompts, model.cfg.d_vocab)
+    p = _target_positions(batch, pos)
     saved: dict[str, Tensor] = {}
 
-    def up_fn(act: Tensor, hook: Any) -> Tensor:
+    def up_fn(act: Tensor) -> Tensor:
         x = act.to(upstream.dtype).to(upstream.device)
         f = upstream.encode(x).detach().requires_grad_(True)
         saved["f"] = f
         rec = upstream.decode(f)
         return (rec + (x - rec).detach()).to(act.dtype).to(act.device)
 
-    def z_fn(act: Tensor, hook: Any) -> None:
-        saved[hook.name] = act
-
-    def down_fn(act: Tensor, hook: Any) -> None:
-        saved["down"] = act
-
-    hooks = [(up, up_fn)] + [(f"blocks.{layer}.attn.hook_z", z_fn) for layer in layers] + [(down, down_fn)]
-    stop = _order(down)[0] + 1
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        model(toks, stop_at_layer=stop if stop < model.cfg.n_layers else None)
-        x_down = saved["down"][rows, p]
+    heads = [_head_node(layer) for layer in layers]
+    out = run(model, batch, edits=[Map(up, fn=up_fn)], captures=[Capture(down, p[:, None], grad=True)]
+              + [Capture(h, grad=True) for h in heads], logits=False, grad=True)
+    with torch.enable_grad():
+        x_down = out.acts[down][:, 0]
         target = downstream.encode(x_down.to(downstream.dtype).to(downstream.device))[:, feature]
-        zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
+        zs = [out.acts[h.hook_name] for h in heads]
         grads = torch.autograd.grad(target.sum(), [saved["f"], *zs], allow_unused=True)
     f = saved["f"].detach()
     gf = grads[0] if grads[0] is not None else torch.zeros_like(f)
@@ -117,51 +121,36 @@ def attribute_sources(
     for z, g in zip(zs, grads[1:], strict=True):
         head_scores.append((z.detach() * g).sum((1, 3)).float().cpu() if g is not None
                            else torch.zeros(z.shape[0], z.shape[2]))
-    heads = torch.stack(head_scores, dim=1) if head_scores else torch.zeros(toks.shape[0], 0, model.cfg.n_heads)
-    return Sources(feat, heads, tuple(layers), target.detach().float().cpu())
+    n = len(batch)
+    head_t = torch.stack(head_scores, dim=1) if head_scores else torch.zeros(n, 0, model.cfg.n_heads)
+    return Sources(feat, head_t, tuple(layers), target.detach().float().cpu())
 
 
-def _target_value(model: HookedTransformer, downstream: SAE, down: str, feature: int, toks: Tensor,
-                  p: Tensor) -> Tensor:
-    saved: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: Any) -> None:
-        saved["x"] = act
-
-    stop = _order(down)[0] + 1
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(down, grab)]):
-        model(toks, stop_at_layer=stop if stop < model.cfg.n_layers else None)
-        x = saved["x"][torch.arange(toks.shape[0], device=toks.device), p]
+def _target_value(model: HookedTransformer, downstream: SAE, down: str, feature: int, batch: Prompts,
+                  p: Tensor, edits: Sequence[Any] = ()) -> Tensor:
+    x = run(model, batch, edits=edits, captures=[Capture(down, p[:, None])], logits=False).acts[down][:, 0]
+    with torch.no_grad():
         return downstream.encode(x.to(downstream.dtype).to(downstream.device))[:, feature].float().cpu()
 
 
 def exact_source_effects(
-    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, tokens: Tensor | Batch,
-    *, features: Sequence[int] = (), heads: Sequence[tuple[int, int]] = (), pos: int | Tensor = -1,
+    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
+    *, features: Sequence[int] = (), heads: Sequence[tuple[int, int]] = (), pos: int | Tensor | str = -1,
     allow_mismatch: bool = False,
 ) -> tuple[Float[Tensor, "batch n_feat"], Float[Tensor, "batch n_head"]]:
     """target(clean) - target(ablated) for each upstream feature (zeroed at all positions, error
     term kept) and each head (its hook_z zeroed), per example."""
     up = check_sae(model, upstream, allow_mismatch=allow_mismatch)
     down = check_sae(model, downstream, allow_mismatch=allow_mismatch)
-    batch = as_batch(tokens, model.cfg.d_vocab)
-    toks = batch.tokens.to(model.cfg.device)
-    p = _target_positions(batch, pos).to(model.cfg.device)
-    clean = _target_value(model, downstream, down, feature, toks, p)
-    fe = []
-    for i in features:
-        with spliced_at(model, upstream, up, error_term=True, edit=_zero_features(torch.tensor([int(i)]))):
-            fe.append(clean - _target_value(model, downstream, down, feature, toks, p))
-    he = []
-    for layer, head in heads:
-        def zero(act: Tensor, hook: Any, _h: int = head) -> Tensor:
-            act = act.clone()
-            act[:, :, _h] = 0
-            return act
-
-        with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)]):
-            he.append(clean - _target_value(model, downstream, down, feature, toks, p))
-    n = toks.shape[0]
+    batch = as_batch(prompts, model.cfg.d_vocab)
+    p = _target_positions(batch, pos)
+    clean = _target_value(model, downstream, down, feature, batch, p)
+    fe = [clean - _target_value(model, downstream, down, feature, batch, p,
+                                [splice_edit(upstream, up, error_term=True, edit=zero_features(torch.tensor([int(i)])))])
+          for i in features]
+    he = [clean - _target_value(model, downstream, down, feature, batch, p, [Zero(Node(layer, Site.HEAD, head=head))])
+          for layer, head in heads]
+    n = len(batch)
     return (torch.stack(fe, 1) if fe else torch.zeros(n, 0), torch.stack(he, 1) if he else torch.zeros(n, 0))
 
 
@@ -207,8 +196,8 @@ class FeatureGraph:
 
 
 def feature_graph(
-    model: HookedTransformer, saes: Sequence[SAE], feature: int, tokens: Tensor | Batch, *,
-    pos: int | Tensor = -1, top_k: int = 5, check: bool = True, allow_mismatch: bool = False,
+    model: HookedTransformer, saes: Sequence[SAE], feature: int, prompts: Tensor | Batch | Prompts, *,
+    pos: int | Tensor | str = -1, top_k: int = 5, check: bool = True, allow_mismatch: bool = False,
 ) -> FeatureGraph:
     """Trace `feature` of the last SAE in `saes` (ordered by depth) back through the others.
 
@@ -235,7 +224,7 @@ def feature_graph(
     for level in range(last, 0, -1):
         nxt: list[int] = []
         for tgt in frontier:
-            src = attribute_sources(model, saes[level - 1], saes[level], tgt, tokens, pos,
+            src = attribute_sources(model, saes[level - 1], saes[level], tgt, prompts, pos,
                                     allow_mismatch=allow_mismatch)
             fmean = src.features.mean(0)
             top_f = [int(i) for i in fmean.abs().topk(min(top_k, fmean.numel())).indices if float(fmean[i]) != 0]
@@ -246,7 +235,7 @@ def feature_graph(
                 if flat.numel() else []
             exact_f = exact_h = None
             if check:
-                ef, eh = exact_source_effects(model, saes[level - 1], saes[level], tgt, tokens, features=top_f,
+                ef, eh = exact_source_effects(model, saes[level - 1], saes[level], tgt, prompts, features=top_f,
                                               heads=top_h, pos=pos, allow_mismatch=allow_mismatch)
                 exact_f, exact_h = ef.mean(0), eh.mean(0)
             for r, i in enumerate(top_f):
@@ -261,7 +250,7 @@ def feature_graph(
             for r, (layer, h) in enumerate(top_h):
                 hid = f"L{layer}H{h}"
                 node_rows.setdefault(hid, {"id": hid, "kind": "head", "level": level - 0.5, "index": h,
-                                           "hook": f"blocks.{layer}.attn.hook_z", "x": level - 0.5, "y": 0.0})
+                                           "hook": _head_node(layer).hook_name, "x": level - 0.5, "y": 0.0})
                 j = src.head_layers.index(layer)
                 edges.append({"source": hid, "target": fid(level, tgt), "weight": float(hmean[j, h]),
                               "exact": float(exact_h[r]) if exact_h is not None else float("nan"),
@@ -271,7 +260,7 @@ def feature_graph(
     for _, grp in nodes.groupby("x"):
         nodes.loc[grp.index, "y"] = list(range(len(grp)))
     edge_frame = pd.DataFrame(edges, columns=["source", "target", "weight", "exact", "source_kind"])
-    corr = (_pearson(torch.tensor(edge_frame["weight"].to_numpy()), torch.tensor(edge_frame["exact"].to_numpy()))
+    corr = (pearson(torch.tensor(edge_frame["weight"].to_numpy()), torch.tensor(edge_frame["exact"].to_numpy()))
             if check and len(edge_frame) > 1 else float("nan"))
     return FeatureGraph(nodes, edge_frame, names, corr)
 

@@ -72,6 +72,19 @@ def organism_data(name: str, n: int, seed: int) -> tuple[Tensor, Tensor | None, 
     return data.tokens, targets, org.tokenizer()
 
 
+def write_dashboards(trace: Any, features: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Dashboards of several features (`interp.sae.FeatureTrace.plot`) in one offline HTML file
+    (plotly.js embedded once)."""
+    from interp.report import Report
+
+    report = Report(title or f"SAE features at {trace.hook_name}")
+    for f in features:
+        i = trace.index(int(f))
+        report.add(f"feature {int(f)}", f"frequency {float(trace.frequency[i]):.4f}, mean activation "
+                                        f"{float(trace.mean_activation[i]):.4f}", [trace.plot(int(f))])
+    return report.write(path)
+
+
 def _eval_table(ev: Any) -> Table:
     table = Table(title=f"SAE at {ev.hook_name} ({ev.n_tokens} tokens)")
     table.add_column("metric")
@@ -198,7 +211,6 @@ def dashboard_cmd(
     """Write an offline HTML page with feature dashboards."""
     _quiet(threads)
     from interp.models import load_model
-    from interp.sae.dashboard import write_dashboards
     from interp.sae.io import load
     from interp.sae.tracing import trace
 

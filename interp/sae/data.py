@@ -15,16 +15,18 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.cache import collect
 from interp.graph import Node
 from interp.hooks import resolve_hook
+from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_tokens
 
 ChunkSource = Callable[[], Iterable[Tensor]]
+Positions = str | list[int] | Tensor
 
 
 def hook_name_of(model: HookedTransformer, hook: str | Node) -> str:
@@ -32,30 +34,48 @@ def hook_name_of(model: HookedTransformer, hook: str | Node) -> str:
     return resolve_hook(model, hook)
 
 
-def as_batch(tokens: Tensor | Batch, d_vocab: int | None = None) -> Batch:
-    """A `Batch` (right-padded) from a token tensor or a `Batch`."""
-    if isinstance(tokens, Batch):
-        return tokens.right()
-    check_tokens(tokens, d_vocab)
-    return Batch.of(tokens)
+def as_batch(tokens: Tensor | Batch | Prompts, d_vocab: int | None = None) -> Prompts:
+    """Right-padded `Prompts` from `Prompts`, a padded `Batch` or a token tensor (unpadded prompts)."""
+    if not isinstance(tokens, Batch):
+        check_tokens(tokens, d_vocab)
+    return as_prompts(tokens).right()
 
 
-def position_mask(batch: Batch, positions: str | list[int] | Tensor = "all") -> Tensor:
+def chunks(prompts: Prompts, batch_size: int) -> Iterator[tuple[slice, Prompts]]:
+    """(rows, prompts of those rows) of at most `batch_size` prompts, same width and side."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    n = len(prompts)
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(n, start + batch_size))
+        yield sl, prompts if sl == slice(0, n) else prompts.rows(sl)
+
+
+def position_mask(batch: Batch, positions: Positions = "all") -> Bool[Tensor, "batch pos"]:
     """Bool [batch, pos]: which (real, right-padded) positions an SAE reads.
 
-    `positions`: "all" real positions, "last" (each prompt's last real token), a list of
-    position indices (negative ones count from each prompt's end), or a bool mask over positions.
+    `positions`: "all" real positions, "last" (each prompt's last token), a span name of
+    `Prompts` (every token of that span), a list of position indices (negative ones count from
+    each prompt's end), or a bool mask over positions.
     """
+    batch = batch.right()  # the layout the toolkit computes on (= prompt coordinates)
     real = batch.mask
     n, width = batch.tokens.shape
     if isinstance(positions, str):
         if positions == "all":
             return real
+        if isinstance(batch, Prompts):
+            try:
+                return batch.span_mask(positions, width).to(real.device) & real
+            except KeyError as e:
+                raise ValueError(f"positions: expected 'all' or a named position of the prompts "
+                                 f"{sorted(batch.names)}, got {positions!r}") from e
         if positions == "last":
             out = torch.zeros_like(real)
             out[torch.arange(n), batch.lengths - 1] = True
             return out
-        raise ValueError(f"positions: expected 'all', 'last', a list of ints or a bool mask, got {positions!r}")
+        raise ValueError(f"positions: expected 'all', 'last', a list of ints or a bool mask, got {positions!r}; "
+                         f"span names need Prompts")
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.shape not in ((width,), (n, width)):
             raise ValueError(f"positions mask: expected shape ({width},) or ({n}, {width}), got "
@@ -73,18 +93,19 @@ def position_mask(batch: Batch, positions: str | list[int] | Tensor = "all") -> 
 
 def collect_activations(
     model: HookedTransformer,
-    tokens: Tensor | Batch,
+    prompts: Tensor | Batch | Prompts,
     hook: str | Node,
     *,
-    positions: str | list[int] | Tensor = "all",
+    positions: Positions = "all",
     batch_size: int = 64,
 ) -> Float[Tensor, "n_act d_in"]:
     """The activations at `hook` for the selected real positions, one row per token.
 
-    Cached with `interp.cache.collect`; pad positions are dropped.
+    Cached with `interp.cache.collect`; pad positions are dropped; rows in prompt order, then
+    position order.
     """
     name = hook_name_of(model, hook)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     cache = collect(model, batch, hooks=[name], positions="all", batch_size=batch_size, progress=False)
     act = cache[name]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -29,8 +28,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from interp.graph import Node
+from interp.hooks import Map, intervene, run
+from interp.prompts import Prompts
 from interp.sae.checks import check_sae
-from interp.sae.data import as_batch, position_mask
+from interp.sae.data import Positions, as_batch, chunks, position_mask
 from interp.stats import normalised_effect
 from interp.tokens import Batch
 
@@ -49,10 +50,11 @@ def reconstruct(sae: SAE, x: Tensor, *, error_term: bool = False,
     return out.to(x.dtype).to(x.device)
 
 
-def _splice_fn(sae: SAE, mask: Tensor | None, error_term: bool, edit: FeatureEdit | None) -> Callable:
-    def fn(act: Tensor, hook: Any) -> Tensor:
+def _splice_fn(sae: SAE, mask: Tensor | None, error_term: bool, edit: FeatureEdit | None, name: str
+               ) -> Callable[[Tensor], Tensor]:
+    def fn(act: Tensor) -> Tensor:
         if act.shape[-1] != sae.cfg.d_in:
-            raise ValueError(f"SAE at {hook.name}: expected activations with d_in={sae.cfg.d_in}, got shape "
+            raise ValueError(f"SAE at {name}: expected activations with d_in={sae.cfg.d_in}, got shape "
                              f"{tuple(act.shape)}")
         new = reconstruct(sae, act, error_term=error_term, edit=edit)
         if mask is None:
@@ -61,6 +63,21 @@ def _splice_fn(sae: SAE, mask: Tensor | None, error_term: bool, edit: FeatureEdi
         return torch.where(m, new, act)
 
     return fn
+
+
+def splice_edit(sae: SAE, name: str, *, error_term: bool = False, edit: FeatureEdit | None = None,
+                mask: Tensor | None = None) -> Map:
+    """The SAE spliced in at hook `name` as an intervention for `interp.hooks.run` (`mask`:
+    bool [batch, pos] positions to replace; `edit` maps feature activations before decoding)."""
+    return Map(name, fn=_splice_fn(sae, mask, error_term, edit, name))
+
+
+def masked_zero(name: str, mask: Tensor) -> Map:
+    """Zero-ablation of hook `name` at the positions of `mask` (bool [batch, pos])."""
+    def fn(act: Tensor) -> Tensor:
+        return torch.where(mask.to(act.device)[..., None], torch.zeros_like(act), act)
+
+    return Map(name, fn=fn)
 
 
 @contextlib.contextmanager
@@ -83,7 +100,7 @@ def splice(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *
 def spliced_at(model: HookedTransformer, sae: SAE, name: str, *, error_term: bool = False,
                edit: FeatureEdit | None = None, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
     """`splice` at an already checked hook name (for callers that ran `check_sae` once)."""
-    with model.hooks(fwd_hooks=[(name, _splice_fn(sae, mask, error_term, edit))]):
+    with intervene(model, [splice_edit(sae, name, error_term=error_term, edit=edit, mask=mask)], strict=False):
         yield model
 
 
@@ -223,10 +240,10 @@ def _target_sets(batch: Batch, targets: Tensor | Mapping[str, Tensor] | None) ->
 def evaluate(
     model: HookedTransformer,
     sae: SAE,
-    tokens: Tensor | Batch,
+    prompts: Tensor | Batch | Prompts,
     hook: str | Node | None = None,
     *,
-    positions: str | list[int] | Tensor = "all",
+    positions: Positions = "all",
     targets: Tensor | Mapping[str, Tensor] | None = None,
     batch_size: int = 32,
     dense_threshold: float = 0.1,
@@ -245,7 +262,7 @@ def evaluate(
     if not 0 < dense_threshold < 1:
         raise ValueError(f"evaluate.dense_threshold: expected in (0, 1), got {dense_threshold}")
     name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     sets = _target_sets(batch, targets)
     n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
@@ -254,38 +271,31 @@ def evaluate(
     n_tok = 0
     ce = {t: {"clean": 0.0, "sae": 0.0, "ablate": 0.0} for t in sets}
     n_pred = dict.fromkeys(sets, 0)
-    starts = range(0, batch.tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc=f"evaluating SAE at {name}", disable=not progress):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        m = mask[start:start + batch_size]
-        tgts = {t: v[start:start + batch_size].to(model.cfg.device) for t, v in sets.items()}
-        grabbed: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook: Any, grabbed: dict[str, Tensor] = grabbed) -> None:
-            grabbed["x"] = act.detach()
+    for sl, part in tqdm(list(chunks(batch, batch_size)), desc=f"evaluating SAE at {name}", disable=not progress):
+        m = mask[sl]
+        tgts = {t: v[sl] for t, v in sets.items()}
 
         def add_ce(key: str, logits: Tensor, tgts: dict[str, Tensor] = tgts) -> None:
             # every target set from the same logits, which are dropped right after
             for t, tgt in tgts.items():
+                tgt = tgt.to(logits.device)
                 ce[t][key] += float(_ce(logits, tgt)[tgt >= 0].double().sum())
 
-        with torch.inference_mode():
-            with model.hooks(fwd_hooks=[(name, grab)]):
-                add_ce("clean", model(toks))
-            x = grabbed["x"][m.to(grabbed["x"].device)]
+        clean = run(model, part, captures=[name])
+        add_ce("clean", clean.logits)  # type: ignore[arg-type]
+        with torch.no_grad():
+            x = clean.acts[name][m.to(clean.acts[name].device)]
             feats = sae.encode(x.to(sae.dtype).to(sae.device))
             x_hat = sae.decode(feats).to(torch.float64).cpu()
-            xd = x.to(torch.float64).cpu()
-            n_fire += (feats != 0).sum(0).double().cpu()
-            l0_sum += float((feats != 0).sum())
-            sum_x += xd.sum(0)
-            sum_sq += float(xd.pow(2).sum())
-            sum_res += float((xd - x_hat).pow(2).sum())
-            n_tok += xd.shape[0]
-            with spliced_at(model, sae, name, mask=m):
-                add_ce("sae", model(toks))
-            with model.hooks(fwd_hooks=[(name, _masked_zero(m))]):
-                add_ce("ablate", model(toks))
+        xd = x.to(torch.float64).cpu()
+        n_fire += (feats != 0).sum(0).double().cpu()
+        l0_sum += float((feats != 0).sum())
+        sum_x += xd.sum(0)
+        sum_sq += float(xd.pow(2).sum())
+        sum_res += float((xd - x_hat).pow(2).sum())
+        n_tok += xd.shape[0]
+        add_ce("sae", run(model, part, edits=[splice_edit(sae, name, mask=m)]).logits)  # type: ignore[arg-type]
+        add_ce("ablate", run(model, part, edits=[masked_zero(name, m)]).logits)  # type: ignore[arg-type]
         for t, tgt in tgts.items():
             n_pred[t] += int((tgt >= 0).sum())
     empty = [t for t, n in n_pred.items() if n == 0]
@@ -306,10 +316,3 @@ def evaluate(
         dead_fraction=float((freq == 0).float().mean()), dense_fraction=float((freq > dense_threshold).float().mean()),
         ce=tuple(losses), n_tokens=n_tok, feature_frequency=freq, dense_threshold=dense_threshold,
     )
-
-
-def _masked_zero(mask: Tensor) -> Callable:
-    def fn(act: Tensor, hook: Any) -> Tensor:
-        return torch.where(mask.to(act.device)[..., None], torch.zeros_like(act), act)
-
-    return fn

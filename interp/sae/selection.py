@@ -22,6 +22,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.hooks import run
 from interp.sae.checks import check_sae
 from interp.stats import Estimate, bootstrap
 
@@ -235,9 +236,8 @@ def label_feature_test(
     def correct(pred: Tensor) -> Tensor:
         return (pred.cpu().long() == answers_te).float()
 
-    with torch.inference_mode():
-        clean = correct(torch.cat([predicted(model(toks_te[i:i + 256].to(model.cfg.device)))
-                                   for i in range(0, toks_te.shape[0], 256)]))
+    clean = correct(torch.cat([predicted(run(model, toks_te[i:i + 256]).logits)  # type: ignore[arg-type]
+                               for i in range(0, toks_te.shape[0], 256)]))
     ablated = correct(ablate(model, sae, toks_te, chosen, predicted, positions=positions,
                              allow_mismatch=allow_mismatch))
     freq = (acts_tr != 0).float().mean(0)

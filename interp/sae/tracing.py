@@ -6,14 +6,21 @@
   norm handled as in the logit lens (nostalgebraist 2020): centred (LayerNorm), multiplied by the
   norm's weight and divided by its scale (the per-token norm of the final residual; by default
   1, which keeps the ranking of tokens; `trace` uses the dataset's mean scale).
-- `attribute`: activation x gradient attribution of a metric to features (Syed et al. 2023's
+- `feature_attribution`: activation x gradient attribution of a metric to features (Syed et al. 2023's
   attribution patching applied to SAE features, as in Marks et al. 2024, "Sparse feature
   circuits"), checked against exact feature ablation by `check_attribution` (report the
   correlation: saturation and cancellation make the linear estimate fail, Kramar et al. 2024).
+  (Not `interp.patching.attribute`, which attributes a metric to model nodes, not SAE features.)
 - `ablate`: exact ablation of a set of features (the SAE error term is kept, so nothing else
   changes) and the metric that results.
 - `steer`: add a multiple of a feature's decoder direction at the SAE's hook (Templeton et al.
   2024, "Scaling monosemanticity", feature steering).
+
+Every function takes `Prompts` (or a padded `Batch`, or a token tensor), runs through
+`interp.hooks.run` (right-padded: each prompt's values equal running it alone), selects positions
+by name (`positions="last"`, a span name, "all", indices or a mask) and takes metrics of the one
+contract ``metric(logits, prompts) -> [batch]`` (`interp.metrics`; a one-argument
+TransformerLens-style metric is applied per example through `interp.metrics.as_metric`).
 """
 
 from __future__ import annotations
@@ -22,51 +29,28 @@ import contextlib
 import html
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from interp.graph import Node
+from interp.graph import FINAL_NORM_SCALE, Node
+from interp.hooks import Map, intervene, run
+from interp.metrics import Metric, as_metric
+from interp.prompts import Prompts
 from interp.sae.checks import check_sae
-from interp.sae.data import as_batch, position_mask
-from interp.sae.evaluation import spliced_at
+from interp.sae.data import Positions, as_batch, chunks, position_mask
+from interp.sae.evaluation import splice_edit
+from interp.stats import pearson
 from interp.tokens import Batch, Tokenizer
 
 RESIDUAL_WRITERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-
-
-# A metric maps logits [batch, pos, d_vocab] to one number per example [batch].
-Metric = Callable[[Tensor], Tensor]
-
-
-def answer_logprob(answers: Int[Tensor, "batch"], pos: Int[Tensor, "batch"] | int = -1) -> Metric:
-    """Metric: log-probability of each example's answer token at position `pos`."""
-
-    def metric(logits: Tensor) -> Tensor:
-        p = torch.as_tensor(pos, device=logits.device).expand(logits.shape[0])
-        lp = logits[torch.arange(logits.shape[0], device=logits.device), p].log_softmax(-1)
-        return lp.gather(-1, answers.to(logits.device)[:, None])[:, 0]
-
-    return metric
-
-
-def logit_diff(right: Int[Tensor, "batch"], wrong: Int[Tensor, "batch"],
-               pos: Int[Tensor, "batch"] | int = -1) -> Metric:
-    """Metric: logit of `right` minus logit of `wrong` at position `pos`."""
-
-    def metric(logits: Tensor) -> Tensor:
-        p = torch.as_tensor(pos, device=logits.device).expand(logits.shape[0])
-        last = logits[torch.arange(logits.shape[0], device=logits.device), p]
-        return (last.gather(-1, right.to(logits.device)[:, None]) - last.gather(-1, wrong.to(logits.device)[:, None]))[:, 0]
-
-    return metric
 
 
 def _features_index(sae: SAE, features: Sequence[int] | Tensor | None) -> Tensor:
@@ -110,18 +94,15 @@ def _direct_logit_effect(model: HookedTransformer, sae: SAE, name: str, features
     return (d @ model.W_U.detach()) / torch.as_tensor(scale, device=d.device, dtype=d.dtype)
 
 
-def final_norm_scale(model: HookedTransformer, tokens: Tensor | Batch, *, batch_size: int = 64) -> float:
-    """Mean scale of the final norm over the real tokens of `tokens` (1.0 without a final norm)."""
-    if "ln_final.hook_scale" not in model.hook_dict:
+def final_norm_scale(model: HookedTransformer, prompts: Tensor | Batch | Prompts, *, batch_size: int = 64) -> float:
+    """Mean scale of the final norm over the real tokens of `prompts` (1.0 without a final norm)."""
+    if FINAL_NORM_SCALE not in model.hook_dict:
         return 1.0
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     total, count = 0.0, 0
-    for start in range(0, batch.tokens.shape[0], batch_size):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(toks, names_filter="ln_final.hook_scale")
-        s = cache["ln_final.hook_scale"][..., 0]
-        m = batch.mask[start:start + batch_size].to(s.device)
+    for sl, part in chunks(batch, batch_size):
+        s = run(model, part, captures=[FINAL_NORM_SCALE], logits=False).acts[FINAL_NORM_SCALE][..., 0]
+        m = batch.mask[sl].to(s.device)
         total += float(s[m].double().sum())
         count += int(m.sum())
     return total / count
@@ -204,11 +185,35 @@ class FeatureTrace:
 
     def plot(self, feature: int | None = None) -> go.Figure:
         """A dashboard for one feature (default: the most frequent traced feature)."""
-        from interp.sae.dashboard import feature_dashboard
-
         if feature is None:
             feature = int(self.features[int(self.frequency.argmax())])
         return feature_dashboard(self, feature)
+
+
+def feature_dashboard(trace: FeatureTrace, feature: int, *, n_logits: int = 8) -> go.Figure:
+    """One feature's dashboard (after Bricken et al. 2023's feature browser): activation
+    histogram, the tokens it promotes and suppresses, its top contexts (built from the frames)."""
+    i = trace.index(feature)
+    contexts = trace.to_frame()
+    contexts = contexts[contexts["feature"] == feature]
+    logits = trace.top_logits(feature, n_logits)
+    fig = make_subplots(rows=2, cols=2, specs=[[{"type": "xy"}, {"type": "xy"}], [{"type": "table", "colspan": 2}, None]],
+                        subplot_titles=("activation density (non-zero)", "direct logit effect",
+                                        "top-activating contexts"), vertical_spacing=0.12, row_heights=[0.45, 0.55])
+    fig.add_trace(go.Histogram(x=trace.activation_samples[i].tolist(), nbinsx=40, name="activation"), row=1, col=1)
+    for direction, colour in (("promoted", "#2166ac"), ("suppressed", "#b2182b")):
+        sub = logits[logits["direction"] == direction]
+        fig.add_trace(go.Bar(x=sub["effect"], y=sub["token"], orientation="h", marker_color=colour, name=direction),
+                      row=1, col=2)
+    texts = list(contexts["context_html"])
+    fig.add_trace(go.Table(header=dict(values=["activation", "example", "pos", "context"]),
+                           cells=dict(values=[[f"{a:.3f}" for a in contexts["activation"]], list(contexts["example"]),
+                                              list(contexts["pos"]), texts], align="left"),
+                           columnwidth=[1, 1, 1, 8]), row=2, col=1)
+    fig.update_layout(title=f"feature {feature} at {trace.hook_name}: fires on {float(trace.frequency[i]):.2%} of "
+                            f"tokens, max {float(trace.top_values[i, 0]):.3f}", template="plotly_white",
+                      height=650, showlegend=False)
+    return fig
 
 
 def _decode_tokens(tokenizer: Tokenizer | None, ids: list[int]) -> tuple[str, ...]:
@@ -220,26 +225,26 @@ def _decode_tokens(tokenizer: Tokenizer | None, ids: list[int]) -> tuple[str, ..
 def trace(
     model: HookedTransformer,
     sae: SAE,
-    tokens: Tensor | Batch,
+    prompts: Tensor | Batch | Prompts,
     features: Sequence[int] | Tensor | None = None,
     *,
     k: int = 10,
     tokenizer: Tokenizer | None = None,
     window: tuple[int, int] = (10, 3),
-    positions: str | list[int] | Tensor = "all",
+    positions: Positions = "all",
     batch_size: int = 64,
     n_samples: int = 2000,
     progress: bool = False,
     allow_mismatch: bool = False,
 ) -> FeatureTrace:
-    """Feature activations over `tokens`: frequency, mean, top-`k` contexts and direct logit effect.
+    """Feature activations over `prompts`: frequency, mean, top-`k` contexts and direct logit effect.
 
     `window` is how many tokens before and after the firing token a context shows.
     `n_samples` non-zero activations per feature are kept for the histogram of the dashboard.
     The SAE's recorded hook and model are checked (`check_sae`; `allow_mismatch` skips that).
     """
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     idx = _features_index(sae, features)
     nf = idx.numel()
@@ -251,19 +256,18 @@ def trace(
     samples: list[list[Tensor]] = [[] for _ in range(nf)]
     n_tok = 0
     scale_sum, scale_n = 0.0, 0
-    want_scale = "ln_final.hook_scale" in model.hook_dict and name.endswith(RESIDUAL_WRITERS)
-    starts = range(0, batch.tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc=f"tracing features at {name}", disable=not progress):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        m = mask[start:start + batch_size]
-        names = [name] + (["ln_final.hook_scale"] if want_scale else [])
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(toks, names_filter=names)
+    want_scale = FINAL_NORM_SCALE in model.hook_dict and name.endswith(RESIDUAL_WRITERS)
+    for sl, part in tqdm(list(chunks(batch, batch_size)), desc=f"tracing features at {name}", disable=not progress):
+        start = sl.start
+        m = mask[sl]
+        names = [name] + ([FINAL_NORM_SCALE] if want_scale else [])
+        cache = run(model, part, captures=names, logits=False).acts
+        with torch.no_grad():
             acts = sae.encode(cache[name].to(sae.dtype).to(sae.device))[..., idx.to(sae.device)].float().cpu()
         if want_scale:
-            s = cache["ln_final.hook_scale"][..., 0].cpu()
-            scale_sum += float(s[batch.mask[start:start + batch_size]].double().sum())
-            scale_n += int(batch.mask[start:start + batch_size].sum())
+            s = cache[FINAL_NORM_SCALE][..., 0].cpu()
+            scale_sum += float(s[batch.mask[sl]].double().sum())
+            scale_n += int(batch.mask[sl].sum())
         acts = torch.where(m[..., None], acts, torch.zeros_like(acts))  # [b, pos, nf]
         n_tok += int(m.sum())
         fire += (acts != 0).sum((0, 1)).double()
@@ -309,26 +313,27 @@ def trace(
 
 
 def feature_activations(
-    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, *,
-    positions: str | list[int] | Tensor = "last", batch_size: int = 64, allow_mismatch: bool = False,
+    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, *,
+    positions: Positions = "last", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> Float[Tensor, "n_act d_sae"]:
-    """All feature activations at the selected positions (one row per selected token)."""
+    """All feature activations at the selected positions (one row per selected token, in prompt
+    order then position order; "last" and other names read each prompt's own positions)."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
     out = []
-    for start in range(0, batch.tokens.shape[0], batch_size):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(toks, names_filter=name)
-            x = cache[name][mask[start:start + batch_size].to(cache[name].device)]
+    for sl, part in chunks(batch, batch_size):
+        act = run(model, part, captures=[name], logits=False).acts[name]
+        with torch.no_grad():
+            x = act[mask[sl].to(act.device)]
             out.append(sae.encode(x.to(sae.dtype).to(sae.device)).float().cpu())
     return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------ ablation & steering
 
-def _zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
+def zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
+    """A feature edit (for `splice`): the activations of `features` set to 0."""
     def edit(f: Tensor) -> Tensor:
         f = f.clone()
         f[..., features.to(f.device)] = 0
@@ -338,23 +343,39 @@ def _zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def ablate(
-    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, features: Sequence[int] | Tensor,
-    metric: Metric | None = None, *, positions: str | list[int] | Tensor = "all", batch_size: int = 64,
+    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, features: Sequence[int] | Tensor,
+    metric: Metric | Callable[[Tensor], Tensor] | None = None, *, positions: Positions = "all", batch_size: int = 64,
     allow_mismatch: bool = False,
 ) -> Tensor:
-    """Run with `features` zeroed at `positions` (error term kept); return metric [batch] or logits."""
+    """Run with `features` zeroed at `positions` (error term kept); return the metric per example
+    [batch] (`metric(logits, prompts)`), or the logits [batch, pos, d_vocab] (right-padded
+    layout) without a metric."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     idx = _features_index(sae, features)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
+    fn = as_metric(metric) if metric is not None else None
     outs = []
-    for start in range(0, batch.tokens.shape[0], batch_size):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        with torch.inference_mode(), spliced_at(model, sae, name, error_term=True, edit=_zero_features(idx),
-                                                mask=mask[start:start + batch_size]):
-            logits = model(toks)
-        outs.append(metric(logits) if metric is not None else logits)
+    for sl, part in chunks(batch, batch_size):
+        edit = splice_edit(sae, name, error_term=True, edit=zero_features(idx), mask=mask[sl])
+        logits = run(model, part, edits=[edit]).logits
+        outs.append(fn(logits, part) if fn is not None else logits)
     return torch.cat(outs)
+
+
+def steering_edit(sae: SAE, name: str, feature: int, coefficient: float, mask: Tensor | None = None) -> Map:
+    """`coefficient` x the feature's decoder row added at hook `name` (at `mask`'s positions) as an
+    intervention for `interp.hooks.run`."""
+    idx = _features_index(sae, [feature])
+    direction = sae.W_dec.detach()[int(idx[0])]
+
+    def add(act: Tensor) -> Tensor:
+        d = (coefficient * direction).to(act.device, act.dtype)
+        if mask is None:
+            return act + d
+        return act + mask.to(act.device)[..., None].to(act.dtype) * d
+
+    return Map(name, fn=add)
 
 
 @contextlib.contextmanager
@@ -370,23 +391,7 @@ def steer(
     checked (`check_sae`; `allow_mismatch` skips that).
     """
     name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
-    with _steered_at(model, sae, name, feature, coefficient, mask):
-        yield model
-
-
-@contextlib.contextmanager
-def _steered_at(model: HookedTransformer, sae: SAE, name: str, feature: int, coefficient: float,
-                mask: Tensor | None) -> Iterator[HookedTransformer]:
-    idx = _features_index(sae, [feature])
-    direction = sae.W_dec.detach()[int(idx[0])]
-
-    def add(act: Tensor, hook: Any) -> Tensor:
-        d = (coefficient * direction).to(act.device, act.dtype)
-        if mask is None:
-            return act + d
-        return act + mask.to(act.device)[..., None].to(act.dtype) * d
-
-    with model.hooks(fwd_hooks=[(name, add)]):
+    with intervene(model, [steering_edit(sae, name, feature, coefficient, mask)], strict=False):
         yield model
 
 
@@ -428,35 +433,36 @@ class FeatureAttribution:
         return fig
 
 
-def attribute(
-    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric, *,
-    positions: str | list[int] | Tensor = "all", batch_size: int = 32, allow_mismatch: bool = False,
+def feature_attribution(
+    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor], *,
+    positions: Positions = "all", batch_size: int = 32, allow_mismatch: bool = False,
 ) -> FeatureAttribution:
-    """Attribute `metric` to the SAE's features: activation x d metric / d activation.
+    """Attribute `metric` (per example, ``metric(logits, prompts)``) to the SAE's features:
+    activation x d metric / d activation, summed over the selected positions.
 
     The SAE is spliced in with its error term at the selected positions (so the forward pass is
     the model's own); feature activations are leaves of the gradient computation.
     """
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(tokens, model.cfg.d_vocab)
+    batch = as_batch(prompts, model.cfg.d_vocab)
     mask = position_mask(batch, positions)
+    fn_metric = as_metric(metric)
     scores, acts, metrics = [], [], []
-    for start in range(0, batch.tokens.shape[0], batch_size):
-        toks = batch.tokens[start:start + batch_size].to(model.cfg.device)
-        m = mask[start:start + batch_size].to(model.cfg.device)
+    for sl, part in chunks(batch, batch_size):
+        m = mask[sl]
         leaf: dict[str, Tensor] = {}
 
-        def hook_fn(act: Tensor, hook: Any, leaf: dict[str, Tensor] = leaf, m: Tensor = m) -> Tensor:
+        def leaf_fn(act: Tensor, leaf: dict[str, Tensor] = leaf, m: Tensor = m) -> Tensor:
             x = act.to(sae.dtype).to(sae.device)
             f = sae.encode(x).detach().requires_grad_(True)
             leaf["f"] = f
             new = sae.decode(f)
             new = new + (x - new).detach()  # error term: the forward pass is unchanged
-            return torch.where(m[..., None], new.to(act.dtype).to(act.device), act)
+            return torch.where(m.to(act.device)[..., None], new.to(act.dtype).to(act.device), act)
 
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, hook_fn)]):
-            logits = model(toks)
-            values = metric(logits)
+        out = run(model, part, edits=[Map(name, fn=leaf_fn)], grad=True)
+        with torch.enable_grad():
+            values = fn_metric(out.logits, part)
             (grad,) = torch.autograd.grad(values.sum(), leaf["f"])
         f = leaf["f"].detach()
         mm = m.to(f.device)[..., None]
@@ -497,28 +503,21 @@ class AttributionCheck:
         return fig
 
 
-def _pearson(a: Tensor, b: Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
-
-
 def check_attribution(
-    model: HookedTransformer, sae: SAE, tokens: Tensor | Batch, metric: Metric,
+    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor],
     attribution: FeatureAttribution, features: Sequence[int] | Tensor | None = None, *, n: int = 20,
-    positions: str | list[int] | Tensor = "all", batch_size: int = 64, allow_mismatch: bool = False,
+    positions: Positions = "all", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> AttributionCheck:
     """Exact single-feature ablations for `features` (default: the top `n` by |attribution|),
     compared with the attribution estimates: Pearson r over (example, feature) pairs and over
     per-feature means."""
     idx = attribution.top(n) if features is None else _features_index(sae, features)
-    exact = torch.stack([attribution.metric - ablate(model, sae, tokens, [int(i)], metric, positions=positions,
+    exact = torch.stack([attribution.metric - ablate(model, sae, prompts, [int(i)], metric, positions=positions,
                                                      batch_size=batch_size,
                                                      allow_mismatch=allow_mismatch).float().cpu()
                          for i in idx.tolist()], dim=1)
     est = attribution.scores[:, idx]
-    return AttributionCheck(idx, est, exact, _pearson(est, exact), _pearson(est.mean(0), exact.mean(0)))
+    return AttributionCheck(idx, est, exact, pearson(est, exact), pearson(est.mean(0), exact.mean(0)))
 
 
 @dataclass(frozen=True)
@@ -547,19 +546,22 @@ class Steering:
 
 
 def steering_curve(
-    model: HookedTransformer, sae: SAE, tokens: Tensor, feature: int, coefficients: Sequence[float],
-    metric: Metric, *, mask: Tensor | None = None, allow_mismatch: bool = False,
+    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, feature: int, coefficients: Sequence[float],
+    metric: Metric | Callable[[Tensor], Tensor], *, mask: Tensor | None = None, allow_mismatch: bool = False,
 ) -> Steering:
-    """The metric when steering `feature` by each coefficient."""
+    """The metric (per example) when steering `feature` by each coefficient (`mask`: bool
+    [batch, pos] positions to steer, right-padded layout; default every position)."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
+    batch = as_batch(prompts, model.cfg.d_vocab)
+    fn = as_metric(metric)
     rows = []
     for c in coefficients:
-        with torch.inference_mode(), _steered_at(model, sae, name, feature, float(c), mask):
-            rows.append(metric(model(tokens.to(model.cfg.device))).float().cpu())
+        out = run(model, batch, edits=[steering_edit(sae, name, feature, float(c), mask)])
+        rows.append(fn(out.logits, batch).float().cpu())
     return Steering(feature, torch.tensor(list(coefficients), dtype=torch.float32), torch.stack(rows))
 
 
 __all__ = ["AttributionCheck", "Context", "FeatureAttribution", "FeatureTrace", "Metric", "Steering",
-           "ablate", "answer_logprob", "attribute", "check_attribution", "direct_logit_effect",
-           "feature_activations", "final_norm_scale", "logit_diff", "steer", "steering_curve", "trace"]
-
+           "ablate", "check_attribution", "direct_logit_effect", "feature_activations", "feature_attribution",
+           "feature_dashboard", "final_norm_scale", "steer", "steering_curve", "steering_edit", "trace",
+           "zero_features"]
