@@ -81,6 +81,12 @@ def new_model(cfg: HookedTransformerConfig | dict[str, Any]) -> HookedTransforme
     return model.eval()
 
 
+def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
+    """A random-initialised model of the same shape (the baseline no effect should survive): the
+    toolkit's one random baseline. Its seed is 10_000 + `seed`, never the seed a model was trained with."""
+    return new_model(dataclasses.replace(model.cfg, seed=10_000 + seed))
+
+
 # ------------------------------------------------------------------------------- config <-> json
 
 def config_to_dict(cfg: HookedTransformerConfig) -> dict[str, Any]:
@@ -299,7 +305,7 @@ def load_local(path: str | Path, *, device: str | torch.device | None = None,
     return model.eval()
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     from huggingface_hub import constants
@@ -331,7 +337,7 @@ def _load_pretrained(name: str, *, device: str | torch.device | None, dtype: tor
             + (f"; did you mean {close}?" if close else "")
         ) from None
     cached = try_to_load_from_cache(official, "config.json")
-    if not isinstance(cached, str) and not _hub_reachable():
+    if not isinstance(cached, str) and not hub_reachable():
         raise ModelLoadError(
             f"model {name!r} ({official}): expected its weights in the local Hugging Face cache "
             f"or a reachable hub, got neither (offline). Pre-download it on a connected machine "

@@ -26,7 +26,7 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
 from interp.atomic import Artefact, atomic_dir, write_json_atomic
-from interp.models import MANIFEST, _hub_reachable, data_dir, sha256_file
+from interp.models import MANIFEST, data_dir, hub_reachable, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _load_release(release: str, sae_id: str, *, device: str, dtype: str) -> SAE:
     repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
     cached = any(isinstance(try_to_load_from_cache(repo_id, f"{folder}/{name}".lstrip("/")), str)
                  for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, "params.npz"))
-    if not cached and not _hub_reachable():
+    if not cached and not hub_reachable():
         raise SAELoadError(
             f"SAE {release}/{sae_id} ({repo_id}): expected its weights in the local Hugging Face cache or a "
             f"reachable hub, got neither (offline). Download it on a connected machine "
