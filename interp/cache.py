@@ -146,7 +146,7 @@ def select_positions(spec: PositionSpec, lengths: Int[Tensor, "b"] | Prompts, wi
                 return span_positions(prompts, spec)
             except KeyError as e:
                 raise ValueError(f"positions: expected 'all' or a named position of the prompts {sorted(prompts.names)}, "
-                                 f"got {spec!r}") from e
+                                 f"got {spec!r}; span names need Prompts built with spans=...") from e
         if spec == "last":
             return (lengths - 1)[:, None]
         raise ValueError(f"positions: expected 'all', 'last', a list of indices or a bool mask, got {spec!r}; "

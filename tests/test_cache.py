@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from interp.cache import collect
+from interp.cache import collect, rows
 from interp.hooks import HookError
 from interp.models import save_model
+from interp.prompts import Prompts
 from interp.store import StoreError, open_store
 from interp.tokens import Batch
 
@@ -123,7 +124,7 @@ def test_killed_build_resumes_without_duplicates_or_loss(gpt2_model, tmp_path):
     torch.save(toks, tmp_path / "toks.pt")
     script = textwrap.dedent(f"""
         import time, torch
-        from interp.cache import collect
+        from interp.cache import collect, rows
         from interp.models import load_model
         m = load_model({str(model_dir)!r})
         toks = torch.load({str(tmp_path / 'toks.pt')!r})
@@ -152,3 +153,102 @@ def test_killed_build_resumes_without_duplicates_or_loss(gpt2_model, tmp_path):
     assert resumed.n_examples == whole.n_examples == 40
     for name in whole.hook_names:
         assert torch.equal(open_store(tmp_path / "store")[name], whole[name])
+
+
+# ------------------------------------------------ Prompts: named positions, padded == alone (issue 11)
+
+# one hook of every kind (residual, block outputs, per-head, per-KV-group, attention patterns and
+# scores, embedding, final norm)
+KINDS = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.2.hook_resid_post",
+         "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out", "blocks.1.attn.hook_z", "blocks.2.attn.hook_q",
+         "blocks.0.attn.hook_k", "blocks.2.attn.hook_v", "blocks.1.attn.hook_pattern",
+         "blocks.0.attn.hook_attn_scores", "ln_final.hook_normalized"]
+
+
+def _city_prompts(tokenizer, side):
+    from tests.conftest import CITY_PROMPTS
+
+    return Prompts.from_text([p for p, _, _ in CITY_PROMPTS], tokenizer,
+                             spans={"subject": [s for _, s, _ in CITY_PROMPTS]},
+                             answers=[a for _, _, a in CITY_PROMPTS], side=side)
+
+
+def test_collect_one_prompt_is_bit_for_bit_run_with_cache(any_model, bpe_tokenizer):
+    p = _city_prompts(bpe_tokenizer, "right")
+    for i in (0, 3):
+        one = p.select([i])  # unpadded: one prompt alone
+        _, ref = any_model.run_with_cache(one.tokens)
+        cache = collect(any_model, one, hooks=KINDS, progress=False)
+        for name in KINDS:
+            assert torch.equal(cache[name], ref[name]), name
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collect_named_positions_on_padded_prompts_equal_each_prompt_alone(any_model, bpe_tokenizer, side):
+    p = _city_prompts(bpe_tokenizer, side)
+    assert len(set(p.lengths.tolist())) > 1 and side == p.side  # prompts of different lengths, padded
+    caches = {pos: collect(any_model, p, hooks=KINDS, positions=pos, batch_size=2, progress=False)
+              for pos in ("all", "last", "subject")}
+    assert caches["all"].side == side
+    subj = p.span("subject")
+    assert int((subj[:, 1] - subj[:, 0]).min()) < int((subj[:, 1] - subj[:, 0]).max())  # spans of different widths
+    for i in range(len(p)):
+        alone = p.select([i])
+        n = int(alone.lengths[0])
+        _, ref = any_model.run_with_cache(alone.tokens)
+        shift = int(p.shift()[i])
+        for name in KINDS:
+            q_dim = 2 if name.endswith(("pattern", "attn_scores")) else 1
+            want = ref[name][0]
+            got_all = caches["all"][name][i]
+            got_all = got_all.narrow(q_dim - 1, shift, n)  # the caller's layout: prompt i's positions
+            if q_dim == 2:  # keys: the right-padded layout the run computed on
+                got_all = got_all[..., :n]
+            torch.testing.assert_close(got_all, want, atol=1e-5, rtol=1e-5, msg=name)
+            last = int(alone.index("last")[0])
+            torch.testing.assert_close(caches["last"][name][i].select(q_dim - 1, 0)[..., :n] if q_dim == 2
+                                       else caches["last"][name][i, 0], want.select(q_dim - 1, last),
+                                       atol=1e-5, rtol=1e-5, msg=name)
+            s, e = (int(x) for x in subj[i])
+            got_s = caches["subject"][name][i]
+            got_s = got_s.narrow(q_dim - 1, 0, e - s)
+            if q_dim == 2:
+                got_s = got_s[..., :n]
+            torch.testing.assert_close(got_s, want.narrow(q_dim - 1, s, e - s), atol=1e-5, rtol=1e-5, msg=name)
+            width = caches["subject"][name].shape[q_dim]
+            rest = caches["subject"][name][i].narrow(q_dim - 1, e - s, width - (e - s))
+            assert bool(rest.isnan().all()), name  # a position this prompt does not have is NaN, not a pad read
+        assert caches["subject"].positions[i, : e - s].tolist() == list(range(s, e))
+        assert bool((caches["subject"].positions[i, e - s:] == -1).all())
+
+
+def test_rows_reads_each_prompts_named_position(gpt2_model, bpe_tokenizer):
+    left = _city_prompts(bpe_tokenizer, "left")
+    name = "blocks.1.hook_resid_post"
+    every = collect(gpt2_model, left, hooks=[name], progress=False)  # left layout
+    at_last = collect(gpt2_model, left, hooks=[name], positions="last", progress=False)
+    for where in ("last", "subject"):
+        got = rows(every, left, where)
+        for i in range(len(left)):
+            _, ref = gpt2_model.run_with_cache(left.select([i]).tokens)
+            torch.testing.assert_close(got[i], ref[name][0, int(left.index(where)[i])], atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows(at_last, left, "last"), rows(every, left, "last"))
+    with pytest.raises(ValueError, match="expected the cache's positions to include each prompt's index"):
+        rows(at_last, left, "subject")
+
+
+def test_collect_span_names_need_prompts_and_stores_digest_the_spans(gpt2_model, bpe_tokenizer, tmp_path):
+    p = _city_prompts(bpe_tokenizer, "right")
+    with pytest.raises(ValueError, match=r"positions: expected 'all' or a named position of the prompts"):
+        collect(gpt2_model, p, hooks=["blocks.0.hook_resid_post"], positions="object", progress=False)
+    with pytest.raises(ValueError, match="span names need Prompts"):
+        collect(gpt2_model, Batch(p.tokens, p.lengths), hooks=["blocks.0.hook_resid_post"], positions="subject",
+                progress=False)
+    store = collect(gpt2_model, p, hooks=["blocks.0.hook_resid_post"], positions="subject", out=tmp_path / "s",
+                    progress=False)
+    mem = collect(gpt2_model, p, hooks=["blocks.0.hook_resid_post"], positions="subject", progress=False)
+    torch.testing.assert_close(store["blocks.0.hook_resid_post"], mem["blocks.0.hook_resid_post"], equal_nan=True)
+    moved = p.with_spans(subject=[(0, 1)] * len(p))  # same tokens, another span: another store content
+    with pytest.raises(StoreError, match="positions"):
+        collect(gpt2_model, moved, hooks=["blocks.0.hook_resid_post"], positions="subject", out=tmp_path / "s",
+                progress=False)
