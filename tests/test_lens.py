@@ -276,3 +276,76 @@ def test_future_lens_on_the_planning_organism_beats_bigram():
         assert r.estimate(k, 0).value <= r.baseline(k, "bigram").high, frame
         best = max(r.layers, key=lambda layer: r.estimate(k, layer).value)
         assert r.estimate(k, best).low > r.baseline(k, "bigram").high, frame
+
+
+# ---------------------------------------------- Prompts: read at a named position, padded == alone
+
+def _city(tokenizer, side):
+    from conftest import CITY_PROMPTS
+
+    from interp.prompts import Prompts
+
+    return Prompts.from_text([p for p, _, _ in CITY_PROMPTS], tokenizer,
+                             spans={"subject": [s for _, s, _ in CITY_PROMPTS]},
+                             answers=[a for _, _, a in CITY_PROMPTS], side=side)
+
+
+def _lens_reference(model, tokens, pos, translate=None):
+    """TransformerLens's own residuals of one unpadded prompt at `pos`, through the final norm and
+    unembedding ([layer, d_vocab]); `translate` maps the residuals first (tuned lens)."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        resid = cache.accumulated_resid()[:, 0, pos]  # [layer, d_model]
+        if translate is not None:
+            resid = translate(resid)
+        return model.unembed(model.ln_final(resid[None]))[0] if hasattr(model, "ln_final") else model.unembed(resid[None])[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("at", ["last", "subject"])
+def test_logit_lens_at_a_named_position_equals_each_prompt_alone(any_model, bpe_tokenizer, side, at):
+    p = _city(bpe_tokenizer, side)
+    r = logit_lens(any_model, p, at=at, k=3, keep_logits=True, progress=False)
+    assert r.positions[:, 0].tolist() == (p.index(at) + p.shift()).tolist()  # the caller's layout
+    assert torch.equal(r.answer, p.first_answer[:, None])  # the prompts' own answers
+    for i in range(len(p)):
+        one = p.select([i])
+        ref = _lens_reference(any_model, one.tokens, int(one.index(at)[0]))
+        assert_close(r.logits[:, i, 0], ref, atol=1e-5, rtol=1e-5)
+        lp = torch.log_softmax(ref.double(), -1)[:, int(p.first_answer[i])]
+        assert_close(r.answer_logprob[:, i, 0].double(), lp, atol=1e-5, rtol=1e-5)
+    frame = r.summary("answer_logprob")
+    assert {"value", "ci_low", "ci_high", "n"} <= set(frame.columns) and (frame["n"] == len(p)).all()
+    assert_close(torch.tensor(frame["value"].to_numpy()), r.answer_logprob[:, :, 0].double().mean(1))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tuned_lens_at_a_named_position_equals_each_prompt_alone(any_model, bpe_tokenizer, side):
+    p = _city(bpe_tokenizer, side)
+    lens = TunedLens.for_model(any_model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial translators: not the logit lens
+        lens.delta.copy_(0.2 * torch.randn(lens.delta.shape, generator=g))
+        lens.bias.copy_(0.2 * torch.randn(lens.bias.shape, generator=g))
+    r = lens.run(any_model, p, at="subject", keep_logits=True, progress=False)
+
+    def translate(resid):  # by hand: h @ (I + delta_l) + b_l for every lens layer but the last
+        out = resid.clone()
+        out[:-1] = torch.einsum("ld,lde->le", resid[:-1], lens.weight) + lens.bias
+        return out
+
+    for i in range(len(p)):
+        one = p.select([i])
+        ref = _lens_reference(any_model, one.tokens, int(one.index("subject")[0]), translate)
+        assert_close(r.logits[:, i, 0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tuned_lens_trains_on_the_real_positions_of_padded_prompts(gpt2_model, bpe_tokenizer):
+    left = _city(bpe_tokenizer, "left")
+    acts = TunedLens._training_acts(gpt2_model, left, 2, False)
+    want = []
+    for i in range(len(left)):
+        _, cache = gpt2_model.run_with_cache(left.select([i]).tokens)
+        want.append(cache.accumulated_resid()[:, 0])  # [layer, n_i, d]
+    assert_close(acts, torch.cat(want, dim=1), atol=1e-5, rtol=1e-5)
+    assert acts.shape[1] == int(left.lengths.sum())  # no pad rows

@@ -714,3 +714,51 @@ def test_multihop_sae_is_checked_and_its_ce_score_names_its_targets(multihop_par
     assert frame.loc[(frame.metric == "ce_score") & (frame.targets == "answer"), "value"].item() == pytest.approx(
         ev.ce_for("answer").score)
     assert "on answer targets (1000 positions" in str(ev)
+
+
+# ------------------------------------------------ Prompts: named positions, padded == alone (issue 11)
+
+def _random_sae(d: int, hook: str, seed: int) -> StandardSAE:
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=3 * d))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
+            prm.copy_(0.3 * torch.randn(prm.shape, generator=g))
+    sae.cfg.metadata.hook_name = hook
+    return sae
+
+
+def _city(tokenizer, side):
+    from tests.conftest import CITY_PROMPTS
+
+    return Prompts.from_text([p for p, _, _ in CITY_PROMPTS], tokenizer,
+                             spans={"subject": [s for _, s, _ in CITY_PROMPTS]},
+                             answers=[a for _, _, a in CITY_PROMPTS], side=side)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_feature_activations_and_attribution_on_padded_prompts_equal_each_prompt_alone(any_model, bpe_tokenizer,
+                                                                                        side):
+    hook = "blocks.1.hook_resid_post"
+    sae = _random_sae(any_model.cfg.d_model, hook, 5)
+    p = _city(bpe_tokenizer, side)
+    subject = isae.feature_activations(any_model, sae, p, positions="subject", batch_size=2)
+    last = isae.feature_activations(any_model, sae, p, positions="last")
+    metric = answer_logprob()
+    attr = isae.feature_attribution(any_model, sae, p, metric, positions="subject", batch_size=2)
+    spans = p.span("subject")
+    row = 0
+    for i in range(len(p)):
+        one = p.select([i])
+        with torch.no_grad():
+            logits, cache = any_model.run_with_cache(one.tokens)
+            x = cache[hook][0]
+            s, e = (int(v) for v in spans[i])
+            want = sae.encode(x[s:e])  # sae-lens's own encoder on the unpadded run
+        assert_close(subject[row: row + e - s], want, atol=1e-5, rtol=1e-5)
+        row += e - s
+        assert_close(last[i], sae.encode(x[int(one.index("last")[0])]), atol=1e-5, rtol=1e-5)
+        alone = isae.feature_attribution(any_model, sae, one, metric, positions="subject")
+        assert_close(attr.scores[i], alone.scores[0], atol=1e-5, rtol=1e-5)
+        assert_close(attr.metric[i], metric(logits, one)[0], atol=1e-5, rtol=1e-5)  # the error term keeps it exact
+    assert row == subject.shape[0]
