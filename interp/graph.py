@@ -172,6 +172,17 @@ def node_from_hook_name(name: str) -> Node:
     )
 
 
+def site_of(name: str) -> Site | None:
+    """The site of a per-layer hook name; None for hooks outside the blocks or without a Site."""
+    try:
+        return node_from_hook_name(name).site  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+RESIDUAL_WRITERS = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.MLP_OUT)  # d_model, add to the stream
+
+
 # ---------------------------------------------------------------- routes on the layer x pos grid
 
 RouteModel = Literal["lattice", "physical"]

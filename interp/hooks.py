@@ -36,7 +36,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import EMBED_HOOKS, Node, Site, node_from_hook_name
+from interp.graph import EMBED_HOOKS, Node, Site, site_of
 from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
@@ -120,16 +120,9 @@ def hook_layer(name: str) -> int | None:
 
 # ---------------------------------------------------------------------------------- selections
 
-def _site_of(name: str) -> Site | None:
-    try:
-        return node_from_hook_name(name).site  # type: ignore[return-value]
-    except ValueError:
-        return None
-
-
 def selector(name: str, pos: int | Sequence[int] | None, head: int | None) -> tuple:
     """An index tuple into the activation of hook `name` selecting positions and a head."""
-    site = _site_of(name)
+    site = site_of(name)
     idx: list = [slice(None)]  # batch
     if site in (Site.PATTERN, Site.ATTN_SCORES):  # [batch head q_pos k_pos]
         idx += [slice(None) if head is None else head, slice(None) if pos is None else pos]
@@ -167,7 +160,7 @@ def _target(model: HookedTransformer, where: str | Node, pos: object, head: obje
     if head is not None and (isinstance(head, bool) or not isinstance(head, int)):
         raise HookError(f"hook {name!r}: head expected an int, got {head!r}")
     if head is not None:
-        site = _site_of(name)
+        site = site_of(name)
         arch = Arch.of(model)
         if site is None or not site.per_head:
             raise HookError(f"hook {name!r}: expected a per-head site for head={head}, got a site with no heads")
@@ -197,7 +190,7 @@ def _check_pos_in(target: Target, act: Tensor) -> None:
     """Positions of `target` against the activation's position axis (known only when it fires)."""
     if target.pos is None:
         return
-    site = _site_of(target.name)
+    site = site_of(target.name)
     n = act.shape[2 if site in (Site.PATTERN, Site.ATTN_SCORES) else 1]
     bad = [p for p in (target.pos if isinstance(target.pos, tuple) else (target.pos,)) if not -n <= p < n]
     if bad:
@@ -390,7 +383,7 @@ class Run:
 
 def pos_dim(name: str) -> int:
     """The position axis of hook `name`'s activation (the query axis of patterns and scores)."""
-    return 2 if _site_of(name) in (Site.PATTERN, Site.ATTN_SCORES) else 1
+    return 2 if site_of(name) in (Site.PATTERN, Site.ATTN_SCORES) else 1
 
 
 def gather_positions(act: Tensor, idx: Tensor | None, dim: int) -> Tensor:
@@ -481,7 +474,7 @@ def check_finite_acts(acts: Mapping[str, Tensor], offset: int = 0, dtype: torch.
     for name, t in acts.items():
         if not t.is_floating_point():
             continue
-        ok = torch.isfinite(t) if _site_of(name) != Site.ATTN_SCORES else ~(torch.isnan(t) | (t == float("inf")))
+        ok = torch.isfinite(t) if site_of(name) != Site.ATTN_SCORES else ~(torch.isnan(t) | (t == float("inf")))
         if not bool(ok.all()):
             rows = (torch.nonzero(~ok.reshape(t.shape[0], -1).all(dim=1))[:, 0] + offset).tolist()
             layer = hook_layer(name)

@@ -8,7 +8,9 @@ import torch
 from interp.graph import Node
 from interp.hooks import (
     Add,
+    Capture,
     HookError,
+    Map,
     Patch,
     Scale,
     Set,
@@ -16,6 +18,7 @@ from interp.hooks import (
     ablation,
     intervene,
     resolve_hooks,
+    run,
     run_with_interventions,
 )
 
@@ -141,3 +144,64 @@ def test_block_attention_matches_masked_pattern(any_model, tokens):
     torch.testing.assert_close(cap["blocks.1.attn.hook_pattern"][:, :, 6], scores.softmax(-1))
     with pytest.raises(HookError, match="causal"):
         block_attention(0, 3, [5])
+
+
+# ------------------------------------------------------------------------- the one run path (run)
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_run_on_padded_prompts_equals_each_prompt_alone(any_model, side):
+    from interp.prompts import Prompts
+
+    seqs = [[5, 9, 2, 11, 3], [7, 3], [1, 2, 3, 4, 5, 6, 8]]
+    p = Prompts.from_tokens(seqs, spans={"x": [1, 0, 4]}, side=side, pad_id=0)
+    v = torch.linspace(-1, 1, any_model.cfg.d_model)
+    edits = [Add(Node(1, "resid_pre", pos=1), value=v), Zero(Node(0, "head", head=2))]
+    idx = p.index("x")[:, None]
+    out = run(any_model, p, edits=edits, captures=[Capture(Node(2, "resid_post"), idx), "blocks.0.attn.hook_v"])
+    assert out.prompts.side == "right" and torch.equal(out.prompts.lengths, p.lengths)  # rows never reorder
+    for i, s in enumerate(seqs):
+        alone = torch.tensor([s])
+
+        def add(act, hook):
+            act = act.clone()
+            act[:, 1] += v
+            return act
+
+        def zero(z, hook):
+            z = z.clone()
+            z[:, :, 2] = 0
+            return z
+
+        hooks = [("blocks.1.hook_resid_pre", add), ("blocks.0.attn.hook_z", zero)]
+        with any_model.hooks(fwd_hooks=hooks):
+            logits, cache = any_model.run_with_cache(alone)
+        n = len(s)
+        torch.testing.assert_close(out.logits[i, :n], logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.acts["blocks.2.hook_resid_post"][i, 0],
+                                   cache["blocks.2.hook_resid_post"][0, int(idx[i])], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.acts["blocks.0.attn.hook_v"][i, :n], cache["blocks.0.attn.hook_v"][0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_run_stops_early_keeps_grad_and_checks_values(gpt2_model, tokens):
+    before = _n_hooks(gpt2_model)
+    out = run(gpt2_model, tokens, captures=["blocks.0.hook_resid_post"], logits=False)
+    assert out.logits is None
+    _, ref = gpt2_model.run_with_cache(tokens)
+    assert torch.equal(out.acts["blocks.0.hook_resid_post"], ref["blocks.0.hook_resid_post"])
+    # Map: any differentiable function; grad=True keeps captures in the graph
+    g = run(gpt2_model, tokens, edits=[Map(Node(0, "resid_post"), fn=lambda x: 2 * x)],
+            captures=[Capture(Node(0, "resid_post"), grad=True)], grad=True)
+    (grad,) = torch.autograd.grad(g.logits.sum(), g.acts["blocks.0.hook_resid_post"])
+    assert grad.shape == ref["blocks.0.hook_resid_post"].shape and bool(grad.abs().sum() > 0)
+    torch.testing.assert_close(g.acts["blocks.0.hook_resid_post"].detach(), 2 * ref["blocks.0.hook_resid_post"])
+    with pytest.raises(HookError, match="never firing"):
+        run(gpt2_model, tokens, captures=["blocks.2.hook_resid_post"], stop_at_layer=1, logits=False)
+    with pytest.raises(HookError, match="expected fn to return shape"):
+        run(gpt2_model, tokens, edits=[Map("blocks.0.hook_resid_post", fn=lambda x: x[:, :1])])
+    with pytest.raises(ValueError, match=r"run: expected finite activations, got NaN/Inf at blocks.1.hook_resid_post in rows \[2\]"):
+        nan = torch.zeros(3, 10, gpt2_model.cfg.d_model)
+        nan[2, 4, 0] = float("nan")
+        run(gpt2_model, tokens, edits=[Map("blocks.0.hook_resid_post", fn=lambda x: x + nan)],
+            captures=["blocks.1.hook_resid_post"])
+    assert _n_hooks(gpt2_model) == before  # every hook removed, also after the errors

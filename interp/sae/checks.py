@@ -27,7 +27,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import FINAL_NORM_OUT, HOOK_EMBED, HOOK_POS_EMBED, Node
+from interp.graph import FINAL_NORM_OUT, HOOK_EMBED, HOOK_POS_EMBED, RESIDUAL_WRITERS, Node, Site, site_of
 from interp.hooks import HookError, resolve_hook, run
 from interp.models import weights_fingerprint
 
@@ -39,23 +39,23 @@ class SAEMismatchError(ValueError):
     """An SAE used with another model, at another hook, or with activations of another width."""
 
 
-_D_MODEL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                  HOOK_EMBED, HOOK_POS_EMBED, FINAL_NORM_OUT)
+_D_MODEL_HOOKS = (HOOK_EMBED, HOOK_POS_EMBED, FINAL_NORM_OUT)  # outside the blocks (no Site)
 _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
-_PER_HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
+_PER_HEAD_SITES = (Site.Q, Site.K, Site.V, Site.HEAD)
 
 
 def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
     """The width the SAE would read at hook `name`: from the architecture for the usual hooks, else
     from a one-token forward pass (a probe that would also run any hooks the caller has attached)."""
     arch = Arch.of(model)
-    if name.endswith(_D_MODEL_HOOKS):
+    site = site_of(name)
+    if site in RESIDUAL_WRITERS or name in _D_MODEL_HOOKS:
         return arch.d_model
     if name.endswith(_D_MLP_HOOKS):
         return int(model.cfg.d_mlp)  # Arch has no d_mlp
-    if name.endswith(_PER_HEAD_HOOKS):
+    if site in _PER_HEAD_SITES:
         # sae-lens flattens the heads of a hook_z SAE; other per-head SAEs read one head's vector
-        flat = name.endswith("hook_z") and getattr(sae.cfg, "reshape_activations", "none") == "hook_z"
+        flat = site == Site.HEAD and getattr(sae.cfg, "reshape_activations", "none") == "hook_z"
         return arch.n_heads * arch.d_head if flat else arch.d_head
     tok = torch.zeros(1, 1, dtype=torch.long)
     try:

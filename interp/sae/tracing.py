@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from interp.graph import FINAL_NORM_SCALE, Node
+from interp.graph import FINAL_NORM_SCALE, RESIDUAL_WRITERS, Node, site_of
 from interp.hooks import Map, intervene, run
 from interp.metrics import Metric, as_metric
 from interp.prompts import Prompts
@@ -50,7 +50,9 @@ from interp.sae.evaluation import splice_edit
 from interp.stats import pearson
 from interp.tokens import Batch, Tokenizer
 
-RESIDUAL_WRITERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+def _writes_residual(name: str) -> bool:
+    return site_of(name) in RESIDUAL_WRITERS
 
 
 def _features_index(sae: SAE, features: Sequence[int] | Tensor | None) -> Tensor:
@@ -80,9 +82,9 @@ def direct_logit_effect(
 
 def _direct_logit_effect(model: HookedTransformer, sae: SAE, name: str, features: Sequence[int] | Tensor | None,
                          *, scale: float | Tensor) -> Tensor:
-    if not name.endswith(RESIDUAL_WRITERS):
+    if not _writes_residual(name):
         raise ValueError(f"direct logit effect of an SAE at {name}: expected a hook that writes to the residual "
-                         f"stream ({', '.join(RESIDUAL_WRITERS)}), got {name}")
+                         f"stream (sites {', '.join(s.value for s in RESIDUAL_WRITERS)}), got {name}")
     idx = _features_index(sae, features)
     d = sae.W_dec.detach()[idx.to(sae.W_dec.device)].to(model.W_U.device, model.W_U.dtype)
     norm = model.cfg.normalization_type
@@ -256,7 +258,7 @@ def trace(
     samples: list[list[Tensor]] = [[] for _ in range(nf)]
     n_tok = 0
     scale_sum, scale_n = 0.0, 0
-    want_scale = FINAL_NORM_SCALE in model.hook_dict and name.endswith(RESIDUAL_WRITERS)
+    want_scale = FINAL_NORM_SCALE in model.hook_dict and _writes_residual(name)
     for sl, part in tqdm(list(chunks(batch, batch_size)), desc=f"tracing features at {name}", disable=not progress):
         start = sl.start
         m = mask[sl]
@@ -298,7 +300,7 @@ def trace(
         contexts.append(tuple(row))
     scale = scale_sum / scale_n if scale_n else 1.0
     effect = (_direct_logit_effect(model, sae, name, idx, scale=scale).float().cpu()
-              if name.endswith(RESIDUAL_WRITERS) else torch.zeros(nf, model.cfg.d_vocab))
+              if _writes_residual(name) else torch.zeros(nf, model.cfg.d_vocab))
     vocab = getattr(tokenizer, "vocab", None)
     if vocab is None and tokenizer is not None:
         vocab = tuple(tokenizer.decode([t]) for t in range(model.cfg.d_vocab))
