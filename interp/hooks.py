@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -323,12 +323,30 @@ class Map(Intervention):
 @dataclass(frozen=True)
 class BlockAttention(Intervention):
     """Attention knockout (Geva et al. 2023): query position `pos` may not read key positions
-    `sources` in layer `where` (an int layer, or an attn_scores Node / hook name). Set on the
-    pre-softmax scores, so the remaining edges are renormalised. `head` restricts it to one head."""
+    `sources` in layer `where` (an attn_scores Node / hook name). Set on the pre-softmax scores,
+    so the remaining edges are renormalised. `head` restricts it to one head.
+
+    Per example: `queries` [batch] (one query position per prompt) with `source_mask`
+    [batch, k_pos] (the keys each prompt's query may not read), in prompt coordinates (the
+    right-padded layout `run` computes on); then `pos` and `sources` are unused.
+    """
 
     sources: Sequence[int] = ()
+    queries: Int[Tensor, "batch"] | None = None
+    source_mask: Bool[Tensor, "batch k_pos"] | None = None
 
     def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.queries is not None and self.source_mask is not None:
+            # sel: [batch (head) q_pos k_pos], every query position
+            b, q_len, k_len = act.shape[0], act.shape[-2], act.shape[-1]
+            if self.queries.shape != (b,) or self.source_mask.shape[0] != b or self.source_mask.shape[1] > k_len:
+                raise HookError(f"BlockAttention at {target.name}: expected queries ({b},) and a source mask ({b}, <= "
+                                f"{k_len}), got {tuple(self.queries.shape)} and {tuple(self.source_mask.shape)}")
+            q = torch.arange(q_len, device=sel.device)[None, :, None] == self.queries.to(sel.device)[:, None, None]
+            m = torch.zeros(b, 1, k_len, dtype=torch.bool, device=sel.device)
+            m[:, 0, : self.source_mask.shape[1]] = self.source_mask.to(sel.device)
+            block = q & m  # [batch q k]
+            return sel.masked_fill(block if sel.ndim == 3 else block[:, None], float("-inf"))
         # sel: [batch (head) k_pos] scores of the query position(s)
         k_len = act.shape[-1]
         src = torch.as_tensor([s % k_len for s in self.sources], dtype=torch.long, device=sel.device)
@@ -337,10 +355,32 @@ class BlockAttention(Intervention):
         return out
 
 
-def block_attention(layer: int, target: int, sources: Sequence[int], head: int | None = None
-                    ) -> BlockAttention:
-    """Block attention from query position `target` to key positions `sources` at `layer`."""
-    if not sources:
+def block_attention(layer: int, target: int | Int[Tensor, "batch"], sources: Sequence[int] | Bool[Tensor, "batch k_pos"],
+                    head: int | None = None) -> BlockAttention:
+    """Block attention from query position `target` to key positions `sources` at `layer`.
+
+    The low-level intervention (one layer, one edge set); `interp.patching.knockout` is the
+    method built on it (blocked from a start layer on, swept over start layers, with a metric).
+    `target` may be one query position per example ([batch] tensor, prompt coordinates) with
+    `sources` a bool [batch, k_pos] mask of the keys each example's query may not read.
+    """
+    if isinstance(target, Tensor):
+        if not isinstance(sources, Tensor) or sources.dtype != torch.bool or sources.ndim != 2 \
+                or target.ndim != 1 or sources.shape[0] != target.shape[0]:
+            raise HookError(f"block_attention at layer {layer}: per-example targets expected with a bool source mask "
+                            f"(batch={tuple(target.shape)[:1]}, k_pos), got {type(sources).__name__}")
+        t = target.long().cpu()
+        mask = sources.cpu()
+        if not bool(mask.any(1).all()):
+            raise HookError(f"block_attention at layer {layer}: expected at least one source position per example, "
+                            f"got none for rows {torch.nonzero(~mask.any(1))[:, 0].tolist()}")
+        late = mask & (torch.arange(mask.shape[1])[None] > t[:, None])
+        if bool(late.any()):
+            i = int(torch.nonzero(late)[0, 0])
+            raise HookError(f"block_attention: expected sources at or before each target (causal), got "
+                            f"{torch.nonzero(mask[i])[:, 0].tolist()} for target {int(t[i])} (row {i})")
+        return BlockAttention(Node(layer, Site.ATTN_SCORES), head=head, queries=t, source_mask=mask)
+    if not len(sources):
         raise HookError(f"block_attention at layer {layer}: expected at least one source position, got none")
     if any(s >= 0 and target >= 0 and s > target for s in sources):
         raise HookError(f"block_attention: expected sources at or before the target {target} (causal), "

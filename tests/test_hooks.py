@@ -205,3 +205,25 @@ def test_run_stops_early_keeps_grad_and_checks_values(gpt2_model, tokens):
         run(gpt2_model, tokens, edits=[Map("blocks.0.hook_resid_post", fn=lambda x: x + nan)],
             captures=["blocks.1.hook_resid_post"])
     assert _n_hooks(gpt2_model) == before  # every hook removed, also after the errors
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_per_example_knockout_equals_each_prompt_knocked_out_alone(any_model, side):
+    from interp.hooks import block_attention
+    from interp.prompts import Prompts
+
+    seqs = [[5, 9, 2, 11, 3], [7, 3, 4], [1, 2, 3, 4, 5, 6, 8]]
+    p = Prompts.from_tokens(seqs, side=side, pad_id=0)
+    last = p.index("last")
+    sources = torch.zeros(3, 7, dtype=torch.bool)
+    sources[0, [0, 2]] = sources[1, 1] = sources[2, [3, 4, 5]] = True
+    out = run(any_model, p, edits=[block_attention(1, last, sources), block_attention(2, last, sources, head=1)])
+    for i, s in enumerate(seqs):
+        keys = torch.nonzero(sources[i])[:, 0].tolist()
+        ref, _ = run_with_interventions(any_model, torch.tensor([s]), [block_attention(1, len(s) - 1, keys),
+                                                                      block_attention(2, len(s) - 1, keys, head=1)])
+        torch.testing.assert_close(out.logits[i, : len(s)], ref[0], atol=1e-5, rtol=1e-5)
+        clean = any_model(torch.tensor([s]))[0, -1]
+        assert float((out.logits[i, len(s) - 1] - clean).abs().max()) > 1e-3  # the knockout did something
+    with pytest.raises(HookError, match="causal"):
+        block_attention(0, torch.tensor([1, 0, 0]), sources[:, :3] | True)
