@@ -1,12 +1,15 @@
 """Activation caching over a dataset: in memory, or streamed to a sharded disk store.
 
-`collect` runs the model over token batches and keeps only what was asked for: hook names or
+`collect` runs the model over prompts (`interp.prompts.Prompts`, a padded `Batch` or tokens)
+through the one run path (`interp.hooks.run`) and keeps only what was asked for: hook names or
 glob patterns (validated against the model; unknown names get the closest valid ones), a layer
-filter, positions (all, the last real token, explicit indices, or a mask) and a storage dtype.
+filter, positions (all, each prompt's last token, a named span of the prompts, explicit indices,
+or a mask) and a storage dtype. `rows(cache, prompts, name)` reads each prompt's named position
+back (e.g. probe rows).
 Compared with `run_with_cache` it stores no unrequested hooks, selects positions inside the hook,
 and stops the forward pass after the last layer it needs.
 
-Padded batches (`interp.tokens.Batch`) are computed right-padded, where each prompt sees exactly
+Padded prompts are computed right-padded, where each prompt sees exactly
 the positions it would see alone, and results are returned in the caller's padding layout.
 With `out=DIR` the rows stream into an `interp.store` directory: memory stays bounded by one
 batch plus one shard, and an interrupted build resumes where it stopped.

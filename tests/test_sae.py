@@ -762,3 +762,15 @@ def test_feature_activations_and_attribution_on_padded_prompts_equal_each_prompt
         assert_close(attr.scores[i], alone.scores[0], atol=1e-5, rtol=1e-5)
         assert_close(attr.metric[i], metric(logits, one)[0], atol=1e-5, rtol=1e-5)  # the error term keeps it exact
     assert row == subject.shape[0]
+
+
+def test_evaluate_adds_the_prompts_answers_as_a_target_set(gpt2_model, bpe_tokenizer):
+    p = _city(bpe_tokenizer, "left")
+    sae = _exact_sae(gpt2_model.cfg.d_model, "blocks.1.hook_resid_post")
+    ev = isae.evaluate(gpt2_model, sae, p)
+    assert [c.targets for c in ev.ce] == ["next-token", "answer"]
+    ce = ev.ce_for("answer")
+    assert ce.n_targets == int(p.answer_lengths.sum())
+    want = -answer_logprob()(gpt2_model(p.right().tokens), p.right()).sum() / ce.n_targets  # hand reference
+    assert ce.clean == pytest.approx(float(want), rel=1e-5)
+    assert ce.sae == pytest.approx(ce.clean, rel=1e-4)  # an exact SAE changes nothing

@@ -220,9 +220,25 @@ def next_token_targets(batch: Batch) -> Int[Tensor, "batch pos"]:
     return t
 
 
+def answer_targets(prompts: Prompts) -> Int[Tensor, "batch pos"]:
+    """Each prompt's answer tokens at the positions that predict them (teacher-forced: the logits at
+    ``last + j`` predict answer token j), -1 elsewhere; right-padded layout."""
+    if prompts.answers is None or prompts.answer_lengths is None:
+        raise ValueError("answer targets: expected prompts with answers, got none; build them with answers=...")
+    p = prompts.right()
+    t = torch.full_like(p.tokens, -1).cpu()
+    last = p.index("last")
+    for j in range(p.answers.shape[1]):
+        rows = p.answer_lengths > j
+        t[rows, last[rows] + j] = p.answers[rows, j]
+    return t.to(p.tokens.device)
+
+
 def _target_sets(batch: Batch, targets: Tensor | Mapping[str, Tensor] | None) -> dict[str, Tensor]:
     if targets is None:
         sets = {NEXT_TOKEN: next_token_targets(batch)}
+        if isinstance(batch, Prompts) and batch.answers is not None:
+            sets["answer"] = answer_targets(batch)
     elif isinstance(targets, Tensor):
         sets = {"given": targets}
     else:
@@ -256,7 +272,7 @@ def evaluate(
     against each target set (token id per position, -1 to ignore): `targets` is a [batch, pos]
     tensor (named "given"), a mapping name -> tensor (several sets from the same forward passes,
     the first is the headline `ce_score`), or None: next-token prediction at every real position
-    ("next-token"). The SAE replaces the hook at the selected positions, zero-ablation likewise.
+    ("next-token"), plus the answers of `Prompts` that carry them ("answer"). The SAE replaces the hook at the selected positions, zero-ablation likewise.
     The SAE's recorded hook and model are checked first (`check_sae`; `allow_mismatch` skips that).
     """
     if not 0 < dense_threshold < 1:
