@@ -399,8 +399,10 @@ def _cat_ragged(parts: list[Tensor], fill: float | int = 0) -> Tensor:
 
 def _spec_repr(spec: PositionSpec, prompts: Prompts | None = None) -> str:
     if isinstance(spec, str):
-        if spec in ("all", "last") or prompts is None:
+        if spec == "all" or prompts is None:
             return spec
+        if spec == "last" and torch.equal(prompts.index(spec), prompts.lengths - 1):
+            return spec  # each row's last token: what "last" means for plain tokens too
         table = span_positions(prompts, spec)  # a span's content, not only its name
         digest = hashlib.sha256(table.contiguous().numpy().tobytes()).hexdigest()
         return f"span:{spec}:{digest[:16]}"

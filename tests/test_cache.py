@@ -252,3 +252,14 @@ def test_collect_span_names_need_prompts_and_stores_digest_the_spans(gpt2_model,
     with pytest.raises(StoreError, match="positions"):
         collect(gpt2_model, moved, hooks=["blocks.0.hook_resid_post"], positions="subject", out=tmp_path / "s",
                 progress=False)
+
+
+def test_a_store_of_last_tokens_tells_teacher_forced_prompts_from_plain_tokens(gpt2_model, bpe_tokenizer, tmp_path):
+    p = _city_prompts(bpe_tokenizer, "right")  # multi-token answers appended: "last" is the prompt's last token
+    assert bool((p.index("last") != p.lengths - 1).any())
+    hook = "blocks.0.hook_resid_post"
+    store = collect(gpt2_model, p, hooks=[hook], positions="last", out=tmp_path / "s", progress=False)
+    _, ref = gpt2_model.run_with_cache(p.tokens)
+    torch.testing.assert_close(store[hook][:, 0], ref[hook][torch.arange(len(p)), p.index("last")], atol=1e-5, rtol=1e-5)
+    with pytest.raises(StoreError, match="positions"):  # same tokens, another meaning of "last": not the same store
+        collect(gpt2_model, Batch(p.tokens, p.lengths), hooks=[hook], positions="last", out=tmp_path / "s", progress=False)

@@ -11,7 +11,7 @@ Lens layers are resid_pre of each block plus the final resid_post (`interp.lens.
 
 from interp.lens.future import FutureLensConfig, FutureLensResult, future_lens, softmax_regression
 from interp.lens.logit import LensResult, logit_lens
-from interp.lens.residual import Decoder, kl_from_final, layer_labels, lens_hooks, residual_stack
+from interp.lens.residual import Decoder, kl_from_final, layer_labels, lens_hooks, lens_nodes, residual_stack
 from interp.lens.tuned import LensComparison, TunedLens, TunedLensConfig
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "kl_from_final",
     "layer_labels",
     "lens_hooks",
+    "lens_nodes",
     "logit_lens",
     "residual_stack",
     "softmax_regression",
