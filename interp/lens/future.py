@@ -4,7 +4,7 @@ Does the residual h_t at lens layer l (see `interp.lens.residual`) encode the to
 ahead, x_{t+k}, and not only the next one? For each offset k (default 2 and 3) and each lens
 layer a linear map h_t -> x_{t+k} is fitted as a multinomial logistic regression (L2-penalised,
 features standardised on the training split, all layers fitted by the toolkit's one logistic
-solver, `interp.probing.multinomial_lbfgs`, each layer warm-started from the previous one).
+solver, `interp.probing.multinomial_lbfgs`).
 Simplified from the paper, which learns a map into a later hidden state and decodes it with the
 model's own head.
 
@@ -131,9 +131,9 @@ def softmax_regression(
     Minimises, for every group g, mean_i CE(z_gi W_g + b_g, y_i) + (l2 / 2) ||W_g||^2 with z the
     standardised features (the intercept is not penalised): scikit-learn's multinomial
     `LogisticRegression(C=1 / (l2 * n))` on the same z. The solver is
-    `interp.probing.multinomial_lbfgs` (the probes' solver: groups solved in order, each warm-started
-    from the previous one), run to max |gradient| <= 1e-9 or until the objective stalls at the
-    dtype's resolution; this function only checks the labels and packages the result.
+    `interp.probing.multinomial_lbfgs` (the probes' solver), run to max |gradient| <= 1e-9 or until
+    the objective stalls at the dtype's resolution; this function only checks the labels and
+    packages the result.
     Standardisation uses the training population std (1 for a constant feature). Computes in at
     least float32.
     """
