@@ -211,21 +211,55 @@ def _linear_logits(x: Float[Tensor, "n d"], coef: Float[Tensor, "k d"], intercep
     return torch.addmm(intercept, x, coef.T)
 
 
-def _lbfgs_direction(g: Float[Tensor, "b p"], hist: Float[Tensor, "b 2 m p"], gram: Float[Tensor, "b h h"],
-                     gamma: Float[Tensor, " b"]) -> Float[Tensor, "b p"]:
-    """H g for the L-BFGS inverse-Hessian approximation, in compact form (Byrd, Nocedal & Schnabel
-    1994, Thm 2.2): two batched products with the stacked history [S; Y] and its Gram matrix
-    (kept up to date by `_push_pair`) instead of the two-loop recursion's 4m small ops.
+@dataclass
+class _History:
+    """L-BFGS curvature pairs of a batch of problems in a ring buffer, with their Gram matrix.
 
-    `hist[:, 0]` holds the steps s, `hist[:, 1]` the gradient changes y, chronological (oldest
-    first); an all-zero slot (no pair yet, or a pair rejected for non-positive curvature)
-    contributes nothing.
+    `flat[:, i]` is the step s of slot i (i < m) or the gradient change y of slot i - m; the
+    pairs are written in place and `order` lists the flat slots oldest first, so adding a pair
+    copies no history. The Gram matrix of all slots is updated with one product per new pair.
+    Mutable on purpose: it is the solver's private working state.
     """
-    b, _, m, p = hist.shape
-    flat = hist.view(b, 2 * m, p)
+
+    flat: Tensor  # [b, 2m, p]
+    gram: Tensor  # [b, 2m, 2m]
+    head: int = 0  # the slot the next pair overwrites (the oldest)
+
+    @property
+    def m(self) -> int:
+        return self.flat.shape[1] // 2
+
+    def order(self) -> Tensor:
+        m = self.m
+        ring = [(self.head + i) % m for i in range(m)]
+        return torch.tensor(ring + [m + i for i in ring], device=self.flat.device)
+
+    def push_(self, s: Tensor, y: Tensor) -> None:
+        m, slot = self.m, self.head
+        self.flat[:, slot] = s
+        self.flat[:, m + slot] = y
+        fresh = torch.stack([s, y], dim=1) @ self.flat.transpose(1, 2)  # [b, 2, 2m]: new s, y . every slot
+        new = [slot, m + slot]
+        self.gram[:, new, :] = fresh
+        self.gram[:, :, new] = fresh.transpose(1, 2)
+        self.head = (slot + 1) % m
+
+    def keep(self, rows: Tensor) -> _History:
+        return _History(flat=self.flat[rows], gram=self.gram[rows], head=self.head)
+
+
+def _lbfgs_direction(g: Float[Tensor, "b p"], hist: _History, gamma: Float[Tensor, " b"]) -> Float[Tensor, "b p"]:
+    """H g for the L-BFGS inverse-Hessian approximation, in compact form (Byrd, Nocedal & Schnabel
+    1994, Thm 2.2): two batched products with the history [S; Y] and its kept Gram matrix
+    instead of the two-loop recursion's 4m small ops. An all-zero slot (no pair yet, or a pair
+    rejected for non-positive curvature) contributes nothing.
+    """
+    m = hist.m
+    idx = hist.order()  # chronological: the compact form's triangular factor needs it
     # row-vector products ([b, 1, p] @ [b, p, 2m]): CPU bmm is slow with a single output column
-    proj = (g[:, None, :] @ flat.transpose(1, 2)).transpose(1, 2)  # [b, 2m, 1]: S g, Y g
+    proj = (g[:, None, :] @ hist.flat.transpose(1, 2))[:, 0, idx, None]  # [b, 2m, 1]: S g, Y g
     a, bg = proj[:, :m], proj[:, m:]
+    gram = hist.gram[:, idx][:, :, idx]
     sy, yy = gram[:, :m, m:], gram[:, m:, m:]
     diag = torch.diagonal(sy, dim1=1, dim2=2)
     empty = diag <= 0
@@ -234,23 +268,9 @@ def _lbfgs_direction(g: Float[Tensor, "b p"], hist: Float[Tensor, "b 2 m p"], gr
     gam = gamma[:, None, None]
     inner = diag.clamp_min(0)[..., None] * r_inv_a + gam * (yy @ r_inv_a) - gam * bg
     p1 = torch.linalg.solve_triangular(r.transpose(1, 2), inner, upper=False)
-    coeff = torch.cat([p1, -gam * r_inv_a], dim=1).transpose(1, 2)  # [b, 1, 2m]
-    return gamma[:, None] * g + (coeff @ flat)[:, 0]
-
-
-def _push_pair(hist: Tensor, gram: Tensor, pair: Float[Tensor, "b 2 p"]) -> tuple[Tensor, Tensor]:
-    """Drop the oldest (s, y) pair, append `pair`, and update the Gram matrix of [S; Y] with one
-    product against the two new vectors instead of recomputing it."""
-    m = hist.shape[2]
-    hist = torch.cat([hist[:, :, 1:], pair[:, :, None]], dim=2)
-    # new slot i holds old slot src[i]; the two new slots (m - 1, 2m - 1) are overwritten below
-    src = torch.tensor([*range(1, m), 0, *range(m + 1, 2 * m), m], device=gram.device)
-    gram = gram[:, src][:, :, src]
-    fresh = (pair @ hist.flatten(1, 2).transpose(1, 2)).transpose(1, 2)  # [b, 2m, 2]: slots . new s, y
-    new = [m - 1, 2 * m - 1]
-    gram[:, :, new] = fresh
-    gram[:, new, :] = fresh.transpose(1, 2)
-    return hist, gram
+    coeff = torch.empty_like(proj)
+    coeff[:, idx] = torch.cat([p1, -gam * r_inv_a], dim=1)  # back to ring order
+    return gamma[:, None] * g + (coeff.transpose(1, 2) @ hist.flat)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -383,34 +403,38 @@ def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: fl
     g = gradient(w, prob, lab)
     live = torch.arange(t, device=dev)
     lab_b = lab
-    hist = torch.zeros(t, 2, history, p_dim, dtype=dt, device=dev)
-    gram = torch.zeros(t, 2 * history, 2 * history, dtype=dt, device=dev)
+    hist = _History(flat=torch.zeros(t, 2 * history, p_dim, dtype=dt, device=dev),
+                    gram=torch.zeros(t, 2 * history, 2 * history, dtype=dt, device=dev))
     gamma = torch.ones(t, dtype=dt, device=dev)
     first_iter = torch.ones(t, dtype=torch.bool, device=dev)  # no curvature pair yet
     iters = torch.zeros(t, dtype=torch.long, device=dev)
     stall = 10 * torch.finfo(dt).eps
-    finished = g.flatten(1).abs().amax(dim=-1) <= tol
-    converged[live[finished].cpu()] = True
+    done = torch.linalg.vector_norm(g.view(t, p_dim), ord=math.inf, dim=-1) <= tol
+    finished = done
+    scale_first = True  # some problem has no curvature pair yet: its first step is scaled
     for it in range(max_iter + 1):
         if bool(finished.any()):  # write the finished problems out; the rest continue narrower
             idx = live[finished]
             w_out[idx], n_iter[idx.cpu()] = w[finished], iters[finished].cpu()
+            converged[idx.cpu()] = done[finished].cpu()
             keep = ~finished
             live, lab_b, w, logits, f, g = live[keep], lab_b[keep], w[keep], logits[keep], f[keep], g[keep]
-            hist, gram, gamma, first_iter, iters = hist[keep], gram[keep], gamma[keep], first_iter[keep], iters[keep]
+            hist, gamma, first_iter, iters = hist.keep(keep), gamma[keep], first_iter[keep], iters[keep]
         b = live.numel()
         if b == 0 or it == max_iter:
             break
         gf = g.view(b, p_dim)
-        direction = -_lbfgs_direction(gf, hist, gram, gamma)
+        direction = -_lbfgs_direction(gf, hist, gamma)
         d0 = (gf * direction).sum(-1, dtype=f64)
         bad = ~(d0 < 0)  # not a descent direction (rounding): fall back to the gradient
         if bool(bad.any()):
             direction = torch.where(bad[:, None], -gf, direction)
             d0 = (gf * direction).sum(-1, dtype=f64)
         # unit steps for quasi-Newton directions; a gradient step of length 1 without curvature yet
-        first = torch.where(bad, gamma.to(f64), torch.where(
-            first_iter, 1.0 / gf.norm(dim=-1).to(f64).clamp_min(1e-30), torch.ones_like(d0)))
+        first = torch.ones_like(d0)
+        if scale_first or bool(bad.any()):
+            first = torch.where(bad, gamma.to(f64), torch.where(
+                first_iter, 1.0 / gf.norm(dim=-1).to(f64).clamp_min(1e-30), first))
         line = line_to(w, logits, direction.view(b, k, q), lab_b)
         step, f_new, logits, prob, moved = _line_search(line, f, d0, first)
         s_vec = direction * step.to(dt)[:, None]
@@ -419,17 +443,17 @@ def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: fl
         y_vec = (g_new - g).view(b, p_dim)
         sy = (s_vec * y_vec).sum(-1)
         good = moved & (sy > 1e-10)
-        hist, gram = _push_pair(hist, gram, torch.stack([s_vec, y_vec], dim=1) * good[:, None, None])
+        hist.push_(s_vec * good[:, None], y_vec * good[:, None])
         gamma = torch.where(good, sy / (y_vec * y_vec).sum(-1).clamp_min(torch.finfo(dt).tiny), gamma)
         first_iter = first_iter & ~good
+        scale_first = bool(first_iter.any())
         decrease = (f - f_new).abs() / torch.maximum(f.abs(), f_new.abs()).clamp_min(1.0)
         f = torch.where(moved, f_new, f)
         g = g_new  # an unmoved problem's gradient is recomputed at the same point
         iters += 1
-        done = g.flatten(1).abs().amax(dim=-1) <= tol
-        converged[live[done].cpu()] = True
+        done = torch.linalg.vector_norm(g.view(b, p_dim), ord=math.inf, dim=-1) <= tol
         finished = done | ~moved | (decrease <= stall)
-    if live.numel():
+    if live.numel():  # stopped by max_iter, not converged
         w_out[live], n_iter[live.cpu()] = w, iters.cpu()
     return w_out, n_iter, converged, n_forward, n_gradient
 
