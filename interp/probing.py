@@ -36,8 +36,8 @@ scikit-learn (same iterations from the same start; the gain is largest when the 
 together, and over scikit-learn on raw activations, whose outlier dimensions leave lbfgs
 unconverged at max_iter=100).
 
-Caveats: a logistic fit holds one layer's standardised training rows at a time (float32;
-float64 inputs stay float64); a decodable property is not a used one: pair a probe with an
+Caveats: a logistic fit holds one layer's standardised training rows at a time, a ridge fit a
+standardised copy of all train and test rows (float32; float64 inputs stay float64); a decodable property is not a used one: pair a probe with an
 intervention before claiming a mechanism.
 """
 
@@ -381,25 +381,32 @@ def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: fl
         n_gradient[b - 1] += 1
         return torch.cat([gw, resid.sum(dim=-1, keepdim=True).div_(n)], dim=-1).view(b, k, q)
 
-    def line_to(w: Tensor, logits: Tensor, direction: Tensor, lab_b: Tensor) -> _Line:
+    def line_to(w: Tensor, logits: Tensor, label_logit: Tensor, ww: Tensor, direction: Tensor, lab_b: Tensor
+                ) -> _Line:
+        # label_logit and ww are carried along the steps (phi at step 0 is then exactly the f the
+        # previous line search accepted); the direction's terms are computed fresh
         slope = logit_product(direction)
         wv, dv = w[..., :d], direction[..., :d]
-        return _Line(logits=logits, slope=slope, label_logit=logits.gather(1, lab_b).sum(dim=(1, 2), dtype=f64),
-                     label_slope=slope.gather(1, lab_b).sum(dim=(1, 2), dtype=f64),
-                     ww=(wv * wv).sum(dim=(1, 2), dtype=f64), wd=(wv * dv).sum(dim=(1, 2), dtype=f64),
-                     dd=(dv * dv).sum(dim=(1, 2), dtype=f64), l2=l2, n=n)
+        return _Line(logits=logits, slope=slope, label_logit=label_logit,
+                     label_slope=slope.gather(1, lab_b).sum(dim=(1, 2)).to(f64), ww=ww,
+                     wd=(wv * dv).sum(dim=(1, 2)).to(f64), dd=(dv * dv).sum(dim=(1, 2)).to(f64), l2=l2, n=n)
+
+    def moved_along(line: _Line, step: Tensor) -> tuple[Tensor, Tensor]:  # (label_logit, ww) at the step
+        return line.label_logit + step * line.label_slope, line.ww + step * (2 * line.wd + step * line.dd)
 
     f0 = torch.full((t,), math.log(k), dtype=f64, device=dev)  # the objective at w = 0
     logits = torch.zeros(t, k, n, dtype=dt, device=dev)
     w = torch.zeros(t, k, q, dtype=dt, device=dev)
+    label_logit = ww = torch.zeros(t, dtype=f64, device=dev)
     if start is None:
         f, prob = f0, torch.full_like(logits, 1.0 / k)
     else:  # warm start: the best multiple of the previous layer's solution (0 if none helps)
-        line = line_to(w, logits, start, lab)
+        line = line_to(w, logits, label_logit, ww, start, lab)
         _, d0, _, _ = line.at(torch.zeros(t, dtype=f64, device=dev))
         step, f, logits, prob, moved = _line_search(line, f0, d0, torch.ones_like(d0))
         w = start * step.to(dt)[:, None, None]
         f = torch.where(moved, f, f0)
+        label_logit, ww = moved_along(line, step)
     g = gradient(w, prob, lab)
     live = torch.arange(t, device=dev)
     lab_b = lab
@@ -419,6 +426,7 @@ def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: fl
             converged[idx.cpu()] = done[finished].cpu()
             keep = ~finished
             live, lab_b, w, logits, f, g = live[keep], lab_b[keep], w[keep], logits[keep], f[keep], g[keep]
+            label_logit, ww = label_logit[keep], ww[keep]
             hist, gamma, first_iter, iters = hist.keep(keep), gamma[keep], first_iter[keep], iters[keep]
         b = live.numel()
         if b == 0 or it == max_iter:
@@ -435,8 +443,9 @@ def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: fl
         if scale_first or bool(bad.any()):
             first = torch.where(bad, gamma.to(f64), torch.where(
                 first_iter, 1.0 / gf.norm(dim=-1).to(f64).clamp_min(1e-30), first))
-        line = line_to(w, logits, direction.view(b, k, q), lab_b)
+        line = line_to(w, logits, label_logit, ww, direction.view(b, k, q), lab_b)
         step, f_new, logits, prob, moved = _line_search(line, f, d0, first)
+        label_logit, ww = moved_along(line, step)
         s_vec = direction * step.to(dt)[:, None]
         w = w + s_vec.view(b, k, q)
         g_new = gradient(w, prob, lab_b)

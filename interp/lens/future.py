@@ -4,9 +4,8 @@ Does the residual h_t at lens layer l (see `interp.lens.residual`) encode the to
 ahead, x_{t+k}, and not only the next one? For each offset k (default 2 and 3) and each lens
 layer a linear map h_t -> x_{t+k} is fitted as a multinomial logistic regression (L2-penalised,
 features standardised on the training split, all layers fitted by the toolkit's one logistic
-solver, `interp.probing.multinomial_lbfgs`).
-Simplified from the paper, which learns a map into a later hidden state and decodes it with the
-model's own head.
+solver, `interp.probing.multinomial_lbfgs`). Simplified from the paper, which learns a map into a
+later hidden state and decodes it with the model's own head.
 
 Honesty: the split into train and test is BY EXAMPLE (all positions of a sequence fall on one
 side). Accuracy is top-1 on the test positions, with a percentile bootstrap CI over test
@@ -133,9 +132,8 @@ def softmax_regression(
     `LogisticRegression(C=1 / (l2 * n))` on the same z. The solver is
     `interp.probing.multinomial_lbfgs` (the probes' solver), run to max |gradient| <= 1e-9 or until
     the objective stalls at the dtype's resolution; this function only checks the labels and
-    packages the result.
-    Standardisation uses the training population std (1 for a constant feature). Computes in at
-    least float32.
+    packages the result. Standardisation uses the training population std (1 for a constant
+    feature). Computes in at least float32.
     """
     if y.ndim != 1 or y.shape[0] != x.shape[1]:
         raise ValueError(f"softmax regression labels: expected shape ({x.shape[1]},), got {tuple(y.shape)}")
