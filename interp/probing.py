@@ -318,37 +318,53 @@ def _line_search(line: _Line, f0: Tensor, d0: Tensor, first: Tensor, *, rounds: 
     phi within rounding of phi(0) and phi' <= (2 * 0.1 - 1) phi'(0), which on a convex line
     also guarantees descent and is decided by the accurately computed phi'. Returns (step, phi,
     logits, softmax, moved) at the step; a problem that finds no acceptable step does not move.
+    The per-problem bookkeeping is on Python floats (a handful of problems): each trial costs
+    one softmax over the logits and no tensor ops per problem.
     """
-    rounding = 100 * torch.finfo(line.logits.dtype).eps * f0.abs()
-    pending = d0 < 0
-    step = torch.where(pending, first, torch.zeros_like(first))
-    lo, d_lo = torch.zeros_like(step), d0
-    hi, d_hi = torch.full_like(step, math.inf), torch.full_like(d0, math.nan)
+    eps = 100 * torch.finfo(line.logits.dtype).eps
+    phi0, slope0 = f0.tolist(), d0.tolist()
+    pending = [d < 0 for d in slope0]
+    step = [s if p else 0.0 for s, p in zip(first.tolist(), pending, strict=True)]
+    lo, d_lo = [0.0] * len(step), list(slope0)
+    hi, d_hi = [math.inf] * len(step), [math.nan] * len(step)
+    at = f0.new_tensor(step)
     for _ in range(rounds):
-        f, df, logits, prob = line.at(step)
-        if not bool(pending.any()):
+        f, df, logits, prob = line.at(at)
+        if not any(pending):
             break
-        armijo = ((f <= f0 + c1 * step * d0) | ((f <= f0 + rounding) & (df <= -0.8 * d0))) & torch.isfinite(f)
-        pending = pending & ~(armijo & (df.abs() <= -c2 * d0))
-        if not bool(pending.any()):
+        fs, dfs = f.tolist(), df.tolist()
+        for i, (fi, di) in enumerate(zip(fs, dfs, strict=True)):
+            if not pending[i]:
+                continue
+            p0, s0, a = phi0[i], slope0[i], step[i]
+            enough = math.isfinite(fi) and (fi <= p0 + c1 * a * s0 or (fi <= p0 + eps * abs(p0) and di <= -0.8 * s0))
+            if enough and abs(di) <= -c2 * s0:
+                pending[i] = False
+                continue
+            # convex phi: a step past the minimiser, or without enough decrease, bounds it from above
+            if not enough or di >= 0:
+                hi[i], d_hi[i] = a, di
+            else:
+                lo[i], d_lo[i] = a, di
+            width = hi[i] - lo[i]
+            if math.isinf(hi[i]):
+                step[i] = 4 * a
+            elif d_hi[i] > 0:  # secant of phi' between the bracket ends (d_lo < 0 < d_hi)
+                sec = lo[i] - d_lo[i] * width / (d_hi[i] - d_lo[i])
+                step[i] = min(max(sec, lo[i] + 0.1 * width), hi[i] - 0.1 * width)
+            else:
+                step[i] = lo[i] + 0.5 * width
+        if not any(pending):
             break
-        # convex phi: a step past the minimiser, or without enough decrease, bounds it from above
-        far = pending & (~armijo | (df >= 0))
-        near = pending & ~far
-        hi, d_hi = torch.where(far, step, hi), torch.where(far, df, d_hi)
-        lo, d_lo = torch.where(near, step, lo), torch.where(near, df, d_lo)
-        width = hi - lo
-        secant = lo - d_lo * width / (d_hi - d_lo)
-        inside = torch.where(torch.isfinite(secant) & (d_hi > 0),
-                             torch.minimum(torch.maximum(secant, lo + 0.1 * width), hi - 0.1 * width),
-                             lo + 0.5 * width)
-        step = torch.where(pending, torch.where(torch.isinf(hi), 4 * step, inside), step)
-    moved = (d0 < 0) & (step > 0)
-    if bool(pending.any()):  # no strong-Wolfe point: the last sufficient decrease (lo), or no move
-        step = torch.where(pending, lo, step)
-        moved = moved & ~(pending & (lo <= 0))
-        f, _, logits, prob = line.at(step)
-    return step, f, logits, prob, moved
+        at = f0.new_tensor(step)
+    moved = [s0 < 0 and a > 0 for s0, a in zip(slope0, step, strict=True)]
+    if any(pending):  # no strong-Wolfe point: the last sufficient decrease (lo), or no move
+        for i in range(len(step)):
+            if pending[i]:
+                step[i], moved[i] = lo[i], moved[i] and lo[i] > 0
+        at = f0.new_tensor(step)
+        f, _, logits, prob = line.at(at)
+    return at, f, logits, prob, torch.tensor(moved, device=f0.device)
 
 
 def _lbfgs_layer(x: Tensor, lab: Tensor, k: int, start: Tensor | None, *, l2: float, max_iter: int,
