@@ -17,10 +17,13 @@ from interp.models import load_model, new_model
 from interp.organisms import multihop
 from interp.probing import (
     FRAME_COLUMNS,
+    _Line,
     control_labels,
     fit,
     group_folds,
+    multinomial_lbfgs,
     ridge_cv,
+    shuffled_labels,
     split_by_group,
 )
 from interp.stats import bootstrap
@@ -78,6 +81,90 @@ def test_logistic_default_tolerance_within_one_point_of_sklearn_defaults():
         z = _standardised(x[layer].double(), train).numpy()
         acc = LogisticRegression().fit(z[train], y[train].numpy()).score(z[test], y[test].numpy())
         assert abs(float(res.value[layer]) - acc) <= 0.01
+
+
+def test_stacked_label_sets_each_equal_their_own_sklearn_fit_and_count_one_pass_each_way_per_iteration():
+    # task, control and shuffled labels solved together on the training rows of each layer; each
+    # must be the optimum scikit-learn finds for that label set alone, and every iteration makes
+    # one logit and one gradient pass at the width of the label sets still running
+    x, y = _classes(n=500, d=12, k=3, strength=(0.4, 1.5), seed=3, dtype=torch.float64)
+    types = torch.arange(500) % 40
+    sets = torch.stack([y, control_labels(y, types, seed=1), shuffled_labels(y, seed=2)])
+    train, _ = split_by_group(torch.arange(500), 0.25, seed=0)
+    before = x.clone()
+    solved = multinomial_lbfgs(x, sets[:, train], 3, l2=1.0 / train.numel(), rows=train, tol=1e-8, max_iter=500)
+    assert torch.equal(x, before)  # standardised in a buffer, never in place
+    for layer in range(2):
+        torch.testing.assert_close(solved.mean[layer], x[layer, train].mean(0))
+        torch.testing.assert_close(solved.scale[layer], x[layer, train].std(0, correction=0))
+        z = _standardised(x[layer], train)[train].numpy()
+        for j in range(3):
+            sk = LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(z, sets[j, train].numpy())
+            ours = torch.from_numpy(z) @ solved.weight[layer, j].T + solved.bias[layer, j]
+            theirs = torch.from_numpy(sk.decision_function(z))
+            torch.testing.assert_close(ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True),
+                                       atol=1e-4, rtol=1e-4)
+        # hand count: a label set leaves the batch after its last iteration
+        a, b, c = sorted(solved.n_iter[layer].tolist(), reverse=True)
+        assert solved.n_forward[layer].tolist() == [a - b, b - c, c]
+        assert solved.n_gradient[layer].tolist() == [a - b, b - c, c + 1]  # + the gradient at the start
+
+
+def test_warm_start_changes_the_path_not_the_optimum():
+    # residual-stream-like layers (each adds a little to the previous one): at a tight tolerance
+    # starting each layer from the previous solution reaches the optimum found from zeros
+    g = torch.Generator().manual_seed(4)
+    n, d, k = 600, 20, 4
+    y = torch.randint(0, k, (n,), generator=g)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    layers = [torch.randn(n, d, generator=g, dtype=torch.float64) + 0.5 * means[y]]
+    for _ in range(3):
+        layers.append(layers[-1] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64) + 0.2 * means[y])
+    x = torch.stack(layers)
+    kw = dict(l2=1e-3, tol=1e-8, max_iter=1000)
+    cold = multinomial_lbfgs(x, y[None], k, **kw)
+    warm = multinomial_lbfgs(x, y[None], k, warm_start=True, **kw)
+    assert bool(cold.converged.all()) and bool(warm.converged.all())
+    torch.testing.assert_close(warm.weight, cold.weight, atol=5e-5, rtol=0)
+    torch.testing.assert_close(warm.bias, cold.bias, atol=5e-5, rtol=0)
+    assert torch.equal(warm.n_iter[0], cold.n_iter[0])  # the first layer has nothing to start from
+    assert warm.n_forward[1:, 0].tolist() == (warm.n_iter[1:, 0] + 1).tolist()  # + the warm start's pass
+
+
+def test_line_restriction_equals_autograd_objective_and_slope():
+    # the line search evaluates f(w + a d) from the logits at w and d's logits alone; check the
+    # value and the derivative in a against torch's cross-entropy and autograd on the full model
+    g = torch.Generator().manual_seed(5)
+    t, k, n, d, l2 = 2, 3, 50, 6, 0.05
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, k, (t, 1, n), generator=g)
+    w = torch.randn(t, k, d + 1, generator=g, dtype=torch.float64)
+    direction = torch.randn(t, k, d + 1, generator=g, dtype=torch.float64)
+    logits = torch.einsum("tkd,nd->tkn", w[..., :d], z) + w[..., d:]
+    slope = torch.einsum("tkd,nd->tkn", direction[..., :d], z) + direction[..., d:]
+    wv, dv = w[..., :d], direction[..., :d]
+    line = _Line(logits=logits, slope=slope, label_logit=logits.gather(1, lab).sum(dim=(1, 2)),
+                 label_slope=slope.gather(1, lab).sum(dim=(1, 2)), ww=(wv * wv).sum(dim=(1, 2)),
+                 wd=(wv * dv).sum(dim=(1, 2)), dd=(dv * dv).sum(dim=(1, 2)), l2=l2, n=n)
+    step = torch.tensor([0.3, 1.7], dtype=torch.float64, requires_grad=True)
+    f, df, _, prob = line.at(step.detach())
+    point = w + step[:, None, None] * direction
+    ce = torch.stack([torch.nn.functional.cross_entropy(z @ point[j, :, :d].T + point[j, :, d], lab[j, 0])
+                      for j in range(t)])
+    ref = ce + 0.5 * l2 * (point[..., :d] ** 2).sum(dim=(1, 2))
+    (grad,) = torch.autograd.grad(ref.sum(), step)
+    torch.testing.assert_close(f, ref.detach())
+    torch.testing.assert_close(df, grad)
+    torch.testing.assert_close(prob.sum(1), torch.ones(t, n, dtype=torch.float64))
+
+
+def test_nonfinite_features_are_reported_by_row_and_layer():
+    x, y = _classes(n=200, seed=6)
+    x[1, 17, 3] = float("nan")
+    x[2, 150, 0] = float("inf")
+    for kind, labels in (("logistic", y), ("ridge", y.double())):
+        with pytest.raises(ValueError, match=r"NaN/Inf in 2 of 200 rows \[17, 150\] at layers \[1, 2\]"):
+            fit(x, labels, kind)
 
 
 def test_ridge_coefficients_equal_sklearn_ridge():

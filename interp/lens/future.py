@@ -3,9 +3,9 @@
 Does the residual h_t at lens layer l (see `interp.lens.residual`) encode the token k positions
 ahead, x_{t+k}, and not only the next one? For each offset k (default 2 and 3) and each lens
 layer a linear map h_t -> x_{t+k} is fitted as a multinomial logistic regression (L2-penalised,
-features standardised on the training split, all layers fitted together by one L-BFGS on the
-summed objective, which is separable across layers). Simplified from the paper, which learns a
-map into a later hidden state and decodes it with the model's own head.
+features standardised on the training split, all layers fitted by the toolkit's one logistic
+solver, `interp.probing.multinomial_lbfgs`). Simplified from the paper, which learns a map into a
+later hidden state and decodes it with the model's own head.
 
 Honesty: the split into train and test is BY EXAMPLE (all positions of a sequence fall on one
 side). Accuracy is top-1 on the test positions, with a percentile bootstrap CI over test
@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from interp.configs import from_dict
-from interp.lens.residual import compute_dtype, layer_labels, model_name, residual_stack
+from interp.lens.residual import layer_labels, model_name, residual_stack
+from interp.probing import multinomial_lbfgs
 from interp.stats import Estimate, bootstrap
 from interp.tokens import check_model_tokens
 from interp.viz import curves
@@ -95,7 +96,7 @@ class FutureLensConfig:
         return from_dict(FutureLensConfig, d)
 
 
-# ------------------------------------------------------------------------ the batched solver
+# ------------------------------------------------------------------------ the fitted map
 
 @dataclass(frozen=True)
 class SoftmaxFit:
@@ -124,48 +125,27 @@ def softmax_regression(
     standardize: bool = True,
     progress: bool = False,
 ) -> SoftmaxFit:
-    """Fit one multinomial logistic regression per group (shared labels) by L-BFGS.
+    """Fit one multinomial logistic regression per group (shared labels) with the toolkit's solver.
 
     Minimises, for every group g, mean_i CE(z_gi W_g + b_g, y_i) + (l2 / 2) ||W_g||^2 with z the
     standardised features (the intercept is not penalised): scikit-learn's multinomial
-    `LogisticRegression(C=1 / (l2 * n))` on the same z. Computes in at least float32.
+    `LogisticRegression(C=1 / (l2 * n))` on the same z. The solver is
+    `interp.probing.multinomial_lbfgs` (the probes' solver), run to max |gradient| <= 1e-9 or until
+    the objective stalls at the dtype's resolution; this function only checks the labels and
+    packages the result. Standardisation uses the training population std (1 for a constant
+    feature). Computes in at least float32.
     """
     if y.ndim != 1 or y.shape[0] != x.shape[1]:
         raise ValueError(f"softmax regression labels: expected shape ({x.shape[1]},), got {tuple(y.shape)}")
     if y.numel() == 0 or int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise ValueError(f"softmax regression labels: expected class ids in [0, {n_classes}) for at "
                          f"least one example, got {y.numel()} labels")
-    dt = compute_dtype(x.dtype)
-    x = x.to(dt)
-    g, n, d = x.shape
-    if standardize:
-        mean = x.mean(dim=1)
-        scale = x.std(dim=1, correction=0).clamp_min(1e-6)
-    else:
-        mean = torch.zeros(g, d, dtype=dt, device=x.device)
-        scale = torch.ones(g, d, dtype=dt, device=x.device)
-    z = (x - mean[:, None]) / scale[:, None]
-    w = torch.zeros(g, d, n_classes, dtype=dt, device=x.device, requires_grad=True)
-    b = torch.zeros(g, n_classes, dtype=dt, device=x.device, requires_grad=True)
-    yy = y.to(x.device)[None].expand(g, n).reshape(-1)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-    bar = tqdm(total=max_iter, desc="future lens: fit", disable=not progress, leave=False)
-
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        logits = torch.baddbmm(b[:, None, :], z, w)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(g * n, n_classes), yy, reduction="sum") / n
-        loss = ce + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        if bar.n < max_iter:
-            bar.update(1)
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    bar = tqdm(total=x.shape[0], desc="future lens: fit", disable=not progress, leave=False)
+    fit = multinomial_lbfgs(x, y[None], n_classes, l2=l2, standardize=standardize, max_iter=max_iter,
+                            tol=1e-9, on_layer=lambda _: bar.update(1))
     bar.close()
-    return SoftmaxFit(mean=mean, scale=scale, weight=w.detach(), bias=b.detach())
+    return SoftmaxFit(mean=fit.mean, scale=fit.scale, weight=fit.weight[:, 0].transpose(1, 2),
+                      bias=fit.bias[:, 0])
 
 
 # ------------------------------------------------------------------------------- baselines
