@@ -165,7 +165,7 @@ def test_multihop_interchange_padded_batch_equals_each_prompt_alone(any_model, b
                     act[:, _a] = _c[_h][:, _b]
                     return act
                 logits = any_model.run_with_hooks(toks[None], fwd_hooks=[(h, put)])[0, t]
-                want = float(logits[other] - logits[own])
+                want = float((logits[other] - logits[own]).detach())
                 assert lds[name][layer, i].item() == pytest.approx(want, abs=1e-5)
                 assert outs[name][layer].correct[i].item() == float(logits.argmax() == other)
         # an int position: the same index in both prompts
@@ -217,10 +217,11 @@ def test_multihop_end_to_end_on_prompts_of_different_lengths(llama_model, bpe_to
 def test_decay_padded_batch_equals_each_prompt_alone(any_model, bpe_tokenizer, side):
     p = city_prompts(bpe_tokenizer, side)
     # the fact: the subject of prompts 0-1, one token at different places in the others
-    fact = p.span("subject").clone()
-    fact[2:] = torch.tensor([[1, 2], [3, 4], [4, 6]])
-    p = Prompts.from_tokens([one(p, i)[0][: int(p.prompt_lengths[i])] for i in range(len(p))],
-                            answers=[one(p, i)[2].tolist() for i in range(len(p))], spans={"fact": fact}, side=side)
+    # (each prompt twice, so that the probes have enough prompts to split)
+    fact = torch.cat([p.span("subject"), torch.tensor([[1, 2], [3, 4], [4, 6], [2, 3], [5, 6]])])
+    rows = list(range(len(p))) * 2
+    p = Prompts.from_tokens([one(p, i)[0][: int(p.prompt_lengths[i])] for i in rows],
+                            answers=[one(p, i)[2].tolist() for i in rows], spans={"fact": fact}, side=side)
     dist, groups = distance_groups(p, "fact")
     want_dist = p.index(LAST) - p.index("fact")
     assert torch.equal(dist, want_dist) and len(groups) >= 3

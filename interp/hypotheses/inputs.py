@@ -8,6 +8,7 @@ named positions.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from transformer_lens import HookedTransformer
 
 from interp.models import ORGANISM_PREFIX
 from interp.prompts import LAST, Prompts, read_prompts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,16 @@ def decay(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *
 
 def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
                tokenizer: object | None = None) -> Prompts:
-    """Prompts with answers (and, from a JSONL set with partners, the neutral contexts)."""
+    """Prompts with answers (and, from a JSONL set whose partners have the prompts' lengths, those
+    as the neutral contexts; other partners, e.g. two-hop ones, are dropped for the default)."""
     if prompts is not None:
-        return prompt_set(prompts, model, tokenizer)
+        p = prompt_set(prompts, model, tokenizer)
+        q = p.partner
+        if q is not None and not (torch.equal(q.lengths, p.lengths) and torch.equal(q.index(LAST), p.index(LAST))):
+            log.info("last-token: the prompt set's partners differ in length from their prompts; using "
+                     "neutral_prompts (another example's context) as the neutral context")
+            p = p.with_partner(None)
+        return p
     name = organism_name(spec)
     if name == "multihop":
         from interp.organisms import multihop as mh
