@@ -14,7 +14,7 @@ from interp.hypotheses.base import Outcome, Verdict, positions_of, random_like
 from interp.hypotheses.last_token import _curves, neutral_context, neutral_prompts
 from interp.hypotheses.multihop import _interchange
 from interp.hypotheses.positional_decay import _fit_decay, _profile
-from interp.hypotheses.routes import RouteEffect, RoutesResult
+from interp.hypotheses.routes import RouteEffect, RoutesResult, _route_effects_loop, example_specs
 from interp.lens.residual import lens_hooks
 from interp.models import list_organisms
 from interp.probing import fit
@@ -265,6 +265,17 @@ def test_routes_padded_batch_equals_each_prompt_alone(any_model, bpe_tokenizer, 
     p = p.to_side(side).with_partner(q)
     via = [3, 5]
     r = routes(any_model, p, source="subject", via=via, baseline=random_like(any_model))
+    # the batched run (one path_patch per receiver for all examples) equals the per-example loop
+    # (one path_patch per example and route, each prompt alone)
+    q_right = p.right().with_partner(q.right())
+    loop_total, loop_specs, loop_eff = _route_effects_loop(any_model, q_right,
+                                                           example_specs(any_model, q_right, src, via))
+    torch.testing.assert_close(r.total, loop_total, atol=1e-5, rtol=0)
+    by_loop = {s.name: loop_eff[j] for j, s in enumerate(loop_specs)}
+    assert set(by_loop) <= {x.name for x in r.routes}
+    for x in r.routes:
+        want = by_loop.get(x.name, torch.full((len(p),), float("nan"), dtype=torch.float64))
+        torch.testing.assert_close(x.effect, want, atol=1e-5, rtol=0, equal_nan=True)
     for i in range(len(p)):
         toks, t, ans = one(p, i)
         ctoks = one(q, i)[0]

@@ -36,8 +36,7 @@ from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of, random_like
 from interp.metrics import answer_logprob
-from interp.patching import path_patch
-from interp.patching.metrics import PositionMetric
+from interp.patching import At, path_patch
 from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
 
@@ -177,14 +176,6 @@ class RouteSpec:
     receivers: tuple[Node, ...]
 
 
-def answer_metric(prompt: Prompts) -> PositionMetric:
-    """log p(answer) of one prompt (summed over a multi-token answer), as a patching metric that
-    reads only the answer's read-out positions."""
-    lp = answer_logprob()
-    positions = tuple(int(x) for x in lp.positions(prompt)[0])
-    return PositionMetric(lambda at: lp.read(at, prompt)[0], positions)
-
-
 def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
                   ) -> list[list[RouteSpec]]:
     """Each example's routes: from its own source, through the `via` positions strictly between
@@ -201,11 +192,80 @@ def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Seq
     return out
 
 
-def _route_effects(model: HookedTransformer, p: Prompts, specs: list[list[RouteSpec]]
+def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
                    ) -> tuple[Tensor, list[RouteSpec], Tensor]:
-    """The [n] totals (clean - corrupted), the routes (by name, in order of first appearance) and
-    their [route, n] effects (patched - corrupted; NaN for an example without that route), one
-    example at a time: the per-example loop (each prompt run alone, unpadded)."""
+    """The [n] totals (clean - corrupted), the routes and their [route, n] effects (patched -
+    corrupted; NaN for an example that cannot take the route), batched over the examples: one
+    `path_patch` call per receiver (layer, K or V, position), all its senders in that call.
+
+    Positions are per example: a direct route starts at each prompt's own source; a two-step
+    route through position q exists for the prompts whose source < q < last token; the joint
+    route into a layer takes every route of that prompt at once."""
+    arch = Arch.of(model)
+    L, G = arch.n_layers, arch.n_kv_heads
+    n, width = len(p), p.tokens.shape[1]
+    last = p.index(LAST)
+    cols = torch.arange(width)[None]
+    between = (cols > source[:, None]) & (cols < last[:, None])  # [n, pos]
+    vias = sorted(set(range(width)) if via is None else set(int(q) for q in via))
+    between &= torch.isin(cols, torch.tensor(vias, dtype=torch.long))
+    metric = answer_logprob()
+    specs: list[RouteSpec] = []
+    rows: list[Tensor] = []
+    total: Tensor | None = None
+    site_of = {"k": Site.K, "v": Site.V}
+
+    def run(senders: list, receivers: list) -> Tensor:
+        nonlocal total
+        res = path_patch(model, p, metric, senders=senders, receivers=receivers, stream="kv", reader=LAST)
+        if total is None:
+            total = (res.clean_values - res.corrupt_values).double()
+        return (res.per_example - res.corrupt_values[None]).double()  # [sender, n]
+
+    for c in range(L):
+        for rec in ("k", "v"):
+            eff = run([At(c, Site.RESID_PRE, pos=source)], [At(c, site_of[rec], pos=source, head=g) for g in range(G)])
+            specs.append(RouteSpec(f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
+                                   None, ()))
+            rows.append(eff[0])
+    for q in vias:
+        has = between[:, q] if q < width else torch.zeros(n, dtype=torch.bool)
+        if not bool(has.any()):
+            continue
+        for c2 in range(1, L):
+            for rec in ("k", "v"):
+                eff = run([Node(c1, Site.ATTN_OUT, pos=q) for c1 in range(c2)],
+                          [Node(c2, site_of[rec], pos=q, head=g) for g in range(G)])
+                for c1 in range(c2):
+                    specs.append(RouteSpec(f"R@L{c1}->{q}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
+                                           (c1, c2), q, None, ()))
+                    rows.append(torch.where(has, eff[c1], torch.full_like(eff[c1], float("nan"))))
+    # joint: every measured route into layer c2 through its keys (or values) at once
+    onehot = torch.zeros(n, width, dtype=torch.bool)
+    onehot[torch.arange(n), source] = True
+    for c2 in range(L):
+        group = [At(c2, Site.RESID_PRE, pos=source)] + [At(c1, Site.ATTN_OUT, pos=between) for c1 in range(c2)]
+        for rec in ("k", "v"):
+            eff = run([group], [At(c2, site_of[rec], pos=onehot | between, head=g) for g in range(G)])[0]
+            # a prompt with no intermediate position: its joint route is the direct one
+            direct = rows[[s.name for s in specs].index(f"U^{c2} R@L{c2} ({rec})")]
+            specs.append(RouteSpec(f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, None, ()))
+            rows.append(torch.where(between.any(1) | (c2 == 0), eff, direct))
+    order = sorted(range(len(specs)), key=lambda j: _order_key(specs[j]))
+    return total, [specs[j] for j in order], torch.stack([rows[j] for j in order])  # type: ignore[return-value]
+
+
+def _order_key(s: RouteSpec) -> tuple:
+    """Direct routes, then two-step routes by position and layers, then joint ones (the per-example
+    loop's order)."""
+    kind = {"direct": 0, "via": 1, "joint": 2}[s.kind]
+    return (kind, s.via or 0, s.layers, s.receiver)
+
+
+def _route_effects_loop(model: HookedTransformer, p: Prompts, specs: list[list[RouteSpec]]
+                        ) -> tuple[Tensor, list[RouteSpec], Tensor]:
+    """The same, one example and one route at a time (each prompt run alone, unpadded): the
+    reference the batched path is tested against."""
     n = len(p)
     names: dict[str, RouteSpec] = {}
     for per in specs:
@@ -214,18 +274,14 @@ def _route_effects(model: HookedTransformer, p: Prompts, specs: list[list[RouteS
     order = {k: j for j, k in enumerate(names)}
     effects = torch.full((len(names), n), float("nan"), dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
-    corrupt = p.partner.right()  # type: ignore[union-attr]
-    last = p.index(LAST)
+    metric = answer_logprob()
     for i in range(n):
         one = p.select([i])
-        length = int(p.lengths[i])
-        clean_i, corrupt_i = one.tokens[:, :length], corrupt.tokens[i: i + 1, :length]
-        m = answer_metric(one)
         for spec in specs[i]:
-            res = path_patch(model, clean_i, corrupt_i, m, spec.sender, list(spec.receivers), stream="kv",
-                             reader=[int(last[i])])
-            effects[order[spec.name], i] = float(res.values.reshape(-1)[0]) - res.corrupt_metric
-            total[i] = res.clean_metric - res.corrupt_metric
+            res = path_patch(model, one, metric, senders=spec.sender, receivers=list(spec.receivers), stream="kv",
+                             reader=LAST)
+            effects[order[spec.name], i] = float(res.per_example.reshape(-1)[0] - res.corrupt_values[0])
+            total[i] = float(res.clean_values[0] - res.corrupt_values[0])
     return total, list(names.values()), effects
 
 
@@ -265,10 +321,10 @@ def routes(
         raise ValueError(f"source of prompt {i}: expected a position inside its {int(p.prompt_lengths[i])} tokens, "
                          f"got {source!r}")
     src = src.long()
-    specs = example_specs(model, p, src, via)
-    total, found_specs, effects = _route_effects(model, p, specs)
+    example_specs(model, p, src, via)  # checks every source against its prompt's last token
+    total, found_specs, effects = _route_effects(model, p, src, via)
     base = random_like(model, seed) if baseline is None else baseline
-    b_total, b_specs, b_effects = _route_effects(base, p, specs)
+    b_total, b_specs, b_effects = _route_effects(base, p, src, via)
     found = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, effects[j])
              for j, s in enumerate(found_specs)]
     b_routes = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, b_effects[j])
