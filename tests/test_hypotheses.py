@@ -431,7 +431,23 @@ def test_last_token_no_layer_without_behaviour(gpt2_model):
     r = last_token_sufficiency(gpt2_model, Prompts.from_tokens(toks, answers=wrong), baseline=gpt2_model)
     assert float(r.clean.correct.mean()) == 0.0
     assert r.sufficient_from is None and not r.clean_shows_behaviour
-    assert "does not clear" in r.behaviour_reason and not r.verdict.supported
+    assert "do not clear" in r.behaviour_reason and not r.verdict.supported
+
+
+def test_last_token_measures_log_prob_when_top1_is_never_the_answer(gpt2_model):
+    # a real model's top-1 is rarely exactly the answer: the measure is then the answer's log-prob
+    g = torch.Generator().manual_seed(6)
+    toks = torch.randint(0, 50, (24, 7), generator=g)
+    second = gpt2_model(toks)[:, -1].topk(2).indices[:, 1]  # the answer is never the argmax
+    r = last_token_sufficiency(gpt2_model, Prompts.from_tokens(toks, answers=second),
+                               baseline=random_like(gpt2_model))
+    assert float(r.clean.correct.mean()) == 0.0
+    assert r.baseline_clean is not None
+    lp, base_lp = r.clean.logprob.mean(), r.baseline_clean.logprob.mean()
+    assert float(lp) > float(base_lp)  # the model gives its runner-up more mass than a random model
+    assert r.clean_shows_behaviour and r.meta["measure"] == "logprob"
+    assert "accuracy" not in (r.sufficiency_reason or r.verdict.sentence)
+    assert "log p(answer)" in (r.sufficiency_reason or r.verdict.sentence)
 
 
 def test_last_token_refuses_sufficiency_at_n_layers():

@@ -269,51 +269,62 @@ def last_token_sufficiency(
     layers = tuple(range(L + 1))
 
     clean_acc, base_acc = estimate(clean.correct), estimate(b_clean.correct)
-    drop0 = estimate(clean.correct - knock[0].correct)
-    acc = [o.correct.mean().item() for o in knock]
+    clean_lp, base_lp = estimate(clean.logprob), estimate(b_clean.logprob)
+    # The measure: top-1 accuracy when the model's clean accuracy clears the baseline's; otherwise
+    # (a real model whose top-1 is rarely exactly the answer) the answer's log-prob, with the
+    # tolerance a share of the clean-minus-neutral log-prob gap.
+    if clean_acc.above(base_acc):
+        measure, score, tol, unit = "accuracy", (lambda o: o.correct), tolerance, "accuracy"
+    else:
+        gap = float(clean.logprob.mean() - neut.logprob.mean())
+        measure, score, tol, unit = "logprob", (lambda o: o.logprob), tolerance * abs(gap), "log p(answer)"
+    clean_m = clean_acc if measure == "accuracy" else clean_lp
+    base_m = base_acc if measure == "accuracy" else base_lp
+    drop0 = estimate(score(clean) - score(knock[0]))
+    acc = [score(o).mean().item() for o in knock]
     name = model.cfg.model_name
-    shows = clean_acc.above(base_acc)
+    shows = clean_acc.above(base_acc) or clean_lp.above(base_lp)
     behaviour_reason = None if shows else (
-        f"clean accuracy {clean_acc} does not clear the random-initialised baseline {base_acc}, so there is no "
-        f"prediction to attribute")
+        f"clean accuracy {clean_acc} and log p(answer) {clean_lp} do not clear the random-initialised baseline "
+        f"({base_acc}, {base_lp}), so there is no prediction to attribute")
     suff, why = None, None
-    # the first layer from which cutting the context at every later layer keeps clean accuracy
-    first = next(layer for layer in layers if all(a >= clean_acc.value - tolerance for a in acc[layer:]))
+    # the first layer from which cutting the context at every later layer keeps the clean level
+    first = next(layer for layer in layers if all(a >= clean_m.value - tol for a in acc[layer:]))
     if not shows:
         why = behaviour_reason
         verdict = Verdict(False, behaviour_reason)
     elif not drop0.excludes(0.0):
-        why = (f"blocking all attention from the last position to the context changes accuracy by {drop0} "
+        why = (f"blocking all attention from the last position to the context changes {unit} by {drop0} "
                f"(CI includes 0): the context is not needed at all")
         verdict = Verdict(False, why)
     elif first == 0:
-        why = (f"cutting the context from layer 0 keeps accuracy within the tolerance {tolerance} of clean "
+        why = (f"cutting the context from layer 0 keeps {unit} within the tolerance {tol:.3g} of clean "
                f"(drop {drop0}): there is no layer contrast")
         verdict = Verdict(False, why)
     elif first >= L:
         # cutting at l = L blocks nothing: "sufficient from L" is true of any model, not a finding
-        k = estimate(knock[L - 1].correct)
-        contrast = estimate(clean.correct - knock[L - 1].correct)
-        why = (f"no layer below n_layers={L} suffices: cutting the context at layer {L - 1} alone gives accuracy "
-               f"{k} vs {clean_acc} clean")
+        k = estimate(score(knock[L - 1]))
+        contrast = estimate(score(clean) - score(knock[L - 1]))
+        why = (f"no layer below n_layers={L} suffices: cutting the context at layer {L - 1} alone gives {unit} "
+               f"{k} vs {clean_m} clean")
         verdict = Verdict(False, why + " (CI of the drop includes 0)") if not contrast.low > 0 else Verdict(True, (
             f"The last position is not self-sufficient before the output: cutting its attention to earlier "
-            f"positions at the last layer ({L - 1}) alone gives accuracy {k} vs {clean_acc} clean, so it still "
-            f"reads the context there (random-initialised baseline {base_acc})."))
+            f"positions at the last layer ({L - 1}) alone gives {unit} {k} vs {clean_m} clean, so it still "
+            f"reads the context there (random-initialised baseline {base_m})."))
     else:
-        k, prev = estimate(knock[first].correct), estimate(knock[first - 1].correct)
-        contrast = estimate(clean.correct - knock[first - 1].correct)
+        k, prev = estimate(score(knock[first])), estimate(score(knock[first - 1]))
+        contrast = estimate(score(clean) - score(knock[first - 1]))
         if not contrast.excludes(0.0) or contrast.value <= 0:
-            why = (f"cutting from layer {first - 1} changes accuracy by {contrast} (CI includes 0): no layer "
+            why = (f"cutting from layer {first - 1} changes {unit} by {contrast} (CI includes 0): no layer "
                    f"contrast marks where the last position becomes sufficient")
             verdict = Verdict(False, why)
         else:
             suff = first
             verdict = Verdict(True, (
                 f"The last position's residual suffices from layer {suff} on (of {L}): with its attention to "
-                f"earlier positions cut at layers >= {suff}, accuracy is {k} vs {clean_acc} clean, while cutting "
-                f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_acc})."))
+                f"earlier positions cut at layers >= {suff}, {unit} is {k} vs {clean_m} clean, while cutting "
+                f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_m})."))
     return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), b_clean, b_knock[0],
-                           suff, verdict, meta={"n": n, "tolerance": tolerance,
+                           suff, verdict, meta={"n": n, "tolerance": tolerance, "measure": measure,
                                                 "lengths": sorted(set(p.prompt_lengths.tolist()))},
                            clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, sufficiency_reason=why)
