@@ -293,6 +293,26 @@ def test_routes_padded_batch_equals_each_prompt_alone(any_model, bpe_tokenizer, 
     assert (frame.n <= len(p)).all() and (frame.n < len(p)).any()
 
 
+def test_routes_default_via_past_a_shorter_prompt_is_nan(gpt2_model, bpe_tokenizer):
+    # regression: a two-step route through a position beyond a shorter prompt's last token raised
+    # (the engine's causal check) instead of being NaN for that prompt
+    p = city_prompts(bpe_tokenizer).right()
+    src = p.index("subject")
+    corrupt = p.tokens.clone()
+    corrupt[torch.arange(len(p)), src] = (corrupt[torch.arange(len(p)), src] + 1) % 50
+    q = Prompts(corrupt, p.lengths, "right", p.prompt_lengths, {"subject": p.span("subject")}, p.answers,
+                p.answer_lengths)
+    p = p.with_partner(q)
+    r = routes(gpt2_model, p, source="subject", baseline=gpt2_model)
+    loop_total, loop_specs, loop_eff = _route_effects_loop(gpt2_model, p, example_specs(gpt2_model, p, src, None))
+    by_loop = {s.name: loop_eff[j] for j, s in enumerate(loop_specs)}
+    assert {x.name for x in r.routes} == set(by_loop)
+    for x in r.routes:
+        torch.testing.assert_close(x.effect, by_loop[x.name], atol=1e-5, rtol=0, equal_nan=True)
+    vias = [x for x in r.routes if x.kind == "via"]
+    assert vias and all(int(torch.isfinite(x.effect).sum()) == 1 for x in vias)  # each via: one prompt's
+
+
 def test_decay_fit_and_profile_hand_cases():
     d = [1, 5, 10, 20, 40, 80]
     y = [3.0 * torch.exp(torch.tensor(-x / 12.0)).item() + 0.5 for x in d]

@@ -232,10 +232,12 @@ def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Se
         has = between[:, q] if q < width else torch.zeros(n, dtype=torch.bool)
         if not bool(has.any()):
             continue
+        at_q = torch.zeros(n, width, dtype=torch.bool)
+        at_q[has, q] = True  # only the prompts that can take a route through q
         for c2 in range(1, L):
             for rec in ("k", "v"):
-                eff = run([Node(c1, Site.ATTN_OUT, pos=q) for c1 in range(c2)],
-                          [Node(c2, site_of[rec], pos=q, head=g) for g in range(G)])
+                eff = run([At(c1, Site.ATTN_OUT, pos=at_q) for c1 in range(c2)],
+                          [At(c2, site_of[rec], pos=at_q, head=g) for g in range(G)])
                 for c1 in range(c2):
                     specs.append(RouteSpec(f"R@L{c1}->{q}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
                                            (c1, c2), q, None, ()))
