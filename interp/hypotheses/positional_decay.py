@@ -7,8 +7,10 @@ learned absolute, rotary, none — Haviv et al. 2022 show NoPE models still lear
     prompt; only real tokens are sampled, never pads) and the distance from the query to the
     needed fact (at each prompt's own query position), with bootstrap CIs and a shuffled-label
     baseline.
-(b) Accuracy as a function of the needed fact's distance d (prompts grouped by d).
-(c) Causal use: knock out the query's attention to the fact's positions at every layer; the
+(b) Accuracy as a function of the needed fact's distance d, measured per prompt (tokens from
+    the span `fact`'s last token to the last prompt token), prompts of any lengths grouped
+    by d (or by distance bins) inside one call.
+(c) Causal use: knock out the read-out's attention to the fact's tokens at every layer; the
     drop in the answer's log-prob as a function of d, with a fitted exponential decay
     drop(d) = a * exp(-d / tau) + c. A decay length is reported only when the measured curve
     falls monotonically (within its CIs) and tau lies strictly inside the optimiser's bounds; a
