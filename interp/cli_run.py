@@ -1,4 +1,4 @@
-"""`interp run multihop|plan-ahead|decay|last-token|routes --model SPEC [--out report.html]`.
+"""`interp run multihop|plan-ahead|decay|last-token|routes --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
 
 Each run writes its own report: by default `reports/run-NAME-MODEL.html` (a free name: `-2`, `-3`
 … are appended rather than replace an earlier run's report); an explicit `--out` that exists is
@@ -26,6 +26,8 @@ OUT = typer.Option(None, "--out", help="offline HTML report (default: reports/ru
                                          "an earlier run's)")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out file")
 SEED = typer.Option(0, help="dataset and baseline seed")
+PROMPTS = typer.Option(None, "--prompts", help="a JSONL prompt set (schema: data/prompts/README.md), tokenized "
+                                               "with the model's tokenizer; prompts of any lengths")
 
 
 def _runner():  # noqa: ANN202
@@ -71,9 +73,9 @@ def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
 
 @app.command("multihop")
 def multihop_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                 out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+                 prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Is the bridge entity computed internally, where, and does patching it move the answer?"""
-    _run("multihop", model, out, overwrite, lambda r: r.run_multihop(model, n, seed))
+    _run("multihop", model, out, overwrite, lambda r: r.run_multihop(model, n, seed, prompts))
 
 
 @app.command("plan-ahead")
@@ -86,20 +88,23 @@ def plan_cmd(model: str = typer.Option("organism:planning", "--model"), n: int =
 @app.command("decay")
 def decay_cmd(model: list[str] = typer.Option(["organism:retrieval-learned", "organism:retrieval-rotary",
                                                 "organism:retrieval-nope"], "--model"),
-              n_per: int = 48, seed: int = SEED, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+              n_per: int = 48, seed: int = SEED, prompts: Path | None = PROMPTS,
+              bins: list[int] | None = typer.Option(None, "--bin", help="upper edge of a distance bin (repeat; default: "
+                                                                   "one group per distance)"),
+              out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """Positional-information decay across models (e.g. positional schemes)."""
-    _run("decay", model, out, overwrite, lambda r: r.run_decay(model, n_per, seed))
+    _run("decay", model, out, overwrite, lambda r: r.run_decay(model, n_per, seed, prompts, bins=bins or None))
 
 
 @app.command("last-token")
 def last_token_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                   out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+                   prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
     """From which layer does the last position's residual alone suffice?"""
-    _run("last-token", model, out, overwrite, lambda r: r.run_last_token(model, n, seed))
+    _run("last-token", model, out, overwrite, lambda r: r.run_last_token(model, n, seed, prompts))
 
 
 @app.command("routes")
 def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: int = 32, seed: int = SEED,
-               out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
-    """Residual-first vs K/V-first routes of the induction copy."""
-    _run("routes", model, out, overwrite, lambda r: r.run_routes(model, n, seed))
+               prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+    """Residual-first vs K/V-first routes (the induction copy, or a prompt set with a `source` span)."""
+    _run("routes", model, out, overwrite, lambda r: r.run_routes(model, n, seed, prompts))

@@ -194,8 +194,14 @@ class ScalarMetric:
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"], prompts: Prompts) -> Float[Tensor, "batch"]:
         out = []
+        lengths = prompts.lengths.tolist()
+        width = logits.shape[1]
         for i in range(logits.shape[0]):
-            v = self.fn(logits[i: i + 1])
+            # each example alone: its own positions only (a pad position's logits are never read)
+            own = slice(0, lengths[i]) if prompts.side == "right" else slice(width - lengths[i], width)
+            v = self.fn(logits[i: i + 1, own])
+            if not isinstance(v, (Tensor, int, float, bool)):
+                raise TypeError(f"scalar metric: expected a scalar tensor or number, got {type(v).__name__}")
             t = v if isinstance(v, Tensor) else torch.as_tensor(v)
             if t.numel() != 1:
                 raise ValueError(f"scalar metric: expected one number per batch, got shape {tuple(t.shape)}")

@@ -290,7 +290,7 @@ class Prompts(Batch):
         texts: Sequence[str],
         tokenizer: Any,
         *,
-        spans: Mapping[str, Sequence[tuple[int, int] | str]] | None = None,
+        spans: Mapping[str, Sequence[Sequence[int] | str]] | None = None,
         answers: Sequence[str] | None = None,
         partner: Prompts | None = None,
         side: Side = "right",
@@ -327,7 +327,7 @@ class Prompts(Batch):
                                    pad_id=enc.pad_id if pad_id is None else pad_id)
 
 
-def _token_span(name: str, i: int, text: str, span: tuple[int, int] | str,
+def _token_span(name: str, i: int, text: str, span: Sequence[int] | str,
                 offsets: list[tuple[int, int]]) -> tuple[int, int]:
     """The tokens whose characters overlap a character span (or the first occurrence of a string)."""
     if isinstance(span, str):

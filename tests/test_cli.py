@@ -169,3 +169,83 @@ def test_organisms_eval_json_is_pure_json():
     assert doc["organism"] == "planning" and set(doc["acceptance"]) and doc["passed"] is (res.returncode == 0)
     assert all(r["value"] == pytest.approx(doc["metrics"][k]) for k, r in doc["acceptance"].items()
                if k in doc["metrics"])
+
+
+# ---------------------------------------------------------------- interp run --prompts FILE.jsonl
+
+def _write(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _city_sets(tmp_path):
+    """JSONL prompt sets of different token lengths (CITY_PROMPTS): two-hop-style with partners,
+    with a `fact` span at different distances, and with a same-length partner and a `source`."""
+    from tests.conftest import CITY_PROMPTS
+
+    k = len(CITY_PROMPTS)
+    twohop, decay, routes = [], [], []
+    for roll in (1, 2, 3, 4):
+        for i, (text, subj, ans) in enumerate(CITY_PROMPTS):
+            o_text, o_subj, o_ans = CITY_PROMPTS[(i + roll) % k]
+            twohop.append({"prompt": text, "answer": ans, "spans": {"subject": subj}, "meta": {"bridge": ans},
+                           "partner": {"prompt": o_text, "answer": o_ans, "spans": {"subject": o_subj}}})
+            decay.append({"prompt": text, "answer": ans, "spans": {"fact": text.split()[roll % 2]}})
+            routes.append({"prompt": text, "answer": ans, "spans": {"source": subj},
+                           "partner": {"prompt": text, "answer": ans, "spans": {"source": subj}}})
+    return (_write(tmp_path / "twohop.jsonl", twohop), _write(tmp_path / "decay.jsonl", decay),
+            _write(tmp_path / "routes.jsonl", routes))
+
+
+@pytest.fixture
+def bpe_model(bpe_tokenizer):
+    from interp.models import new_model
+    from tests.conftest import gpt2_config
+
+    model = new_model(gpt2_config())
+    model.tokenizer = bpe_tokenizer
+    return model
+
+
+def test_run_commands_take_a_prompt_set_of_any_lengths(bpe_model, bpe_tokenizer, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from interp import cli_run
+    from interp.hypotheses import run
+    from interp.prompts import read_prompts
+
+    twohop, decay, routes = _city_sets(tmp_path)
+    lengths = read_prompts(twohop, bpe_tokenizer).prompt_lengths
+    assert len(set(lengths.tolist())) == 5  # five token lengths, no modal-length filter
+    monkeypatch.setattr(run, "_load", lambda spec: bpe_model)
+    cases = [("multihop", twohop), ("decay", decay), ("last-token", twohop), ("routes", routes)]
+    for name, path in cases:
+        out = tmp_path / f"{name}.html"
+        res = CliRunner().invoke(cli_run.app, [name, "--model", "my-model", "--prompts", str(path), "--out", str(out)])
+        assert res.exit_code == 0, (name, res.output, res.exception)
+        assert out.is_file() and "Verdict" in out.read_text()
+        assert f"{name}:" in res.output
+    # what the command ran, called directly: every prompt kept, each read at its own last token
+    r = run.run_last_token("my-model", prompts=twohop, model=bpe_model)
+    assert r.clean.logprob.shape == (20,) and r.meta["lengths"] == sorted(set(lengths.tolist()))
+    d = run.run_decay(["my-model"], prompts=decay, models={"m": bpe_model})
+    assert sum(len(x) for x in d.models["m"].rows.values()) == 20 and len(d.distances) >= 3
+    m = run.run_multihop("my-model", prompts=twohop, model=bpe_model)
+    from interp.hypotheses import inputs
+
+    x = inputs.twohop("my-model", bpe_model, prompts=twohop)  # meta.bridge is the answer in this set
+    assert torch.equal(x.bridge, read_prompts(twohop, bpe_tokenizer).first_answer)
+    assert m.probes[("last", "bridge")].meta["n"] == 20 and m.iia_logit_diff["last"].shape[1] == 20
+    # the random model does not show a routes effect (the partner is the prompt itself): no verdict
+    rr = run.run_routes("my-model", prompts=routes, model=bpe_model)
+    assert not rr.clean_shows_behaviour and not rr.verdict.supported
+
+
+def test_run_without_prompts_on_a_pretrained_model_says_what_to_pass(bpe_model, monkeypatch):
+    from interp.hypotheses import run
+
+    monkeypatch.setattr(run, "_load", lambda spec: bpe_model)
+    with pytest.raises(ValueError, match="--prompts FILE.jsonl"):
+        run.run_multihop("my-model")
+    with pytest.raises(ValueError, match="--prompts FILE.jsonl"):
+        run.run_decay(["my-model"])

@@ -213,8 +213,8 @@ def test_bad_input_errors(llama_model, pair):
     metric = _metric()
     with pytest.raises(ValueError, match=r"corrupted tokens: expected the clean shape \(2, 5\), got \(2, 4\).*alignment"):
         sweep(llama_model, clean, corrupt[:, :4], metric)
-    with pytest.raises(ValueError, match=r"metric: expected a scalar.*got a tensor of shape \(2,\)"):
-        sweep(llama_model, clean, corrupt, lambda logits: logits[:, -1, 0])
+    with pytest.raises(ValueError, match=r"metric: expected one value per example, shape \(2,\), got \(2, 3\)"):
+        sweep(llama_model, clean, corrupt, lambda logits, prompts: logits[:, -1, :3])
     with pytest.raises(ValueError, match=r"layer expected in \[0, 3\), got 3"):
         patch(llama_model, clean, corrupt, metric, Node(3, "resid_pre"))
     with pytest.raises(ValueError, match=r"position expected in \[0, 5\), got 5"):
@@ -235,8 +235,9 @@ def test_bad_input_errors(llama_model, pair):
         sweep(llama_model, clean, corrupt, metric, site="resid_psot")
     with pytest.raises(ValueError, match=r"direction: expected 'denoising'"):
         check_direction("forward")  # what sweep raises outside a runtime type checker
-    with pytest.raises(ValueError, match=r"PatchResult: expected values of shape"):
-        PatchResult(torch.zeros(2), ("layer",), ((0, 1, 2),), "resid_pre", "denoising", 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"PatchResult: expected per-example values of shape \(3, 2\)"):
+        PatchResult(torch.zeros(2, 2), ("layer",), ((0, 1, 2),), "resid_pre", "denoising", torch.zeros(2),
+                    torch.ones(2))
 
 
 def test_hooks_are_removed_when_a_patched_run_fails(gpt2_model, pair):

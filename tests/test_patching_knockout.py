@@ -49,7 +49,7 @@ def _reference_knockout(model, tokens, metric, start, target, sources, heads):
 def test_knockout_matches_pattern_renormalisation(any_model, pair, heads):
     clean, _ = pair
     metric = _metric()
-    r = knockout(any_model, clean, metric, target=-1, sources=[0, 1, 2], heads=heads)
+    r = knockout(any_model, clean, metric, at=-1, sources=[0, 1, 2], heads=heads)
     assert r.start_layers == (0, 1, 2, 3)
     for i, start in enumerate(r.start_layers[:-1]):
         m, kl = _reference_knockout(any_model, clean, metric, start, 4, [0, 1, 2], heads)
@@ -61,7 +61,7 @@ def test_knockout_matches_pattern_renormalisation(any_model, pair, heads):
 def test_knockout_above_the_final_layer_changes_nothing(any_model, pair):
     clean, _ = pair
     metric = _metric()
-    r = knockout(any_model, clean, metric, target=3, start_layers=[1, 3])
+    r = knockout(any_model, clean, metric, at=3, start_layers=[1, 3])
     assert r.kl[-1].item() == 0.0  # exactly
     assert r.values[-1].item() == r.base_metric
     with torch.inference_mode():
@@ -75,9 +75,9 @@ def test_knockout_bad_input(gpt2_model, pair):
     clean, _ = pair
     metric = _metric()
     with pytest.raises(ValueError, match=r"sources: expected positions in \[0, target=2\]"):
-        knockout(gpt2_model, clean, metric, target=2, sources=[3])
-    with pytest.raises(ValueError, match=r"target: expected a position in \[0, 5\), got 5"):
-        knockout(gpt2_model, clean, metric, target=5)
+        knockout(gpt2_model, clean, metric, at=2, sources=[3])
+    with pytest.raises(ValueError, match=r"at: expected a position in \[0, 5\), got 5"):
+        knockout(gpt2_model, clean, metric, at=5)
     with pytest.raises(ValueError, match=r"start_layers: expected ints in \[0, end_layer=3\], got 4"):
         knockout(gpt2_model, clean, metric, start_layers=[4])
     with pytest.raises(ValueError, match=r"heads: expected head indices in \[0, 4\), got 4"):

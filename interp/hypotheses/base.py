@@ -1,26 +1,38 @@
-"""Shared pieces of the hypothesis investigations: outcomes per example, baselines, verdicts.
+"""Shared pieces of the hypothesis investigations: outcomes per example, per-example edits,
+baselines, verdicts.
 
-Every investigation reports per-example outcomes (correct, log-prob of the answer, KL to the
-unmodified run), aggregates them with bootstrap CIs over examples (`interp.stats`), compares
+Every investigation takes `interp.prompts.Prompts` (padded left or right, prompts of any
+lengths, named positions per prompt, answers of one or several tokens) and computes on the
+right-padded layout, where a causal model's every real position sees exactly what it sees when
+its prompt runs alone (positions count from the prompt's first token; the pads come after).
+Edits that name a position per example (patch position ``p_i`` of prompt ``i``, block prompt
+``i``'s query ``q_i`` from keys ``k_i``) are the small `Intervention` subclasses below, applied
+through the one hook path (`interp.hooks.intervene`).
+
+Every investigation reports per-example outcomes (top-1 correct, log-prob of the answer, KL to
+the unmodified run), aggregates them with bootstrap CIs over examples (`interp.stats`), compares
 them with a baseline (a random-initialised model of the same shape, shuffled labels, or a
 control) and states a one-sentence verdict only when the effect clears that baseline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.hooks import Intervention, intervene
+from interp.arch import Arch
+from interp.hooks import Intervention, Target, intervene
+from interp.metrics import answer_logprob, top1
 from interp.models import new_model
+from interp.prompts import LAST, Prompts, as_prompts
 from interp.stats import Estimate, bootstrap_many
-from interp.tokens import Batch, check_model_tokens, check_tokens
+from interp.tokens import Batch, check_tokens
 
 
 @dataclass(frozen=True)
@@ -41,70 +53,187 @@ def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Per-example outcomes of one run at the read-out position."""
+    """Per-example outcomes of one run: top-1 correct (every answer token, teacher-forced),
+    log p(answer) (nats; summed over a multi-token answer's tokens) and KL(reference || run) of
+    the next-token distribution at the read-out position (0 without a reference)."""
 
     correct: Float[Tensor, "n"]
     logprob: Float[Tensor, "n"]
-    kl: Float[Tensor, "n"]  # KL(reference || this run), nats; 0 for the reference itself
+    kl: Float[Tensor, "n"]
 
     @staticmethod
     def of(logits: Float[Tensor, "n d_vocab"], answer: Int[Tensor, "n"],
            reference: Float[Tensor, "n d_vocab"] | None = None) -> Outcome:
+        """From the logits at one read-out position and single-token answers."""
         lp = logits.float().log_softmax(-1)
         ans = answer.to(lp.device)
         correct = (lp.argmax(-1) == ans).double()
         logprob = lp.gather(-1, ans[:, None])[:, 0].double()
-        if reference is None:
-            kl = torch.zeros_like(logprob)
-        else:
-            lr = reference.float().log_softmax(-1)
-            kl = (lr.exp() * (lr - lp)).sum(-1).double().clamp_min(0)
-        return Outcome(correct.cpu(), logprob.cpu(), kl.cpu())
+        return Outcome(correct.cpu(), logprob.cpu(), _kl(lp, reference))
+
+    @staticmethod
+    def cat(parts: Sequence[Outcome]) -> Outcome:
+        return Outcome(*(torch.cat([getattr(o, f) for o in parts]) for f in ("correct", "logprob", "kl")))
 
 
-def readout(model: HookedTransformer, tokens: Int[Tensor, "n pos"], interventions: Sequence[Intervention] = (),
-            pos: int = -1, batch_size: int = 256) -> Float[Tensor, "n d_vocab"]:
-    """Logits at position `pos` of a forward with `interventions` (batched, hooks always removed).
+def _kl(lp: Tensor, reference: Tensor | None) -> Tensor:
+    if reference is None:
+        return torch.zeros(lp.shape[0], dtype=torch.float64)
+    lr = reference.to(lp.device).float().log_softmax(-1)
+    return (lr.exp() * (lr - lp)).sum(-1).double().clamp_min(0).cpu()
 
-    Interventions holding full-batch source tensors are sliced per batch by the caller; here the
-    whole dataset is one batch when it fits `batch_size`.
-    """
-    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
-    if tokens.shape[0] > batch_size and interventions:
-        raise ValueError(f"readout: expected at most {batch_size} examples with interventions, got "
-                         f"{tokens.shape[0]}; split the dataset")
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, tokens.shape[0], batch_size):
-            with intervene(model, interventions):
-                outs.append(model(tokens[i: i + batch_size])[:, pos])
-    return torch.cat(outs)
 
+# --------------------------------------------------------------------------- per-example edits
+
+@dataclass(frozen=True)
+class PatchAt(Intervention):
+    """Write `values[i]` at position `index[i]` of example `i` (right-padded layout); every other
+    position keeps its value. `values`: [batch, *rest] for an activation [batch, pos, *rest]."""
+
+    index: Tensor | None = None
+    values: Tensor | None = None
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.index is None or self.values is None or self.values.shape[0] != act.shape[0]:
+            raise ValueError(f"PatchAt at {target.name}: expected index and values for {act.shape[0]} examples, "
+                             f"got {None if self.values is None else tuple(self.values.shape)}")
+        out = sel.clone()
+        rows = torch.arange(act.shape[0], device=act.device)
+        out[rows, self.index.to(act.device)] = self.values.to(act.device, act.dtype)
+        return out
+
+
+@dataclass(frozen=True)
+class PatchWhere(Intervention):
+    """Take `source` where `mask` [batch, pos] is True (every head), keep the activation elsewhere."""
+
+    mask: Tensor | None = None
+    source: Tensor | None = None
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.mask is None or self.source is None or self.source.shape != act.shape:
+            raise ValueError(f"PatchWhere at {target.name}: expected a source of shape {tuple(act.shape)}, got "
+                             f"{None if self.source is None else tuple(self.source.shape)}")
+        m = self.mask.to(act.device).reshape(*self.mask.shape, *([1] * (act.ndim - 2)))
+        return torch.where(m, self.source.to(act.device, act.dtype), sel)
+
+
+@dataclass(frozen=True)
+class BlockWhere(Intervention):
+    """Attention knockout per example: where `mask` [batch, q_pos, k_pos] is True the query may not
+    read the key (pre-softmax score -inf, so the remaining edges renormalise); `where` is an
+    attn_scores node."""
+
+    mask: Tensor | None = None
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.mask is None or self.mask.shape != (act.shape[0], act.shape[2], act.shape[3]):
+            raise ValueError(f"BlockWhere at {target.name}: expected a mask of shape "
+                             f"{(act.shape[0], act.shape[2], act.shape[3])}, got "
+                             f"{None if self.mask is None else tuple(self.mask.shape)}")
+        return sel.masked_fill(self.mask.to(act.device)[:, None], float("-inf"))
+
+
+def block_mask(query: Int[Tensor, "batch"], keys: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos pos"]:
+    """[batch, q, k]: True at (query[i], k) for every key k with keys[i, k]."""
+    b, w = keys.shape
+    m = torch.zeros(b, w, w, dtype=torch.bool)
+    m[torch.arange(b), query.cpu()] = keys.cpu()
+    return m
+
+
+# ------------------------------------------------------------------------------------- running
+
+def prompts_of(data: Prompts | Batch | Tensor, model: HookedTransformer, name: str = "prompts") -> Prompts:
+    """Validated prompts (a tensor or Batch converted), right-padded, tokens checked against the model."""
+    p = as_prompts(data, name)
+    arch = Arch.of(model)
+    check_tokens(p.tokens, arch.d_vocab, name=name, n_ctx=arch.n_ctx)
+    if p.partner is not None:
+        check_tokens(p.partner.tokens, arch.d_vocab, name=f"{name}.partner", n_ctx=arch.n_ctx)
+    return p.right()
+
+
+def chunks(n: int, batch_size: int) -> Iterator[Tensor]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+    for lo in range(0, n, batch_size):
+        yield torch.arange(lo, min(n, lo + batch_size))
+
+
+def positions_of(prompts: Prompts, at: str | int, what: str = "position") -> Float[Tensor, "batch"]:
+    """Each prompt's index of a named position (its last token), or an int in prompt coordinates
+    (negative: from each prompt's end); NaN where a prompt has no such position."""
+    if isinstance(at, str):
+        return prompts.index(at).double()
+    if isinstance(at, bool) or not isinstance(at, int):
+        raise TypeError(f"{what}: expected a span name or an int, got {at!r}")
+    lengths = prompts.prompt_lengths.double()
+    p = lengths + at if at < 0 else torch.full_like(lengths, float(at))
+    return torch.where((p >= 0) & (p < lengths), p, torch.full_like(p, float("nan")))
+
+
+def forward(model: HookedTransformer, prompts: Prompts, interventions: Sequence[Intervention] = ()
+            ) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of right-padded `prompts` with `interventions` (hooks removed on exit)."""
+    with torch.inference_mode(), intervene(model, interventions):
+        return model(prompts.right().tokens.to(model.cfg.device))
+
+
+def outcome(logits: Float[Tensor, "batch pos d_vocab"], prompts: Prompts, at: str = LAST,
+            reference: Float[Tensor, "batch d_vocab"] | None = None) -> Outcome:
+    """Per-example outcome of right-padded logits: top-1 correct and log p(answer) (teacher-forced
+    for multi-token answers), KL to `reference` at `at`."""
+    p = prompts.right()
+    rows = torch.arange(len(p), device=logits.device)
+    at_logits = logits[rows, p.index(at).to(logits.device)]
+    lp = answer_logprob()(logits, p).double().cpu()
+    correct = top1()(logits, p).double().cpu()
+    return Outcome(correct, lp, _kl(at_logits.float().log_softmax(-1), reference))
+
+
+def last_logits(logits: Tensor, prompts: Prompts, at: str = LAST) -> Tensor:
+    p = prompts.right()
+    return logits[torch.arange(len(p), device=logits.device), p.index(at).to(logits.device)].detach().cpu()
+
+
+def run_outcomes(model: HookedTransformer, prompts: Prompts,
+                 edits: Callable[[Prompts, Tensor], Sequence[Intervention]] | None = None, *,
+                 at: str = LAST, reference: Tensor | None = None, batch_size: int = 256) -> Outcome:
+    """`outcome` of `prompts` run in chunks, each with the interventions `edits(chunk, rows)` builds
+    for it (chunk: the selected prompts, right-padded to their widest)."""
+    parts = []
+    for rows in chunks(len(prompts), batch_size):
+        sub = prompts.select(rows).right()
+        logits = forward(model, sub, edits(sub, rows) if edits is not None else ())
+        parts.append(outcome(logits, sub, at, None if reference is None else reference[rows]))
+    return Outcome.cat(parts)
+
+
+# ------------------------------------------------------------------------------------ statistics
 
 def curve_frame(values: Float[Tensor, "n m"], axis: Sequence[object], axis_name: str, **labels: object
                 ) -> pd.DataFrame:
-    """Mean and bootstrap CI of each column of per-example `values`, as tidy rows."""
-    mean, low, high = bootstrap_many(values)
-    rows = [{axis_name: a, "value": float(mean[i]), "ci_low": float(low[i]), "ci_high": float(high[i]), **labels}
-            for i, a in enumerate(axis)]
+    """Mean and bootstrap CI of each column of per-example `values` (NaN cells left out of that
+    column's mean, CI and `n`), as tidy rows."""
+    rows = []
+    for i, a in enumerate(axis):
+        e, n = estimate_n(values[:, i])
+        rows.append({axis_name: a, "value": e.value, "ci_low": e.low, "ci_high": e.high, "n": n, **labels})
     return pd.DataFrame(rows)
 
 
-def estimate(values: Float[Tensor, "n"]) -> Estimate:
-    mean, low, high = bootstrap_many(values[:, None])
-    return Estimate(float(mean[0]), float(low[0]), float(high[0]))
+def estimate_n(values: Float[Tensor, "n"], *, alpha: float = 0.05, n_boot: int = 1000) -> tuple[Estimate, int]:
+    """Mean and percentile-bootstrap CI over the finite values, and how many there are."""
+    v = torch.as_tensor(values).detach().double().cpu().reshape(-1)
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return Estimate(float("nan"), float("nan"), float("nan")), 0
+    if v.numel() == 1:
+        return Estimate(float(v[0]), float(v[0]), float(v[0])), 1
+    mean, low, high = bootstrap_many(v[:, None], alpha=alpha, n_boot=n_boot)
+    return Estimate(float(mean[0]), float(low[0]), float(high[0])), int(v.numel())
 
 
-def unpadded(tokens: object, d_vocab: int | None, name: str = "tokens", what: str = "this investigation",
-             *, n_ctx: int | None = None) -> Tensor:
-    """`tokens` as one-length prompts: a token tensor, or a `Batch` without padding.
-
-    Investigations that read fixed positions cannot read each prompt's own position in a padded
-    batch yet: they refuse it rather than read pads."""
-    if isinstance(tokens, Batch):
-        if int(tokens.lengths.min()) != tokens.tokens.shape[1]:
-            raise ValueError(f"{name}: expected prompts of one length for {what} (it reads fixed positions), got a "
-                             f"padded Batch with lengths {int(tokens.lengths.min())}..{int(tokens.lengths.max())}; "
-                             f"group the prompts by length (last_token_sufficiency takes a padded Batch)")
-        tokens = tokens.tokens
-    return check_tokens(tokens, d_vocab, name=name, n_ctx=n_ctx)
+def estimate(values: Float[Tensor, "n"], *, alpha: float = 0.05, n_boot: int = 1000) -> Estimate:
+    return estimate_n(values, alpha=alpha, n_boot=n_boot)[0]

@@ -1,40 +1,33 @@
-"""Inputs with ground truth for the investigations: from the organisms, or prompt sets for
-pretrained models (data/prompts/), tokenized with the model's own tokenizer.
-
-The investigations themselves take plain token tensors and labels; these helpers only build them.
+"""Inputs with ground truth for the investigations, as `interp.prompts.Prompts`: from the
+organisms' own builders (`interp.organisms.<name>.prompts`), or JSONL prompt sets
+(`interp.prompts.read_prompts`, schema in data/prompts/README.md) tokenized with the model's own
+tokenizer. Prompts of any lengths are kept: the investigations read each prompt at its own
+named positions.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.data import read_jsonl, retrieval_prompts
-from interp.hypotheses.positional_decay import DistanceSet
-from interp.models import ORGANISM_PREFIX, data_dir
-from interp.tokens import HFTokenizer, Tokenizer
+from interp.models import ORGANISM_PREFIX
+from interp.prompts import LAST, Prompts, read_prompts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TwoHopInputs:
-    tokens: Int[Tensor, "n pos"]
-    bridge: Int[Tensor, "n"]
-    answer: Int[Tensor, "n"]
-    partner_tokens: Int[Tensor, "n pos"]
-    partner_answer: Int[Tensor, "n"]
+    prompts: Prompts  # answers; partner: prompts whose bridge (hence answer) differs
+    bridge: Int[Tensor, "n"] | None  # the bridge entity's first token; None when the set names none
     control_types: Int[Tensor, "n"]  # Hewitt-Liang types for the control task
-    positions: dict[str, int]
-
-
-@dataclass(frozen=True)
-class LastTokenInputs:
-    tokens: Int[Tensor, "n pos"]
-    answer: Int[Tensor, "n"]
 
 
 @dataclass(frozen=True)
@@ -50,197 +43,137 @@ def organism_name(spec: str) -> str | None:
     return spec.removeprefix(ORGANISM_PREFIX) if spec.startswith(ORGANISM_PREFIX) else None
 
 
-def _tokenizer(model: HookedTransformer) -> Tokenizer:
+def tokenizer_of(model: HookedTransformer) -> object:
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(f"model {model.cfg.model_name!r}: expected a tokenizer to encode the prompt set, got none")
-    return HFTokenizer(model.tokenizer)
+    return model.tokenizer
+
+
+def prompt_set(path: str | Path, model: HookedTransformer | None = None, tokenizer: object | None = None,
+               limit: int | None = None) -> Prompts:
+    """A JSONL prompt set tokenized with `tokenizer` (default: the model's own)."""
+    tok = tokenizer if tokenizer is not None else tokenizer_of(model)  # type: ignore[arg-type]
+    return read_prompts(path, tok, limit=limit)
+
+
+def _meta(path: str | Path, key: str, limit: int | None = None) -> list[str] | None:
+    """`meta[key]` of every non-empty line, or None when a line has none."""
+    out = []
+    for raw in Path(path).read_text().splitlines():
+        if raw.strip():
+            v = json.loads(raw).get("meta", {}).get(key)
+            if not isinstance(v, str):
+                return None
+            out.append(v)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _type_tokens(p: Prompts, span: str | None) -> Tensor:
+    """Each prompt's token at the start of `span` (default: the token before the last)."""
+    pos = p.span(span)[:, 0] if span is not None and span in p.spans else (p.index(LAST) - 1).clamp_min(0)
+    r = p.right()
+    return r.tokens.cpu()[torch.arange(len(r)), pos]
 
 
 # ------------------------------------------------------------------------------------- multihop
 
-def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> TwoHopInputs:
-    """Two-hop prompts with bridge/answer labels and matched partners whose bridge differs."""
+def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+           tokenizer: object | None = None) -> TwoHopInputs:
+    """Two-hop prompts with answers and partners whose bridge differs: the multihop organism's, or
+    a JSONL set (`prompts`; each line's ``meta.bridge`` names its bridge entity, tokenized as a
+    continuation of the prompt; the control type is the first token of the span ``subject``)."""
+    if prompts is not None:
+        p = prompt_set(prompts, model, tokenizer)
+        bridges = _meta(prompts, "bridge")
+        bridge = None
+        if bridges is not None:
+            texts = [json.loads(x)["prompt"] for x in Path(prompts).read_text().splitlines() if x.strip()]
+            bridge = Prompts.from_text(texts, tokenizer if tokenizer is not None else tokenizer_of(model),
+                                       answers=bridges).first_answer
+        return TwoHopInputs(p, bridge, _type_tokens(p, "subject"))
     if organism_name(spec) == "multihop":
         from interp.organisms import multihop as mh
 
-        base, partner = mh.pairs(n, seed)
+        p = mh.prompts(n, seed)
         # control type: the fact token a->b (the bridge is a function of it; a per-entity control
         # would be trivially memorised from the last token, which *is* a)
-        fact = base.tokens[torch.arange(n), base.fact1_pos]
-        return TwoHopInputs(base.tokens, base.bridge, base.answer, partner.tokens, partner.answer, fact,
-                            {"last": mh.QUERY_POS})
-    if organism_name(spec) is not None:
-        raise ValueError(f"multihop: expected organism:multihop or a pretrained model, got {spec!r}")
-    return _twohop_prompts(model, seed)
-
-
-def _first_token(tok: Tokenizer, word: str) -> int:
-    ids = tok.encode(" " + word)
-    return ids[1] if isinstance(tok, HFTokenizer) and tok.prepend_bos and len(ids) > 1 else ids[0]
-
-
-def _twohop_prompts(model: HookedTransformer, seed: int, tokenizer: Tokenizer | None = None,
-                    min_prompts: int = 20) -> TwoHopInputs:
-    """GPT-2-style prompts from data/prompts/twohop_gpt2.jsonl, kept at their modal token length
-    (the investigations read fixed positions); partners share the relation and length but not
-    the bridge."""
-    tok = tokenizer or _tokenizer(model)
-    recs = read_jsonl(data_dir() / "prompts" / "twohop_gpt2.jsonl")
-    enc = [tok.encode(r["text"]) for r in recs]
-    length = Counter(len(e) for e in enc).most_common(1)[0][0]
-    keep = [i for i, e in enumerate(enc) if len(e) == length]
-    # Labels are first tokens (what the model predicts next). A multi-token name's first token
-    # can be shared by another entity (" New" York / Jersey): such a label would merge two
-    # bridges into one probe class and let a partner "switch" the answer for free, so prompts
-    # whose bridge or answer shares its first token with another entity are left out.
-    first = {w: _first_token(tok, w) for i in keep for w in (recs[i]["bridge"], recs[i]["answer"])}
-    owners: dict[tuple[str, int], set[str]] = {}
-    for i in keep:
-        for field in ("bridge", "answer"):
-            owners.setdefault((field, first[recs[i][field]]), set()).add(recs[i][field])
-    keep = [i for i in keep if all(len(owners[(f, first[recs[i][f]])]) == 1 for f in ("bridge", "answer"))]
-    g = torch.Generator().manual_seed(seed)
-    rows, partners = [], []
-    for i in keep:
-        cands = [j for j in keep if recs[j]["relation"] == recs[i]["relation"] and recs[j]["bridge"] != recs[i]["bridge"]
-                 and first[recs[j]["answer"]] != first[recs[i]["answer"]]]
-        if cands:
-            rows.append(i)
-            partners.append(cands[int(torch.randint(len(cands), (1,), generator=g))])
-    if len(rows) < min_prompts:
-        raise ValueError(f"two-hop prompt set: expected at least {min_prompts} prompts of one token length with partners and "
-                         f"unambiguous first tokens, got {len(rows)} at length {length}; add prompts to "
-                         f"data/prompts/twohop_gpt2.jsonl")
-    t = torch.tensor([enc[i] for i in rows])
-    return TwoHopInputs(
-        tokens=t, bridge=torch.tensor([_first_token(tok, recs[i]["bridge"]) for i in rows]),
-        answer=torch.tensor([_first_token(tok, recs[i]["answer"]) for i in rows]),
-        partner_tokens=torch.tensor([enc[j] for j in partners]),
-        partner_answer=torch.tensor([_first_token(tok, recs[j]["answer"]) for j in partners]),
-        control_types=torch.tensor([_first_token(tok, recs[i]["subject"]) for i in rows]),
-        positions={"last": length - 1})
+        return TwoHopInputs(p, mh.bridge_labels(n, seed), _type_tokens(p, "fact1"))
+    raise ValueError(f"multihop: expected organism:multihop or a prompt set (--prompts FILE.jsonl), got {spec!r}")
 
 
 # ------------------------------------------------------------------------------------ planning
 
-def plan(spec: str, n: int = 400, seed: int = 0) -> tuple[Int[Tensor, "n pos"], Bool[Tensor, "n pos"]]:
-    """Planning-organism prompts and the mask of the positions where the word is determined."""
+def plan(spec: str, n: int = 400, seed: int = 0) -> Prompts:
+    """Planning-organism prompts with the span `plan` (where the word is determined)."""
     if organism_name(spec) != "planning":
         raise ValueError(f"plan ahead: expected organism:planning, got {spec!r}")
     from interp.organisms import planning
 
-    d = planning.dataset(n, seed)
-    mask = torch.zeros_like(d.tokens, dtype=torch.bool)
-    mask[torch.arange(n), d.plan_pos] = True
-    return d.tokens, mask
+    return planning.prompts(n, seed)
 
 
 # ------------------------------------------------------------------------------------ decay
 
-def by_distance(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *, long: bool = True
-                ) -> dict[int, DistanceSet]:
-    """Prompts grouped by the distance of the needed fact (for the retrieval organisms, at twice
-    the training length when `long`)."""
+def decay(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *, long: bool = True,
+          prompts: str | Path | None = None, tokenizer: object | None = None) -> Prompts:
+    """Prompts with answers and the span `fact`, at many distances of the fact from the query: a
+    JSONL set (`prompts`), or the retrieval organisms' (at twice the training length when
+    `long`)."""
+    if prompts is not None:
+        return prompt_set(prompts, model, tokenizer)
     name = organism_name(spec)
-    if name is not None and name.startswith("retrieval") and long:
-        return {d: retrieval_long(n_per, seed + i, d) for i, d in enumerate(LONG_DISTANCES)}
     if name is not None and name.startswith("retrieval"):
         from interp.organisms import retrieval
 
-        out = {}
-        for i, d in enumerate(retrieval.DISTANCE_BINS):
-            data = retrieval.dataset(n_per, seed + i, distance=d)
-            p = int(data.pair_pos[0])
-            out[d] = DistanceSet(data.tokens, data.value, (p,), query_pos=retrieval.QUERY_POS)
-        return out
-    if name is not None:
-        raise ValueError(f"decay: expected a retrieval organism or a pretrained model, got {spec!r}")
-    return _retrieval_prompts(model, n_per, seed)
-
-
-LONG_DISTANCES = (2, 8, 32, 64, 96, 126, 160, 200, 248)
-
-
-def retrieval_long(n: int, seed: int, distance: int) -> DistanceSet:
-    """Retrieval-organism prompts at twice the training length (250 bindings, 253 tokens): a
-    prefix of 125 bindings from another draw, then a training-length prompt, with the needed
-    binding moved to `distance` tokens before the query (2..250). The queried key occurs once.
-    Beyond 126 tokens the needed fact sits where training never put one (Haviv et al. 2022:
-    test at the training length and at 2x)."""
-    from interp.organisms import retrieval as R
-
-    x, y = R.dataset(n, seed, distance=2), R.dataset(n, seed + 7919)
-    g = torch.Generator().manual_seed(seed)
-
-    def key_of(tok: Tensor) -> Tensor:
-        return (tok - R.PAIR0) // R.N_VALUES + R.KEY0
-
-    def filler(shape: tuple[int, ...]) -> Tensor:
-        other = (x.key[:, None] - R.KEY0 + torch.randint(1, R.N_KEYS, shape, generator=g)) % R.N_KEYS + R.KEY0
-        return R.pair_id(other, torch.randint(R.VALUE0, R.VALUE0 + R.N_VALUES, shape, generator=g))
-
-    prefix = y.tokens[:, 1:1 + R.N_PAIRS].clone()
-    clash = key_of(prefix) == x.key[:, None]
-    prefix[clash] = filler(prefix.shape)[clash]
-    suffix = x.tokens[:, 1:].clone()
-    rows = torch.arange(n)
-    suffix[rows, x.pair_pos - 1] = filler((n, 1))[:, 0]
-    tokens = torch.cat([x.tokens[:, :1], prefix, suffix], dim=1)
-    q = tokens.shape[1] - 1
-    if not 2 <= distance <= q - 2:
-        raise ValueError(f"distance: expected 2..{q - 2}, got {distance}")
-    tokens[:, q - distance] = R.pair_id(x.key, x.value)
-    return DistanceSet(tokens, x.value, (q - distance,), query_pos=q)
-
-
-def _retrieval_prompts(model: HookedTransformer, n_per: int, seed: int, tokenizer: Tokenizer | None = None
-                       ) -> dict[int, DistanceSet]:
-    """Distance-controlled English retrieval prompts (interp.data.retrieval_prompts), grouped by
-    distance and token length so that the fact's token positions agree within a group."""
-    tok = tokenizer or _tokenizer(model)
-    out: dict[int, DistanceSet] = {}
-    recs = retrieval_prompts(n_per * 12, n_pairs=12, seed=seed)
-    groups: dict[int, list[tuple[list[int], int, tuple[int, ...]]]] = {}
-    for r in recs:
-        ids = tok.encode(r["text"])
-        line = f"{r['key']}'s number is {r['answer'].strip()}."
-        prefix = r["text"][: r["text"].index(line)] if line in r["text"] else None
-        if prefix is None:
-            continue
-        start, end = len(tok.encode(prefix.rstrip())), len(tok.encode((prefix + line).rstrip()))
-        groups.setdefault((r["distance"], len(ids)), []).append((ids, _first_token(tok, r["answer"].strip()),
-                                                                   tuple(range(start, end))))  # type: ignore[arg-type]
-    for (d, _), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        if d in out or len(items) < 8:
-            continue
-        fact = items[0][2]
-        same = [it for it in items if it[2] == fact]
-        if len(same) >= 8:
-            out[d] = DistanceSet(torch.tensor([it[0] for it in same]), torch.tensor([it[1] for it in same]), fact)
-    return out
+        return retrieval.long_prompts(n_per, seed) if long else retrieval.distance_prompts(n_per, seed)
+    raise ValueError(f"decay: expected a retrieval organism or a prompt set (--prompts FILE.jsonl), got {spec!r}")
 
 
 # --------------------------------------------------------------------------- last token, routes
 
-def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0) -> LastTokenInputs:
+def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+               tokenizer: object | None = None) -> Prompts:
+    """Prompts with answers (and, from a JSONL set whose partners have the prompts' lengths, those
+    as the neutral contexts; other partners, e.g. two-hop ones, are dropped for the default)."""
+    if prompts is not None:
+        p = prompt_set(prompts, model, tokenizer)
+        q = p.partner
+        if q is not None and not (torch.equal(q.lengths, p.lengths) and torch.equal(q.index(LAST), p.index(LAST))):
+            log.info("last-token: the prompt set's partners differ in length from their prompts; using "
+                     "neutral_prompts (another example's context) as the neutral context")
+            p = p.with_partner(None)
+        return p
     name = organism_name(spec)
     if name == "multihop":
         from interp.organisms import multihop as mh
 
-        d = mh.dataset(n, seed, two_hop_share=1.0)
-        return LastTokenInputs(d.tokens, d.answer)
+        return mh.prompts(n, seed, partner=False)
     if name == "induction":
         r = induction_routes(n, seed)
-        return LastTokenInputs(r.clean, r.answer)
+        return Prompts.from_tokens(r.clean, answers=r.answer)
     if name is not None and name.startswith("retrieval"):
         from interp.organisms import retrieval
 
-        d = retrieval.dataset(n, seed)
-        return LastTokenInputs(d.tokens, d.value)
-    if name is not None:
-        raise ValueError(f"last-token: expected organism:multihop, induction or retrieval-*, got {spec!r}")
-    t = twohop(spec, model, seed=seed)
-    return LastTokenInputs(t.tokens, t.answer)
+        return retrieval.prompts(n, seed)
+    raise ValueError(f"last-token: expected organism:multihop, induction, retrieval-* or a prompt set "
+                     f"(--prompts FILE.jsonl), got {spec!r}")
+
+
+def route_prompts(spec: str, model: HookedTransformer, n: int = 32, seed: int = 0, prompts: str | Path | None = None,
+                  tokenizer: object | None = None) -> Prompts:
+    """Clean prompts with answers, the span `source` and the corrupted prompts as partner: the
+    induction organism's (`induction_routes`) or a JSONL set with partners and a span `source`."""
+    if prompts is not None:
+        return prompt_set(prompts, model, tokenizer)
+    if organism_name(spec) != "induction":
+        raise ValueError(f"routes: expected organism:induction (the known K-composition circuit) or a prompt set "
+                         f"(--prompts FILE.jsonl), got {spec!r}")
+    r = induction_routes(n, seed)
+    src = torch.full((n,), r.source)
+    corrupt = Prompts.from_tokens(r.corrupt, answers=r.answer, spans={"source": src})
+    return Prompts.from_tokens(r.clean, answers=r.answer, spans={"source": src}, partner=corrupt)
 
 
 def induction_routes(n: int = 48, seed: int = 0) -> RouteInputs:

@@ -16,9 +16,12 @@ prompt whose last position is T, per layer l in 0..L (L = n_layers):
   log-prob. R_S(l) is the share already in the last residual at layer l; 1 - R_KV(l) is the
   share that still arrives by re-reading earlier positions at layers >= l.
 
-Padded prompts: pass a `Batch` (interp.tokens); each prompt is read at its own last real token
-and computed exactly as if run alone (prompts are grouped by length and run unpadded). A plain
-tensor means every position is a real token.
+Prompts (`interp.prompts.Prompts`) of any lengths, padded left or right: each is read at its own
+last prompt token and computed exactly as if run alone (one right-padded batch, every edit at
+each prompt's own positions). The neutral context is the prompts' partner (same lengths, same
+last token) or, by default, another example's context (`neutral_prompts`). A multi-token answer
+is read over its teacher-forced span: the knockout blocks that span from the context, the
+transplant writes the whole span, and the answer's log-prob sums its tokens.
 
 Baseline: a random-initialised model of the same shape; no verdict, and no sufficiency layer,
 unless the clean model's accuracy clears that baseline (`clean_shows_behaviour`) and knocking
@@ -41,10 +44,24 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
-from interp.hooks import Patch, block_attention
-from interp.hypotheses.base import Outcome, Verdict, curve_frame, estimate, random_like, readout
+from interp.hooks import intervene
+from interp.hypotheses.base import (
+    BlockWhere,
+    Outcome,
+    PatchWhere,
+    Verdict,
+    chunks,
+    curve_frame,
+    estimate,
+    forward,
+    last_logits,
+    outcome,
+    prompts_of,
+    random_like,
+)
+from interp.prompts import ANSWER, LAST, Prompts
 from interp.stats import Estimate, bootstrap
-from interp.tokens import Batch, check_tokens
+from interp.tokens import Batch
 
 
 def neutral_context(tokens: Int[Tensor, "n pos"], shift: int = 1) -> Int[Tensor, "n pos"]:
@@ -137,90 +154,83 @@ def _recovery(o: Outcome, clean: Outcome, neutral: Outcome) -> Estimate:
     return bootstrap(torch.stack([o.logprob, neutral.logprob, clean.logprob], dim=1), stat)
 
 
-def _curves(model: HookedTransformer, tokens: Tensor, neutral: Tensor, answer: Tensor, batch_size: int
+def _curves(model: HookedTransformer, p: Prompts, batch_size: int
             ) -> tuple[Outcome, Outcome, list[Outcome], list[Outcome], list[Outcome]]:
+    """Clean, neutral, knockout, transplant and K/V curves; `p.partner` is the neutral context.
+
+    The read-out span is `answer` (the last prompt token and any teacher-forced answer tokens);
+    the context is every position before the last prompt token. All edits are per example, in
+    the right-padded layout, so each prompt is computed as if run alone."""
     arch = Arch.of(model)
-    L, T = arch.n_layers, tokens.shape[1] - 1
-    names = [Node(layer, Site.RESID_PRE).hook_name for layer in range(L)]
-    names += [Node(L - 1, Site.RESID_POST).hook_name]
-    kv_names = [Node(layer, s).hook_name for layer in range(L) for s in (Site.K, Site.V)]
-    clean_l, neut_l = [], []
-    knock: list[list[Tensor]] = [[] for _ in range(L + 1)]
-    trans: list[list[Tensor]] = [[] for _ in range(L + 1)]
-    kvrep: list[list[Tensor]] = [[] for _ in range(L + 1)]
-    for i in range(0, tokens.shape[0], batch_size):
-        tb, nb = tokens[i: i + batch_size], neutral[i: i + batch_size]
-        with torch.inference_mode():
-            c_logits, c_cache = model.run_with_cache(tb, names_filter=names)
-            n_logits, n_cache = model.run_with_cache(nb, names_filter=kv_names)
-        clean_l.append(c_logits[:, -1])
-        neut_l.append(n_logits[:, -1])
+    L = arch.n_layers
+    nodes = [Node(layer, Site.RESID_PRE) for layer in range(L)] + [Node(L - 1, Site.RESID_POST)]
+    kv_nodes = [Node(layer, s) for layer in range(L) for s in (Site.K, Site.V)]
+    parts: dict[str, list] = {"clean": [], "neutral": []}
+    knock: list[list[Outcome]] = [[] for _ in range(L + 1)]
+    trans: list[list[Outcome]] = [[] for _ in range(L + 1)]
+    kvrep: list[list[Outcome]] = [[] for _ in range(L + 1)]
+    for rows in chunks(len(p), batch_size):
+        sub = p.select(rows).right()
+        nsub = sub.partner.right()  # type: ignore[union-attr]
+        w = sub.tokens.shape[1]
+        ar = torch.arange(w)
+        last = sub.index(LAST)
+        read = sub.span_mask(ANSWER, w)  # the last prompt token and the teacher-forced answer tokens
+        ctx = ar[None] < last[:, None]  # the context: positions before the last prompt token
+        with torch.inference_mode(), intervene(model, capture=nodes) as c_run:
+            c_logits = model(sub.tokens.to(model.cfg.device))
+        with torch.inference_mode(), intervene(model, capture=kv_nodes) as n_run:
+            n_logits = model(nsub.tokens.to(model.cfg.device))
+        ref = last_logits(c_logits, sub)
+        parts["clean"].append(outcome(c_logits, sub))
+        parts["neutral"].append(outcome(n_logits, sub, reference=ref))
+        blocked = (read[:, :, None] & ctx[:, None, :])  # [b, q, k]
         for layer in range(L + 1):
-            blocks = [block_attention(x, T, list(range(T))) for x in range(layer, L)] if T > 0 else []
-            knock[layer].append(readout(model, tb, blocks, batch_size=batch_size) if blocks else c_logits[:, -1])
-            site = Node(layer, Site.RESID_PRE, pos=T) if layer < L else Node(L - 1, Site.RESID_POST, pos=T)
-            trans[layer].append(readout(model, nb, [Patch(site, source=c_cache[site.hook_name])],
-                                        batch_size=batch_size))
-            kv = [Patch(Node(x, s), pos=tuple(range(T)), source=n_cache[Node(x, s).hook_name])
-                  for x in range(layer, L) for s in (Site.K, Site.V)] if T > 0 else []
-            kvrep[layer].append(readout(model, tb, kv, batch_size=batch_size) if kv else c_logits[:, -1])
-    clean_logits, neutral_logits = torch.cat(clean_l), torch.cat(neut_l)
-    clean = Outcome.of(clean_logits, answer)
-    neutral_o = Outcome.of(neutral_logits, answer, clean_logits)
-
-    def outs(parts: list[list[Tensor]]) -> list[Outcome]:
-        return [Outcome.of(torch.cat(p), answer, clean_logits) for p in parts]
-
-    return clean, neutral_o, outs(knock), outs(trans), outs(kvrep)
+            blocks = [BlockWhere(Node(x, Site.ATTN_SCORES), mask=blocked) for x in range(layer, L)]
+            knock[layer].append(outcome(forward(model, sub, blocks), sub, reference=ref) if blocks
+                                else outcome(c_logits, sub, reference=ref))
+            node = nodes[layer]
+            patch = PatchWhere(node, mask=read, source=c_run.captured[node.hook_name])
+            trans[layer].append(outcome(forward(model, nsub, [patch]), sub, reference=ref))
+            kv = [PatchWhere(x, mask=ctx, source=n_run.captured[x.hook_name]) for x in kv_nodes if x.layer >= layer]
+            kvrep[layer].append(outcome(forward(model, sub, kv), sub, reference=ref) if kv
+                                else outcome(c_logits, sub, reference=ref))
+    return (Outcome.cat(parts["clean"]), Outcome.cat(parts["neutral"]), [Outcome.cat(x) for x in knock],
+            [Outcome.cat(x) for x in trans], [Outcome.cat(x) for x in kvrep])
 
 
-def _groups(tokens: Batch, neutral: Batch | None, subset: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(example indices, unpadded tokens, unpadded neutral) per prompt length, over `subset`."""
-    out = []
-    lengths = tokens.lengths[subset].cpu()
-    for length in sorted(set(lengths.tolist())):
-        idx = subset[lengths == length]
-        t = tokens.tokens[idx.to(tokens.tokens.device), :length]
-        if neutral is not None:
-            nt = neutral.tokens[idx.to(neutral.tokens.device), :length]
-        elif len(idx) < 2:
-            raise ValueError(f"tokens: expected at least 2 prompts of each length to build a neutral context from "
-                             f"another example, got 1 of length {length}; pass `neutral` explicitly")
-        else:
-            nt = neutral_context(t)
-        out.append((idx, t, nt))
-    return out
-
-
-def _cat(parts: list[Outcome], order: Tensor) -> Outcome:
-    """Outcomes of groups concatenated in `order`, put back in example order."""
-    inv = torch.argsort(order)
-    return Outcome(*(torch.cat([getattr(o, f) for o in parts])[inv] for f in ("correct", "logprob", "kl")))
-
-
-def _grouped_curves(model: HookedTransformer, groups: list[tuple[Tensor, Tensor, Tensor]], answer: Tensor,
-                    batch_size: int) -> tuple[Outcome, Outcome, list[Outcome], list[Outcome], list[Outcome]]:
-    runs = [_curves(model, t, nt, answer[idx.to(answer.device)], batch_size) for idx, t, nt in groups]
-    order = torch.cat([idx for idx, _, _ in groups])
-    clean = _cat([r[0] for r in runs], order)
-    neutral = _cat([r[1] for r in runs], order)
-    curves = [[_cat([r[k][layer] for r in runs], order) for layer in range(len(runs[0][k]))] for k in (2, 3, 4)]
-    return clean, neutral, curves[0], curves[1], curves[2]
-
-
-def _as_batch(tokens: Tensor | Batch, d_vocab: int, name: str, n_ctx: int) -> Batch:
-    if isinstance(tokens, Batch):
-        check_tokens(tokens.tokens, d_vocab, name=name, n_ctx=n_ctx)
-        return tokens.right()
-    return Batch.of(check_tokens(tokens, d_vocab, name=name, n_ctx=n_ctx))
+def neutral_prompts(prompts: Prompts) -> Prompts:
+    """Each prompt's context (every token before its last prompt token) replaced by another
+    example's, the last prompt token and any teacher-forced answer tokens kept: the previous
+    example of the same length (as `neutral_context` within each length), else the context of the
+    longest other prompt (its first tokens, or repeated when it is shorter)."""
+    p = prompts.right()
+    toks = p.tokens.cpu()
+    last = p.index(LAST)
+    out = toks.clone()
+    keys = list(zip(p.lengths.tolist(), p.prompt_lengths.tolist(), strict=True))
+    for key in dict.fromkeys(keys):
+        idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+        if len(idx) > 1:
+            for i, j in zip(idx.tolist(), idx.roll(1).tolist(), strict=True):
+                out[i, : int(last[i])] = toks[j, : int(last[i])]
+            continue
+        i, t = int(idx[0]), int(last[idx[0]])
+        if len(p) < 2:
+            raise ValueError("prompts: expected at least 2 prompts to take a neutral context from another, got 1; "
+                             "pass the neutral context as the prompts' partner")
+        # the longest other prompt's context (repeated when it is shorter than this one's)
+        j = max((k for k in range(len(p)) if k != i), key=lambda k: int(last[k]))
+        ctx = toks[j, : max(int(last[j]), 1)]
+        out[i, :t] = ctx.repeat(t // len(ctx) + 1)[:t]
+    return Prompts(out.to(p.tokens.device), p.lengths, "right", p.prompt_lengths,
+                   {k: v for k, v in p.spans.items() if k not in (LAST, ANSWER)}, p.answers, p.answer_lengths)
 
 
 def last_token_sufficiency(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"] | Batch,
-    answer: Int[Tensor, "n"],
+    prompts: Prompts | Batch | Tensor,
     *,
-    neutral: Int[Tensor, "n pos"] | Batch | None = None,
     baseline: HookedTransformer | None = None,
     tolerance: float = 0.05,
     batch_size: int = 256,
@@ -228,90 +238,93 @@ def last_token_sufficiency(
 ) -> LastTokenResult:
     """Knockout, transplant and K/V-replacement curves of the last position, per layer.
 
-    `tokens`: prompts whose next token after the last real position is `answer`: a tensor of
-    one length, or a padded `Batch` (each prompt read at its own last token). `neutral`: the same
-    prompts with a neutral context, same lengths (default: another example's earlier tokens of
-    the same length, last token kept). `baseline`: the comparison model (default:
-    random-initialised, same shape). `tolerance`: how close to clean accuracy counts as
-    "suffices".
+    `prompts`: prompts of any lengths (padded left or right) with answers, each read at its own
+    last prompt token (a multi-token answer: at its teacher-forced read-out span). Their
+    `partner`, when given, is the neutral context: the same lengths, the same last token (and
+    answer tokens), other earlier tokens (default: `neutral_prompts`). `baseline`: the
+    comparison model (default: random-initialised, same shape). `tolerance`: how close to clean
+    accuracy counts as "suffices".
     """
     arch = Arch.of(model)
-    batch = _as_batch(tokens, arch.d_vocab, "tokens", arch.n_ctx)
-    n, L = batch.tokens.shape[0], arch.n_layers
-    answer = torch.as_tensor(answer).long().cpu()
-    if answer.shape != (n,):
-        raise ValueError(f"answer: expected shape ({n},), got {tuple(answer.shape)}")
+    p = prompts_of(prompts, model)
+    n, L = len(p), arch.n_layers
+    if p.answers is None:
+        raise ValueError("last_token_sufficiency prompts: expected answers (the token after each prompt), got none; "
+                         "build them with answers=...")
     if n < 4:
-        raise ValueError(f"tokens: expected at least 4 examples for confidence intervals, got {n}")
-    nbatch = None
-    if neutral is not None:
-        nbatch = _as_batch(neutral, arch.d_vocab, "neutral", arch.n_ctx)
-        if nbatch.tokens.shape[0] != n or not torch.equal(nbatch.lengths.cpu(), batch.lengths.cpu()):
-            raise ValueError(f"neutral: expected {n} prompts with the same lengths as tokens "
-                             f"({batch.lengths.tolist()[:8]}...), got {nbatch.tokens.shape[0]} with lengths "
-                             f"{nbatch.lengths.tolist()[:8]}...")
-    batch = Batch(batch.tokens.to(model.cfg.device), batch.lengths.cpu(), "right")
-    if nbatch is None:  # built once over all prompts, so the baseline's subset shares it
-        nt = batch.tokens.clone()
-        for idx, _, group_neutral in _groups(batch, None, torch.arange(n)):
-            nt[idx.to(nt.device), : group_neutral.shape[1]] = group_neutral
-        nbatch = Batch(nt, batch.lengths, "right")
+        raise ValueError(f"prompts: expected at least 4 examples for confidence intervals, got {n}")
+    if p.partner is None:  # built once over all prompts, so the baseline's subset shares it
+        p = p.with_partner(neutral_prompts(p))
     else:
-        nbatch = Batch(nbatch.tokens.to(model.cfg.device), nbatch.lengths.cpu(), "right")
+        q = p.partner.right()
+        if len(q) != n or not torch.equal(q.lengths, p.lengths) or not torch.equal(q.index(LAST), p.index(LAST)):
+            raise ValueError(f"prompts.partner (the neutral context): expected {n} prompts with the same lengths and "
+                             f"last positions as the prompts ({p.lengths.tolist()[:8]}...), got lengths "
+                             f"{q.lengths.tolist()[:8]}...")
+        p = p.with_partner(q)
 
-    clean, neut, knock, trans, kv = _grouped_curves(model, _groups(batch, nbatch, torch.arange(n)), answer,
-                                                    batch_size)
+    clean, neut, knock, trans, kv = _curves(model, p, batch_size)
     base = random_like(model, seed) if baseline is None else baseline
-    b_clean, _, b_knock, _, _ = _grouped_curves(base, _groups(batch, nbatch, torch.arange(min(128, n))), answer,
-                                                batch_size)
+    b_clean, _, b_knock, _, _ = _curves(base, p.select(torch.arange(min(128, n))), batch_size)
     layers = tuple(range(L + 1))
 
     clean_acc, base_acc = estimate(clean.correct), estimate(b_clean.correct)
-    drop0 = estimate(clean.correct - knock[0].correct)
-    acc = [o.correct.mean().item() for o in knock]
+    clean_lp, base_lp = estimate(clean.logprob), estimate(b_clean.logprob)
+    # The measure: top-1 accuracy when the model's clean accuracy clears the baseline's; otherwise
+    # (a real model whose top-1 is rarely exactly the answer) the answer's log-prob, with the
+    # tolerance a share of the clean-minus-neutral log-prob gap.
+    if clean_acc.above(base_acc):
+        measure, score, tol, unit = "accuracy", (lambda o: o.correct), tolerance, "accuracy"
+    else:
+        gap = float(clean.logprob.mean() - neut.logprob.mean())
+        measure, score, tol, unit = "logprob", (lambda o: o.logprob), tolerance * abs(gap), "log p(answer)"
+    clean_m = clean_acc if measure == "accuracy" else clean_lp
+    base_m = base_acc if measure == "accuracy" else base_lp
+    drop0 = estimate(score(clean) - score(knock[0]))
+    acc = [score(o).mean().item() for o in knock]
     name = model.cfg.model_name
-    shows = clean_acc.above(base_acc)
+    shows = clean_acc.above(base_acc) or clean_lp.above(base_lp)
     behaviour_reason = None if shows else (
-        f"clean accuracy {clean_acc} does not clear the random-initialised baseline {base_acc}, so there is no "
-        f"prediction to attribute")
+        f"clean accuracy {clean_acc} and log p(answer) {clean_lp} do not clear the random-initialised baseline "
+        f"({base_acc}, {base_lp}), so there is no prediction to attribute")
     suff, why = None, None
-    # the first layer from which cutting the context at every later layer keeps clean accuracy
-    first = next(layer for layer in layers if all(a >= clean_acc.value - tolerance for a in acc[layer:]))
+    # the first layer from which cutting the context at every later layer keeps the clean level
+    first = next(layer for layer in layers if all(a >= clean_m.value - tol for a in acc[layer:]))
     if not shows:
         why = behaviour_reason
         verdict = Verdict(False, behaviour_reason)
     elif not drop0.excludes(0.0):
-        why = (f"blocking all attention from the last position to the context changes accuracy by {drop0} "
+        why = (f"blocking all attention from the last position to the context changes {unit} by {drop0} "
                f"(CI includes 0): the context is not needed at all")
         verdict = Verdict(False, why)
     elif first == 0:
-        why = (f"cutting the context from layer 0 keeps accuracy within the tolerance {tolerance} of clean "
+        why = (f"cutting the context from layer 0 keeps {unit} within the tolerance {tol:.3g} of clean "
                f"(drop {drop0}): there is no layer contrast")
         verdict = Verdict(False, why)
     elif first >= L:
         # cutting at l = L blocks nothing: "sufficient from L" is true of any model, not a finding
-        k = estimate(knock[L - 1].correct)
-        contrast = estimate(clean.correct - knock[L - 1].correct)
-        why = (f"no layer below n_layers={L} suffices: cutting the context at layer {L - 1} alone gives accuracy "
-               f"{k} vs {clean_acc} clean")
+        k = estimate(score(knock[L - 1]))
+        contrast = estimate(score(clean) - score(knock[L - 1]))
+        why = (f"no layer below n_layers={L} suffices: cutting the context at layer {L - 1} alone gives {unit} "
+               f"{k} vs {clean_m} clean")
         verdict = Verdict(False, why + " (CI of the drop includes 0)") if not contrast.low > 0 else Verdict(True, (
             f"The last position is not self-sufficient before the output: cutting its attention to earlier "
-            f"positions at the last layer ({L - 1}) alone gives accuracy {k} vs {clean_acc} clean, so it still "
-            f"reads the context there (random-initialised baseline {base_acc})."))
+            f"positions at the last layer ({L - 1}) alone gives {unit} {k} vs {clean_m} clean, so it still "
+            f"reads the context there (random-initialised baseline {base_m})."))
     else:
-        k, prev = estimate(knock[first].correct), estimate(knock[first - 1].correct)
-        contrast = estimate(clean.correct - knock[first - 1].correct)
+        k, prev = estimate(score(knock[first])), estimate(score(knock[first - 1]))
+        contrast = estimate(score(clean) - score(knock[first - 1]))
         if not contrast.excludes(0.0) or contrast.value <= 0:
-            why = (f"cutting from layer {first - 1} changes accuracy by {contrast} (CI includes 0): no layer "
+            why = (f"cutting from layer {first - 1} changes {unit} by {contrast} (CI includes 0): no layer "
                    f"contrast marks where the last position becomes sufficient")
             verdict = Verdict(False, why)
         else:
             suff = first
             verdict = Verdict(True, (
                 f"The last position's residual suffices from layer {suff} on (of {L}): with its attention to "
-                f"earlier positions cut at layers >= {suff}, accuracy is {k} vs {clean_acc} clean, while cutting "
-                f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_acc})."))
+                f"earlier positions cut at layers >= {suff}, {unit} is {k} vs {clean_m} clean, while cutting "
+                f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_m})."))
     return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), b_clean, b_knock[0],
-                           suff, verdict, meta={"n": n, "tolerance": tolerance,
-                                                "lengths": sorted(set(batch.lengths.tolist()))},
+                           suff, verdict, meta={"n": n, "tolerance": tolerance, "measure": measure,
+                                                "lengths": sorted(set(p.prompt_lengths.tolist()))},
                            clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, sufficiency_reason=why)

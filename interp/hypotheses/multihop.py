@@ -19,7 +19,7 @@ For two-hop prompts ("the capital of the state containing Dallas" -> bridge Texa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -32,12 +32,26 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
-from interp.hooks import Patch
-from interp.hypotheses.base import Outcome, Verdict, curve_frame, estimate, random_like, readout, unpadded
+from interp.hooks import intervene
+from interp.hypotheses.base import (
+    Outcome,
+    PatchAt,
+    Verdict,
+    chunks,
+    curve_frame,
+    estimate,
+    forward,
+    last_logits,
+    positions_of,
+    prompts_of,
+    random_like,
+    run_outcomes,
+)
 from interp.lens import future_lens, logit_lens
 from interp.lens.future import FutureLensConfig, FutureLensResult
 from interp.lens.residual import layer_labels, residual_stack
 from interp.probing import ProbeResult, fit
+from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
 from interp.tokens import Batch
 
@@ -53,11 +67,17 @@ def _decodable_from(p: ProbeResult, margin: float = 0.0) -> int | None:
 
 @dataclass(frozen=True)
 class MultihopResult:
-    """Decodability (probes, logit lens) and interchange accuracy, per layer and position."""
+    """Decodability (probes, logit lens) and interchange interventions, per layer and position.
+
+    `iia[position][layer]`: per-example outcome of the patched run w.r.t. the partner's answer
+    (first token); `iia_logit_diff[position]`: [layer, n] logit(partner's answer) - logit(own
+    answer) at `last` in the patched run (nats; NaN for a prompt without that position), with
+    `clean_logit_diff` / `partner_logit_diff` the same difference in the unpatched prompt and in
+    the partner run (where the partner's answer is the right one)."""
 
     model_name: str
     labels: tuple[str, ...]  # lens layers: resid_pre of each block, then the final resid_post
-    positions: dict[str, int]
+    positions: dict[str, Tensor]  # name -> [n] index in each prompt (prompt coordinates; NaN: none)
     probes: dict[tuple[str, str], ProbeResult]  # (position name, "bridge"|"answer") -> probe over layers
     baseline_probes: dict[tuple[str, str], ProbeResult]
     lens_rr: dict[str, Tensor]  # "bridge"/"answer" -> [layer, n] reciprocal rank at the last position
@@ -67,33 +87,53 @@ class MultihopResult:
     decodable_from: dict[tuple[str, str], int | None]  # all None when the clean run does not show the behaviour
     verdict: Verdict
     meta: dict = field(default_factory=dict)
-    clean_shows_behaviour: bool = True  # two-hop accuracy above 0 (CI) and at least 0.5
+    clean_shows_behaviour: bool = True  # accuracy above 0 (CI) and at least 0.5, or log p(answer) above baseline
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
+    iia_logit_diff: dict[str, Tensor] = field(default_factory=dict)  # position -> [layer, n]
+    baseline_iia_logit_diff: dict[str, Tensor] = field(default_factory=dict)
+    clean_logit_diff: Tensor | None = None  # [n]
+    partner_logit_diff: Tensor | None = None  # [n]
 
     @property
     def values(self) -> Tensor:
-        """[position, layer] interchange-intervention accuracy."""
-        return torch.stack([torch.stack([o.correct.mean() for o in self.iia[p]]) for p in self.positions])
+        """[position, layer] interchange-intervention accuracy (mean over examples)."""
+        return torch.stack([torch.stack([_nanmean(o.correct) for o in self.iia[p]]) for p in self.positions])
+
+    @property
+    def per_example(self) -> Tensor:
+        """[position, layer, n] patched logit difference (partner's answer - own answer), nats."""
+        return torch.stack([self.iia_logit_diff[p] for p in self.positions])
 
     def iia_estimate(self, position: str, layer: int) -> Estimate:
         return estimate(self.iia[position][layer].correct)
+
+    def shift_estimate(self, position: str, layer: int, baseline: bool = False) -> Estimate:
+        """Mean shift of the logit difference towards the partner's answer by the patch (nats)."""
+        table = self.baseline_iia_logit_diff if baseline else self.iia_logit_diff
+        clean = self.meta.get("baseline_clean_logit_diff") if baseline else self.clean_logit_diff
+        return estimate(table[position][layer] - clean)
 
     def to_frame(self) -> pd.DataFrame:
         frames = []
         for (pos, target), p in self.probes.items():
             f = p.to_frame()[["layer", "value", "ci_low", "ci_high", "control", "shuffled", "chance"]]
-            frames.append(f.assign(analysis="probe", position=pos, target=target, model="trained"))
+            frames.append(f.assign(analysis="probe", position=pos, target=target, model="trained", n=p.meta.get("n")))
         for (pos, target), p in self.baseline_probes.items():
             f = p.to_frame()[["layer", "value", "ci_low", "ci_high"]]
-            frames.append(f.assign(analysis="probe", position=pos, target=target, model="random-init"))
+            frames.append(f.assign(analysis="probe", position=pos, target=target, model="random-init",
+                                   n=p.meta.get("n")))
         for target, rr in self.lens_rr.items():
             frames.append(curve_frame(rr.T.double(), range(rr.shape[0]), "layer", analysis="logit_lens_rr",
                                       position="last", target=target, model="trained"))
-        for name, table, model in (("iia", self.iia, "trained"), ("iia", self.baseline_iia, "random-init")):
+        for table, model in ((self.iia, "trained"), (self.baseline_iia, "random-init")):
             for pos, outs in table.items():
                 acc = torch.stack([o.correct for o in outs], 1)
-                frames.append(curve_frame(acc, range(len(outs)), "layer", analysis=name, position=pos,
+                frames.append(curve_frame(acc, range(len(outs)), "layer", analysis="iia", position=pos,
                                           target="partner_answer", model=model))
+        for table, model in ((self.iia_logit_diff, "trained"), (self.baseline_iia_logit_diff, "random-init")):
+            for pos, ld in table.items():
+                frames.append(curve_frame(ld.T.double(), range(ld.shape[0]), "layer", analysis="iia_logit_diff",
+                                          position=pos, target="partner_answer", model=model))
         frame = pd.concat(frames, ignore_index=True)
         frame["layer_label"] = [self.labels[int(x)] if int(x) < len(self.labels) else str(x) for x in frame.layer]
         return frame
@@ -122,107 +162,179 @@ class MultihopResult:
         return fig
 
 
+def _nanmean(x: Tensor) -> Tensor:
+    x = x[torch.isfinite(x)]
+    return x.mean() if x.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _lens_nodes(n_layers: int) -> list[Node]:
+    """resid_pre of every block, then the final resid_post (the lens layers)."""
+    return [Node(x, Site.RESID_PRE) for x in range(n_layers)] + [Node(n_layers - 1, Site.RESID_POST)]
+
+
+def _interchange(model: HookedTransformer, p: Prompts, pos: dict[str, Tensor], ppos: dict[str, Tensor],
+                 batch_size: int) -> tuple[dict[str, tuple[Outcome, ...]], dict[str, Tensor]]:
+    """Patch each lens layer's residual at each named position from the partner (at the partner's
+    own index of that name): per-example outcome w.r.t. the partner's first answer token, and the
+    logit difference partner's answer - own answer at `last`."""
+    nodes = _lens_nodes(Arch.of(model).n_layers)
+    own, other = p.first_answer, p.partner.first_answer  # type: ignore[union-attr]
+    n = len(p)
+    outs = {k: [[] for _ in nodes] for k in pos}
+    lds = {k: torch.full((len(nodes), n), float("nan"), dtype=torch.float64) for k in pos}
+    for rows in chunks(n, batch_size):
+        sub, psub = p.select(rows).right(), p.partner.select(rows).right()  # type: ignore[union-attr]
+        with torch.inference_mode(), intervene(model, capture=nodes) as run:
+            model(psub.tokens.to(model.cfg.device))
+        r = torch.arange(len(rows))
+        for k in pos:
+            i, j = pos[k][rows], ppos[k][rows]
+            ok = torch.isfinite(i) & torch.isfinite(j)
+            ii, jj = torch.where(ok, i, 0).long(), torch.where(ok, j, 0).long()
+            for li, node in enumerate(nodes):
+                src = run.captured[node.hook_name][r.to(model.cfg.device), jj.to(model.cfg.device)]
+                logits = forward(model, sub, [PatchAt(node, index=ii, values=src)])
+                last = last_logits(logits, sub)
+                o = Outcome.of(last, other[rows])
+                nan = torch.where(ok, 0.0, float("nan")).double()
+                outs[k][li].append(Outcome(o.correct + nan, o.logprob + nan, o.kl + nan))
+                ld = (last.gather(-1, other[rows, None]) - last.gather(-1, own[rows, None]))[:, 0].double()
+                lds[k][li, rows] = ld + nan
+    return {k: tuple(Outcome.cat(parts) for parts in v) for k, v in outs.items()}, lds
+
+
+def _clean_runs(model: HookedTransformer, p: Prompts, batch_size: int) -> tuple[Outcome, Tensor, Tensor]:
+    """The clean outcome, the clean logit difference (partner's answer - own) and the partner run's."""
+    own, other = p.first_answer, p.partner.first_answer  # type: ignore[union-attr]
+    clean = run_outcomes(model, p, batch_size=batch_size)
+    c_ld, p_ld = torch.empty(len(p), dtype=torch.float64), torch.empty(len(p), dtype=torch.float64)
+    for rows in chunks(len(p), batch_size):
+        sub, psub = p.select(rows), p.partner.select(rows)  # type: ignore[union-attr]
+        c = last_logits(forward(model, sub), sub)
+        q = last_logits(forward(model, psub), psub)
+        c_ld[rows] = (c.gather(-1, other[rows, None]) - c.gather(-1, own[rows, None]))[:, 0].double()
+        p_ld[rows] = (q.gather(-1, other[rows, None]) - q.gather(-1, own[rows, None]))[:, 0].double()
+    return clean, c_ld, p_ld
+
+
 def multihop(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"] | Batch,
-    bridge: Int[Tensor, "n"],
-    answer: Int[Tensor, "n"],
+    prompts: Prompts,
+    bridge: Int[Tensor, "batch"] | None = None,
     *,
-    partner_tokens: Int[Tensor, "n pos"] | Batch,
-    partner_answer: Int[Tensor, "n"],
-    positions: Mapping[str, int] | None = None,
-    control_types: Int[Tensor, "n"] | None = None,
+    positions: Sequence[str | int] = (LAST,),
+    control_types: Int[Tensor, "batch"] | None = None,
     baseline: HookedTransformer | None = None,
     seed: int = 0,
+    batch_size: int = 256,
     progress: bool = False,
 ) -> MultihopResult:
     """Bridge and answer decodability by layer, and interchange interventions on the bridge.
 
-    `tokens`: two-hop prompts of one length, predicted at the last position; `bridge` and
-    `answer`: token ids of the bridge entity and the answer; `partner_tokens` /
-    `partner_answer`: matched prompts whose bridge (hence answer) differs. `positions`: names
-    for the positions to examine (default: the last). `control_types`: the Hewitt-Liang type of
-    each prompt (each type gets a random label in the control task; choose a type the bridge is
-    a function of, e.g. the fact token a->b, so that memorising types solves the control as
-    well as the task; default: the token before the last).
+    `prompts`: two-hop prompts (any lengths, padded left or right) with answers, predicted at
+    `last`, and a `partner` whose bridge (hence answer) differs, with its own answers and the
+    same span names. `bridge`: token id of each prompt's bridge entity (its first token; None:
+    only the answer is probed). `positions`: the positions to examine — span names (read at each
+    prompt's and each partner's own index) or ints in prompt coordinates (NaN for a prompt
+    without that position). `control_types`: the Hewitt-Liang type of each prompt (each type gets
+    a random label in the control task; choose a type the bridge is a function of, e.g. the fact
+    token a->b, so that memorising types solves the control as well as the task; default: the
+    token before the last).
     """
     arch = Arch.of(model)
-    tokens = unpadded(tokens, arch.d_vocab, "tokens", "multihop", n_ctx=arch.n_ctx)
-    partner_tokens = unpadded(partner_tokens, arch.d_vocab, "partner_tokens", "multihop", n_ctx=arch.n_ctx)
-    n, seq = tokens.shape
-    if partner_tokens.shape != tokens.shape:
-        raise ValueError(f"partner_tokens: expected shape {tuple(tokens.shape)}, got {tuple(partner_tokens.shape)}")
-    for name, t in (("bridge", bridge), ("answer", answer), ("partner_answer", partner_answer)):
-        if t.shape != (n,):
-            raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    p = prompts_of(prompts, model)
+    n = len(p)
+    if p.answers is None or p.partner is None or p.partner.answers is None:
+        raise ValueError("multihop prompts: expected answers and a partner with answers (a prompt with another "
+                         f"bridge), got answers={p.answers is not None}, partner={p.partner is not None}; "
+                         "build them with answers=... and with_partner(...)")
+    p = p.with_partner(p.partner.right())
     if n < 20:
-        raise ValueError(f"tokens: expected at least 20 prompts to split probes by example, got {n}")
-    pos = {"last": seq - 1} if positions is None else {k: int(v) % seq for k, v in positions.items()}
-    types = (tokens[:, -2] if control_types is None else control_types).cpu()
+        raise ValueError(f"prompts: expected at least 20 prompts to split probes by example, got {n}")
+    labels_by = {"answer": p.first_answer}
+    if bridge is not None:
+        bridge = torch.as_tensor(bridge).long().cpu()
+        if bridge.shape != (n,):
+            raise ValueError(f"bridge: expected shape ({n},), got {tuple(bridge.shape)}")
+        labels_by = {"bridge": bridge, **labels_by}
+    if not positions:
+        raise ValueError("positions: expected at least one span name or int, got none")
+    names = [str(x) for x in positions]
+    pos = {str(x): positions_of(p, x, "multihop position") for x in positions}
+    ppos = {str(x): positions_of(p.partner, x, "multihop position") for x in positions}
+    last = p.index(LAST)
+    rows_all = torch.arange(n)
+    types = (p.tokens.cpu()[rows_all, (last - 1).clamp_min(0)] if control_types is None
+             else torch.as_tensor(control_types).long().cpu())
     base = random_like(model, seed) if baseline is None else baseline
 
     def probes_for(m: HookedTransformer) -> dict[tuple[str, str], ProbeResult]:
-        acts = residual_stack(m, tokens, progress=progress)  # [layer, n, pos, d]
         out = {}
-        for pname, p in pos.items():
-            feats = acts[:, :, p].float()
-            for target, labels in (("bridge", bridge), ("answer", answer)):
-                out[(pname, target)] = fit(feats, labels.cpu().long(), "logistic", types=types, seed=seed,
-                                           meta={"model": m.cfg.model_name, "position": pname, "target": target})
+        for pname in names:
+            ok = torch.isfinite(pos[pname])
+            idx = torch.where(ok, pos[pname], 0).long()
+            acts = residual_stack(m, p.tokens, positions=idx[:, None], progress=progress)[:, :, 0]  # [layer, n, d]
+            feats = acts[:, ok.to(acts.device)].float()
+            for target, labels in labels_by.items():
+                out[(pname, target)] = fit(feats, labels[ok].long(), "logistic", types=types[ok], seed=seed,
+                                           meta={"model": m.cfg.model_name, "position": pname, "target": target,
+                                                 "n": int(ok.sum())})
         return out
 
     probes, b_probes = probes_for(model), probes_for(base)
-    lens = {t: logit_lens(model, tokens, pos=-1, target=lab.to(tokens.device), progress=progress)
-            for t, lab in (("bridge", bridge), ("answer", answer))}
+    lens = {t: logit_lens(model, p, pos=last.to(p.tokens.device), target=lab.to(p.tokens.device), progress=progress)
+            for t, lab in labels_by.items()}
     rr = {t: (1.0 / (1 + r.target_rank[:, :, 0].double())) for t, r in lens.items()}
 
-    def interchange(m: HookedTransformer) -> dict[str, tuple[Outcome, ...]]:
-        names = [Node(x, Site.RESID_PRE).hook_name for x in range(arch.n_layers)]
-        names.append(Node(arch.n_layers - 1, Site.RESID_POST).hook_name)
-        with torch.inference_mode():
-            _, src = m.run_with_cache(partner_tokens.to(m.cfg.device), names_filter=names)
-        out = {}
-        for pname, p in pos.items():
-            outs = []
-            for layer in range(arch.n_layers + 1):
-                node = (Node(layer, Site.RESID_PRE, pos=p) if layer < arch.n_layers
-                        else Node(arch.n_layers - 1, Site.RESID_POST, pos=p))
-                logits = readout(m, tokens, [Patch(node, source=src[node.hook_name])], batch_size=max(256, n))
-                outs.append(Outcome.of(logits, partner_answer))
-            out[pname] = tuple(outs)
-        return out
-
-    iia, b_iia = interchange(model), interchange(base)
-    clean = Outcome.of(readout(model, tokens, batch_size=max(256, n)), answer)
-    decodable = {k: _decodable_from(p) for k, p in probes.items()}
+    iia, iia_ld = _interchange(model, p, pos, ppos, batch_size)
+    b_iia, b_iia_ld = _interchange(base, p, pos, ppos, batch_size)
+    clean, clean_ld, partner_ld = _clean_runs(model, p, batch_size)
+    b_clean, b_clean_ld, _ = _clean_runs(base, p, batch_size)
+    decodable = {k: _decodable_from(x) for k, x in probes.items()}
     labels = tuple(layer_labels(arch.n_layers))
 
     acc = estimate(clean.correct)
-    best = max(((pn, layer) for pn in pos for layer in range(arch.n_layers)),
-               key=lambda k: float(iia[k[0]][k[1]].correct.mean()))
+    lp, b_lp = estimate(clean.logprob), estimate(b_clean.logprob)
+    # the behaviour: the model solves the prompts (top-1), or at least gives the answer more
+    # log-probability than the random-initialised model does (a real model's top-1 may differ)
+    shows = (acc.excludes(0.0) and acc.value >= 0.5) or lp.above(b_lp)
+    shift = {k: v - clean_ld for k, v in iia_ld.items()}
+    b_shift = {k: v - b_clean_ld for k, v in b_iia_ld.items()}
+    best = max(((pn, layer) for pn in names for layer in range(arch.n_layers)),
+               key=lambda k: float(_nanmean(shift[k[0]][k[1]])))
     best_iia, best_base = estimate(iia[best[0]][best[1]].correct), estimate(b_iia[best[0]][best[1]].correct)
-    b_last, a_last = decodable.get(("last", "bridge")), decodable.get(("last", "answer"))
-    shows = acc.excludes(0.0) and acc.value >= 0.5
-    behaviour_reason = None if shows else f"two-hop accuracy is {acc}; the model does not solve these prompts"
+    best_shift, best_b_shift = estimate(shift[best[0]][best[1]]), estimate(b_shift[best[0]][best[1]])
+    full = estimate(partner_ld - clean_ld)
+    b_last, a_last = decodable.get((LAST, "bridge")), decodable.get((LAST, "answer"))
+    behaviour_reason = None if shows else (
+        f"two-hop accuracy is {acc} and log p(answer) {lp} does not clear the random-initialised model's {b_lp}; "
+        f"the model does not solve these prompts")
     if not shows:
         decodable = {k: None for k in decodable}  # no layer is reported for a behaviour the model lacks
         verdict = Verdict(False, behaviour_reason)
-    elif not best_iia.above(best_base):
-        verdict = Verdict(False, f"no patch moves the answer to the partner's beyond the random-initialised "
-                                 f"baseline (best IIA {best_iia} vs {best_base})")
+    elif not best_shift.above(best_b_shift):
+        verdict = Verdict(False, f"no patch moves the logit difference towards the partner's answer beyond the "
+                                 f"random-initialised baseline (best {best_shift} vs {best_b_shift} nats at "
+                                 f"{labels[best[1]]} of '{best[0]}'; IIA {best_iia} vs {best_base})")
     else:
         order = ("not decodable" if b_last is None else
                  f"decodable at the last position from {labels[b_last]}"
                  + ("" if a_last is None else
                     f", {'before' if b_last < a_last else 'not before'} the answer ({labels[a_last]})"))
+        lead = ("The bridge is computed internally: it is " + order + "; p" if bridge is not None
+                else "P")
         verdict = Verdict(True, (
-            f"The bridge is computed internally: it is {order}; patching the residual at "
-            f"{labels[best[1]]} of position '{best[0]}' from a prompt with another bridge switches the answer to "
-            f"that prompt's answer in {best_iia} of prompts (random-initialised baseline {best_base})."))
+            f"{lead}atching the residual at {labels[best[1]]} of position '{best[0]}' from a prompt with another "
+            f"bridge switches the answer to that prompt's answer in {best_iia} of prompts (random-initialised "
+            f"baseline {best_base}) and moves the logit difference (partner's answer - own) by {best_shift} nats "
+            f"of the {full} that separate the two runs (baseline {best_b_shift})."))
     return MultihopResult(
         model_name=model.cfg.model_name, labels=labels, positions=pos, probes=probes, baseline_probes=b_probes,
         lens_rr=rr, iia=iia, baseline_iia=b_iia, clean=clean, decodable_from=decodable, verdict=verdict,
-        meta={"n": n, "accuracy": acc}, clean_shows_behaviour=shows, behaviour_reason=behaviour_reason)
+        meta={"n": n, "accuracy": acc, "logprob": lp, "baseline_logprob": b_lp,
+              "baseline_clean_logit_diff": b_clean_ld, "lengths": sorted(set(p.prompt_lengths.tolist()))},
+        clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, iia_logit_diff=iia_ld,
+        baseline_iia_logit_diff=b_iia_ld, clean_logit_diff=clean_ld, partner_logit_diff=partner_ld)
 
 
 @dataclass(frozen=True)
@@ -256,19 +368,28 @@ class PlanAheadResult:
 
 def plan_ahead(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n pos"] | Batch,
-    mask: Bool[Tensor, "n pos"],
+    prompts: Prompts | Batch | Tensor,
+    mask: Bool[Tensor, "n pos"] | None = None,
     *,
+    at: str = "plan",
     offsets: tuple[int, ...] = (2, 3),
     seed: int = 0,
     progress: bool = False,
 ) -> PlanAheadResult:
-    """Does the hidden state at the masked positions already encode x_{t+2}, x_{t+3}?
+    """Does the hidden state at the span `at` (or the positions of `mask`, right-padded layout)
+    already encode x_{t+2}, x_{t+3}?
 
-    No layer is claimed unless the model itself emits the tokens it would be planning: its
-    teacher-forced accuracy on x_(t+1)..x_(t+max offset) from the masked positions t clears the
-    random-initialised model's (`clean_shows_behaviour`)."""
-    tokens = unpadded(tokens, Arch.of(model).d_vocab, "tokens", "plan_ahead", n_ctx=Arch.of(model).n_ctx)
+    `prompts` of any lengths: only positions t whose x_(t + max offset) is a real token of that
+    prompt are read. No layer is claimed unless the model itself emits the tokens it would be
+    planning: its teacher-forced accuracy on x_(t+1)..x_(t+max offset) from the masked positions
+    t clears the random-initialised model's (`clean_shows_behaviour`)."""
+    p = prompts_of(prompts, model)
+    width = p.tokens.shape[1]
+    mask = (p.span_mask(at, width) if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu())
+    if mask.shape != (len(p), width):
+        raise ValueError(f"mask: expected shape {(len(p), width)}, got {tuple(mask.shape)}")
+    mask = mask & (torch.arange(width)[None] + max(offsets) < p.lengths[:, None])
+    tokens = p.tokens
     cfg = FutureLensConfig(offsets=offsets, seed=seed)
     res = future_lens(model, tokens, mask=mask, config=cfg, progress=progress)
     random_model = random_like(model, seed)

@@ -7,8 +7,10 @@ learned absolute, rotary, none — Haviv et al. 2022 show NoPE models still lear
     prompt; only real tokens are sampled, never pads) and the distance from the query to the
     needed fact (at each prompt's own query position), with bootstrap CIs and a shuffled-label
     baseline.
-(b) Accuracy as a function of the needed fact's distance d (prompts grouped by d).
-(c) Causal use: knock out the query's attention to the fact's positions at every layer; the
+(b) Accuracy as a function of the needed fact's distance d, measured per prompt (tokens from
+    the span `fact`'s last token to the last prompt token), prompts of any lengths grouped
+    by d (or by distance bins) inside one call.
+(c) Causal use: knock out the read-out's attention to the fact's tokens at every layer; the
     drop in the answer's log-prob as a function of d, with a fitted exponential decay
     drop(d) = a * exp(-d / tau) + c. A decay length is reported only when the measured curve
     falls monotonically (within its CIs) and tau lies strictly inside the optimiser's bounds; a
@@ -40,31 +42,23 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.hooks import block_attention
-from interp.hypotheses.base import Outcome, Verdict, estimate, random_like, readout, unpadded
+from interp.graph import Node, Site
+from interp.hypotheses.base import (
+    BlockWhere,
+    Outcome,
+    Verdict,
+    chunks,
+    estimate,
+    forward,
+    last_logits,
+    random_like,
+    run_outcomes,
+)
 from interp.lens.residual import layer_labels, residual_stack
 from interp.probing import ProbeResult, fit
+from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.stats import Estimate
 from interp.tokens import Batch, check_tokens
-
-
-@dataclass(frozen=True)
-class DistanceSet:
-    """Prompts whose needed fact sits at one distance: the fact's positions are the same in all."""
-
-    tokens: Int[Tensor, "n pos"] | Batch  # a Batch without padding becomes its tokens; a padded one is refused
-    answer: Int[Tensor, "n"]
-    fact_pos: tuple[int, ...]  # positions holding the fact (e.g. key and value)
-    query_pos: int = -1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tokens", unpadded(self.tokens, None, "DistanceSet.tokens", "a distance set"))
-        if self.answer.shape != (self.tokens.shape[0],):
-            raise ValueError(f"DistanceSet.answer: expected shape ({self.tokens.shape[0]},), "
-                             f"got {tuple(self.answer.shape)}")
-        q = self.query_pos % self.tokens.shape[1]
-        if not self.fact_pos or any(not 0 <= p < q for p in self.fact_pos):
-            raise ValueError(f"DistanceSet.fact_pos: expected positions before the query ({q}), got {self.fact_pos}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +96,7 @@ class SchemeDecay:
     profile: str | None  # None when the clean run does not show the behaviour
     clean_shows_behaviour: bool = True
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
+    rows: dict[int, Tensor] = field(default_factory=dict)  # distance -> the prompts' rows in that group
 
     def accuracy(self, d: int) -> Estimate:
         return estimate(self.clean[d].correct)
@@ -234,50 +229,73 @@ def sample_positions(lengths: Int[Tensor, "n"], k: int, generator: torch.Generat
     return cols, valid
 
 
-def _position_batch(position_tokens: Tensor | Batch | None, sets: Sequence[DistanceSet]) -> Batch:
-    """The absolute-position probe's prompts, right-padded, with each prompt's real length."""
-    if isinstance(position_tokens, Batch):
-        return position_tokens.right()
-    if position_tokens is not None:
-        return Batch.of(check_tokens(position_tokens, name="position_tokens"))
-    widths = {s.tokens.shape[1] for s in sets}
-    if len(widths) == 1:
-        return Batch.of(torch.cat([s.tokens for s in sets]))
-    return Batch.pad([row for s in sets for row in s.tokens])  # lengths recorded: pads never sampled
+def distance_groups(prompts: Prompts, fact: str = "fact", bins: Sequence[int] | None = None
+                    ) -> tuple[Tensor, dict[int, Tensor]]:
+    """Each prompt's distance (tokens from the fact's last token to the last prompt token) and the
+    prompts of each distance group (`bins`: upper edges, each prompt in the first edge >= its
+    distance; None: one group per distinct distance), in ascending order, rows in prompt order."""
+    dist = prompts.index(LAST) - prompts.index(fact)
+    if bool((dist < 1).any()):
+        i = int(torch.nonzero(dist < 1)[0, 0])
+        raise ValueError(f"span {fact!r} of prompt {i}: expected it before the last prompt token, got distance "
+                         f"{int(dist[i])}")
+    if bins is None:
+        label = dist
+    else:
+        edges = torch.tensor(sorted(int(x) for x in bins))
+        if edges.numel() == 0 or bool((dist > edges[-1]).any()):
+            raise ValueError(f"bins: expected upper edges covering every distance (max {int(dist.max())}), got "
+                             f"{edges.tolist()}")
+        label = edges[torch.searchsorted(edges, dist)]
+    groups = {int(d): torch.nonzero(label == d)[:, 0] for d in sorted(set(label.tolist()))}
+    return dist, groups
 
 
 def positional_decay(
     models: Mapping[str, HookedTransformer],
-    by_distance: Mapping[int, DistanceSet],
+    prompts: Prompts,
     *,
-    position_tokens: Int[Tensor, "n pos"] | Batch | None = None,
+    fact: str = "fact",
+    bins: Sequence[int] | None = None,
+    position_prompts: Prompts | Batch | Tensor | None = None,
     positions_per_prompt: int = 16,
     baseline: Mapping[str, HookedTransformer] | None = None,
     seed: int = 0,
+    batch_size: int = 256,
     progress: bool = False,
 ) -> DecayResult:
-    """Probe, accuracy-vs-distance and knockout-vs-distance curves for each model.
+    """Probe, accuracy-vs-distance and knockout-vs-distance curves for each model, in one call.
 
-    `by_distance`: prompts grouped by the distance of the needed fact; each set has its own
-    length and query position (read per prompt). `position_tokens`: prompts for the
-    absolute-position probe, a plain tensor (every position is a real token) or a padded
-    `Batch` (only real tokens are sampled); default: all prompts of `by_distance`.
+    `prompts`: prompts of any lengths (padded left or right) with answers and a span `fact` (the
+    tokens holding the needed fact). Each prompt's distance is measured on its own: from the
+    fact's last token to its last prompt token (the read-out); prompts are grouped by distance
+    (`bins`: upper edges of distance bins; default: one group per distinct distance) inside.
+    `position_prompts`: prompts for the absolute-position probe (only real tokens are sampled);
+    default: `prompts`.
     """
     if not models:
         raise ValueError("positional_decay: expected at least one model, got none")
-    if len(by_distance) < 3:
-        raise ValueError(f"by_distance: expected at least 3 distances to see a decay, got {len(by_distance)}")
     if positions_per_prompt < 1:
         raise ValueError(f"positions_per_prompt: expected at least 1, got {positions_per_prompt}")
-    distances = tuple(sorted(by_distance))
-    sets = [by_distance[d] for d in distances]
+    p = as_prompts(prompts).right()
+    if p.answers is None:
+        raise ValueError("positional_decay prompts: expected answers, got none; build them with answers=...")
+    if fact not in p.spans:
+        raise ValueError(f"positional_decay prompts: expected a span {fact!r} (the needed fact), got spans "
+                         f"{sorted(p.spans)}")
+    dist, groups = distance_groups(p, fact, bins)
+    if len(groups) < 3:
+        raise ValueError(f"prompts: expected at least 3 distances (or bins) to see a decay, got {sorted(groups)}")
+    distances = tuple(groups)
     g = torch.Generator().manual_seed(seed)
-    pos_batch = _position_batch(position_tokens, sets)
-    dist_labels = torch.cat([torch.full((len(s.tokens),), float(d)) for d, s in zip(distances, sets, strict=True)])
+    pos_batch = as_prompts(p if position_prompts is None else position_prompts).right()
     n_layers = {Arch.of(m).n_layers for m in models.values()}
     labels = tuple(layer_labels(max(n_layers)))
+    last = p.index(LAST)
     out: dict[str, SchemeDecay] = {}
     for name, model in models.items():
+        arch = Arch.of(model)
+        check_tokens(p.tokens, arch.d_vocab, name="prompts", n_ctx=arch.n_ctx)
         base = (baseline or {}).get(name) or random_like(model, seed)
         # (a) probes: absolute position at sampled real tokens ...
         cols, valid = sample_positions(pos_batch.lengths, positions_per_prompt, g)
@@ -286,40 +304,50 @@ def positional_decay(
         feats = acts[:, valid].float()
         position_probe = fit(feats, cols[valid].double(), "ridge", groups=rows[valid], seed=seed,
                              meta={"model": name, "target": "absolute position", "position": "sampled"})
-        # ... and distance to the fact at each prompt's own query position
-        acts_q = torch.cat([residual_stack(model, s.tokens, positions=torch.full(
-            (len(s.tokens), 1), s.query_pos % s.tokens.shape[1], dtype=torch.long), progress=progress)[:, :, 0]
-            for s in sets], dim=1)
-        distance_probe = fit(acts_q.float(), dist_labels.double(), "ridge", seed=seed,
-                             meta={"model": name, "target": "distance to fact", "position": "query"})
-        # (b) accuracy and (c) knockout, per distance
+        # ... and the distance to the fact at each prompt's own last prompt token (one run per group)
+        order = torch.cat(list(groups.values()))
+        acts_q = torch.cat([residual_stack(model, p.select(idx).tokens, positions=last[idx][:, None],
+                                           progress=progress)[:, :, 0] for idx in groups.values()], dim=1)
+        distance_probe = fit(acts_q.float(), dist[order].double(), "ridge", seed=seed,
+                             meta={"model": name, "target": "distance to fact", "position": "last"})
+        # (b) accuracy and (c) knockout of the read-out's attention to the fact, per distance group
         clean, knocked, b_clean = {}, {}, {}
-        for d, s in zip(distances, sets, strict=True):
-            qpos = s.query_pos % s.tokens.shape[1]
-            ref = readout(model, s.tokens, pos=s.query_pos, batch_size=max(256, len(s.tokens)))
-            clean[d] = Outcome.of(ref, s.answer)
-            blocks = [block_attention(layer, qpos, list(s.fact_pos)) for layer in range(Arch.of(model).n_layers)]
-            knocked[d] = Outcome.of(readout(model, s.tokens, blocks, pos=s.query_pos,
-                                            batch_size=max(256, len(s.tokens))), s.answer, ref)
-            b_clean[d] = Outcome.of(readout(base, s.tokens, pos=s.query_pos, batch_size=max(256, len(s.tokens))),
-                                    s.answer)
+        for d, idx in groups.items():
+            sub = p.select(idx)
+            ref = torch.cat([last_logits(forward(model, sub.select(r)), sub.select(r))
+                             for r in chunks(len(sub), batch_size)])
+            clean[d] = run_outcomes(model, sub, batch_size=batch_size)
+
+            def edits(chunk: Prompts, _rows: Tensor, _layers: int = arch.n_layers) -> list[BlockWhere]:
+                w = chunk.tokens.shape[1]
+                mask = chunk.span_mask(ANSWER, w)[:, :, None] & chunk.span_mask(fact, w)[:, None, :]
+                return [BlockWhere(Node(layer, Site.ATTN_SCORES), mask=mask) for layer in range(_layers)]
+
+            knocked[d] = run_outcomes(model, sub, edits, reference=ref, batch_size=batch_size)
+            b_clean[d] = run_outcomes(base, sub, batch_size=batch_size)
         near = distances[0]
         acc_near, base_near = estimate(clean[near].correct), estimate(b_clean[near].correct)
-        shows = acc_near.above(base_near)
+        lp_near, b_lp_near = estimate(clean[near].logprob), estimate(b_clean[near].logprob)
+        # the behaviour: retrieval at the shortest distance, by top-1 or (a real model whose top-1 is
+        # rarely exactly the answer) by log p(answer) above the random-initialised model's
+        shows = acc_near.above(base_near) or lp_near.above(b_lp_near)
         if shows:
             drop_est = [estimate(clean[d].logprob - knocked[d].logprob) for d in distances]
             tol = max((e.high - e.low) / 2 for e in drop_est)
             decay_fit = _fit_decay(distances, [e.value for e in drop_est], tolerance=tol)
             why, profile = None, _profile([estimate(clean[d].correct) for d in distances])
         else:
-            why = (f"clean accuracy {acc_near} at d={near} does not clear the random-initialised baseline "
-                   f"{base_near}: the model does not retrieve, so there is no decay to measure")
+            why = (f"clean accuracy {acc_near} (log p(answer) {lp_near}) at d={near} does not clear the "
+                   f"random-initialised baseline {base_near} ({b_lp_near}): the model does not retrieve, so there is "
+                   f"no decay to measure")
             decay_fit, profile = DecayFit(math.nan, math.nan, math.nan, None, why), None
         out[name] = SchemeDecay(name, position_probe, distance_probe, clean, knocked, b_clean, decay_fit, profile,
-                                clean_shows_behaviour=shows, behaviour_reason=why)
+                                clean_shows_behaviour=shows, behaviour_reason=why,
+                                rows={d: idx for d, idx in groups.items()})
 
     verdict = _verdict(out, distances)
-    return DecayResult(out, distances, labels, verdict, meta={"positions_per_prompt": positions_per_prompt})
+    return DecayResult(out, distances, labels, verdict, meta={"positions_per_prompt": positions_per_prompt,
+                                                              "distance": dist, "fact": fact})
 
 
 def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> Verdict:

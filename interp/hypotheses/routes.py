@@ -23,25 +23,22 @@ in a random-initialised model of the same shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
-from interp.hypotheses.base import Verdict, estimate, random_like, unpadded
-from interp.patching import path_patch
-from interp.patching.metrics import PositionMetric
+from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of, random_like
+from interp.metrics import answer_logprob
+from interp.patching import At, path_patch
+from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
-from interp.tokens import Batch
-
-PerExampleMetric = Callable[[Tensor, int], PositionMetric]  # (tokens row, example index) -> metric
 
 
 @dataclass(frozen=True)
@@ -74,10 +71,16 @@ class RoutesResult:
 
     @property
     def values(self) -> Tensor:
-        return torch.stack([r.effect.mean() for r in self.routes])
+        """[route] mean effect over the examples that have the route."""
+        return torch.stack([_nanmean(r.effect) for r in self.routes])
+
+    @property
+    def per_example(self) -> Tensor:
+        """[route, n] effects (NaN: the example has no such route)."""
+        return torch.stack([r.effect for r in self.routes])
 
     def share(self, r: RouteEffect) -> float:
-        return float(r.effect.mean() / self.total.mean())
+        return float(_nanmean(r.effect) / self.total.mean())
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -85,7 +88,8 @@ class RoutesResult:
             e = r.estimate()
             rows.append({"model": self.model_name, "route": r.name, "kind": r.kind, "receiver": r.receiver,
                          "first_stream": r.first_stream, "layers": str(r.layers), "via": r.via,
-                         "value": e.value, "ci_low": e.low, "ci_high": e.high, "share": self.share(r)})
+                         "value": e.value, "ci_low": e.low, "ci_high": e.high,
+                         "n": int(torch.isfinite(r.effect).sum()), "share": self.share(r)})
         return pd.DataFrame(rows)
 
     def plot(self) -> go.Figure:
@@ -135,82 +139,206 @@ class RoutesResult:
         return fig
 
 
-def _route_effects(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: PerExampleMetric,
-                   source: int, target: int, via: list[int]) -> tuple[Tensor, list[RouteEffect]]:
-    arch = Arch.of(model)
-    n = clean.shape[0]
-    specs: list[tuple[str, str, str, str, tuple[int, ...], int | None, object, list[Node]]] = []
-    for c in range(arch.n_layers):
+def route_specs(n_layers: int, n_kv: int, source: int, via: Sequence[int]) -> list[RouteSpec]:
+    """Every measured route from `source` through the `via` positions (module docstring)."""
+    specs: list[RouteSpec] = []
+    for c in range(n_layers):
         for rec, site in (("k", Site.K), ("v", Site.V)):
-            specs.append((f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
-                          Node(c, Site.RESID_PRE, pos=source),
-                          [Node(c, site, pos=source, head=g) for g in range(arch.n_kv_heads)]))
+            specs.append(RouteSpec(f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
+                                   Node(c, Site.RESID_PRE, pos=source),
+                                   tuple(Node(c, site, pos=source, head=g) for g in range(n_kv))))
     for p in via:
-        for c1 in range(arch.n_layers):
-            for c2 in range(c1 + 1, arch.n_layers):
+        for c1 in range(n_layers):
+            for c2 in range(c1 + 1, n_layers):
                 for rec, site in (("k", Site.K), ("v", Site.V)):
-                    specs.append((f"R@L{c1}->{p}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
-                                  (c1, c2), p, Node(c1, Site.ATTN_OUT, pos=p),
-                                  [Node(c2, site, pos=p, head=g) for g in range(arch.n_kv_heads)]))
+                    specs.append(RouteSpec(f"R@L{c1}->{p}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
+                                           (c1, c2), p, Node(c1, Site.ATTN_OUT, pos=p),
+                                           tuple(Node(c2, site, pos=p, head=g) for g in range(n_kv))))
     # joint: every measured route into layer c2 through its keys (or values) at once
-    for c2 in range(arch.n_layers):
+    for c2 in range(n_layers):
         senders = [Node(c2, Site.RESID_PRE, pos=source)] + [Node(c1, Site.ATTN_OUT, pos=p)
                                                            for p in via for c1 in range(c2)]
         for rec, site in (("k", Site.K), ("v", Site.V)):
-            specs.append((f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, [senders],
-                          [Node(c2, site, pos=q, head=g) for q in [source, *via] for g in range(arch.n_kv_heads)]))
-    effects = torch.zeros(len(specs), n, dtype=torch.float64)
+            specs.append(RouteSpec(f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, (tuple(senders),),
+                                   tuple(Node(c2, site, pos=q, head=g) for q in [source, *via] for g in range(n_kv))))
+    return specs
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    name: str
+    kind: str
+    receiver: str
+    first_stream: str
+    layers: tuple[int, ...]
+    via: int | None
+    sender: object  # a Node, or a tuple holding one group of Nodes patched together
+    receivers: tuple[Node, ...]
+
+
+def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
+                  ) -> list[list[RouteSpec]]:
+    """Each example's routes: from its own source, through the `via` positions strictly between
+    its source and its last prompt token (default: all of them)."""
+    arch = Arch.of(model)
+    last = p.index(LAST)
+    out = []
+    for i in range(len(p)):
+        s, t = int(source[i]), int(last[i])
+        if not 0 <= s < t:
+            raise ValueError(f"source of prompt {i}: expected a position before its last prompt token {t}, got {s}")
+        v = list(range(s + 1, t)) if via is None else [q for q in via if s < q < t]
+        out.append(route_specs(arch.n_layers, arch.n_kv_heads, s, v))
+    return out
+
+
+def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
+                   ) -> tuple[Tensor, list[RouteSpec], Tensor]:
+    """The [n] totals (clean - corrupted), the routes and their [route, n] effects (patched -
+    corrupted; NaN for an example that cannot take the route), batched over the examples: one
+    `path_patch` call per receiver (layer, K or V, position), all its senders in that call.
+
+    Positions are per example: a direct route starts at each prompt's own source; a two-step
+    route through position q exists for the prompts whose source < q < last token; the joint
+    route into a layer takes every route of that prompt at once."""
+    arch = Arch.of(model)
+    L, G = arch.n_layers, arch.n_kv_heads
+    n, width = len(p), p.tokens.shape[1]
+    last = p.index(LAST)
+    cols = torch.arange(width)[None]
+    between = (cols > source[:, None]) & (cols < last[:, None])  # [n, pos]
+    vias = sorted(set(range(width)) if via is None else set(int(q) for q in via))
+    between &= torch.isin(cols, torch.tensor(vias, dtype=torch.long))
+    metric = answer_logprob()
+    specs: list[RouteSpec] = []
+    rows: list[Tensor] = []
+    total: Tensor | None = None
+    site_of = {"k": Site.K, "v": Site.V}
+
+    def run(senders: list, receivers: list) -> Tensor:
+        nonlocal total
+        res = path_patch(model, p, metric, senders=senders, receivers=receivers, stream="kv", reader=LAST)
+        if total is None:
+            total = (res.clean_values - res.corrupt_values).double()
+        return (res.per_example - res.corrupt_values[None]).double()  # [sender, n]
+
+    for c in range(L):
+        for rec in ("k", "v"):
+            eff = run([At(c, Site.RESID_PRE, pos=source)], [At(c, site_of[rec], pos=source, head=g) for g in range(G)])
+            specs.append(RouteSpec(f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
+                                   None, ()))
+            rows.append(eff[0])
+    for q in vias:
+        has = between[:, q] if q < width else torch.zeros(n, dtype=torch.bool)
+        if not bool(has.any()):
+            continue
+        at_q = torch.zeros(n, width, dtype=torch.bool)
+        at_q[has, q] = True  # only the prompts that can take a route through q
+        for c2 in range(1, L):
+            for rec in ("k", "v"):
+                eff = run([At(c1, Site.ATTN_OUT, pos=at_q) for c1 in range(c2)],
+                          [At(c2, site_of[rec], pos=at_q, head=g) for g in range(G)])
+                for c1 in range(c2):
+                    specs.append(RouteSpec(f"R@L{c1}->{q}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
+                                           (c1, c2), q, None, ()))
+                    rows.append(torch.where(has, eff[c1], torch.full_like(eff[c1], float("nan"))))
+    # joint: every measured route into layer c2 through its keys (or values) at once
+    onehot = torch.zeros(n, width, dtype=torch.bool)
+    onehot[torch.arange(n), source] = True
+    for c2 in range(L):
+        group = [At(c2, Site.RESID_PRE, pos=source)] + [At(c1, Site.ATTN_OUT, pos=between) for c1 in range(c2)]
+        for rec in ("k", "v"):
+            eff = run([group], [At(c2, site_of[rec], pos=onehot | between, head=g) for g in range(G)])[0]
+            # a prompt with no intermediate position: its joint route is the direct one
+            direct = rows[[s.name for s in specs].index(f"U^{c2} R@L{c2} ({rec})")]
+            specs.append(RouteSpec(f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, None, ()))
+            rows.append(torch.where(between.any(1) | (c2 == 0), eff, direct))
+    order = sorted(range(len(specs)), key=lambda j: _order_key(specs[j]))
+    return total, [specs[j] for j in order], torch.stack([rows[j] for j in order])  # type: ignore[return-value]
+
+
+def _order_key(s: RouteSpec) -> tuple:
+    """Direct routes, then two-step routes by position and layers, then joint ones (the per-example
+    loop's order)."""
+    kind = {"direct": 0, "via": 1, "joint": 2}[s.kind]
+    return (kind, s.via or 0, s.layers, s.receiver)
+
+
+def _route_effects_loop(model: HookedTransformer, p: Prompts, specs: list[list[RouteSpec]]
+                        ) -> tuple[Tensor, list[RouteSpec], Tensor]:
+    """The same, one example and one route at a time (each prompt run alone, unpadded): the
+    reference the batched path is tested against."""
+    n = len(p)
+    names: dict[str, RouteSpec] = {}
+    for per in specs:
+        for spec in per:
+            names.setdefault(spec.name, spec)
+    order = {k: j for j, k in enumerate(names)}
+    effects = torch.full((len(names), n), float("nan"), dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
+    metric = answer_logprob()
     for i in range(n):
-        m = metric(clean[i], i)
-        for j, (_, _, _, _, _, _, sender, receivers) in enumerate(specs):
-            res = path_patch(model, clean[i: i + 1], corrupt[i: i + 1], m, sender, receivers, stream="kv",
-                             reader=[target])
-            effects[j, i] = float(res.values.reshape(-1)[0]) - res.corrupt_metric
-            total[i] = res.clean_metric - res.corrupt_metric
-    routes = [RouteEffect(name, kind, rec, first, layers, p, effects[j])
-              for j, (name, kind, rec, first, layers, p, _, _) in enumerate(specs)]
-    return total, routes
+        one = p.select([i])
+        for spec in specs[i]:
+            res = path_patch(model, one, metric, senders=spec.sender, receivers=list(spec.receivers), stream="kv",
+                             reader=LAST)
+            effects[order[spec.name], i] = float(res.per_example.reshape(-1)[0] - res.corrupt_values[0])
+            total[i] = float(res.clean_values[0] - res.corrupt_values[0])
+    return total, list(names.values()), effects
 
 
 def routes(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "n pos"] | Batch,
-    corrupt_tokens: Int[Tensor, "n pos"] | Batch,
-    metric: PerExampleMetric,
+    prompts: Prompts,
     *,
-    source: int,
-    target: int = -1,
-    via: list[int] | None = None,
+    source: str | int = "source",
+    via: Sequence[int] | None = None,
     baseline: HookedTransformer | None = None,
     seed: int = 0,
 ) -> RoutesResult:
-    """Decompose the clean-vs-corrupted effect at `target` into residual-first and K/V-first routes.
+    """Decompose the clean-vs-corrupted effect at each prompt's last token into residual-first and
+    K/V-first routes.
 
-    `clean_tokens` and `corrupt_tokens` differ at `source` (the information's origin).
-    `metric(tokens_row, i)` builds the example's metric (e.g. `logprob(answer[i])`), read at
-    `target`. `via`: intermediate positions for two-step routes (default: every position strictly
-    between source and target).
+    `prompts`: clean prompts (any lengths, padded left or right) with answers; their `partner`
+    is the corrupted run, of the same lengths, differing at the source (the information's
+    origin). `source`: a span name (its last token, per prompt) or an int in prompt
+    coordinates. The metric is log p(answer) at the last prompt token (summed over a multi-token
+    answer's teacher-forced positions). `via`: intermediate positions for two-step routes
+    (default: every position strictly between each prompt's source and last token; a route a
+    prompt cannot take is NaN for it and left out of its mean and CI).
     """
     arch = Arch.of(model)
-    clean_tokens = unpadded(clean_tokens, arch.d_vocab, "clean_tokens", "routes", n_ctx=arch.n_ctx)
-    corrupt_tokens = unpadded(corrupt_tokens, arch.d_vocab, "corrupt_tokens", "routes", n_ctx=arch.n_ctx)
-    if clean_tokens.shape != corrupt_tokens.shape:
-        raise ValueError(f"corrupt_tokens: expected shape {tuple(clean_tokens.shape)}, got {tuple(corrupt_tokens.shape)}")
-    seq = clean_tokens.shape[1]
-    t = target % seq
-    if not 0 <= source < t:
-        raise ValueError(f"source: expected a position before the target {t}, got {source}")
-    via = list(range(source + 1, t)) if via is None else list(via)
-    if any(not source < p < t for p in via):
-        raise ValueError(f"via: expected positions strictly between source {source} and target {t}, got {via}")
-    total, found = _route_effects(model, clean_tokens, corrupt_tokens, metric, source, t, via)
+    p = prompts_of(prompts, model)
+    if p.answers is None or p.partner is None:
+        raise ValueError("routes prompts: expected answers and a partner (the corrupted prompts), got "
+                         f"answers={p.answers is not None}, partner={p.partner is not None}")
+    q = p.partner.right()
+    if len(q) != len(p) or not torch.equal(q.lengths, p.lengths):
+        raise ValueError(f"routes prompts.partner (the corrupted run): expected {len(p)} prompts of the same lengths "
+                         f"({p.lengths.tolist()[:8]}...), got lengths {q.lengths.tolist()[:8]}...")
+    p = p.with_partner(q)
+    src = positions_of(p, source, "routes source")
+    if not bool(torch.isfinite(src).all()):
+        i = int(torch.nonzero(~torch.isfinite(src))[0, 0])
+        raise ValueError(f"source of prompt {i}: expected a position inside its {int(p.prompt_lengths[i])} tokens, "
+                         f"got {source!r}")
+    src = src.long()
+    example_specs(model, p, src, via)  # checks every source against its prompt's last token
+    total, found_specs, effects = _route_effects(model, p, src, via)
     base = random_like(model, seed) if baseline is None else baseline
-    b_total, b_routes = _route_effects(base, clean_tokens, corrupt_tokens, metric, source, t, via)
+    b_total, b_specs, b_effects = _route_effects(base, p, src, via)
+    found = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, effects[j])
+             for j, s in enumerate(found_specs)]
+    b_routes = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, b_effects[j])
+                for j, s in enumerate(b_specs)]
+    return _result(model.cfg.model_name, arch.n_layers, p, src, total, found, b_total, b_routes, via)
 
+
+def _result(name: str, n_layers: int, p: Prompts, src: Tensor, total: Tensor, found: list[RouteEffect],
+            b_total: Tensor, b_routes: list[RouteEffect], via: Sequence[int] | None) -> RoutesResult:
     tot, b_tot = estimate(total), estimate(b_total)
     single = [r for r in found if r.kind != "joint"]
-    best = max(single, key=lambda r: float(r.effect.mean()))
+    best = max(single, key=lambda r: float(_nanmean(r.effect)))
     best_e = best.estimate()
     b_best = next(r for r in b_routes if r.name == best.name).estimate()
     shows = tot.low > 0
@@ -223,13 +351,21 @@ def routes(
         verdict = Verdict(False, f"the total effect {tot} or its largest route {best.name} {best_e} does not clear "
                                  f"the random-initialised baseline (total {b_tot}, same route {b_best})")
     else:
-        share = float(best.effect.mean() / total.mean())
-        joint = max((r for r in found if r.kind == "joint"), key=lambda r: float(r.effect.mean()))
+        share = float(_nanmean(best.effect) / total.mean())
+        joint = max((r for r in found if r.kind == "joint"), key=lambda r: float(_nanmean(r.effect)))
         verdict = Verdict(True, (
             f"The largest single route is {best.name} ({best.first_stream}-first, through the "
             f"{'keys' if best.receiver == 'k' else 'values'}): {best_e} of a total {tot} ({share:.0%}); all routes "
             f"into {joint.name.removeprefix('joint -> ')} together carry {joint.estimate()} "
-            f"({float(joint.effect.mean() / total.mean()):.0%}) (random-initialised baseline total {b_tot})."))
-    return RoutesResult(model.cfg.model_name, source, t, arch.n_layers, total, tuple(found), b_total, verdict,
-                        meta={"n": int(clean_tokens.shape[0]), "via": via}, clean_shows_behaviour=shows,
-                        behaviour_reason=behaviour_reason)
+            f"({float(_nanmean(joint.effect) / total.mean()):.0%}) (random-initialised baseline total {b_tot})."))
+    last = p.index(LAST)
+    vias = sorted({r.via for r in found if r.via is not None})
+    return RoutesResult(name, int(src[0]), int(last[0]), n_layers, total, tuple(found), b_total, verdict,
+                        meta={"n": len(p), "via": vias if via is None else list(via), "sources": src.tolist(),
+                              "targets": last.tolist()},
+                        clean_shows_behaviour=shows, behaviour_reason=behaviour_reason)
+
+
+def _nanmean(x: Tensor) -> Tensor:
+    x = x[torch.isfinite(x)]
+    return x.mean() if x.numel() else torch.tensor(float("nan"), dtype=torch.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -20,7 +21,6 @@ from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop
 from interp.hypotheses.positional_decay import DecayResult, positional_decay
 from interp.hypotheses.routes import RoutesResult, routes
 from interp.models import load_model
-from interp.patching import logprob
 from interp.report import Report, Section
 
 INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes")
@@ -54,40 +54,41 @@ def _load(spec: str) -> HookedTransformer:
     return model
 
 
-def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0) -> MultihopResult:
-    model = _load(spec)
-    x = inputs.twohop(spec, model, n, seed)
-    return multihop(model, x.tokens, x.bridge, x.answer, partner_tokens=x.partner_tokens,
-                    partner_answer=x.partner_answer, positions=x.positions, control_types=x.control_types, seed=seed)
+def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+                 model: HookedTransformer | None = None) -> MultihopResult:
+    model = model if model is not None else _load(spec)
+    x = inputs.twohop(spec, model, n, seed, prompts)
+    return multihop(model, x.prompts, x.bridge, control_types=x.control_types, seed=seed)
 
 
 def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0) -> PlanAheadResult:
     model = _load(spec)
-    tokens, mask = inputs.plan(spec, n, seed)
-    return plan_ahead(model, tokens, mask, seed=seed)
+    return plan_ahead(model, inputs.plan(spec, n, seed), seed=seed)
 
 
 def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:retrieval-rotary",
-                                      "organism:retrieval-nope"), n_per: int = 48, seed: int = 0) -> DecayResult:
-    models = {s.removeprefix("organism:"): _load(s) for s in specs}
+                                      "organism:retrieval-nope"), n_per: int = 48, seed: int = 0,
+              prompts: str | Path | None = None, models: dict[str, HookedTransformer] | None = None,
+              bins: Sequence[int] | None = None) -> DecayResult:
+    models = models if models is not None else {s.removeprefix("organism:"): _load(s) for s in specs}
     first = next(iter(models.values()))
-    sets = inputs.by_distance(specs[0], first, n_per, seed)
-    return positional_decay(models, sets, seed=seed)
+    p = inputs.decay(specs[0] if specs else "", first, n_per, seed, prompts=prompts)
+    return positional_decay(models, p, bins=bins, seed=seed)
 
 
-def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0) -> LastTokenResult:
-    model = _load(spec)
-    x = inputs.last_token(spec, model, n, seed)
-    return last_token_sufficiency(model, x.tokens, x.answer, seed=seed)
+def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+                   model: HookedTransformer | None = None) -> LastTokenResult:
+    model = model if model is not None else _load(spec)
+    return last_token_sufficiency(model, inputs.last_token(spec, model, n, seed, prompts), seed=seed)
 
 
-def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0) -> RoutesResult:
-    if inputs.organism_name(spec) != "induction":
-        raise ValueError(f"routes: expected organism:induction (the known K-composition circuit), got {spec!r}")
-    model = _load(spec)
-    x = inputs.induction_routes(n, seed)
-    return routes(model, x.clean, x.corrupt, lambda row, i: logprob(int(x.answer[i])), source=x.source,
-                  via=x.via, seed=seed)
+def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, prompts: str | Path | None = None,
+               model: HookedTransformer | None = None) -> RoutesResult:
+    if prompts is None and inputs.organism_name(spec) != "induction":
+        raise ValueError(f"routes: expected organism:induction (the known K-composition circuit) or --prompts "
+                         f"FILE.jsonl, got {spec!r}")
+    model = model if model is not None else _load(spec)
+    return routes(model, inputs.route_prompts(spec, model, n, seed, prompts), source="source", seed=seed)
 
 
 def section(title: str, result: Any, intro: str = "", table_rows: int = 40) -> Section:

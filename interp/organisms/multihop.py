@@ -218,3 +218,22 @@ def evaluate(model: HookedTransformer, n: int = 1000, seed: int = 1) -> dict[str
         "n_eval": n,
         "eval_seed": seed,
     }
+
+
+def prompts(n: int, seed: int, two_hop_share: float = 1.0, *, partner: bool = True):  # noqa: ANN201
+    """`dataset(n, seed, two_hop_share)` as `interp.prompts.Prompts`: answers, the spans `fact1`
+    (the fact a>bridge), `fact2` (bridge>end), `query` (the queried entity, the last token), and
+    (with `partner`) the interchange partner `with_other_bridge()` as the partner."""
+    from interp.prompts import Prompts
+
+    def build(d: MultihopData) -> Prompts:
+        return Prompts.from_tokens(d.tokens, answers=d.answer, spans={
+            "fact1": d.fact1_pos, "fact2": d.fact2_pos, "query": d.query_pos})
+
+    d = dataset(n, seed, two_hop_share)
+    return build(d).with_partner(build(d.with_other_bridge()) if partner else None)
+
+
+def bridge_labels(n: int, seed: int, two_hop_share: float = 1.0) -> Int[Tensor, "n"]:
+    """The bridge entity of each of `prompts(n, seed, two_hop_share)` (token ids)."""
+    return dataset(n, seed, two_hop_share).bridge

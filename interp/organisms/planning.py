@@ -167,3 +167,13 @@ def evaluate(model: HookedTransformer, n: int = 1000, seed: int = 1) -> dict[str
         "n_eval": n,
         "eval_seed": seed,
     }
+
+
+def prompts(n: int, seed: int):  # noqa: ANN201
+    """`dataset(n, seed)` as `interp.prompts.Prompts` (the whole sequence, word included) with the
+    spans `plan` (the ``say`` position t, where the word is determined), `cue` and `word`."""
+    from interp.prompts import Prompts
+
+    d = dataset(n, seed)
+    return Prompts.from_tokens(d.tokens, spans={"plan": d.plan_pos, "cue": d.cue_pos,
+                                                "word": torch.stack([d.word_pos, d.word_pos + WORD_LEN], 1)})

@@ -263,3 +263,66 @@ def variant(name: str) -> Variant:
     if name not in schemes:
         raise ValueError(f"retrieval variant: expected one of {list(schemes)}, got {name!r}")
     return Variant(NAME=name, scheme=schemes[name])
+
+
+def prompts(n: int, seed: int, distance: int | Tensor | None = None):  # noqa: ANN201
+    """`dataset(n, seed, distance)` as `interp.prompts.Prompts`: the value as the answer, the span
+    `fact` (the needed binding token) and `query` (the queried key, the last token)."""
+    from interp.prompts import Prompts
+
+    d = dataset(n, seed, distance)
+    return Prompts.from_tokens(d.tokens, answers=d.value, spans={"fact": d.pair_pos, "query": d.query_pos})
+
+
+def distance_prompts(n_per: int, seed: int, distances: tuple[int, ...] = DISTANCE_BINS):  # noqa: ANN201
+    """`n_per` prompts at each distance (seed + i for the i-th distance), concatenated in order."""
+    from interp.prompts import Prompts
+
+    parts = [dataset(n_per, seed + i, distance=d) for i, d in enumerate(distances)]
+    return Prompts.from_tokens(torch.cat([p.tokens for p in parts]), answers=torch.cat([p.value for p in parts]),
+                               spans={"fact": torch.cat([p.pair_pos for p in parts]),
+                                      "query": torch.cat([p.query_pos for p in parts])})
+
+
+LONG_DISTANCES = (2, 8, 32, 64, 96, 126, 160, 200, 248)
+
+
+def long_dataset(n: int, seed: int, distance: int) -> tuple[Tensor, Tensor, int]:
+    """Prompts at twice the training length (250 bindings, 253 tokens): a prefix of 125 bindings
+    from another draw, then a training-length prompt, with the needed binding moved to `distance`
+    tokens before the query (2..250). The queried key occurs once. Beyond 126 tokens the needed
+    fact sits where training never put one (Haviv et al. 2022: test at the training length and
+    at 2x). Returns (tokens, values, the binding's position)."""
+    x, y = dataset(n, seed, distance=2), dataset(n, seed + 7919)
+    g = torch.Generator().manual_seed(seed)
+
+    def key_of(tok: Tensor) -> Tensor:
+        return (tok - PAIR0) // N_VALUES + KEY0
+
+    def filler(shape: tuple[int, ...]) -> Tensor:
+        other = (x.key[:, None] - KEY0 + torch.randint(1, N_KEYS, shape, generator=g)) % N_KEYS + KEY0
+        return pair_id(other, torch.randint(VALUE0, VALUE0 + N_VALUES, shape, generator=g))
+
+    prefix = y.tokens[:, 1:1 + N_PAIRS].clone()
+    clash = key_of(prefix) == x.key[:, None]
+    prefix[clash] = filler(prefix.shape)[clash]
+    suffix = x.tokens[:, 1:].clone()
+    rows = torch.arange(n)
+    suffix[rows, x.pair_pos - 1] = filler((n, 1))[:, 0]
+    tokens = torch.cat([x.tokens[:, :1], prefix, suffix], dim=1)
+    q = tokens.shape[1] - 1
+    if not 2 <= distance <= q - 2:
+        raise ValueError(f"distance: expected 2..{q - 2}, got {distance}")
+    tokens[:, q - distance] = pair_id(x.key, x.value)
+    return tokens, x.value, q - distance
+
+
+def long_prompts(n_per: int, seed: int, distances: tuple[int, ...] = LONG_DISTANCES):  # noqa: ANN201
+    """`n_per` prompts at twice the training length at each distance (seed + i), concatenated."""
+    from interp.prompts import Prompts
+
+    parts = [long_dataset(n_per, seed + i, d) for i, d in enumerate(distances)]
+    tokens = torch.cat([t for t, _, _ in parts])
+    fact = torch.cat([torch.full((n_per,), f) for _, _, f in parts])
+    return Prompts.from_tokens(tokens, answers=torch.cat([v for _, v, _ in parts]),
+                               spans={"fact": fact, "query": torch.full_like(fact, tokens.shape[1] - 1)})

@@ -5,26 +5,40 @@ activation of one run (the *base*) with the same activation from another run (th
 measures a metric of the output. Denoising patches clean values into the corrupted run
 (sufficiency); noising patches corrupted values into the clean run (necessity).
 
+Inputs are `interp.prompts.Prompts` of any lengths: the clean prompts and their corrupted
+partners (`prompts.partner`, or an explicit `corrupt=`), each example's clean and corrupted
+prompt of the same length (position p is paired with position p). Everything is computed on the
+right-padded layout: under causal attention a pad token after a prompt changes nothing before
+it, so each example's values equal running that prompt alone. Positions are in prompt
+coordinates (`interp.prompts`): an int (negative counts from each prompt's end), a span name
+(`"subject"`, `"last"`: a different position in each prompt) or a per-example tensor. A position
+an example does not have (p >= its length) makes that example's value NaN for that cell.
+
+The metric is the per-example contract of `interp.metrics` (`metric(logits, prompts) ->
+[batch]`); every method keeps one value per (copy, example).
+
 How it is made fast, exactly:
 - many patched copies of the base batch are stacked along the batch axis and run in one
   forward pass, in chunks of at most `rows` rows so memory stays bounded;
 - a patch at layer l cannot change anything below l, so every copy starts at layer l from the
   base run's cached `resid_pre[l]` (`model(resid, start_at_layer=l)`): the unchanged prefix is
   computed once, in the caching run;
-- when the metric declares the positions it reads (`PositionMetric`), only those positions are
-  normalised and unembedded.
+- positions before the first patched position (over the chunk's copies and examples) and before
+  the first position the metric reads are unchanged too: they are fed from a frozen K/V cache of
+  the base run and not recomputed;
+- when the metric declares the positions it reads (`interp.metrics.ReadMetric`), only those rows
+  of each example are normalised and unembedded.
 
 Plan, then apply: callers turn nodes into `Edit`s (which entries of which hook take which
-values) and, to restrict who reads patched keys/values, `EdgeEdit`s (which (query, key) edges
-of one layer's attention read them), group them into copies, and `run_copies` owns the loop.
-Hooks are attached through TransformerLens's `model.hooks` context, which removes them in
-`finally`.
+values, per example) and, to restrict who reads patched keys/values, `EdgeEdit`s (which
+(query, key) edges of one layer's attention read them), group them into copies, and
+`run_copies` owns the loop. Hooks are attached through TransformerLens's `model.hooks` context,
+which removes them in `finally`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,8 +52,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp.arch import Arch
-from interp.graph import Node, Site
-from interp.patching.metrics import Metric, check_scalar, evaluate, metric_positions
+from interp.graph import Node, Site, parse_site
+from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
+from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
@@ -47,6 +62,8 @@ log = logging.getLogger(__name__)
 Direction = Literal["denoising", "noising"]
 
 DEFAULT_ROWS = 256  # rows (examples x patched copies) per forward pass
+
+PosSpec = int | str | Tensor | None
 
 
 def check_direction(direction: str) -> Direction:
@@ -62,48 +79,155 @@ def check_rows(rows: int) -> int:
     return rows
 
 
-def unpadded(tokens: object, name: str) -> object:
-    """The token tensor of an unpadded `Batch`; a padded one is refused with the reason."""
-    if isinstance(tokens, Batch):
-        if bool((tokens.lengths != tokens.tokens.shape[1]).any()):
-            raise ValueError(
-                f"{name}: expected prompts of one length, got a padded Batch (lengths "
-                f"{int(tokens.lengths.min())}..{int(tokens.lengths.max())}, {tokens.side} padding); "
-                f"patching pairs position p with position p and the metric reads fixed positions, "
-                f"so group prompts by length (or build same-length corruptions) first")
-        return tokens.tokens
-    return tokens
+# ------------------------------------------------------------------------------ places (nodes)
+
+@dataclass(frozen=True)
+class At:
+    """A node at a per-example position: like `interp.graph.Node(layer, site, pos, head)`, but
+    `pos` may also be a span name (``"subject"``, ``"last"``: each prompt's own span, patched
+    whole) or a per-example tensor ([batch] indices, or a [batch, pos] mask), in prompt
+    coordinates. `node` is the graph node (pos None) that names the hook."""
+
+    layer: int
+    site: Site | str = Site.RESID_PRE
+    pos: PosSpec = None
+    head: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site", parse_site(self.site))
+        p = self.pos
+        if not (p is None or isinstance(p, (str, Tensor)) or (isinstance(p, int) and not isinstance(p, bool))):
+            raise TypeError(f"At.pos: expected None, an int, a span name or a per-example tensor, got "
+                            f"{type(p).__name__} {p!r}")
+        Node(self.layer, self.site, None, self.head)  # validates layer, site and head
+
+    @property
+    def node(self) -> Node:
+        return Node(self.layer, self.site, None, self.head)
+
+    @property
+    def hook_name(self) -> str:
+        return self.node.hook_name
+
+    def __str__(self) -> str:
+        parts = [f"L{self.layer}", self.site.value]  # type: ignore[union-attr]
+        if self.head is not None:
+            parts.append(f"H{self.head}")
+        if self.pos is not None:
+            parts.append("@per-example" if isinstance(self.pos, Tensor) else f"@{self.pos}")
+        return "Node(" + " ".join(parts) + ")"
 
 
-def check_pair(model: HookedTransformer, clean: Tensor | Batch, corrupt: Tensor | Batch
-               ) -> tuple[Tensor, Tensor]:
-    """Validate a clean/corrupted token pair and move it to the model's device.
+Place = Node | At
 
-    A raw tensor is taken as unpadded prompts (pad cannot be told from a token); a `Batch` is
-    accepted when it holds no padding and refused otherwise.
-    """
-    clean = check_model_tokens(model, unpadded(clean, "clean tokens"), "clean tokens")
-    corrupt = check_model_tokens(model, unpadded(corrupt, "corrupted tokens"), "corrupted tokens")
-    if clean.shape != corrupt.shape:
-        raise ValueError(
-            f"corrupted tokens: expected the clean shape {tuple(clean.shape)}, got "
-            f"{tuple(corrupt.shape)}; patching pairs position p with position p, so prompts of "
-            f"different lengths need an explicit alignment first (pad with interp.tokens.Batch, "
-            f"or build same-length corruptions by symmetric token replacement)"
-        )
+
+def as_at(x: object, what: str = "node") -> At:
+    """A `Node` or `At` as an `At` (a Node's int position is in prompt coordinates)."""
+    if isinstance(x, At):
+        return x
+    if isinstance(x, Node):
+        return At(x.layer, x.site, x.pos, x.head)
+    raise TypeError(f"{what}: expected an interp.graph.Node or an interp.patching.At, got {type(x).__name__} {x!r}")
+
+
+def positions_mask(pos: PosSpec, prompts: Prompts, width: int, what: str = "position"
+                   ) -> tuple[Bool[Tensor, "batch pos"], Bool[Tensor, "batch"]]:
+    """The positions `pos` selects in each prompt (prompt coordinates = the right-padded layout),
+    and which examples have them. None: every real position; an int p: position p of each prompt
+    (negative: from each prompt's end), missing where the prompt is shorter; a name: that span;
+    a [batch] tensor: one index per example; a [batch, pos] bool tensor: a mask."""
+    b = len(prompts)
+    lengths = prompts.lengths.cpu()
+    ar = torch.arange(width)
+    real = ar[None] < lengths[:, None]
+    if pos is None:
+        return real, torch.ones(b, dtype=torch.bool)
+    if isinstance(pos, str):
+        return prompts.span_mask(pos, width), torch.ones(b, dtype=torch.bool)
+    if isinstance(pos, Tensor):
+        t = pos.detach().cpu()
+        if t.dtype == torch.bool:
+            if t.ndim != 2 or t.shape[0] != b or t.shape[1] > width:
+                raise ValueError(f"{what}: expected a [batch={b}, pos<={width}] mask, got shape {tuple(t.shape)}")
+            m = torch.zeros(b, width, dtype=torch.bool)
+            m[:, : t.shape[1]] = t
+            if bool((m & ~real).any()):
+                i = int(torch.nonzero((m & ~real).any(1))[0, 0])
+                raise ValueError(f"{what}: expected positions inside each prompt, got one past the "
+                                 f"{int(lengths[i])} tokens of prompt {i}")
+            return m, m.any(1)
+        if t.dtype.is_floating_point or t.shape != (b,):
+            raise ValueError(f"{what}: expected a [batch={b}] integer tensor (one index per prompt), got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+        idx = torch.where(t < 0, t + lengths, t).long()
+        valid = (idx >= 0) & (idx < lengths)
+        return (ar[None] == idx[:, None]) & valid[:, None], valid
+    p = int(pos)
+    idx = torch.full((b,), p) + (lengths if p < 0 else 0)
+    valid = (idx >= 0) & (idx < lengths)
+    return (ar[None] == idx[:, None]) & valid[:, None], valid
+
+
+# ------------------------------------------------------------------------------ prompts, runs
+
+def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
+                  corrupt: Prompts | Batch | Tensor | None) -> tuple[Prompts, Prompts]:
+    """The clean and corrupted prompts, right-padded, trimmed to the longest prompt, on the model's
+    device; the clean prompts carry the corrupted ones as their partner (for metrics such as
+    `interp.metrics.logit_diff`). Each example's two prompts must have the same length."""
     if model.cfg.positional_embedding_type == "shortformer":
         raise ValueError("model: expected a positional scheme other than 'shortformer', got "
                          "'shortformer'; starting a forward pass mid-model needs its position "
                          "embeddings, which interp.patching does not thread through")
+    clean = as_prompts(prompts, "clean tokens")
+    if corrupt is None:
+        if clean.partner is None:
+            raise ValueError("corrupted prompts: expected prompts with a partner (prompts.partner, the "
+                             "counterfactual run) or corrupt=..., got neither")
+        bad = clean.partner
+    else:
+        bad = as_prompts(corrupt, "corrupted tokens")
+    if (not isinstance(prompts, Batch) and not isinstance(corrupt, Batch) and corrupt is not None
+            and tuple(clean.tokens.shape) != tuple(bad.tokens.shape)):
+        raise ValueError(
+            f"corrupted tokens: expected the clean shape {tuple(clean.tokens.shape)}, got "
+            f"{tuple(bad.tokens.shape)}; patching pairs position p with position p, so prompts of "
+            f"different lengths need an explicit alignment first (pad with interp.prompts.Prompts, "
+            f"or build same-length corruptions by symmetric token replacement)")
+    if len(bad) != len(clean):
+        raise ValueError(f"corrupted prompts: expected {len(clean)} (one per clean prompt), got {len(bad)}")
+    diff = torch.nonzero(clean.lengths != bad.lengths)[:, 0].tolist()
+    if diff:
+        i = diff[0]
+        raise ValueError(
+            f"corrupted prompt {i}: expected its clean prompt's length {int(clean.lengths[i])}, got "
+            f"{int(bad.lengths[i])} ({len(diff)} rows differ); patching pairs position p with position "
+            f"p, so build same-length corruptions (symmetric token replacement)")
+    width = int(clean.lengths.max())
     device = model.cfg.device
-    return clean.to(device), corrupt.to(device)
+
+    def fix(p: Prompts, name: str) -> Prompts:
+        r = p.right()
+        tokens = check_model_tokens(model, r.tokens[:, :width], name).to(device)
+        from dataclasses import replace
+        return replace(r, tokens=tokens, partner=None)
+
+    bad = fix(bad, "corrupted tokens")
+    clean = fix(clean, "clean tokens").with_partner(bad)
+    return clean, bad
+
+
+def check_single(model: HookedTransformer, prompts: Prompts | Batch | Tensor) -> Prompts:
+    """One run's prompts, right-padded, trimmed to the longest prompt, on the model's device."""
+    from dataclasses import replace
+
+    p = as_prompts(prompts).right()
+    width = int(p.lengths.max())
+    return replace(p, tokens=check_model_tokens(model, p.tokens[:, :width]).to(model.cfg.device))
 
 
 def check_finite(x: Tensor, what: str) -> Tensor:
-    """Raise when `x` (logits or activations, batch first) holds NaN or Inf, naming the rows.
-
-    One isfinite reduction; a NaN would otherwise be averaged into every metric downstream.
-    """
+    """Raise when `x` (logits or activations, batch first) holds NaN or Inf, naming the rows."""
     ok = torch.isfinite(x)
     if not bool(ok.all()):
         rows = torch.nonzero(~ok.reshape(x.shape[0], -1).all(dim=1))[:, 0].tolist()
@@ -112,6 +236,11 @@ def check_finite(x: Tensor, what: str) -> Tensor:
                          + (f" (and {len(rows) - 10} more)" if len(rows) > 10 else "")
                          + "; check the model's weights and the inputs of those prompts")
     return x
+
+
+def real_logits(logits: Tensor, prompts: Prompts) -> Tensor:
+    """Logits with every pad position zeroed (pads are never read; a pad's logits may be anything)."""
+    return logits * prompts.mask.to(logits.device)[..., None].to(logits.dtype)
 
 
 def resid_pre_name(layer: int) -> str:
@@ -134,59 +263,73 @@ def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names
     return logits, cache
 
 
+def metric_values(metric: Metric, logits: Tensor, prompts: Prompts, what: str) -> Float[Tensor, "batch"]:
+    """The metric's per-example values (float64, CPU); non-finite values raise, naming the rows."""
+    v = check_per_example(as_metric(metric)(logits, prompts), len(prompts), "metric").detach().to("cpu", torch.float64)
+    bad = torch.nonzero(~torch.isfinite(v))[:, 0].tolist()
+    if bad:
+        raise ValueError(f"metric on the {what}: expected a finite value per example, got NaN/Inf for "
+                         f"prompts {bad[:10]} (the logits are finite, so the metric itself produced it)")
+    return v
+
+
 @dataclass(frozen=True)
 class Runs:
-    """The two runs of a patching experiment: `base` is patched with values from `source`."""
+    """The two runs of a patching experiment: `base` is patched with values from `source`.
+
+    `prompts` are the clean prompts (right-padded, partner = the corrupted ones): the metric
+    reads them in every run. Metric values are per example (float64, CPU)."""
 
     direction: Direction
+    prompts: Prompts
     base_tokens: Tensor
     base: dict[str, Tensor]  # hook name -> activation of the base run
     source: dict[str, Tensor]
-    clean_metric: float
-    corrupt_metric: float
+    clean_values: Tensor
+    corrupt_values: Tensor
     clean_logits: Tensor
     corrupt_logits: Tensor
 
     @property
-    def base_metric(self) -> float:
-        return self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+    def clean_metric(self) -> float:
+        return float(self.clean_values.mean())
+
+    @property
+    def corrupt_metric(self) -> float:
+        return float(self.corrupt_values.mean())
+
+    @property
+    def base_values(self) -> Tensor:
+        return self.corrupt_values if self.direction == "denoising" else self.clean_values
 
     @property
     def base_logits(self) -> Tensor:
         return self.corrupt_logits if self.direction == "denoising" else self.clean_logits
 
-    @property
-    def source_metric(self) -> float:
-        return self.clean_metric if self.direction == "denoising" else self.corrupt_metric
 
-
-def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Metric | None,
+def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
             names: set[str], direction: Direction, kv: bool = True) -> Runs:
-    """Run clean and corrupted once each, caching `names` plus every layer's resid_pre (and,
-    with `kv`, every layer's keys and values, which let patched runs skip unchanged positions)."""
+    """Run clean and corrupted once each (prompts from `check_prompts`), caching `names` plus every
+    layer's resid_pre (and, with `kv`, every layer's keys and values, which let patched runs skip
+    unchanged positions)."""
     check_direction(direction)
-    clean, corrupt = check_pair(model, clean, corrupt)
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
     if kv and can_skip_prefix(model):
         names |= kv_names(model.cfg.n_layers)
-    clean_logits, clean_cache = cached_run(model, clean, names)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt, names)
-    check_finite(clean_logits, "clean run logits")
-    check_finite(corrupt_logits, "corrupted run logits")
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names)
+    check_finite(real_logits(clean_logits, clean), "clean run logits")
+    check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
     if metric is None:
-        m_clean = m_corrupt = float("nan")
+        m_clean = m_corrupt = torch.full((len(clean),), float("nan"), dtype=torch.float64)
     else:
-        m_clean = float(check_scalar(metric(clean_logits)))
-        m_corrupt = float(check_scalar(metric(corrupt_logits)))
-        for m, run in ((m_clean, "clean"), (m_corrupt, "corrupted")):
-            if not math.isfinite(m):
-                raise ValueError(f"metric on the {run} run: expected a finite number, got {m} "
-                                 f"(the logits are finite, so the metric itself produced it)")
+        m_clean = metric_values(metric, clean_logits, clean, "clean run")
+        m_corrupt = metric_values(metric, corrupt_logits, clean, "corrupted run")
     if direction == "denoising":
-        base_tokens, base, source = corrupt, corrupt_cache, clean_cache
+        base_tokens, base, source = corrupt.tokens, corrupt_cache, clean_cache
     else:
-        base_tokens, base, source = clean, clean_cache, corrupt_cache
-    return Runs(direction, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
+        base_tokens, base, source = clean.tokens, clean_cache, corrupt_cache
+    return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
 
 
 # ----------------------------------------------------------------------------- edits and copies
@@ -195,14 +338,17 @@ def prepare(model: HookedTransformer, clean: Tensor, corrupt: Tensor, metric: Me
 class Edit:
     """Replace the entries of hook `hook` (in block `layer`) selected by `mask` with `source`.
 
-    `mask` covers the per-example axes before the feature axis: [pos] for residual-like hooks,
-    [pos head] for per-head hooks. `source` has the activation's per-batch shape.
+    `mask` covers the per-example axes before the feature axis: [batch, pos] for residual-like
+    hooks, [batch, pos, head] for per-head hooks (batch may be 1: the same entries in every
+    example). `source` has the activation's shape. `valid` [batch]: the examples that have every
+    position the edit asks for (the others get NaN); None: all.
     """
 
     layer: int
     hook: str
     mask: Tensor
     source: Tensor
+    valid: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -210,18 +356,18 @@ class EdgeEdit:
     """Per-(query, key) choice, at one layer's attention, between the keys/values this copy's
     `Edit`s write into hook_k / hook_v and the base run's.
 
-    `k_edges[h, q, k]` (`v_edges`) is True where query q of head h reads the copy's key (value) at
-    position k; every other edge reads the base run's. Keys are chosen at the attention scores
-    (an unmarked score is the base run's, `base_scores`, so the softmax normalises over the mixed
-    row); values at the pattern . V product (an unmarked edge's share of the copy's value change
-    is taken back out of z). None: no choice for that side (every edge reads the copy's).
-    Exact when the layer's queries are the base run's: no edit of this copy below the layer
-    and none of its queries.
+    `k_edges[b, h, q, k]` (`v_edges`) is True where, in example b, query q of head h reads the
+    copy's key (value) at position k; every other edge reads the base run's. Keys are chosen at
+    the attention scores (an unmarked score is the base run's, `base_scores`, so the softmax
+    normalises over the mixed row); values at the pattern . V product (an unmarked edge's share
+    of the copy's value change is taken back out of z). None: no choice for that side (every
+    edge reads the copy's). Exact when the layer's queries are the base run's: no edit of this
+    copy below the layer and none of its queries.
     """
 
     layer: int
-    k_edges: Bool[Tensor, "head q_pos k_pos"] | None
-    v_edges: Bool[Tensor, "head q_pos k_pos"] | None
+    k_edges: Bool[Tensor, "batch head q_pos k_pos"] | None
+    v_edges: Bool[Tensor, "batch head q_pos k_pos"] | None
     base_scores: Float[Tensor, "batch head q_pos k_pos"] | None  # needed with k_edges
     base_values: Float[Tensor, "batch k_pos kv_head d_head"] | None  # needed with v_edges
 
@@ -237,19 +383,6 @@ class EdgeEdit:
 AnyEdit = Edit | EdgeEdit
 
 
-def node_mask(node: Node, seq_len: int, n_heads: int, device: torch.device | str) -> Bool[Tensor, "..."]:
-    """The entries a node selects: [pos] or [pos head] booleans."""
-    site: Site = node.site  # type: ignore[assignment]
-    shape = (seq_len, n_heads) if site.per_head else (seq_len,)
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    pos = slice(None) if node.pos is None else node.pos % seq_len
-    if site.per_head:
-        mask[pos, slice(None) if node.head is None else node.head] = True
-    else:
-        mask[pos] = True
-    return mask
-
-
 def heads_at(model: HookedTransformer, site: Site) -> int:
     """Size of the head axis of a per-head hook (KV groups for K/V unless ungrouped)."""
     arch = Arch.of(model)
@@ -258,24 +391,46 @@ def heads_at(model: HookedTransformer, site: Site) -> int:
     return arch.n_heads
 
 
-def validate_node(model: HookedTransformer, node: Node, seq_len: int) -> Node:
-    """`Node.validate` against this model, knowing that ungrouped GQA models index K/V by head."""
+def validate_node(model: HookedTransformer, node: Place, seq_len: int) -> Place:
+    """`Node.validate` against this model (int positions against the longest prompt), knowing that
+    ungrouped GQA models index K/V by head."""
     arch = Arch.of(model)
     if getattr(model.cfg, "ungroup_grouped_query_attention", False):
         from dataclasses import replace
         arch = replace(arch, n_kv_heads=arch.n_heads)
-    return node.validate(arch, seq_len)
+    a = as_at(node)
+    int_pos = a.pos if isinstance(a.pos, int) else None
+    Node(a.layer, a.site, int_pos, a.head).validate(arch, seq_len)
+    return node
 
 
-def node_edit(model: HookedTransformer, node: Node, source: dict[str, Tensor], seq_len: int) -> Edit:
-    """An Edit that writes the source run's value of `node`."""
-    node = validate_node(model, node, seq_len)
-    site: Site = node.site  # type: ignore[assignment]
-    if site in (Site.PATTERN, Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT):
-        raise ValueError(f"{node}: expected a patchable site (resid_pre/mid/post, attn_out, mlp_out, "
+def place_mask(model: HookedTransformer, place: Place, prompts: Prompts, width: int
+               ) -> tuple[Tensor, Tensor]:
+    """The entries a node selects in each example ([batch, pos] or [batch, pos, head] booleans, on
+    the model's device) and the examples that have its position ([batch], CPU)."""
+    a = as_at(place)
+    site: Site = a.site  # type: ignore[assignment]
+    mask, valid = positions_mask(a.pos, prompts, width, f"{a} position")
+    mask = mask.to(model.cfg.device)
+    if site.per_head:
+        n_h = heads_at(model, site)
+        heads = torch.zeros(n_h, dtype=torch.bool, device=mask.device)
+        heads[slice(None) if a.head is None else a.head] = True
+        mask = mask[:, :, None] & heads[None, None]
+    return mask, valid
+
+
+def node_edit(model: HookedTransformer, place: Place, source: dict[str, Tensor], prompts: Prompts) -> Edit:
+    """An Edit that writes the source run's value of `place` (a Node or At)."""
+    width = prompts.tokens.shape[1]
+    validate_node(model, place, width)
+    a = as_at(place)
+    site: Site = a.site  # type: ignore[assignment]
+    if site in (Site.PATTERN, Site.ATTN_SCORES, Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT):
+        raise ValueError(f"{place}: expected a patchable site (resid_pre/mid/post, attn_out, mlp_out, "
                          f"head, q, k, v), got {site.value!r}")
-    mask = node_mask(node, seq_len, heads_at(model, site), model.cfg.device)
-    return Edit(node.layer, node.hook_name, mask, source[node.hook_name])
+    mask, valid = place_mask(model, a, prompts, width)
+    return Edit(a.layer, a.hook_name, mask, source[a.hook_name], valid)
 
 
 def merge_edits(edits: Sequence[AnyEdit]) -> list[AnyEdit]:
@@ -289,10 +444,25 @@ def merge_edits(edits: Sequence[AnyEdit]) -> list[AnyEdit]:
         key = (e.hook, id(e.source))
         if key in out:
             prev = out[key]
-            out[key] = Edit(e.layer, e.hook, prev.mask | e.mask, e.source)
+            out[key] = Edit(e.layer, e.hook, prev.mask | e.mask, e.source, _and(prev.valid, e.valid))
         else:
             out[key] = e
     return [*out.values(), *choices]
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def copy_valid(edits: Sequence[AnyEdit], batch: int) -> Tensor:
+    """[batch] the examples that have every position the copy's edits ask for."""
+    v = torch.ones(batch, dtype=torch.bool)
+    for e in edits:
+        if isinstance(e, Edit) and e.valid is not None:
+            v &= e.valid.cpu()
+    return v
 
 
 def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
@@ -322,15 +492,16 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
             chosen = [x[i] if i < len(x) else None for x in lists]
             present = [e for e in chosen if e is not None]
             template = present[0]
-            mask = torch.stack([e.mask if e is not None else torch.zeros_like(template.mask)
-                                for e in chosen])[:, p0:]  # [k, pos(, head)]
+            shape = (batch, *template.mask.shape[1:])
+            mask = torch.stack([e.mask.expand(shape) if e is not None
+                                else torch.zeros(shape, dtype=torch.bool, device=template.mask.device)
+                                for e in chosen])[:, :, p0:]  # [k, batch, pos(, head)]
             if all(e.source is template.source for e in present):
                 src = template.source[:, p0:].unsqueeze(0)  # [1, batch, ...]
             else:
                 src = torch.stack([e.source[:, p0:] if e is not None else template.source[:, p0:]
                                    for e in chosen])
-            # broadcast: [k, 1 (batch), pos(, head), 1 (features)]
-            stages.append((mask.unsqueeze(1).unsqueeze(-1), src))
+            stages.append((mask.unsqueeze(-1), src))  # broadcast over the feature axis
 
         def hook(act: Tensor, hook, stages=stages) -> Tensor:
             v = act.reshape(k, batch, *act.shape[1:])
@@ -342,7 +513,7 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
     for layer, slots in per_layer.items():
         v_cols = sorted({int(p) for c, edits in enumerate(copies) if slots[c] is not None for e in edits
                          if isinstance(e, Edit) and e.hook == Node(layer, Site.V).hook_name
-                         for p in torch.nonzero(e.mask.reshape(e.mask.shape[0], -1).any(-1))[:, 0]})
+                         for p in torch.nonzero(e.mask.reshape(*e.mask.shape[:2], -1).any(-1).any(0))[:, 0]})
         hooks += edge_hooks(layer, slots, batch, p0, v_cols)
     return hooks
 
@@ -366,7 +537,7 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
     hooks: list[tuple[str, object]] = []
     # queries p0.. are computed in this pass; keys cover every position (earlier ones are cached)
     if choice.k_edges is not None and choice.base_scores is not None:
-        k_mask = choice.k_edges[:, p0:]  # [head, q, k_pos], broadcast over copies and batch
+        k_mask = choice.k_edges[:, :, p0:]  # [batch, head, q, k_pos], broadcast over copies
         base_scores = choice.base_scores[:, :, p0:]  # [batch, head, q, k_pos]
 
         def scores_hook(act: Tensor, hook, k_mask=k_mask, base_scores=base_scores) -> Tensor:
@@ -376,7 +547,7 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
         hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, scores_hook))
     if choice.v_edges is not None and choice.base_values is not None and v_cols:
         cols = torch.tensor(v_cols, device=choice.v_edges.device)
-        off = ~choice.v_edges[:, p0:][..., cols]  # [head, q, cols]: edges that must read base values
+        off = ~choice.v_edges[:, :, p0:][..., cols]  # [batch, head, q, cols]: edges reading base values
         base_at = choice.base_values[:, cols]  # [batch, cols, kv_head, d_head]
         seen: dict[str, Tensor] = {}
 
@@ -402,11 +573,13 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
     return hooks
 
 
+# ------------------------------------------------------------------------------ forward passes
+
 def final_logits(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"],
-                 positions: list[int] | None) -> Float[Tensor, "rows k d_vocab"]:
-    """ln_final + unembedding (+ soft cap) of the final residual, at `positions` only."""
-    if positions is not None:
-        resid = resid[:, positions]
+                 index: Int[Tensor, "rows k"] | None = None) -> Float[Tensor, "rows k d_vocab"]:
+    """ln_final + unembedding (+ soft cap) of the final residual, at each row's `index` only."""
+    if index is not None:
+        resid = resid.gather(1, index.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
     # TransformerLens's Unembed copies W_U.T into a contiguous tensor on every call (d_model x
@@ -416,12 +589,12 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "rows pos d_mode
 
 
 def forward_from(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int,
-                 positions: list[int] | None, hooks: list, past_kv: object = None
+                 index: Tensor | None, hooks: list, past_kv: object = None
                  ) -> Float[Tensor, "rows k d_vocab"]:
-    """Run blocks start.. on `resid` under `hooks`; the logits at `positions`."""
+    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all)."""
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         out = model(resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv)
-        return final_logits(model, out, positions)
+        return final_logits(model, out, index)
 
 
 def can_skip_prefix(model: HookedTransformer) -> bool:
@@ -444,13 +617,13 @@ def kv_names(n_layers: int) -> set[str]:
 
 
 def _first_pos(edits: Sequence[AnyEdit]) -> int:
-    """The first position any edit touches (positions before it are unchanged). An EdgeEdit
-    only chooses between the base run's keys/values and those its copy's Edits write."""
+    """The first position any edit touches in any example (positions before it are unchanged).
+    An EdgeEdit only chooses between the base run's keys/values and those its copy's Edits write."""
     first = None
     for e in edits:
         if isinstance(e, EdgeEdit):
             continue
-        m = e.mask if e.mask.ndim == 1 else e.mask.any(-1)
+        m = e.mask.reshape(*e.mask.shape[:2], -1).any(-1).any(0)  # [pos]
         hit = torch.nonzero(m)
         if hit.numel():
             p = int(hit[0, 0])
@@ -508,30 +681,52 @@ def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, s
     return chunks[::-1]
 
 
+def read_index(metric: Metric, prompts: Prompts) -> Tensor | None:
+    """[batch, k] positions a `ReadMetric` reads (right-padded layout), or None (full logits)."""
+    if not isinstance(metric, ReadMetric):
+        return None
+    idx = torch.as_tensor(metric.positions(prompts)).long().cpu()
+    if idx.ndim != 2 or idx.shape[0] != len(prompts):
+        raise ValueError(f"metric {metric.name} positions: expected a [batch={len(prompts)}, k] index, got "
+                         f"shape {tuple(idx.shape)}")
+    bad = (idx < 0) | (idx >= prompts.lengths[:, None])
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.any(1))[0, 0])
+        raise ValueError(f"metric {metric.name} positions: expected positions inside each prompt, got "
+                         f"{idx[i].tolist()} for prompt {i} of length {int(prompts.lengths[i])}")
+    return idx
+
+
 def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[AnyEdit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
-               labels: Sequence[object] | None = None) -> Float[Tensor, "copies"]:
-    """The metric of each patched copy of the base run (one value per copy, float64, CPU).
+               labels: Sequence[object] | None = None) -> Float[Tensor, "copies batch"]:
+    """The metric of each patched copy of the base run, per example ([copies, batch], float64, CPU).
 
     Copies are grouped by the layer they start at and, when `runs` holds the base K/V
     (`prepare(..., kv=True)`), by the first position they touch: a chunk whose patches all lie
-    at positions >= p0 computes positions p0.. only, reading the base run's keys and values of
-    the earlier (unchanged) positions from a frozen K/V cache. A non-finite value raises,
-    naming the copy by its entry in `labels`.
+    at positions >= p0 (and whose metric reads positions >= p0) computes positions p0.. only,
+    reading the base run's keys and values of the earlier (unchanged) positions from a frozen
+    K/V cache. An example that lacks a position one of the copy's edits asks for gets NaN. A
+    non-finite value elsewhere raises, naming the copy by its entry in `labels`.
     """
     check_rows(rows)
+    metric = as_metric(metric)
+    prompts = runs.prompts
     batch, seq_len = runs.base_tokens.shape
-    positions = metric_positions(metric, seq_len)
+    index = read_index(metric, prompts)
     merged = [merge_edits(c) for c in copies]
     n_layers = model.cfg.n_layers
     skip = Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model)
     starts = [min((e.layer for e in c), default=n_layers) for c in merged]
     firsts = [_first_pos(c) if skip else 0 for c in merged]
+    if index is not None and skip:
+        lowest = int(index.min())
+        firsts = [min(f, lowest) for f in firsts]
     per_chunk = max(1, rows // batch)
     order: dict[int, list[int]] = {}
     for i, s in enumerate(starts):
         order.setdefault(s, []).append(i)
-    out = torch.empty(len(copies), dtype=torch.float64)
+    out = torch.empty(len(copies), batch, dtype=torch.float64)
     bar = tqdm(total=len(copies), desc=desc, disable=not progress, leave=False)
     try:
         for start in sorted(order):
@@ -540,28 +735,53 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[A
                 k = len(chunk)
                 if start >= n_layers:  # a copy with no edits is the base run itself
                     logits = runs.base_logits
-                    logits = (logits if positions is None else logits[:, positions]).repeat(k, 1, 1)
+                    if index is not None:
+                        logits = logits.gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
+                    logits = logits.repeat(k, 1, 1)
                 else:
                     p0 = min(firsts[i] for i in chunk)
-                    if positions is not None:
-                        p0 = min(p0, *positions)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
                     past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 else None
-                    rel = None if positions is None else [p - p0 for p in positions]
+                    rel = None if index is None else (index - p0).repeat(k, 1)
                     logits = forward_from(model, resid, start, rel, hooks, past)
-                    if positions is None and p0 > 0:  # unchanged logits of the skipped prefix
+                    if index is None and p0 > 0:  # unchanged logits of the skipped prefix
                         logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
                 logits = logits.reshape(k, batch, *logits.shape[1:])
                 for j, i in enumerate(chunk):
-                    out[i] = float(evaluate(metric, logits[j], positions))
+                    v = metric.read(logits[j], prompts) if index is not None else metric(logits[j], prompts)
+                    out[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
                 bar.update(k)
     finally:
         bar.close()
-    bad = torch.nonzero(~torch.isfinite(out))[:, 0].tolist()
+    valid = torch.stack([copy_valid(c, batch) for c in merged]) if merged else torch.ones(0, batch, dtype=torch.bool)
+    bad = torch.nonzero((~torch.isfinite(out) & valid).any(1))[:, 0].tolist()
     if bad:
         where = [str(labels[i]) if labels is not None else f"copy {i}" for i in bad[:5]]
         raise ValueError(f"{desc}: expected a finite metric for every patched copy, got NaN/Inf for "
                          f"{len(bad)} of {len(copies)} (first: {', '.join(where)}); the clean and "
                          f"corrupted runs are finite, so the patched values overflow there")
-    return out
+    return out.masked_fill(~valid, float("nan"))
+
+
+def positional(what: str, metric: object, args: tuple, slots: dict[str, object]
+               ) -> tuple[object | None, object, dict[str, object]]:
+    """Sort a patching function's positional arguments: ``f(model, prompts, metric, *args)`` where
+    `args` fill the named `slots` in order (each also a keyword; None: not given). The
+    TransformerLens-era order ``f(model, clean, corrupt, metric, ...)`` still works: when the
+    argument after the prompts is tokens (a tensor, `Batch` or `Prompts`) it is the corrupted
+    run. Returns (corrupt or None, metric, the slots)."""
+    corrupt = None
+    if isinstance(metric, (Tensor, Batch)):
+        if not args:
+            raise TypeError(f"{what}: expected a metric after the corrupted tokens, got none")
+        corrupt, metric, args = metric, args[0], args[1:]
+    if len(args) > len(slots):
+        raise TypeError(f"{what}: expected at most {len(slots)} positional arguments after the metric "
+                        f"({', '.join(slots) or 'none'}), got {len(args)}")
+    slots = dict(slots)
+    for name, value in zip(list(slots), args, strict=False):
+        if slots[name] is not None:
+            raise TypeError(f"{what}: {name} given twice (positionally and as {name}=)")
+        slots[name] = value
+    return corrupt, metric, slots

@@ -1,19 +1,21 @@
-"""Attention knockout: block attention edges from source positions into a target position.
+"""Attention knockout: block attention edges from source positions into a read-out position.
 
 Geva et al. 2023 ("Dissecting recall of factual associations"): set the attention scores of
-the edges (target query -> source keys) to -inf over a range of layers, so the target cannot
+the edges (query at `at` -> source keys) to -inf over a range of layers, so that position cannot
 read those positions' keys and values there; the remaining edges are renormalised by the
 softmax. Sweeping the first blocked layer l (blocked at [l, end)) answers "from which layer on
 does the last position no longer need the context's K/V stream?" (METHODS.md, N(l)).
 
-Reported for each start layer: the metric, and the KL divergence KL(base || knocked out) of the
-output distribution at the target position (nats, mean over the batch). With nothing blocked
-(l = end) the run is the base run and the KL is exactly 0.
+`at` and the sources are per example: a span name (``"last"``, ``"subject"``), an int in prompt
+coordinates (negative: from each prompt's end) or a per-example tensor, so one call covers
+prompts of any lengths. Reported for each start layer and example: the metric, and the KL
+divergence KL(base || knocked out) of the output distribution at the example's `at` (nats). With
+nothing blocked (l = end) the run is the base run and the KL is exactly 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Int
@@ -22,58 +24,115 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
+from interp.metrics import as_metric, check_per_example
 from interp.patching.engine import (
     DEFAULT_ROWS,
+    PosSpec,
     cached_run,
+    check_finite,
     check_rows,
+    check_single,
     forward_from,
+    metric_values,
+    positions_mask,
+    read_index,
+    real_logits,
     resid_pre_name,
 )
-from interp.patching.metrics import Metric, check_scalar, evaluate, metric_positions
 from interp.patching.results import KnockoutResult, detach
-from interp.tokens import check_model_tokens
+from interp.prompts import Prompts
+from interp.tokens import Batch
 
 
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """Mean over the batch of KL(p || q) between the softmaxes of two [batch d_vocab] logit sets."""
+    """Per row, KL(p || q) between the softmaxes of two [batch d_vocab] logit sets (float64)."""
     lp, lq = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1).mean()
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _at_index(at: PosSpec, prompts: Prompts) -> tuple[Tensor, Tensor]:
+    """Each prompt's read-out position (a span's last token) and the prompts that have it."""
+    if isinstance(at, str):
+        return prompts.index(at), torch.ones(len(prompts), dtype=torch.bool)
+    if at is None:
+        raise ValueError("at: expected a span name, an int or a [batch] tensor, got None")
+    width = prompts.tokens.shape[1]
+    if isinstance(at, int) and not isinstance(at, bool) and not -width <= at < width:
+        raise ValueError(f"at: expected a position in [0, {width}), got {at!r}")
+    if isinstance(at, Tensor) and at.dtype == torch.bool:
+        raise ValueError("at: expected one position per prompt (a [batch] integer tensor), got a mask")
+    mask, valid = positions_mask(at, prompts, width, "at")
+    return torch.where(valid, mask.long().argmax(1), torch.zeros_like(valid, dtype=torch.long)), valid
+
+
+def _sources(sources: PosSpec | Sequence[int | str], prompts: Prompts, at: Tensor, valid: Tensor) -> Tensor:
+    """[batch, k_pos] the key positions to cut off from each prompt's `at`."""
+    width = prompts.tokens.shape[1]
+    ar = torch.arange(width)
+    if sources is None:
+        mask = ar[None] < at[:, None]
+    else:
+        items = [sources] if isinstance(sources, (int, str, Tensor)) else list(sources)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for s in items:
+            if isinstance(s, int) and not isinstance(s, bool) and not -width <= s < width:
+                raise ValueError(f"sources: expected positions in [0, {width}), got {s!r}")
+            m, _ = positions_mask(s, prompts, width, "sources")
+            mask |= m
+        late = mask & (ar[None] > at[:, None]) & valid[:, None]
+        if bool(late.any()):
+            i = int(torch.nonzero(late.any(1))[0, 0])
+            raise ValueError(f"sources: expected positions in [0, target={int(at[i])}] (a position can only "
+                             f"attend to itself and earlier ones), got {torch.nonzero(mask[i])[:, 0].tolist()} "
+                             f"in prompt {i}")
+    empty = ~mask.any(1) & valid
+    if bool(empty.any()):
+        i = int(torch.nonzero(empty)[0, 0])
+        raise ValueError(f"sources: expected at least one position to block in every prompt, got none for "
+                         f"prompt {i} (target={int(at[i])})")
+    return mask & valid[:, None]
+
+
+def _label(x: object) -> str:
+    if x is None:
+        return "earlier"
+    if isinstance(x, Tensor):
+        return "per-example"
+    if isinstance(x, (str, int)):
+        return str(x)
+    return ",".join(_label(v) for v in x)  # type: ignore[union-attr]
 
 
 def knockout(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
+    prompts: Prompts | Batch | Int[Tensor, "batch pos"],
+    metric: Callable,
     *,
-    target: int = -1,
-    sources: Sequence[int] | None = None,
+    at: PosSpec = "last",
+    sources: PosSpec | Sequence[int | str] = None,
     start_layers: Sequence[int] | None = None,
     end_layer: int | None = None,
     heads: Sequence[int] | None = None,
     rows: int = DEFAULT_ROWS,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
 ) -> KnockoutResult:
-    """Block attention from `sources` into `target` at layers [l, end_layer) for each l in `start_layers`.
+    """Block attention from `sources` into `at` at layers [l, end_layer) for each l in
+    `start_layers`; one value per (start layer, example).
 
-    Defaults: sources are all positions before the target, start layers 0..n_layers (the last
-    blocks nothing), end_layer n_layers, every head (`heads` restricts the knockout to query
-    heads).
+    `at`: each prompt's read-out position (a span name, its last token; an int in prompt
+    coordinates, negative from each prompt's end; or a [batch] tensor); an example without it is
+    NaN. `sources`: key positions (names, ints, a per-example tensor or [batch, pos] mask, or a
+    sequence of them: their union); default every position before `at`. Start layers default to
+    0..n_layers (the last blocks nothing), end_layer to n_layers, heads to every query head.
     """
     check_rows(rows)
+    metric = as_metric(metric)
     arch = Arch.of(model)
-    tokens = check_model_tokens(model, tokens).to(model.cfg.device)
-    batch, seq_len = tokens.shape
-    if not isinstance(target, int) or not -seq_len <= target < seq_len:
-        raise ValueError(f"target: expected a position in [0, {seq_len}), got {target!r}")
-    target %= seq_len
-    if sources is None:
-        src = tuple(range(target))
-    else:
-        if not all(isinstance(s, int) and -seq_len <= s < seq_len and s % seq_len <= target for s in sources):
-            raise ValueError(f"sources: expected positions in [0, target={target}] (a position can only "
-                             f"attend to itself and earlier ones), got {list(sources)}")
-        src = tuple(sorted({s % seq_len for s in sources}))
-    if not src:
-        raise ValueError(f"sources: expected at least one position to block, got none (target={target})")
+    p = check_single(model, prompts)
+    batch, width = p.tokens.shape
+    at_ix, valid = _at_index(at, p)
+    src = _sources(sources, p, at_ix, valid)
     end = arch.n_layers if end_layer is None else end_layer
     if not isinstance(end, int) or not 0 <= end <= arch.n_layers:
         raise ValueError(f"end_layer: expected an int in [0, {arch.n_layers}], got {end_layer!r}")
@@ -89,26 +148,28 @@ def knockout(
                 raise ValueError(f"heads: expected head indices in [0, {arch.n_heads}), got {h!r}")
 
     device = model.cfg.device
-    edge = torch.zeros((arch.n_heads, seq_len, seq_len), dtype=torch.bool, device=device)
-    head_ix = list(range(arch.n_heads)) if heads is None else list(heads)
-    for h in head_ix:
-        edge[h, target, list(src)] = True
+    head_on = torch.zeros(arch.n_heads, dtype=torch.bool)
+    head_on[list(range(arch.n_heads)) if heads is None else list(heads)] = True
+    q_on = torch.arange(width)[None] == at_ix[:, None]  # [batch, q]
+    edge = (head_on[None, :, None, None] & q_on[:, None, :, None] & src[:, None, None, :]).to(device)
 
     names = {resid_pre_name(layer) for layer in range(arch.n_layers)}
-    base_logits, base = cached_run(model, tokens, names)
-    base_metric = float(check_scalar(metric(base_logits)))
-    mpos = metric_positions(metric, seq_len)
-    read = None if mpos is None else mpos + [target]
+    base_logits, base = cached_run(model, p.tokens, names)
+    check_finite(real_logits(base_logits, p), "base run logits")
+    base_values = metric_values(metric, base_logits, p, "base run")
+    index = read_index(metric, p)
+    read = None if index is None else torch.cat([index, at_ix[:, None]], dim=1)
+    rows_ix = torch.arange(batch, device=base_logits.device)
+    base_at = base_logits[rows_ix, at_ix.to(base_logits.device)]
 
-    values = torch.empty(len(starts), dtype=torch.float64)
-    kls = torch.empty(len(starts), dtype=torch.float64)
-    base_at = base_logits if read is None else base_logits[:, read]
+    values = torch.empty(len(starts), batch, dtype=torch.float64)
+    kls = torch.empty(len(starts), batch, dtype=torch.float64)
     per_chunk = max(1, rows // batch)
     todo = []
     for i, s in enumerate(starts):
         if s >= end:  # nothing blocked: this is the base run
-            values[i] = base_metric
-            kls[i] = _kl(base_logits[:, target], base_logits[:, target])
+            values[i] = base_values
+            kls[i] = 0.0
         else:
             todo.append(i)
     todo.sort(key=lambda i: starts[i])
@@ -119,7 +180,7 @@ def knockout(
         hooks = []
         for layer in range(first, end):
             on = torch.tensor([starts[i] <= layer for i in chunk], device=device)
-            mask = (on[:, None, None, None, None] & edge[None, None])  # [k, 1, head, q, k]
+            mask = on[:, None, None, None, None] & edge[None]  # [k, batch, head, q, k_pos]
 
             def hook(scores: Tensor, hook, mask=mask, k=k) -> Tensor:
                 v = scores.reshape(k, batch, *scores.shape[1:])
@@ -127,15 +188,19 @@ def knockout(
 
             hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, hook))
         resid = base[resid_pre_name(first)].repeat(k, 1, 1)
-        logits = forward_from(model, resid, first, read, hooks)
+        logits = forward_from(model, resid, first, None if read is None else read.repeat(k, 1), hooks)
         logits = logits.reshape(k, batch, *logits.shape[1:])
         for j, i in enumerate(chunk):
-            at = logits[j]
+            out = logits[j]
             if read is None:
-                values[i] = float(evaluate(metric, at, None))
-                kls[i] = _kl(base_logits[:, target], at[:, target])
+                v = metric(out, p)
+                knocked_at = out[rows_ix, at_ix.to(out.device)]
             else:
-                values[i] = float(evaluate(metric, at[:, :-1], mpos))
-                kls[i] = _kl(base_at[:, -1], at[:, -1])
-    return KnockoutResult(detach(values), detach(kls), starts, end, target, src,
-                          None if heads is None else tuple(heads), base_metric)
+                v = metric.read(out[:, :-1], p)  # type: ignore[union-attr]
+                knocked_at = out[:, -1]
+            values[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
+            kls[i] = _kl(base_at, knocked_at).cpu()
+    values = values.masked_fill(~valid[None], float("nan"))
+    kls = kls.masked_fill(~valid[None], float("nan"))
+    return KnockoutResult(detach(values), detach(kls), starts, end, _label(at), _label(sources),
+                          None if heads is None else tuple(heads), base_values, alpha=alpha, n_boot=n_boot)

@@ -7,6 +7,9 @@ changes every later layer at i (and so every later layer's K/V at i). Under grou
 attention (Ainslie et al. 2023) keys and values belong to KV groups (`n_key_value_heads`), each
 read by `n_heads / n_key_value_heads` query heads; a group patch equals patching the same
 values into every head of the group of the expanded (ungrouped) model.
+
+Positions are ints in prompt coordinates (NaN for an example shorter than the cell) or span
+names (each prompt's own span, patched whole), as in `interp.patching.sweep`.
 """
 
 from __future__ import annotations
@@ -14,57 +17,60 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from jaxtyping import Int
-from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.patching.engine import (
     DEFAULT_ROWS,
+    At,
     Direction,
     check_direction,
-    check_pair,
+    check_prompts,
     heads_at,
     node_edit,
+    positional,
     prepare,
     run_copies,
 )
-from interp.patching.metrics import Metric
 from interp.patching.results import PatchResult, detach
-from interp.patching.sweep import _axis
-from interp.tokens import Batch
+from interp.patching.sweep import MetricArg, PromptsLike, _axis, _corrupt, position_axis
 
 Which = Literal["k", "v", "kv"]
 
 
 def kv_patch(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"] | Batch,
-    corrupt_tokens: Int[Tensor, "_batch _pos"] | Batch,  # checked against clean_tokens with a clear error
-    metric: Metric,
-    *,
+    prompts: PromptsLike,
+    metric: MetricArg,
+    *args: object,
+    corrupt: PromptsLike | None = None,
     which: Which = "kv",
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int | str] | str | None = None,
     groups: Sequence[int] | None = None,
     per_group: bool = True,
     direction: Direction = "denoising",
     rows: int = DEFAULT_ROWS,
     progress: bool = False,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
 ) -> PatchResult:
-    """Patch the keys and/or values of each (layer, position[, KV group]) separately.
+    """Patch the keys and/or values of each (layer, position[, KV group]) separately; one value
+    per example (`.per_example`), `.values` their mean.
 
-    `groups` index KV groups (heads on models without grouped-query attention); with
-    `per_group=False` all groups of a (layer, position) are patched together and the result is
-    over (layer, pos).
+    The corrupted run is `prompts.partner` or `corrupt=` (the old order
+    ``kv_patch(model, clean, corrupt, metric)`` still works). `groups` index KV groups (heads on
+    models without grouped-query attention); with `per_group=False` all groups of a
+    (layer, position) are patched together and the result is over (layer, pos).
     """
+    legacy, metric, _ = positional("kv_patch", metric, args, {})
+    corrupt = _corrupt("kv_patch", corrupt, legacy)  # type: ignore[assignment]
     if which not in ("k", "v", "kv"):
         raise ValueError(f"which: expected 'k', 'v' or 'kv', got {which!r}")
     direction = check_direction(direction)
     arch = Arch.of(model)
-    clean_tokens, corrupt_tokens = check_pair(model, clean_tokens, corrupt_tokens)
-    seq_len = clean_tokens.shape[1]
+    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
     n_groups = heads_at(model, Site.K)
     if groups is not None:
         for g in groups:
@@ -75,23 +81,24 @@ def kv_patch(
         if not per_group:
             raise ValueError("groups: expected per_group=True when groups are given, got per_group=False")
     layer_ix = _axis(layers, arch.n_layers, "layers")
-    pos_ix = _axis(positions, seq_len, "positions")
+    pos_ix = position_axis(positions, clean)
     group_ix = _axis(groups, n_groups, "groups")
     sites = [Site(s) for s in which]
     names = {Node(layer, s).hook_name for layer in layer_ix for s in sites}
-    runs = prepare(model, clean_tokens, corrupt_tokens, metric, names, direction)
-    copies = []
+    runs = prepare(model, clean, bad, metric, names, direction)  # type: ignore[arg-type]
+    copies, labels = [], []
     for layer in layer_ix:
         for p in pos_ix:
             for g in (group_ix if per_group else (None,)):
-                copies.append([node_edit(model, Node(layer, s, pos=p, head=g), runs.source, seq_len)
-                               for s in sites])
-    values = run_copies(model, runs, copies, metric, rows=rows, progress=progress, desc=f"patching {which}")
+                copies.append([node_edit(model, At(layer, s, p, g), runs.source, clean) for s in sites])
+                labels.append(" + ".join(str(At(layer, s, p, g)) for s in sites))
+    values = run_copies(model, runs, copies, metric, rows=rows, progress=progress,  # type: ignore[arg-type]
+                        desc=f"patching {which}", labels=labels)
     if per_group:
         axes = ("layer", "pos", "kv_head" if n_groups < arch.n_heads else "head")
         coords: tuple[tuple, ...] = (layer_ix, pos_ix, group_ix)
     else:
         axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
-    shape = tuple(len(c) for c in coords)
+    shape = (*(len(c) for c in coords), len(clean))
     return PatchResult(detach(values).reshape(shape), axes, coords, which, direction,
-                       runs.clean_metric, runs.corrupt_metric, method="K/V patching")
+                       runs.clean_values, runs.corrupt_values, method="K/V patching", alpha=alpha, n_boot=n_boot)

@@ -1,55 +1,78 @@
-"""Patching metrics: functions of logits that return one number for a batch.
+"""Deprecated TransformerLens-era patching metrics, kept as thin wrappers over `interp.metrics`.
 
-The TransformerLens convention (`transformer_lens.patching`): a metric maps the logits of one
-batch, [batch pos d_vocab], to a scalar. Any such callable works everywhere in
-`interp.patching`. A `PositionMetric` additionally declares which positions it reads, so the
-engine unembeds only those positions (the unembedding is often the largest matmul of a patched
-run); its `__call__` still takes full logits, so it is a plain TransformerLens metric too.
+The one metric contract is `interp.metrics`: ``metric(logits, prompts) -> [batch]``, read at
+each prompt's own named position (`answer_logprob`, `logit_diff`, `rank`, `top1`, `kl_to`;
+`from_scalar` wraps any ``logits -> scalar`` metric). What is left here:
 
-Prefer logit differences and log-probabilities over probabilities or accuracy (Zhang & Nanda
-2024; Heimersheim & Nanda 2024): they keep the sign of negative contributions.
+- `PositionMetric`: an `interp.metrics.ReadMetric` at fixed int positions (negative counts from
+  each prompt's own end); called TransformerLens-style with logits alone, it returns the mean
+  over the batch;
+- `logit_diff(right, wrong, pos)` and `logprob(answer, pos)` with explicit token ids (an int or
+  one per example): use `interp.metrics.logit_diff` / `answer_logprob` with `Prompts` answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.metrics import Metric, ReadMetric
+from interp.prompts import Prompts
 
-@runtime_checkable
-class Metric(Protocol):
-    """logits [batch pos d_vocab] -> a scalar tensor (one number for the whole batch)."""
+__all__ = ["Metric", "PositionMetric", "logit_diff", "logprob"]
 
-    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor: ...
+
+def _fixed(at: tuple[int, ...]) -> Callable[[Prompts], Tensor]:
+    """positions(prompts) for fixed ints: p >= 0 from each prompt's start, p < 0 from its end."""
+
+    def positions(prompts: Prompts) -> Tensor:
+        lengths = prompts.lengths.cpu()
+        cols = []
+        for p in at:
+            idx = torch.full_like(lengths, p) + (lengths if p < 0 else 0)
+            bad = (idx < 0) | (idx >= lengths)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0, 0])
+                raise ValueError(f"metric position {p}: expected a position inside every prompt, got prompt "
+                                 f"{i} of length {int(lengths[i])}")
+            cols.append(idx)
+        idx = torch.stack(cols, dim=1)
+        shift = prompts.shift().cpu() if prompts.side == "left" else torch.zeros_like(lengths)
+        return idx + shift[:, None]
+
+    return positions
 
 
 @dataclass(frozen=True)
-class PositionMetric:
-    """A metric that reads only the logits at `positions` (ints, negative counts from the end).
+class PositionMetric(ReadMetric):
+    """Deprecated (use `interp.metrics`): a `ReadMetric` at fixed int positions `at` (negative:
+    from each prompt's end). ``metric(logits, prompts)`` gives one value per example;
+    ``metric(logits)`` (TransformerLens style, prompts of one length) their mean."""
 
-    `fn` receives the logits at those positions, in order: [batch len(positions) d_vocab].
-    """
+    at: tuple[int, ...] = (-1,)
 
-    fn: Callable[[Tensor], Tensor]
-    positions: tuple[int, ...] = (-1,)
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"], prompts: Prompts | None = None) -> Tensor:
+        if prompts is None:
+            lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+            prompts = Prompts(torch.zeros(logits.shape[:2], dtype=torch.long), lengths)
+            return super().__call__(logits, prompts).mean()
+        return super().__call__(logits, prompts)
 
-    def __post_init__(self) -> None:
-        pos = tuple(self.positions)
-        if not pos or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
-            raise ValueError(f"PositionMetric.positions: expected a non-empty tuple of ints, got {self.positions!r}")
-        object.__setattr__(self, "positions", pos)
 
-    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-        return self.fn(logits[:, list(self.positions)])
+def position_metric(name: str, fn: Callable[[Tensor, Prompts], Tensor], at: Sequence[int]) -> PositionMetric:
+    at = tuple(at)
+    if not at or not all(isinstance(p, int) and not isinstance(p, bool) for p in at):
+        raise ValueError(f"PositionMetric positions: expected a non-empty tuple of ints, got {at!r}")
+    return PositionMetric(name, _fixed(at), fn, at)
 
-    def read(self, logits_at: Float[Tensor, "batch k d_vocab"]) -> Tensor:
-        """The metric from the logits at `positions` only (what the engine computes)."""
-        return self.fn(logits_at)
+
+def _wide(x: Tensor) -> Tensor:
+    """At least float32 (bf16/fp16 logits are widened; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _as_index(x: Tensor | Sequence[int] | int, name: str) -> Tensor:
@@ -75,62 +98,27 @@ def _rows(ids: Tensor, logits: Tensor, name: str) -> Tensor:
 
 def logit_diff(right: Int[Tensor, "batch"] | int, wrong: Int[Tensor, "batch"] | int,
                pos: int = -1) -> PositionMetric:
-    """Mean over the batch of logit[right] - logit[wrong] at position `pos` (in logits, nats)."""
+    """Deprecated (use `interp.metrics.logit_diff`): logit[right] - logit[wrong] at position `pos`
+    of each prompt (nats), one value per example."""
     r, w = _as_index(right, "logit_diff right"), _as_index(wrong, "logit_diff wrong")
 
-    def fn(logits: Tensor) -> Tensor:
-        last = logits[:, 0]
-        idx = torch.arange(last.shape[0], device=last.device)
-        rr, ww = _rows(r, last, "logit_diff right"), _rows(w, last, "logit_diff wrong")
-        return (last[idx, rr] - last[idx, ww]).mean()
+    def fn(logits_at: Tensor, prompts: Prompts) -> Tensor:
+        x = logits_at[:, 0]
+        idx = torch.arange(x.shape[0], device=x.device)
+        rr, ww = _rows(r, x, "logit_diff right"), _rows(w, x, "logit_diff wrong")
+        return _wide(x[idx, rr] - x[idx, ww])
 
-    return PositionMetric(fn, (pos,))
+    return position_metric("logit_diff", fn, (pos,))
 
 
-def logprob(target: Int[Tensor, "batch"] | int, pos: int = -1) -> PositionMetric:
-    """Mean over the batch of log p(target) at position `pos` (nats)."""
-    t = _as_index(target, "logprob target")
+def logprob(answer: Int[Tensor, "batch"] | int, pos: int = -1) -> PositionMetric:
+    """Deprecated (use `interp.metrics.answer_logprob`): log p(answer) at position `pos` of each
+    prompt (nats), one value per example."""
+    t = _as_index(answer, "logprob answer")
 
-    def fn(logits: Tensor) -> Tensor:
-        lp = logits[:, 0].float().log_softmax(-1)
+    def fn(logits_at: Tensor, prompts: Prompts) -> Tensor:
+        lp = _wide(logits_at[:, 0]).log_softmax(-1)
         idx = torch.arange(lp.shape[0], device=lp.device)
-        return lp[idx, _rows(t, lp, "logprob target")].mean().to(logits.dtype)
+        return lp[idx, _rows(t, lp, "logprob answer")]
 
-    return PositionMetric(fn, (pos,))
-
-
-def metric_positions(metric: Metric, seq_len: int) -> list[int] | None:
-    """The (non-negative) positions a metric reads, or None when it reads the full logits."""
-    pos = getattr(metric, "positions", None)
-    if pos is None or not callable(getattr(metric, "read", None)):
-        return None
-    out = []
-    for p in pos:
-        if not -seq_len <= p < seq_len:
-            raise ValueError(f"metric position: expected in [-{seq_len}, {seq_len}), got {p}")
-        out.append(p % seq_len)
-    return out
-
-
-def check_scalar(value: object, what: str = "metric") -> Tensor:
-    """The metric's value as a 0-d tensor; a clear error when it is not one number."""
-    try:
-        t = value if isinstance(value, Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{what}: expected a scalar tensor or number, got {type(value).__name__}") from e
-    if t.numel() != 1:
-        raise ValueError(
-            f"{what}: expected a scalar (one number for the whole batch, the TransformerLens "
-            f"convention), got a tensor of shape {tuple(t.shape)}; reduce over the batch, e.g. "
-            f"return per_example.mean()"
-        )
-    if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64, torch.bool)):
-        raise ValueError(f"{what}: expected a real number, got dtype {t.dtype}")
-    return t.reshape(())
-
-
-def evaluate(metric: Metric, logits_at: Tensor, positions: list[int] | None) -> Tensor:
-    """Apply `metric` to logits that cover `positions` only (or the full logits when None)."""
-    if positions is None:
-        return check_scalar(metric(logits_at))
-    return check_scalar(metric.read(logits_at))  # type: ignore[attr-defined]
+    return position_metric("logprob", fn, (pos,))

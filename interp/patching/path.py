@@ -23,7 +23,10 @@ position i; a receiver K/V at position i is read sideways by later queries:
 The restriction is exact per (query, key) edge: query q of a head reads a K/V receiver's patched
 key (value) at position k only when q is one of that receiver's readers; every other edge — the
 same query reading another key, or another query reading this key — sees the base key (value).
-Receivers at several positions each keep their own readers. It is done at the receiver layer's
+Receivers at several positions each keep their own readers.
+Positions (of senders, receivers and readers) are ints in prompt coordinates, span names or
+per-example tensors (`interp.patching.At`), so one call covers a padded batch of prompts whose
+named positions differ: each example gets its own value (`.per_example`). It is done at the receiver layer's
 attention (`interp.patching.engine.EdgeEdit`): a per-(q, k) choice between the patched and the
 base score before the softmax, and between the patched and the base value in pattern . V, per
 head (a KV group's receiver is read through every head of the group).
@@ -35,67 +38,82 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.attention import simple_attn_linear
 
 from interp.arch import Arch
 from interp.graph import Node, Site
+from interp.metrics import ReadMetric, as_metric, check_per_example
 from interp.patching.engine import (
     DEFAULT_ROWS,
+    At,
     Direction,
     EdgeEdit,
     Edit,
+    Place,
+    PosSpec,
+    as_at,
     check_direction,
-    check_pair,
+    check_prompts,
     check_rows,
     final_logits,
     heads_at,
-    node_mask,
+    place_mask,
+    positional,
+    positions_mask,
     prepare,
+    read_index,
     resid_pre_name,
     run_copies,
     validate_node,
 )
-from interp.patching.metrics import Metric, evaluate, metric_positions
 from interp.patching.results import PatchResult, detach
+from interp.patching.sweep import MetricArg, PromptsLike, _corrupt
+from interp.prompts import Prompts
 
 Stream = Literal["any", "residual", "kv"]
 
 SENDER_SITES = (Site.HEAD, Site.ATTN_OUT, Site.MLP_OUT, Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST)
 RECEIVER_SITES = (Site.Q, Site.K, Site.V)
 
+Senders = Place | Sequence[Place | Sequence[Place]]
+Receivers = Place | Sequence[Place] | Literal["logits"]
+Reader = PosSpec | Sequence[int | str]
 
-def _written_at(node: Node) -> int:
+
+def _written_at(node: At) -> int:
     """The first layer whose resid_pre contains this sender's output."""
     return node.layer if node.site == Site.RESID_PRE else node.layer + 1
 
 
-def _sender_groups(senders: Node | Sequence[Node | Sequence[Node]]) -> list[tuple[Node, ...]]:
-    items = [senders] if isinstance(senders, Node) else list(senders)
+def _sender_groups(senders: Senders) -> list[tuple[At, ...]]:
+    items = [senders] if isinstance(senders, (Node, At)) else list(senders)  # type: ignore[arg-type]
     groups = []
     for item in items:
-        group = (item,) if isinstance(item, Node) else tuple(item)
-        if not group or not all(isinstance(n, Node) for n in group):
+        group = (item,) if isinstance(item, (Node, At)) else tuple(item)
+        if not group or not all(isinstance(n, (Node, At)) for n in group):
             raise ValueError(f"senders: expected Nodes or groups (sequences) of Nodes, got {item!r}")
-        groups.append(group)
+        groups.append(tuple(as_at(n) for n in group))
     if not groups:
         raise ValueError("senders: expected at least one sender, got none")
     return groups
 
 
-def _delta(model: HookedTransformer, node: Node, base: dict[str, Tensor], source: dict[str, Tensor],
-           seq_len: int) -> Tensor:
-    """The sender's change of the residual stream: [batch pos d_model]."""
+def _delta(model: HookedTransformer, node: At, base: dict[str, Tensor], source: dict[str, Tensor],
+           prompts: Prompts) -> tuple[Tensor, Tensor]:
+    """The sender's change of the residual stream [batch pos d_model], and the examples that have
+    its position."""
     site: Site = node.site  # type: ignore[assignment]
     name = node.hook_name
     diff = source[name] - base[name]
-    mask = node_mask(node, seq_len, model.cfg.n_heads, diff.device).to(diff.dtype)
+    width = prompts.tokens.shape[1]
+    mask, valid = place_mask(model, node, prompts, width)
+    mask = mask.to(diff.dtype)
     if site == Site.HEAD:
         w_o = model.blocks[node.layer].attn.W_O  # [head d_head d_model]
-        return torch.einsum("bphd,ph,hdm->bpm", diff, mask, w_o.to(diff.dtype))
-    return diff * mask[None, :, None]
+        return torch.einsum("bphd,bph,hdm->bpm", diff, mask, w_o.to(diff.dtype)), valid
+    return diff * mask[..., None], valid
 
 
 def _projection(model: HookedTransformer, layer: int, site: Site) -> tuple[Tensor, Tensor]:
@@ -108,37 +126,69 @@ def _projection(model: HookedTransformer, layer: int, site: Site) -> tuple[Tenso
     return (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
 
 
+def _reader_mask(reader: Reader, prompts: Prompts, width: int) -> tuple[Tensor, Tensor] | None:
+    """[batch, q_pos] the queries given as readers (union of ints / names / tensors), and the
+    examples that have them all."""
+    if reader is None:
+        return None
+    items = [reader] if isinstance(reader, (int, str, Tensor)) else list(reader)
+    if not items:
+        raise ValueError("reader: expected at least one query position, got none")
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    valid = torch.ones(len(prompts), dtype=torch.bool)
+    for p in items:
+        if isinstance(p, int) and not isinstance(p, bool) and not -width <= p < width:
+            raise ValueError(f"reader: expected query positions in [0, {width}), got {p!r}")
+        m, v = positions_mask(p, prompts, width, "reader")
+        mask |= m
+        valid &= v
+    return mask, valid
+
+
 def path_patch(
     model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "_batch _pos"],  # checked against clean_tokens with a clear error
-    metric: Metric,
-    senders: Node | Sequence[Node | Sequence[Node]],
-    receivers: Node | Sequence[Node] | Literal["logits"],
-    *,
+    prompts: PromptsLike,
+    metric: MetricArg,
+    *args: object,
+    senders: Senders | None = None,
+    receivers: Receivers | None = None,
+    corrupt: PromptsLike | None = None,
     stream: Stream = "any",
-    reader: Sequence[int] | None = None,
+    reader: Reader = None,
     direction: Direction = "denoising",
     rows: int = DEFAULT_ROWS,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
 ) -> PatchResult:
-    """Path-patch each sender (or group of senders) into the receivers; one value per sender.
+    """Path-patch each sender (or group of senders) into the receivers; one value per sender and
+    example (`.per_example` [sender, n]; `.values` the mean over examples).
 
-    senders: nodes with sites head (hook_z, per head), attn_out, mlp_out, resid_pre/mid/post;
-    a nested sequence patches its nodes together. receivers: Q nodes (per head), K/V nodes
-    (per KV group under grouped-query attention), all at positions, or "logits". `stream` and
-    `reader` restrict which queries read patched K/V receivers (module docstring).
+    senders: nodes (`Node`, or `At` at named / per-example positions) with sites head (hook_z,
+    per head), attn_out, mlp_out, resid_pre/mid/post; a nested sequence patches its nodes
+    together. receivers: Q nodes (per head), K/V nodes (per KV group under grouped-query
+    attention), all at positions, or "logits". `stream` and `reader` (query positions: ints,
+    span names such as "last", or per-example tensors) restrict which queries read patched K/V
+    receivers (module docstring). The corrupted run is `prompts.partner` or `corrupt=`; the old
+    order ``path_patch(model, clean, corrupt, metric, senders, receivers)`` still works.
     """
+    legacy, metric, got = positional("path_patch", metric, args, {"senders": senders, "receivers": receivers})
+    corrupt = _corrupt("path_patch", corrupt, legacy)  # type: ignore[assignment]
+    senders, receivers = got["senders"], got["receivers"]  # type: ignore[assignment]
+    if senders is None or receivers is None:
+        raise TypeError("path_patch: expected senders and receivers (positionally after the metric, or "
+                        "senders=/receivers=), got none")
     direction = check_direction(direction)
     check_rows(rows)
     if stream not in ("any", "residual", "kv"):
         raise ValueError(f"stream: expected 'any', 'residual' or 'kv', got {stream!r}")
+    metric = as_metric(metric)
     arch = Arch.of(model)
-    clean_tokens, corrupt_tokens = check_pair(model, clean_tokens, corrupt_tokens)
-    seq_len = clean_tokens.shape[1]
-    groups = _sender_groups(senders)
+    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
+    width = clean.tokens.shape[1]
+    groups = _sender_groups(senders)  # type: ignore[arg-type]
     for group in groups:
         for n in group:
-            validate_node(model, n, seq_len)
+            validate_node(model, n, width)
             if n.site not in SENDER_SITES:
                 raise ValueError(f"sender {n}: expected a site in {[s.value for s in SENDER_SITES]}, "
                                  f"got {n.site.value!r}")  # type: ignore[union-attr]
@@ -151,20 +201,21 @@ def path_patch(
                              "logits read the residual directly), got 'kv'")
         if reader is not None:
             raise ValueError("reader: expected None for the logits receiver, got a reader")
-        recv: list[Node] = []
+        recv: list[At] = []
         recv_layer = arch.n_layers
     else:
-        recv = [receivers] if isinstance(receivers, Node) else list(receivers)
-        if not recv:
+        items = [receivers] if isinstance(receivers, (Node, At)) else list(receivers)  # type: ignore[arg-type]
+        if not items:
             raise ValueError("receivers: expected at least one receiver Node, got none")
-        for r in recv:
-            if not isinstance(r, Node):
+        for r in items:
+            if not isinstance(r, (Node, At)):
                 raise ValueError(f"receivers: expected Nodes, got {r!r}")
-            validate_node(model, r, seq_len)
+            validate_node(model, r, width)
             if r.site not in RECEIVER_SITES:
                 raise ValueError(f"receiver {r}: expected a site in {[s.value for s in RECEIVER_SITES]} "
                                  f"(a head's q input or a KV group's k/v input) or 'logits', got "
                                  f"{r.site.value!r}")  # type: ignore[union-attr]
+        recv = [as_at(r) for r in items]
         layers = {r.layer for r in recv}
         recv_layer = min(layers)
         kv_recv = [r for r in recv if r.site in (Site.K, Site.V)]
@@ -200,47 +251,62 @@ def path_patch(
         names.add(final_name)
     if restrict:  # the base scores and values that non-reading edges see
         names |= {Node(recv_layer, Site.ATTN_SCORES).hook_name, Node(recv_layer, Site.V).hook_name}
-    runs = prepare(model, clean_tokens, corrupt_tokens, metric, names, direction)
+    runs = prepare(model, clean, bad, metric, names, direction)
     labels = tuple(" + ".join(str(n) for n in g) for g in groups)
     route = "logits" if to_logits else ", ".join(str(r) for r in recv)
     site_label = f"path -> {route} ({stream})"
+    batch = len(clean)
 
-    deltas = []
+    deltas, sender_valid = [], []
     with torch.inference_mode():
         for g in groups:
-            d = _delta(model, g[0], runs.base, runs.source, seq_len)
-            by_layer = {_written_at(g[0]): d}
-            for n in g[1:]:
+            by_layer: dict[int, Tensor] = {}
+            ok = torch.ones(batch, dtype=torch.bool)
+            for n in g:
+                d, v = _delta(model, n, runs.base, runs.source, clean)
                 w = _written_at(n)
-                by_layer[w] = by_layer.get(w, 0) + _delta(model, n, runs.base, runs.source, seq_len)
+                by_layer[w] = by_layer[w] + d if w in by_layer else d
+                ok &= v
             deltas.append(by_layer)
+            sender_valid.append(ok)
 
     def total(by_layer: dict[int, Tensor], layer: int) -> Tensor | int:
         return sum((d for w, d in by_layer.items() if w <= layer), 0)
 
+    def result(values: Tensor) -> PatchResult:
+        return PatchResult(detach(values), ("sender",), (labels,), site_label, direction,
+                           runs.clean_values, runs.corrupt_values, method="path patching",
+                           alpha=alpha, n_boot=n_boot)
+
     if to_logits:
-        positions = metric_positions(metric, seq_len)
+        index = read_index(metric, clean)
         base_final = runs.base[final_name]
-        values = torch.empty(len(groups), dtype=torch.float64)
-        per_chunk = max(1, rows // base_final.shape[0])
+        values = torch.empty(len(groups), batch, dtype=torch.float64)
+        per_chunk = max(1, rows // batch)
         with torch.inference_mode():
             for lo in range(0, len(groups), per_chunk):
                 chunk = range(lo, min(lo + per_chunk, len(groups)))
                 resid = torch.cat([base_final + total(deltas[i], arch.n_layers) for i in chunk])
-                logits = final_logits(model, resid, positions)
-                logits = logits.reshape(len(chunk), base_final.shape[0], *logits.shape[1:])
+                rep = None if index is None else index.repeat(len(chunk), 1)
+                logits = final_logits(model, resid, rep)
+                logits = logits.reshape(len(chunk), batch, *logits.shape[1:])
                 for j, i in enumerate(chunk):
-                    values[i] = float(evaluate(metric, logits[j], positions))
-        return PatchResult(detach(values), ("sender",), (labels,), site_label, direction,
-                           runs.clean_metric, runs.corrupt_metric, method="path patching")
+                    v = (metric.read(logits[j], clean) if isinstance(metric, ReadMetric)
+                         else metric(logits[j], clean))
+                    values[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
+        valid = torch.stack(sender_valid)
+        return result(values.masked_fill(~valid, float("nan")))
 
     # receiver inputs for each sender group: q/k/v computed from the patched residual
+    recv_masks = [place_mask(model, r, clean, width) for r in recv]
+    readers = _reader_mask(reader, clean, width) if restrict else None
+    reader_ok = torch.ones(batch, dtype=torch.bool) if readers is None else readers[1]
     copies = []
     with torch.inference_mode():
-        for by_layer in deltas:
+        for by_layer, ok in zip(deltas, sender_valid, strict=True):
             edits = []
             cache: dict[tuple[int, Site], Tensor] = {}
-            for r in recv:
+            for r, (mask, r_ok) in zip(recv, recv_masks, strict=True):
                 site: Site = r.site  # type: ignore[assignment]
                 key = (r.layer, site)
                 if key not in cache:
@@ -248,36 +314,31 @@ def path_patch(
                     x = model.blocks[r.layer].ln1(resid)
                     w, b = _projection(model, r.layer, site)
                     cache[key] = simple_attn_linear(x, w, b)
-                mask = node_mask(r, seq_len, heads_at(model, site), model.cfg.device)
-                edits.append(Edit(r.layer, r.hook_name, mask, cache[key]))
+                edits.append(Edit(r.layer, r.hook_name, mask, cache[key], ok & r_ok & reader_ok))
             copies.append(edits)
 
     if restrict:
-        k_edges, v_edges = _edges(model, recv, stream, reader, seq_len)
+        k_edges, v_edges = _edges(model, recv, stream, None if readers is None else readers[0], clean, width)
         choice = EdgeEdit(
             recv_layer, k_edges, v_edges,
             runs.base[Node(recv_layer, Site.ATTN_SCORES).hook_name] if k_edges is not None else None,
             runs.base[Node(recv_layer, Site.V).hook_name] if v_edges is not None else None)
         copies = [c + [choice] for c in copies]
-    values = run_copies(model, runs, copies, metric, rows=rows, desc="path patching")
-    return PatchResult(detach(values), ("sender",), (labels,), site_label, direction,
-                       runs.clean_metric, runs.corrupt_metric, method="path patching")
+    values = run_copies(model, runs, copies, metric, rows=rows, desc="path patching", labels=labels)
+    return result(values)
 
 
-def _edges(model: HookedTransformer, recv: list[Node], stream: Stream, reader: Sequence[int] | None,
-           seq_len: int) -> tuple[Tensor | None, Tensor | None]:
-    """[head q_pos k_pos] masks of the (query, key) edges that read the patched keys and the
-    patched values (None: no K, resp. V, receiver). Each receiver adds the edges from its own
-    readers to its position, on every head of its KV group."""
+def _edges(model: HookedTransformer, recv: list[At], stream: Stream, reader: Tensor | None,
+           prompts: Prompts, width: int) -> tuple[Tensor | None, Tensor | None]:
+    """[batch head q_pos k_pos] masks of the (query, key) edges that read the patched keys and the
+    patched values (None: no K, resp. V, receiver). Each receiver adds, in each example, the
+    edges from its own readers to its positions, on every head of its KV group."""
     arch = Arch.of(model)
-    device = model.cfg.device
     group_size = arch.n_heads // heads_at(model, Site.K)
-    rd: list[int] = []
-    if reader is not None:
-        for p in reader:
-            if not isinstance(p, int) or not -seq_len <= p < seq_len:
-                raise ValueError(f"reader: expected query positions in [0, {seq_len}), got {p!r}")
-            rd.append(p % seq_len)
+    b = len(prompts)
+    ar = torch.arange(width)
+    q_ix, k_ix = ar[None, :, None], ar[None, None, :]
+    real_q = (ar[None] < prompts.lengths.cpu()[:, None])[:, :, None]  # [batch, q, 1]
     masks: dict[Site, Tensor] = {}
     for r in recv:
         site: Site = r.site  # type: ignore[assignment]
@@ -285,17 +346,21 @@ def _edges(model: HookedTransformer, recv: list[Node], stream: Stream, reader: S
             continue
         heads = (slice(None) if r.head is None
                  else slice(r.head * group_size, (r.head + 1) * group_size))
-        pos = r.pos % seq_len  # type: ignore[operator]
+        key, _ = positions_mask(r.pos, prompts, width, f"receiver {r} position")
+        key = key[:, None, :]  # [batch, 1, k]
         if stream == "residual":
-            readers = [pos]
+            edges = key & (q_ix == k_ix)
         elif reader is not None:
-            if any(q < pos for q in rd):
-                raise ValueError(f"reader: expected query positions >= the key position {pos} "
-                                 f"(causal attention), got {sorted(set(rd))}")
-            readers = sorted(set(rd))
-        else:  # stream == "kv": every later query
-            readers = list(range(pos + 1, seq_len))
-        mask = masks.setdefault(site, torch.zeros((arch.n_heads, seq_len, seq_len), dtype=torch.bool,
-                                                  device=device))
-        mask[heads, readers, pos] = True
-    return masks.get(Site.K), masks.get(Site.V)
+            early = reader[:, :, None] & key & (q_ix < k_ix)
+            if bool(early.any()):
+                i, q, k = (int(x) for x in torch.nonzero(early)[0])
+                raise ValueError(f"reader: expected query positions >= the key position {k} (causal "
+                                 f"attention), got {q} in prompt {i}")
+            edges = reader[:, :, None] & key
+        else:  # stream == "kv": every later query of the prompt
+            edges = key & (q_ix > k_ix) & real_q
+        mask = masks.setdefault(site, torch.zeros((b, arch.n_heads, width, width), dtype=torch.bool))
+        mask[:, heads] |= edges[:, None]
+    device = model.cfg.device
+    out = [masks.get(s) for s in (Site.K, Site.V)]
+    return tuple(None if m is None else m.to(device) for m in out)  # type: ignore[return-value]

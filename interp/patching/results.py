@@ -1,10 +1,15 @@
-"""Result objects of the patching methods: labelled tensors that turn into tables and figures.
+"""Result objects of the patching methods: per-example values that turn into tables and figures.
 
-Every result holds detached CPU tensors, the axes they run over, and the baselines they were
-measured against (the clean and corrupted metrics). `.to_frame()` is tidy (one row per measured
-cell); `.plot()` is built from that frame only. The normalised effect is
-`interp.stats.normalised_effect`: (patched - corrupted) / (clean - corrupted), i.e. the recovery
-for denoising and 1 - (damage) for noising.
+Every result keeps one value per (cell, example) in `per_example` ([..., n], float64, CPU; NaN
+where an example does not have the cell's position), the axes they run over, and the per-example
+baselines they were measured against (the clean and corrupted metrics). `.values` is the mean
+over the examples that have the cell (what the TransformerLens-style batch metric gave for mean
+metrics), `.n` how many those are, `.ci()` a percentile-bootstrap interval over them
+(`interp.stats.bootstrap_many`, parameters `alpha` and `n_boot`). `.to_frame()` is tidy (one row
+per measured cell: the axes, ``value, ci_low, ci_high, n`` and more); `.plot()` is built from that
+frame only. The normalised effect is `interp.stats.normalised_effect`:
+(patched - corrupted) / (clean - corrupted), i.e. the recovery for denoising and 1 - (damage) for
+noising, on the means over each cell's examples.
 """
 
 from __future__ import annotations
@@ -17,8 +22,47 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from interp.stats import normalised_effect
+from interp.stats import bootstrap_many, normalised_effect
 from interp.viz import curves, heatmap
+
+
+def detach(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float64).clone()
+
+
+def cell_mean(per_example: Tensor) -> Tensor:
+    """Mean over the last (example) axis, ignoring NaN (examples without the cell); NaN when none."""
+    ok = ~torch.isnan(per_example)
+    n = ok.sum(-1)
+    total = torch.where(ok, per_example, torch.zeros_like(per_example)).sum(-1)
+    return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+def cell_ci(per_example: Tensor, *, alpha: float = 0.05, n_boot: int = 1000) -> tuple[Tensor, Tensor]:
+    """Percentile-bootstrap CI of each cell's mean over its examples (the non-NaN ones): cells with
+    the same examples share resamples (`bootstrap_many`, seed 0); fewer than 2 examples: NaN."""
+    shape = per_example.shape[:-1]
+    flat = per_example.reshape(-1, per_example.shape[-1])
+    low = torch.full((flat.shape[0],), float("nan"), dtype=torch.float64)
+    high = low.clone()
+    ok = ~torch.isnan(flat)
+    patterns: dict[tuple[bool, ...], list[int]] = {}
+    for c, row in enumerate(ok.tolist()):
+        patterns.setdefault(tuple(row), []).append(c)
+    for pattern, cells in patterns.items():
+        keep = torch.tensor(pattern)
+        if int(keep.sum()) < 2:
+            continue
+        _, lo, hi = bootstrap_many(flat[cells][:, keep].T, n_boot=n_boot, alpha=alpha)
+        low[cells], high[cells] = lo, hi
+    return low.reshape(shape), high.reshape(shape)
+
+
+def _mean_where(values: Tensor, per_example: Tensor) -> Tensor:
+    """Per cell, the mean of per-example `values` [n] over the examples the cell has."""
+    ok = ~torch.isnan(per_example)
+    n = ok.sum(-1).clamp_min(1)
+    return torch.where(ok, values.expand_as(per_example), torch.zeros_like(per_example)).sum(-1) / n
 
 
 def _frame(values: Tensor, axes: tuple[str, ...], coords: tuple[tuple, ...], value: str) -> pd.DataFrame:
@@ -26,6 +70,15 @@ def _frame(values: Tensor, axes: tuple[str, ...], coords: tuple[tuple, ...], val
     rows = [dict(zip(axes, labels, strict=True)) | {value: v}
             for labels, v in zip(itertools.product(*coords), flat, strict=True)]
     return pd.DataFrame(rows, columns=[*axes, value])
+
+
+def _stats_frame(per_example: Tensor, axes: tuple[str, ...], coords: tuple[tuple, ...],
+                 alpha: float, n_boot: int) -> pd.DataFrame:
+    frame = _frame(cell_mean(per_example), axes, coords, "value")
+    low, high = cell_ci(per_example, alpha=alpha, n_boot=n_boot)
+    frame["ci_low"], frame["ci_high"] = low.reshape(-1).tolist(), high.reshape(-1).tolist()
+    frame["n"] = (~torch.isnan(per_example)).sum(-1).reshape(-1).tolist()
+    return frame
 
 
 def _plot(frame: pd.DataFrame, axes: tuple[str, ...], value: str, title: str) -> go.Figure:
@@ -41,45 +94,88 @@ def _plot(frame: pd.DataFrame, axes: tuple[str, ...], value: str, title: str) ->
     return heatmap(f, x=axes[1], y="layer.head", value=value, title=title)
 
 
+def _check_cells(name: str, per_example: Tensor, coords: tuple[tuple, ...], axes: tuple[str, ...], n: int) -> None:
+    shape = (*(len(c) for c in coords), n)
+    if tuple(per_example.shape) != shape or len(axes) != len(coords):
+        raise ValueError(f"{name}: expected per-example values of shape {shape} (cells x examples) over axes "
+                         f"{axes}, got {tuple(per_example.shape)}")
+
+
 @dataclass(frozen=True)
 class PatchResult:
-    """The metric after each patch, over `axes` (e.g. ("layer", "pos") or ("layer", "pos", "head")).
+    """The metric after each patch, per example, over `axes` (e.g. ("layer", "pos") or
+    ("layer", "pos", "head"); a "pos" axis holds ints in prompt coordinates or span names).
 
     `direction` says which run was patched: "denoising" (clean values into the corrupted run)
-    or "noising" (corrupted values into the clean run).
+    or "noising" (corrupted values into the clean run). `clean_values` / `corrupt_values` [n] are
+    the unpatched runs' metrics per example.
     """
 
-    values: Tensor
+    per_example: Tensor
     axes: tuple[str, ...]
     coords: tuple[tuple, ...]
     site: str
     direction: str
-    clean_metric: float
-    corrupt_metric: float
+    clean_values: Tensor
+    corrupt_values: Tensor
     method: str = "activation patching"
+    alpha: float = 0.05
+    n_boot: int = 1000
 
     def __post_init__(self) -> None:
-        shape = tuple(len(c) for c in self.coords)
-        if tuple(self.values.shape) != shape or len(self.axes) != len(shape):
-            raise ValueError(f"{type(self).__name__}: expected values of shape {shape} over axes "
-                             f"{self.axes}, got {tuple(self.values.shape)}")
+        _check_cells(type(self).__name__, self.per_example, self.coords, self.axes, self.clean_values.shape[0])
+
+    @property
+    def values(self) -> Tensor:
+        """Mean over the examples that have each cell (NaN where none has it)."""
+        return cell_mean(self.per_example)
+
+    @property
+    def n(self) -> Tensor:
+        """How many examples each cell's mean and CI are over."""
+        return (~torch.isnan(self.per_example)).sum(-1)
+
+    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
+        """Percentile-bootstrap (1 - alpha) interval of each cell's mean over its examples."""
+        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
+                       n_boot=self.n_boot if n_boot is None else n_boot)
+
+    @property
+    def clean_metric(self) -> float:
+        return float(self.clean_values.mean())
+
+    @property
+    def corrupt_metric(self) -> float:
+        return float(self.corrupt_values.mean())
+
+    @property
+    def base_values(self) -> Tensor:
+        """Per example, the metric of the run that was patched (corrupted for denoising)."""
+        return self.corrupt_values if self.direction == "denoising" else self.clean_values
 
     @property
     def base_metric(self) -> float:
         """The metric of the run that was patched (corrupted for denoising, clean for noising)."""
-        return self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+        return float(self.base_values.mean())
+
+    @property
+    def per_example_effect(self) -> Tensor:
+        """Metric change caused by each patch in each example: per_example - base_values."""
+        return self.per_example - self.base_values
 
     @property
     def effect(self) -> Tensor:
-        """Metric change caused by each patch: values - base_metric."""
-        return self.values - self.base_metric
+        """Mean metric change caused by each patch over the cell's examples (paired)."""
+        return cell_mean(self.per_example_effect)
 
     def normalised(self) -> Tensor:
-        """(patched - corrupted) / (clean - corrupted); raises when clean ~ corrupted."""
-        return normalised_effect(self.values, self.corrupt_metric, self.clean_metric)
+        """(patched - corrupted) / (clean - corrupted) of the means over each cell's examples;
+        raises when clean ~ corrupted."""
+        return normalised_effect(self.values, _mean_where(self.corrupt_values, self.per_example),
+                                 _mean_where(self.clean_values, self.per_example))
 
     def to_frame(self) -> pd.DataFrame:
-        frame = _frame(self.values, self.axes, self.coords, "value")
+        frame = _stats_frame(self.per_example, self.axes, self.coords, self.alpha, self.n_boot)
         try:
             frame["normalised"] = self.normalised().reshape(-1).tolist()
         except ValueError:
@@ -98,63 +194,115 @@ class PatchResult:
 class KnockoutResult:
     """Attention knockout (Geva et al. 2023) for each start layer l: edges blocked at layers [l, end).
 
-    `values` is the metric, `kl` the mean KL(base || knocked out) of the output distribution at
-    the target position (nats), both over `start_layers`.
+    `per_example` [start_layer, n] is the metric, `kl_per_example` the KL(base || knocked out) of
+    the output distribution at each prompt's `at` position (nats); `.values` / `.kl` their means.
     """
 
-    values: Tensor
-    kl: Tensor
+    per_example: Tensor
+    kl_per_example: Tensor
     start_layers: tuple[int, ...]
     end_layer: int
-    target: int
-    sources: tuple[int, ...]
+    at: str
+    sources: str
     heads: tuple[int, ...] | None
-    base_metric: float
+    base_values: Tensor
+    alpha: float = 0.05
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_cells("KnockoutResult", self.per_example, (self.start_layers,), ("start_layer",),
+                     self.base_values.shape[0])
+
+    @property
+    def values(self) -> Tensor:
+        return cell_mean(self.per_example)
+
+    @property
+    def kl(self) -> Tensor:
+        return cell_mean(self.kl_per_example)
+
+    @property
+    def n(self) -> Tensor:
+        return (~torch.isnan(self.per_example)).sum(-1)
+
+    @property
+    def base_metric(self) -> float:
+        return float(self.base_values.mean())
+
+    @property
+    def per_example_effect(self) -> Tensor:
+        return self.per_example - self.base_values
 
     @property
     def effect(self) -> Tensor:
-        """Metric change caused by each knockout: values - base_metric."""
-        return self.values - self.base_metric
+        """Mean metric change caused by each knockout (paired over examples)."""
+        return cell_mean(self.per_example_effect)
+
+    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
+        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
+                       n_boot=self.n_boot if n_boot is None else n_boot)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "start_layer": list(self.start_layers), "end_layer": self.end_layer,
-            "value": self.values.tolist(), "effect": self.effect.tolist(), "kl": self.kl.tolist(),
-            "target": self.target,
-        })
+        frame = _stats_frame(self.per_example, ("start_layer",), (self.start_layers,), self.alpha, self.n_boot)
+        frame["end_layer"] = self.end_layer
+        frame["effect"] = self.effect.tolist()
+        frame["kl"] = self.kl.tolist()
+        frame["at"] = self.at
+        return frame
 
     def plot(self) -> go.Figure:
         frame = self.to_frame().melt(id_vars=["start_layer"], value_vars=["effect", "kl"],
                                      var_name="measure", value_name="y")
         return curves(frame, x="start_layer", y="y", group="measure",
-                      title=f"attention knockout into position {self.target} from layer l up")
+                      title=f"attention knockout into {self.at} from layer l up")
 
 
 @dataclass(frozen=True)
 class AttributionResult:
     """Attribution patching (Syed et al. 2023): first-order estimates of each patch's effect.
 
-    `values` estimates the metric *change* of patching each cell (compare with
-    `PatchResult.effect`). `correlation` is the Pearson correlation with an exact sweep over
-    the same cells, when one was given (AtP can fail by saturation or cancellation: Kramar
-    et al. 2024), else None.
+    `per_example` [..., n] estimates each example's metric *change* of patching each cell
+    (compare with `PatchResult.per_example_effect`); `.values` is their mean. `correlation` is the
+    Pearson correlation of the means with an exact sweep over the same cells, when one was given
+    (AtP can fail by saturation or cancellation: Kramar et al. 2024), else None.
     """
 
-    values: Tensor
+    per_example: Tensor
     axes: tuple[str, ...]
     coords: tuple[tuple, ...]
     site: str
     direction: str
-    base_metric: float
+    base_values: Tensor
     correlation: float | None = None
+    alpha: float = 0.05
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_cells("AttributionResult", self.per_example, self.coords, self.axes, self.base_values.shape[0])
+
+    @property
+    def values(self) -> Tensor:
+        return cell_mean(self.per_example)
+
+    @property
+    def n(self) -> Tensor:
+        return (~torch.isnan(self.per_example)).sum(-1)
+
+    @property
+    def base_metric(self) -> float:
+        return float(self.base_values.mean())
 
     @property
     def estimate(self) -> Tensor:
-        """Estimated metric after each patch: base_metric + values."""
-        return self.values + self.base_metric
+        """Estimated mean metric after each patch: values + mean base metric over the cell's examples."""
+        return self.values + _mean_where(self.base_values, self.per_example)
+
+    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
+        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
+                       n_boot=self.n_boot if n_boot is None else n_boot)
 
     def to_frame(self) -> pd.DataFrame:
-        frame = _frame(self.values, self.axes, self.coords, "value")
+        frame = _stats_frame(self.per_example, self.axes, self.coords, self.alpha, self.n_boot)
         frame["site"], frame["direction"] = self.site, self.direction
         return frame
 
@@ -165,15 +313,14 @@ class AttributionResult:
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two equally-shaped tensors (flattened), in float64."""
+    """Pearson correlation of two equally-shaped tensors (flattened), in float64, over the cells
+    where both are defined."""
     x, y = a.reshape(-1).double(), b.reshape(-1).double()
     if x.shape != y.shape or x.numel() < 2:
         raise ValueError(f"correlation: expected two tensors with the same >= 2 cells, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
+    ok = ~(torch.isnan(x) | torch.isnan(y))
+    x, y = x[ok], y[ok]
     x, y = x - x.mean(), y - y.mean()
     denom = (x.norm() * y.norm()).item()
     return float("nan") if denom == 0 else float((x @ y).item() / denom)
-
-
-def detach(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", torch.float64).clone()
