@@ -67,7 +67,9 @@ def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
     path = report_path(name, models, out, overwrite=overwrite)
     result = investigate(_runner())
     console.print(f"[bold]{name}[/]: {result.verdict}")
-    path = _runner().report_for(name, result).write(path)
+    from interp.report import report_for
+
+    path = report_for(name, result).write(path)
     console.print(f"report written: {path.resolve()}")
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,10 +19,11 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
+from interp.atomic import atomic_file
 from interp.hypotheses import run as runner
 from interp.hypotheses.base import estimate
 from interp.models import list_organisms, read_manifest
-from interp.report import Report, Section
+from interp.report import Report, Section, section
 from interp.stats import Estimate
 
 INTRO = {
@@ -94,7 +93,7 @@ def run_demo(out: str | Path, *, fast: bool = False, console: Console | None = N
     report = Report("interp demo: investigations on the shipped model organisms")
     report.sections.append(_zoo_section())
     for key, result in results.items():
-        report.sections.append(runner.section(TITLES[key], result, INTRO[key]))
+        report.sections.append(section(TITLES[key], result, INTRO[key]))
     path = report.write(out)
     write_json(Path(out).with_suffix(".json"), summary(results, sizes))
     return path
@@ -192,15 +191,8 @@ def summary(results: Mapping[str, Any], sizes: runner.Sizes) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write `data` as JSON atomically (temp file in the same folder, then rename)."""
+    """Write `data` as JSON atomically (interp.atomic: temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return path

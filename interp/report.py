@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -74,3 +75,23 @@ def figures_to_html(figures: list[go.Figure], path: str | Path, title: str = "in
     r = Report(title)
     r.add(title, figures=figures)
     return r.write(path)
+
+
+def section(title: str, result: Any, intro: str = "", table_rows: int = 40) -> Section:
+    """A report section for an investigation's result: the verdict, the figure and the head of the tidy table."""
+    import pandas as pd
+
+    frame = result.to_frame()
+    if isinstance(frame, pd.DataFrame) and len(frame) > table_rows:
+        frame = frame.head(table_rows)
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if isinstance(
+        frame, pd.DataFrame) else ""
+    text = (intro + "\n\n" if intro else "") + "Verdict: " + str(result.verdict)
+    return Section(title, text, [result.plot()], table)
+
+
+def report_for(name: str, result: Any) -> Report:
+    """A one-section report of `interp run NAME`."""
+    r = Report(f"interp run {name}")
+    r.sections.append(section(name, result))
+    return r

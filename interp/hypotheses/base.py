@@ -18,7 +18,7 @@ control) and states a one-sentence verdict only when the effect clears that base
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer
 from interp.arch import Arch
 from interp.hooks import Intervention, Target, intervene
 from interp.metrics import answer_logprob, top1
-from interp.models import new_model
+from interp.models import random_like  # noqa: F401  (the one random baseline; re-exported for the investigations)
 from interp.prompts import LAST, Prompts, as_prompts
 from interp.stats import Estimate, bootstrap_many
 from interp.tokens import Batch, check_tokens
@@ -44,11 +44,6 @@ class Verdict:
 
     def __str__(self) -> str:
         return self.sentence if self.supported else f"No verdict: {self.sentence}"
-
-
-def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
-    """A random-initialised model of the same shape (the baseline that no effect should survive)."""
-    return new_model(replace(model.cfg, seed=10_000 + seed))  # never the seed a model was trained with
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Run an investigation on a model spec and turn its result into a report section.
+"""Run an investigation on a model spec (report sections: `interp.report.section`).
 
 Shared by `interp run ...`, `interp demo` and the notebooks, so none of them holds logic of its
 own: each `run_*` loads the model(s), builds inputs with ground truth (`interp.hypotheses.inputs`),
@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 from transformer_lens import HookedTransformer
 
 from interp.hypotheses import inputs
@@ -21,7 +19,6 @@ from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop
 from interp.hypotheses.positional_decay import DecayResult, positional_decay
 from interp.hypotheses.routes import RoutesResult, routes
 from interp.models import load_model
-from interp.report import Report, Section
 
 INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes")
 
@@ -89,20 +86,3 @@ def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, pro
                          f"FILE.jsonl, got {spec!r}")
     model = model if model is not None else _load(spec)
     return routes(model, inputs.route_prompts(spec, model, n, seed, prompts), source="source", seed=seed)
-
-
-def section(title: str, result: Any, intro: str = "", table_rows: int = 40) -> Section:
-    """A report section: the verdict, the figure and the head of the tidy table."""
-    frame = result.to_frame()
-    if isinstance(frame, pd.DataFrame) and len(frame) > table_rows:
-        frame = frame.head(table_rows)
-    table = frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if isinstance(
-        frame, pd.DataFrame) else ""
-    text = (intro + "\n\n" if intro else "") + "Verdict: " + str(result.verdict)
-    return Section(title, text, [result.plot()], table)
-
-
-def report_for(name: str, result: Any) -> Report:
-    r = Report(f"interp run {name}")
-    r.sections.append(section(name, result))
-    return r
