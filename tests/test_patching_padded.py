@@ -226,3 +226,33 @@ def test_lengths_must_match_per_row(gpt2_model, bpe_tokenizer):
         sweep(gpt2_model, city, answer_logprob(), corrupt=swapped)
     with pytest.raises(ValueError, match=r"expected prompts with a partner .* or corrupt=\.\.\., got neither"):
         sweep(gpt2_model, city.with_partner(None), answer_logprob())
+
+
+def test_patched_logits_left_padding_is_the_right_padded_result_realigned(any_model, bpe_tokenizer):
+    from interp.patching import patched_logits
+
+    right = _city(bpe_tokenizer, "right")
+    left = _city(bpe_tokenizer, "left")
+    nodes = [At(1, "resid_pre", "subject"), Node(2, "v", pos=1, head=0)]
+    out_r = patched_logits(any_model, right, nodes)
+    out_l = patched_logits(any_model, left, nodes)
+    for i in range(len(right)):
+        n = int(right.lengths[i])
+        torch.testing.assert_close(out_l[i, -n:], out_r[i, :n], atol=TOL, rtol=0)
+        with torch.inference_mode():  # the patch acts: not the corrupted run's logits
+            base = any_model(_alone(right, i).partner.tokens)[0]
+        assert (out_r[i, :n] - base).abs().max() > 1e-4
+
+
+def test_a_non_finite_patched_cell_is_named(gpt2_model, city):
+    """A per-example metric that is NaN in one patched copy only raises, naming the cell."""
+    plain = sweep(gpt2_model, city, answer_logprob(), layers=[2], positions=[0, "subject"])
+    target = float(plain.per_example[0, 1, 0])
+    assert abs(target - float(plain.corrupt_values[0])) > 1e-3 and abs(target - float(plain.clean_values[0])) > 1e-6
+
+    def metric(logits, prompts):
+        v = answer_logprob()(logits, prompts)
+        return torch.where((v - target).abs() < 1e-6, torch.full_like(v, float("nan")), v)
+
+    with pytest.raises(ValueError, match=r"NaN/Inf for 1 of 2 \(first: Node\(L2 resid_pre @subject\)\)"):
+        sweep(gpt2_model, city, metric, layers=[2], positions=[0, "subject"])
