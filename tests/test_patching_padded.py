@@ -256,3 +256,31 @@ def test_a_non_finite_patched_cell_is_named(gpt2_model, city):
 
     with pytest.raises(ValueError, match=r"NaN/Inf for 1 of 2 \(first: Node\(L2 resid_pre @subject\)\)"):
         sweep(gpt2_model, city, metric, layers=[2], positions=[0, "subject"])
+
+
+def test_path_patch_many_equals_one_call_per_request(any_model, city):
+    """Many requests (different streams, receiver layers and the logits) in one call: each row
+    equals its own path_patch call, on padded prompts."""
+    from interp.patching import Path, path_patch_many
+
+    n_kv = any_model.cfg.n_key_value_heads or any_model.cfg.n_heads
+    specs = [
+        Path(At(0, "resid_pre", "subject"), [At(0, "k", "subject", head=g) for g in range(n_kv)], "kv", "last"),
+        Path([At(0, "attn_out", "subject")], [At(1, "v", "subject", head=g) for g in range(n_kv)], "kv", "last"),
+        Path([At(0, "head", "subject", head=1), [At(0, "head", 2, head=0), At(1, "mlp_out", "subject")]],
+             [At(2, "k", "subject", head=0), At(2, "v", 1)], "residual"),
+        Path([At(1, "head", "last", head=2)], [At(2, "q", "last", head=h) for h in range(2)]),
+        Path([At(1, "resid_post", "subject")], [At(2, "k", "subject", head=1)], "any", ["last", -2]),
+        Path([At(2, "mlp_out", "last")], "logits", label="direct"),
+    ]
+    many = path_patch_many(any_model, city, logit_diff(), specs, rows=24)  # several chunks
+    rows = []
+    for spec in specs:
+        one = path_patch(any_model, city, logit_diff(), spec.senders, spec.receivers, stream=spec.stream,
+                         reader=spec.reader)
+        rows.append(one.per_example)
+    torch.testing.assert_close(many.per_example, torch.cat(rows), atol=1e-6, rtol=0)
+    assert len(many.coords[0]) == many.per_example.shape[0] == 7
+    assert many.coords[0][-1] == "direct: Node(L2 mlp_out @last)"
+    effects = (many.per_example - many.corrupt_values).abs().amax(-1)
+    assert int((effects > 1e-4).sum()) >= 5  # the requests carry effects

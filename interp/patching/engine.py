@@ -518,37 +518,54 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
     return hooks
 
 
+def _shared(slots: Sequence[EdgeEdit | None], field: str, layer: int) -> Tensor:
+    """The base-run tensor (scores or values) every copy's EdgeEdit at `layer` compares with."""
+    got = [getattr(e, field) for e in slots if e is not None and getattr(e, field) is not None]
+    if any(t is not got[0] for t in got):
+        raise ValueError(f"EdgeEdit at layer {layer}: expected every copy of a chunk to compare with the same "
+                         f"base run ({field}), got different tensors")
+    return got[0]
+
+
 def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int,
                v_cols: list[int]) -> list[tuple[str, object]]:
-    """Hooks at `layer`'s attention that apply the copies' shared per-(query, key) K/V choice.
+    """Hooks at `layer`'s attention that apply each copy's per-(query, key) K/V choice (a copy
+    without an EdgeEdit there reads its own keys and values on every edge).
 
     Keys: unmarked scores are replaced by the base run's (the causal mask is the same in both).
     Values: with the copy's values v' written into hook_v, the wanted output of query q is
     sum_k p[q, k] (E[q, k] v'[k] + (1 - E[q, k]) v[k]) = z - sum_k p[q, k] (1 - E[q, k]) (v'[k] - v[k]),
-    where p is this pass's pattern; only key positions `v_cols` (those the copy's value edits
+    where p is this pass's pattern; only key positions `v_cols` (those the copies' value edits
     write) can differ.
     """
     k = len(slots)
-    choice = slots[0]
-    if choice is None or any(e is not choice for e in slots):
-        # path patching gives every copy the same choice; a per-copy one would need stacking
-        raise ValueError(f"EdgeEdit at layer {layer}: expected one EdgeEdit shared by every copy of a "
-                         f"chunk, got {len({id(e) for e in slots})} different ones (or copies without one)")
+    one = slots[0] if all(e is slots[0] for e in slots) else None  # one choice shared by the chunk
     hooks: list[tuple[str, object]] = []
     # queries p0.. are computed in this pass; keys cover every position (earlier ones are cached)
-    if choice.k_edges is not None and choice.base_scores is not None:
-        k_mask = choice.k_edges[:, :, p0:]  # [batch, head, q, k_pos], broadcast over copies
-        base_scores = choice.base_scores[:, :, p0:]  # [batch, head, q, k_pos]
+    if any(e is not None and e.k_edges is not None for e in slots):
+        base_scores = _shared(slots, "base_scores", layer)[:, :, p0:]  # [batch, head, q, k_pos]
+        if one is not None:
+            k_mask = one.k_edges[:, :, p0:]  # type: ignore[index]  # [batch, head, q, k_pos], all copies
+        else:
+            some = next(e.k_edges for e in slots if e is not None and e.k_edges is not None)
+            k_mask = torch.stack([e.k_edges[:, :, p0:] if e is not None and e.k_edges is not None
+                                  else torch.ones_like(some[:, :, p0:]) for e in slots])  # [k, batch, ...]
 
         def scores_hook(act: Tensor, hook, k_mask=k_mask, base_scores=base_scores) -> Tensor:
             v = act.reshape(k, batch, *act.shape[1:])
             return torch.where(k_mask, v, base_scores.to(v.dtype)).reshape(act.shape)
 
         hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, scores_hook))
-    if choice.v_edges is not None and choice.base_values is not None and v_cols:
-        cols = torch.tensor(v_cols, device=choice.v_edges.device)
-        off = ~choice.v_edges[:, :, p0:][..., cols]  # [batch, head, q, cols]: edges reading base values
-        base_at = choice.base_values[:, cols]  # [batch, cols, kv_head, d_head]
+    if any(e is not None and e.v_edges is not None for e in slots) and v_cols:
+        base_values = _shared(slots, "base_values", layer)
+        some = next(e.v_edges for e in slots if e is not None and e.v_edges is not None)
+        cols = torch.tensor(v_cols, device=some.device)
+        if one is not None:
+            off = ~one.v_edges[:, :, p0:][..., cols]  # type: ignore[index]  # [batch, head, q, cols]
+        else:
+            off = torch.stack([~e.v_edges[:, :, p0:][..., cols] if e is not None and e.v_edges is not None
+                               else torch.zeros_like(some[:, :, p0:][..., cols]) for e in slots])
+        base_at = base_values[:, cols]  # [batch, cols, kv_head, d_head]
         seen: dict[str, Tensor] = {}
 
         def grab_values(act: Tensor, hook) -> None:
