@@ -284,3 +284,26 @@ def test_path_patch_many_equals_one_call_per_request(any_model, city):
     assert many.coords[0][-1] == "direct: Node(L2 mlp_out @last)"
     effects = (many.per_example - many.corrupt_values).abs().amax(-1)
     assert int((effects > 1e-4).sum()) >= 5  # the requests carry effects
+
+
+def test_scalar_metric_returning_none_is_a_clear_type_error(gpt2_model, city):
+    """Regression: a TL-style metric returning None reached torch.as_tensor (a RuntimeError about
+    dtype inference) instead of saying what was expected."""
+    with pytest.raises(TypeError, match=r"scalar metric: expected a scalar tensor or number, got NoneType"):
+        sweep(gpt2_model, city, lambda logits: None, layers=[0])
+
+
+def test_a_padded_batch_is_accepted_and_means_match_the_per_example_values(gpt2_model, city):
+    from interp.tokens import Batch
+
+    clean = Batch(city.tokens, city.lengths, city.side)
+    bad = Batch(city.partner.tokens, city.partner.lengths, city.partner.side)
+    metric = from_scalar(_tl_metric)
+    r = sweep(gpt2_model, clean, bad, metric, site="resid_pre", layers=[2])
+    ref = sweep(gpt2_model, city, metric, site="resid_pre", layers=[2])
+    torch.testing.assert_close(r.per_example, ref.per_example, equal_nan=True)
+    # effect: the paired mean over each cell's examples; values: the mean of the kept values
+    kept = ~torch.isnan(r.per_example)
+    want = torch.where(kept, r.per_example - r.corrupt_values, torch.zeros_like(r.per_example)).sum(-1) / kept.sum(-1)
+    torch.testing.assert_close(r.effect, want)
+    torch.testing.assert_close(r.values[0, 0].item(), r.per_example[0, 0].mean().item())
