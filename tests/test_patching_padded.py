@@ -307,3 +307,17 @@ def test_a_padded_batch_is_accepted_and_means_match_the_per_example_values(gpt2_
     want = torch.where(kept, r.per_example - r.corrupt_values, torch.zeros_like(r.per_example)).sum(-1) / kept.sum(-1)
     torch.testing.assert_close(r.effect, want)
     torch.testing.assert_close(r.values[0, 0].item(), r.per_example[0, 0].mean().item())
+
+
+def test_bad_positions_say_what_was_expected(gpt2_model, city):
+    with pytest.raises(ValueError, match=r"expected .*a span name among \['answer', 'last', 'subject'\], got 'object'"):
+        patch(gpt2_model, city, answer_logprob(), At(1, "resid_pre", "object"))
+    with pytest.raises(ValueError, match=r"positions: expected ints in \[0, 25\) \(prompt coordinates\) or span names"):
+        sweep(gpt2_model, city, answer_logprob(), positions=[25])
+    with pytest.raises(ValueError, match=r"expected a \[batch=5\] integer tensor"):
+        patch(gpt2_model, city, answer_logprob(), At(1, "resid_pre", torch.tensor([1, 2])))
+    with pytest.raises(ValueError, match=r"reader: expected query positions >= the key position \d+ .* in prompt \d"):
+        path_patch(gpt2_model, city, answer_logprob(), At(0, "head", "subject", head=0), At(1, "k", "last", head=0),
+                   stream="kv", reader="subject")
+    with pytest.raises(ValueError, match=r"sources: expected positions in \[0, target=\d+\].* in prompt 0"):
+        knockout(gpt2_model, city, answer_logprob(), at="subject", sources="last")

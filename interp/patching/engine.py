@@ -143,6 +143,9 @@ def positions_mask(pos: PosSpec, prompts: Prompts, width: int, what: str = "posi
     if pos is None:
         return real, torch.ones(b, dtype=torch.bool)
     if isinstance(pos, str):
+        if pos not in prompts.spans:
+            raise ValueError(f"{what}: expected an int, a per-example tensor or a span name among "
+                             f"{sorted(prompts.spans)}, got {pos!r}; add spans with Prompts.with_spans")
         return prompts.span_mask(pos, width), torch.ones(b, dtype=torch.bool)
     if isinstance(pos, Tensor):
         t = pos.detach().cpu()
