@@ -310,6 +310,8 @@ def test_a_padded_batch_is_accepted_and_means_match_the_per_example_values(gpt2_
 
 
 def test_bad_positions_say_what_was_expected(gpt2_model, city):
+    with pytest.raises(ValueError, match=r"PatchResult.alpha: expected 0 < alpha < 1"):
+        sweep(gpt2_model, city, answer_logprob(), layers=[0], alpha=5.0)
     with pytest.raises(ValueError, match=r"expected .*a span name among \['answer', 'last', 'subject'\], got 'object'"):
         patch(gpt2_model, city, answer_logprob(), At(1, "resid_pre", "object"))
     with pytest.raises(ValueError, match=r"positions: expected ints in \[0, 25\) \(prompt coordinates\) or span names"):
