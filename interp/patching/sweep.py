@@ -122,7 +122,8 @@ def sweep(
     `prompts`: the clean prompts (`Prompts`, a padded `Batch` or a token tensor); the corrupted
     run is `prompts.partner` or `corrupt=` (each example of the same length as its clean prompt).
     The old order ``sweep(model, clean, corrupt, metric[, site])`` still works. `metric`: anything
-    `interp.metrics.as_metric` takes. Denoising patches the clean value into the corrupted run;
+    `interp.metrics.as_metric` takes. `site` (positionally after the metric, or ``site=``;
+    default resid_pre). Denoising patches the clean value into the corrupted run;
     noising the reverse. `positions`: ints in prompt coordinates (an example shorter than a
     cell's position is NaN there) or span names (each patched whole). `heads` index heads (KV
     groups for k and v on grouped-query models). `rows` bounds the rows (examples x patched
