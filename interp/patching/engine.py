@@ -542,32 +542,35 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
     write) can differ.
     """
     k = len(slots)
-    one = slots[0] if all(e is slots[0] for e in slots) else None  # one choice shared by the chunk
+    # copies that share one choice (one path-patching request) are handled together, so no mask
+    # is ever repeated per copy
+    uniq: dict[int, tuple[EdgeEdit, list[int]]] = {}
+    for c, e in enumerate(slots):
+        if e is not None:
+            uniq.setdefault(id(e), (e, []))[1].append(c)
+    groups = [(e, torch.tensor(cs)) for e, cs in uniq.values()]
     hooks: list[tuple[str, object]] = []
     # queries p0.. are computed in this pass; keys cover every position (earlier ones are cached)
-    if any(e is not None and e.k_edges is not None for e in slots):
+    k_groups = [(e.k_edges[:, :, p0:], cs) for e, cs in groups if e.k_edges is not None]  # type: ignore[index]
+    if k_groups:
         base_scores = _shared(slots, "base_scores", layer)[:, :, p0:]  # [batch, head, q, k_pos]
-        if one is not None:
-            k_mask = one.k_edges[:, :, p0:]  # type: ignore[index]  # [batch, head, q, k_pos], all copies
-        else:
-            some = next(e.k_edges for e in slots if e is not None and e.k_edges is not None)
-            k_mask = torch.stack([e.k_edges[:, :, p0:] if e is not None and e.k_edges is not None
-                                  else torch.ones_like(some[:, :, p0:]) for e in slots])  # [k, batch, ...]
 
-        def scores_hook(act: Tensor, hook, k_mask=k_mask, base_scores=base_scores) -> Tensor:
+        def scores_hook(act: Tensor, hook, k_groups=k_groups, base_scores=base_scores) -> Tensor:
             v = act.reshape(k, batch, *act.shape[1:])
-            return torch.where(k_mask, v, base_scores.to(v.dtype)).reshape(act.shape)
+            if len(k_groups) == 1 and len(k_groups[0][1]) == k:
+                return torch.where(k_groups[0][0], v, base_scores.to(v.dtype)).reshape(act.shape)
+            v = v.clone()
+            for mask, cs in k_groups:  # mask [batch, head, q, k_pos], broadcast over the group's copies
+                cs = cs.to(v.device)
+                v[cs] = torch.where(mask, v[cs], base_scores.to(v.dtype))
+            return v.reshape(act.shape)
 
         hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, scores_hook))
-    if any(e is not None and e.v_edges is not None for e in slots) and v_cols:
+    v_groups = [(e.v_edges, cs) for e, cs in groups if e.v_edges is not None]
+    if v_groups and v_cols:
         base_values = _shared(slots, "base_values", layer)
-        some = next(e.v_edges for e in slots if e is not None and e.v_edges is not None)
-        cols = torch.tensor(v_cols, device=some.device)
-        if one is not None:
-            off = ~one.v_edges[:, :, p0:][..., cols]  # type: ignore[index]  # [batch, head, q, cols]
-        else:
-            off = torch.stack([~e.v_edges[:, :, p0:][..., cols] if e is not None and e.v_edges is not None
-                               else torch.zeros_like(some[:, :, p0:][..., cols]) for e in slots])
+        cols = torch.tensor(v_cols, device=v_groups[0][0].device)
+        v_groups = [(~edges[:, :, p0:][..., cols], cs) for edges, cs in v_groups]  # [batch, head, q, cols]
         base_at = base_values[:, cols]  # [batch, cols, kv_head, d_head]
         seen: dict[str, Tensor] = {}
 
@@ -581,12 +584,16 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
             z = act.reshape(k, batch, *act.shape[1:])  # [k, batch, q, head, d_head]
             written = seen.pop("v")
             written = written.reshape(k, batch, *written.shape[1:])[:, :, cols - p0]
-            change = written - base_at.to(written.dtype)  # [k, batch, cols, kv_head, d_head]
-            change = change.repeat_interleave(z.shape[3] // change.shape[3], dim=3)  # KV groups -> heads
             pattern = seen.pop("pattern")
             pattern = pattern.reshape(k, batch, *pattern.shape[1:])[..., cols]  # [k, batch, head, q, cols]
-            wrong = torch.einsum("cbhqk,cbkhd->cbqhd", (pattern * off).to(change.dtype), change)
-            return (z - wrong.to(z.dtype)).reshape(act.shape)
+            z = z.clone()
+            for off, cs in v_groups:  # edges that must read the base values, per group of copies
+                cs = cs.to(z.device)
+                change = written[cs] - base_at.to(written.dtype)  # [c, batch, cols, kv_head, d_head]
+                change = change.repeat_interleave(z.shape[3] // change.shape[3], dim=3)  # KV groups -> heads
+                wrong = torch.einsum("cbhqk,cbkhd->cbqhd", (pattern[cs] * off).to(change.dtype), change)
+                z[cs] = z[cs] - wrong.to(z.dtype)
+            return z.reshape(act.shape)
 
         hooks += [(Node(layer, Site.V).hook_name, grab_values), (Node(layer, Site.PATTERN).hook_name, grab_pattern),
                   (Node(layer, Site.HEAD).hook_name, z_hook)]
