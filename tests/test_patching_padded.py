@@ -226,3 +226,100 @@ def test_lengths_must_match_per_row(gpt2_model, bpe_tokenizer):
         sweep(gpt2_model, city, answer_logprob(), corrupt=swapped)
     with pytest.raises(ValueError, match=r"expected prompts with a partner .* or corrupt=\.\.\., got neither"):
         sweep(gpt2_model, city.with_partner(None), answer_logprob())
+
+
+def test_patched_logits_left_padding_is_the_right_padded_result_realigned(any_model, bpe_tokenizer):
+    from interp.patching import patched_logits
+
+    right = _city(bpe_tokenizer, "right")
+    left = _city(bpe_tokenizer, "left")
+    nodes = [At(1, "resid_pre", "subject"), Node(2, "v", pos=1, head=0)]
+    out_r = patched_logits(any_model, right, nodes)
+    out_l = patched_logits(any_model, left, nodes)
+    for i in range(len(right)):
+        n = int(right.lengths[i])
+        torch.testing.assert_close(out_l[i, -n:], out_r[i, :n], atol=TOL, rtol=0)
+        with torch.inference_mode():  # the patch acts: not the corrupted run's logits
+            base = any_model(_alone(right, i).partner.tokens)[0]
+        assert (out_r[i, :n] - base).abs().max() > 1e-4
+
+
+def test_a_non_finite_patched_cell_is_named(gpt2_model, city):
+    """A per-example metric that is NaN in one patched copy only raises, naming the cell."""
+    plain = sweep(gpt2_model, city, answer_logprob(), layers=[2], positions=[0, "subject"])
+    target = float(plain.per_example[0, 1, 0])
+    assert abs(target - float(plain.corrupt_values[0])) > 1e-3 and abs(target - float(plain.clean_values[0])) > 1e-6
+
+    def metric(logits, prompts):
+        v = answer_logprob()(logits, prompts)
+        return torch.where((v - target).abs() < 1e-6, torch.full_like(v, float("nan")), v)
+
+    with pytest.raises(ValueError, match=r"NaN/Inf for 1 of 2 \(first: Node\(L2 resid_pre @subject\)\)"):
+        sweep(gpt2_model, city, metric, layers=[2], positions=[0, "subject"])
+
+
+def test_path_patch_many_equals_one_call_per_request(any_model, city):
+    """Many requests (different streams, receiver layers and the logits) in one call: each row
+    equals its own path_patch call, on padded prompts."""
+    from interp.patching import Path, path_patch_many
+
+    n_kv = any_model.cfg.n_key_value_heads or any_model.cfg.n_heads
+    specs = [
+        Path(At(0, "resid_pre", "subject"), [At(0, "k", "subject", head=g) for g in range(n_kv)], "kv", "last"),
+        Path([At(0, "attn_out", "subject")], [At(1, "v", "subject", head=g) for g in range(n_kv)], "kv", "last"),
+        Path([At(0, "head", "subject", head=1), [At(0, "head", 2, head=0), At(1, "mlp_out", "subject")]],
+             [At(2, "k", "subject", head=0), At(2, "v", 1)], "residual"),
+        Path([At(1, "head", "last", head=2)], [At(2, "q", "last", head=h) for h in range(2)]),
+        Path([At(1, "resid_post", "subject")], [At(2, "k", "subject", head=1)], "any", ["last", -2]),
+        Path([At(2, "mlp_out", "last")], "logits", label="direct"),
+    ]
+    many = path_patch_many(any_model, city, logit_diff(), specs, rows=24)  # several chunks
+    rows = []
+    for spec in specs:
+        one = path_patch(any_model, city, logit_diff(), spec.senders, spec.receivers, stream=spec.stream,
+                         reader=spec.reader)
+        rows.append(one.per_example)
+    torch.testing.assert_close(many.per_example, torch.cat(rows), atol=1e-6, rtol=0)
+    assert len(many.coords[0]) == many.per_example.shape[0] == 7
+    assert many.coords[0][-1] == "direct: Node(L2 mlp_out @last)"
+    effects = (many.per_example - many.corrupt_values).abs().amax(-1)
+    assert int((effects > 1e-4).sum()) >= 5  # the requests carry effects
+
+
+def test_scalar_metric_returning_none_is_a_clear_type_error(gpt2_model, city):
+    """Regression: a TL-style metric returning None reached torch.as_tensor (a RuntimeError about
+    dtype inference) instead of saying what was expected."""
+    with pytest.raises(TypeError, match=r"scalar metric: expected a scalar tensor or number, got NoneType"):
+        sweep(gpt2_model, city, lambda logits: None, layers=[0])
+
+
+def test_a_padded_batch_is_accepted_and_means_match_the_per_example_values(gpt2_model, city):
+    from interp.tokens import Batch
+
+    clean = Batch(city.tokens, city.lengths, city.side)
+    bad = Batch(city.partner.tokens, city.partner.lengths, city.partner.side)
+    metric = from_scalar(_tl_metric)
+    r = sweep(gpt2_model, clean, bad, metric, site="resid_pre", layers=[2])
+    ref = sweep(gpt2_model, city, metric, site="resid_pre", layers=[2])
+    torch.testing.assert_close(r.per_example, ref.per_example, equal_nan=True)
+    # effect: the paired mean over each cell's examples; values: the mean of the kept values
+    kept = ~torch.isnan(r.per_example)
+    want = torch.where(kept, r.per_example - r.corrupt_values, torch.zeros_like(r.per_example)).sum(-1) / kept.sum(-1)
+    torch.testing.assert_close(r.effect, want)
+    torch.testing.assert_close(r.values[0, 0].item(), r.per_example[0, 0].mean().item())
+
+
+def test_bad_positions_say_what_was_expected(gpt2_model, city):
+    with pytest.raises(ValueError, match=r"PatchResult.alpha: expected 0 < alpha < 1"):
+        sweep(gpt2_model, city, answer_logprob(), layers=[0], alpha=5.0)
+    with pytest.raises(ValueError, match=r"expected .*a span name among \['answer', 'last', 'subject'\], got 'object'"):
+        patch(gpt2_model, city, answer_logprob(), At(1, "resid_pre", "object"))
+    with pytest.raises(ValueError, match=r"positions: expected ints in \[0, 25\) \(prompt coordinates\) or span names"):
+        sweep(gpt2_model, city, answer_logprob(), positions=[25])
+    with pytest.raises(ValueError, match=r"expected a \[batch=5\] integer tensor"):
+        patch(gpt2_model, city, answer_logprob(), At(1, "resid_pre", torch.tensor([1, 2])))
+    with pytest.raises(ValueError, match=r"reader: expected query positions >= the key position \d+ .* in prompt \d"):
+        path_patch(gpt2_model, city, answer_logprob(), At(0, "head", "subject", head=0), At(1, "k", "last", head=0),
+                   stream="kv", reader="subject")
+    with pytest.raises(ValueError, match=r"sources: expected positions in \[0, target=\d+\].* in prompt 0"):
+        knockout(gpt2_model, city, answer_logprob(), at="subject", sources="last")

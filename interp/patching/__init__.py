@@ -8,7 +8,8 @@ in prompt coordinates: ints, span names, or `At` nodes at named / per-example po
 keep per-example values (`.per_example`), their means (`.values`), counts (`.n`) and bootstrap
 CIs (`.ci()`, `.to_frame()`).
 
-Entry points: `sweep`, `patch`, `patched_logits`, `kv_patch`, `path_patch`, `knockout`,
+Entry points: `sweep`, `patch`, `patched_logits`, `kv_patch`, `path_patch` (`path_patch_many` for
+many requests on the same prompts), `knockout`,
 `attribute`; results `PatchResult`, `KnockoutResult`, `AttributionResult`; deprecated metrics
 `logit_diff`, `logprob`, `PositionMetric` (use `interp.metrics`).
 """
@@ -18,11 +19,12 @@ from interp.patching.engine import At
 from interp.patching.knockout import knockout
 from interp.patching.kv import kv_patch
 from interp.patching.metrics import Metric, PositionMetric, logit_diff, logprob
-from interp.patching.path import path_patch
+from interp.patching.path import Path, path_patch, path_patch_many
 from interp.patching.results import AttributionResult, KnockoutResult, PatchResult
 from interp.patching.sweep import patch, patched_logits, sweep
 
 __all__ = [
-    "At", "AttributionResult", "KnockoutResult", "Metric", "PatchResult", "PositionMetric", "attribute",
-    "knockout", "kv_patch", "logit_diff", "logprob", "patch", "patched_logits", "path_patch", "sweep",
+    "At", "AttributionResult", "KnockoutResult", "Metric", "PatchResult", "Path", "PositionMetric", "attribute",
+    "knockout", "kv_patch", "logit_diff", "logprob", "patch", "patched_logits", "path_patch", "path_patch_many",
+    "sweep",
 ]

@@ -30,7 +30,7 @@ from interp.patching.engine import (
     positional,
 )
 from interp.patching.results import AttributionResult, PatchResult, cell_mean, detach, pearson
-from interp.patching.sweep import SWEEP_SITES, MetricArg, PromptsLike, _corrupt
+from interp.patching.sweep import SWEEP_SITES, CorruptLike, MetricArg, PromptsLike, _corrupt
 
 
 def attribute(
@@ -39,7 +39,7 @@ def attribute(
     metric: MetricArg,
     *args: object,
     site: Site | str | None = None,
-    corrupt: PromptsLike | None = None,
+    corrupt: CorruptLike | None = None,
     direction: Direction = "denoising",
     exact: PatchResult | None = None,
     alpha: float = 0.05,

@@ -143,6 +143,9 @@ def positions_mask(pos: PosSpec, prompts: Prompts, width: int, what: str = "posi
     if pos is None:
         return real, torch.ones(b, dtype=torch.bool)
     if isinstance(pos, str):
+        if pos not in prompts.spans:
+            raise ValueError(f"{what}: expected an int, a per-example tensor or a span name among "
+                             f"{sorted(prompts.spans)}, got {pos!r}; add spans with Prompts.with_spans")
         return prompts.span_mask(pos, width), torch.ones(b, dtype=torch.bool)
     if isinstance(pos, Tensor):
         t = pos.detach().cpu()
@@ -518,37 +521,57 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
     return hooks
 
 
+def _shared(slots: Sequence[EdgeEdit | None], field: str, layer: int) -> Tensor:
+    """The base-run tensor (scores or values) every copy's EdgeEdit at `layer` compares with."""
+    got = [getattr(e, field) for e in slots if e is not None and getattr(e, field) is not None]
+    if any(t is not got[0] for t in got):
+        raise ValueError(f"EdgeEdit at layer {layer}: expected every copy of a chunk to compare with the same "
+                         f"base run ({field}), got different tensors")
+    return got[0]
+
+
 def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int,
                v_cols: list[int]) -> list[tuple[str, object]]:
-    """Hooks at `layer`'s attention that apply the copies' shared per-(query, key) K/V choice.
+    """Hooks at `layer`'s attention that apply each copy's per-(query, key) K/V choice (a copy
+    without an EdgeEdit there reads its own keys and values on every edge).
 
     Keys: unmarked scores are replaced by the base run's (the causal mask is the same in both).
     Values: with the copy's values v' written into hook_v, the wanted output of query q is
     sum_k p[q, k] (E[q, k] v'[k] + (1 - E[q, k]) v[k]) = z - sum_k p[q, k] (1 - E[q, k]) (v'[k] - v[k]),
-    where p is this pass's pattern; only key positions `v_cols` (those the copy's value edits
+    where p is this pass's pattern; only key positions `v_cols` (those the copies' value edits
     write) can differ.
     """
     k = len(slots)
-    choice = slots[0]
-    if choice is None or any(e is not choice for e in slots):
-        # path patching gives every copy the same choice; a per-copy one would need stacking
-        raise ValueError(f"EdgeEdit at layer {layer}: expected one EdgeEdit shared by every copy of a "
-                         f"chunk, got {len({id(e) for e in slots})} different ones (or copies without one)")
+    # copies that share one choice (one path-patching request) are handled together, so no mask
+    # is ever repeated per copy
+    uniq: dict[int, tuple[EdgeEdit, list[int]]] = {}
+    for c, e in enumerate(slots):
+        if e is not None:
+            uniq.setdefault(id(e), (e, []))[1].append(c)
+    groups = [(e, torch.tensor(cs)) for e, cs in uniq.values()]
     hooks: list[tuple[str, object]] = []
     # queries p0.. are computed in this pass; keys cover every position (earlier ones are cached)
-    if choice.k_edges is not None and choice.base_scores is not None:
-        k_mask = choice.k_edges[:, :, p0:]  # [batch, head, q, k_pos], broadcast over copies
-        base_scores = choice.base_scores[:, :, p0:]  # [batch, head, q, k_pos]
+    k_groups = [(e.k_edges[:, :, p0:], cs) for e, cs in groups if e.k_edges is not None]  # type: ignore[index]
+    if k_groups:
+        base_scores = _shared(slots, "base_scores", layer)[:, :, p0:]  # [batch, head, q, k_pos]
 
-        def scores_hook(act: Tensor, hook, k_mask=k_mask, base_scores=base_scores) -> Tensor:
+        def scores_hook(act: Tensor, hook, k_groups=k_groups, base_scores=base_scores) -> Tensor:
             v = act.reshape(k, batch, *act.shape[1:])
-            return torch.where(k_mask, v, base_scores.to(v.dtype)).reshape(act.shape)
+            if len(k_groups) == 1 and len(k_groups[0][1]) == k:
+                return torch.where(k_groups[0][0], v, base_scores.to(v.dtype)).reshape(act.shape)
+            v = v.clone()
+            for mask, cs in k_groups:  # mask [batch, head, q, k_pos], broadcast over the group's copies
+                cs = cs.to(v.device)
+                v[cs] = torch.where(mask, v[cs], base_scores.to(v.dtype))
+            return v.reshape(act.shape)
 
         hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, scores_hook))
-    if choice.v_edges is not None and choice.base_values is not None and v_cols:
-        cols = torch.tensor(v_cols, device=choice.v_edges.device)
-        off = ~choice.v_edges[:, :, p0:][..., cols]  # [batch, head, q, cols]: edges reading base values
-        base_at = choice.base_values[:, cols]  # [batch, cols, kv_head, d_head]
+    v_groups = [(e.v_edges, cs) for e, cs in groups if e.v_edges is not None]
+    if v_groups and v_cols:
+        base_values = _shared(slots, "base_values", layer)
+        cols = torch.tensor(v_cols, device=v_groups[0][0].device)
+        v_groups = [(~edges[:, :, p0:][..., cols], cs) for edges, cs in v_groups]  # [batch, head, q, cols]
+        base_at = base_values[:, cols]  # [batch, cols, kv_head, d_head]
         seen: dict[str, Tensor] = {}
 
         def grab_values(act: Tensor, hook) -> None:
@@ -561,12 +584,16 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
             z = act.reshape(k, batch, *act.shape[1:])  # [k, batch, q, head, d_head]
             written = seen.pop("v")
             written = written.reshape(k, batch, *written.shape[1:])[:, :, cols - p0]
-            change = written - base_at.to(written.dtype)  # [k, batch, cols, kv_head, d_head]
-            change = change.repeat_interleave(z.shape[3] // change.shape[3], dim=3)  # KV groups -> heads
             pattern = seen.pop("pattern")
             pattern = pattern.reshape(k, batch, *pattern.shape[1:])[..., cols]  # [k, batch, head, q, cols]
-            wrong = torch.einsum("cbhqk,cbkhd->cbqhd", (pattern * off).to(change.dtype), change)
-            return (z - wrong.to(z.dtype)).reshape(act.shape)
+            z = z.clone()
+            for off, cs in v_groups:  # edges that must read the base values, per group of copies
+                cs = cs.to(z.device)
+                change = written[cs] - base_at.to(written.dtype)  # [c, batch, cols, kv_head, d_head]
+                change = change.repeat_interleave(z.shape[3] // change.shape[3], dim=3)  # KV groups -> heads
+                wrong = torch.einsum("cbhqk,cbkhd->cbqhd", (pattern[cs] * off).to(change.dtype), change)
+                z[cs] = z[cs] - wrong.to(z.dtype)
+            return z.reshape(act.shape)
 
         hooks += [(Node(layer, Site.V).hook_name, grab_values), (Node(layer, Site.PATTERN).hook_name, grab_pattern),
                   (Node(layer, Site.HEAD).hook_name, z_hook)]

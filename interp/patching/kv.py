@@ -34,7 +34,7 @@ from interp.patching.engine import (
     run_copies,
 )
 from interp.patching.results import PatchResult, detach
-from interp.patching.sweep import MetricArg, PromptsLike, _axis, _corrupt, position_axis
+from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, _axis, _corrupt, position_axis
 
 Which = Literal["k", "v", "kv"]
 
@@ -44,7 +44,7 @@ def kv_patch(
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
-    corrupt: PromptsLike | None = None,
+    corrupt: CorruptLike | None = None,
     which: Which = "kv",
     layers: Sequence[int] | None = None,
     positions: Sequence[int | str] | str | None = None,

@@ -35,6 +35,7 @@ head (a KV group's receiver is read through every head of the group).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ from transformer_lens.utilities.attention import simple_attn_linear
 
 from interp.arch import Arch
 from interp.graph import Node, Site
-from interp.metrics import ReadMetric, as_metric, check_per_example
+from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.patching.engine import (
     DEFAULT_ROWS,
     At,
@@ -53,6 +54,7 @@ from interp.patching.engine import (
     Edit,
     Place,
     PosSpec,
+    Runs,
     as_at,
     check_direction,
     check_prompts,
@@ -69,7 +71,7 @@ from interp.patching.engine import (
     validate_node,
 )
 from interp.patching.results import PatchResult, detach
-from interp.patching.sweep import MetricArg, PromptsLike, _corrupt
+from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, _corrupt
 from interp.prompts import Prompts
 
 Stream = Literal["any", "residual", "kv"]
@@ -145,47 +147,39 @@ def _reader_mask(reader: Reader, prompts: Prompts, width: int) -> tuple[Tensor, 
     return mask, valid
 
 
-def path_patch(
-    model: HookedTransformer,
-    prompts: PromptsLike,
-    metric: MetricArg,
-    *args: object,
-    senders: Senders | None = None,
-    receivers: Receivers | None = None,
-    corrupt: PromptsLike | None = None,
-    stream: Stream = "any",
-    reader: Reader = None,
-    direction: Direction = "denoising",
-    rows: int = DEFAULT_ROWS,
-    alpha: float = 0.05,
-    n_boot: int = 1000,
-) -> PatchResult:
-    """Path-patch each sender (or group of senders) into the receivers; one value per sender and
-    example (`.per_example` [sender, n]; `.values` the mean over examples).
+@dataclass(frozen=True)
+class Path:
+    """One path-patching request for `path_patch_many`: senders (a node, or groups of nodes patched
+    together: one result row per group), receivers (nodes or "logits"), the route class `stream`
+    and the `reader` queries, as in `path_patch`; `label` names its rows (default: the receivers)."""
 
-    senders: nodes (`Node`, or `At` at named / per-example positions) with sites head (hook_z,
-    per head), attn_out, mlp_out, resid_pre/mid/post; a nested sequence patches its nodes
-    together. receivers: Q nodes (per head), K/V nodes (per KV group under grouped-query
-    attention), all at positions, or "logits". `stream` and `reader` (query positions: ints,
-    span names such as "last", or per-example tensors) restrict which queries read patched K/V
-    receivers (module docstring). The corrupted run is `prompts.partner` or `corrupt=`; the old
-    order ``path_patch(model, clean, corrupt, metric, senders, receivers)`` still works.
-    """
-    legacy, metric, got = positional("path_patch", metric, args, {"senders": senders, "receivers": receivers})
-    corrupt = _corrupt("path_patch", corrupt, legacy)  # type: ignore[assignment]
-    senders, receivers = got["senders"], got["receivers"]  # type: ignore[assignment]
-    if senders is None or receivers is None:
-        raise TypeError("path_patch: expected senders and receivers (positionally after the metric, or "
-                        "senders=/receivers=), got none")
-    direction = check_direction(direction)
-    check_rows(rows)
+    senders: Senders
+    receivers: Receivers
+    stream: Stream = "any"
+    reader: Reader = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: list[tuple[At, ...]]
+    recv: list[At]
+    to_logits: bool
+    recv_layer: int
+    restrict: bool
+    stream: Stream
+    reader: Reader
+    names: set[str]
+    site_label: str
+
+
+def _plan(model: HookedTransformer, width: int, spec: Path) -> _Plan:
+    """Validate one request against the model and name the hooks its runs must cache."""
+    arch = Arch.of(model)
+    stream, reader, receivers = spec.stream, spec.reader, spec.receivers
     if stream not in ("any", "residual", "kv"):
         raise ValueError(f"stream: expected 'any', 'residual' or 'kv', got {stream!r}")
-    metric = as_metric(metric)
-    arch = Arch.of(model)
-    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
-    width = clean.tokens.shape[1]
-    groups = _sender_groups(senders)  # type: ignore[arg-type]
+    groups = _sender_groups(spec.senders)
     for group in groups:
         for n in group:
             validate_node(model, n, width)
@@ -242,90 +236,195 @@ def path_patch(
             if _written_at(n) > recv_layer:
                 raise ValueError(f"sender {n}: expected it below every receiver (its output enters "
                                  f"resid_pre[{_written_at(n)}]), got a receiver at layer {recv_layer}")
-
     names = {n.hook_name for g in groups for n in g}
     names |= {resid_pre_name(r.layer) for r in recv}
-    final_name = Node(arch.n_layers - 1, Site.RESID_POST).hook_name
     restrict = (stream != "any" or reader is not None) and not to_logits
     if to_logits:
-        names.add(final_name)
+        names.add(Node(arch.n_layers - 1, Site.RESID_POST).hook_name)
     if restrict:  # the base scores and values that non-reading edges see
         names |= {Node(recv_layer, Site.ATTN_SCORES).hook_name, Node(recv_layer, Site.V).hook_name}
-    runs = prepare(model, clean, bad, metric, names, direction)
-    labels = tuple(" + ".join(str(n) for n in g) for g in groups)
     route = "logits" if to_logits else ", ".join(str(r) for r in recv)
-    site_label = f"path -> {route} ({stream})"
-    batch = len(clean)
+    return _Plan(groups, recv, to_logits, recv_layer, restrict, stream, reader, names,
+                 spec.label or f"path -> {route} ({stream})")
 
-    deltas, sender_valid = [], []
+
+def _deltas(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[tuple[dict[int, Tensor], Tensor]]:
+    """Per sender group: its change of the residual by the layer it enters, and its valid examples."""
+    out = []
     with torch.inference_mode():
-        for g in groups:
+        for g in plan.groups:
             by_layer: dict[int, Tensor] = {}
-            ok = torch.ones(batch, dtype=torch.bool)
+            ok = torch.ones(len(runs.prompts), dtype=torch.bool)
             for n in g:
-                d, v = _delta(model, n, runs.base, runs.source, clean)
+                d, v = _delta(model, n, runs.base, runs.source, runs.prompts)
                 w = _written_at(n)
                 by_layer[w] = by_layer[w] + d if w in by_layer else d
                 ok &= v
-            deltas.append(by_layer)
-            sender_valid.append(ok)
+            out.append((by_layer, ok))
+    return out
 
-    def total(by_layer: dict[int, Tensor], layer: int) -> Tensor | int:
-        return sum((d for w, d in by_layer.items() if w <= layer), 0)
 
-    def result(values: Tensor) -> PatchResult:
-        return PatchResult(detach(values), ("sender",), (labels,), site_label, direction,
-                           runs.clean_values, runs.corrupt_values, method="path patching",
-                           alpha=alpha, n_boot=n_boot)
+def _total(by_layer: dict[int, Tensor], layer: int) -> Tensor | int:
+    return sum((d for w, d in by_layer.items() if w <= layer), 0)
 
-    if to_logits:
-        index = read_index(metric, clean)
-        base_final = runs.base[final_name]
-        values = torch.empty(len(groups), batch, dtype=torch.float64)
-        per_chunk = max(1, rows // batch)
-        with torch.inference_mode():
-            for lo in range(0, len(groups), per_chunk):
-                chunk = range(lo, min(lo + per_chunk, len(groups)))
-                resid = torch.cat([base_final + total(deltas[i], arch.n_layers) for i in chunk])
-                rep = None if index is None else index.repeat(len(chunk), 1)
-                logits = final_logits(model, resid, rep)
-                logits = logits.reshape(len(chunk), batch, *logits.shape[1:])
-                for j, i in enumerate(chunk):
-                    v = (metric.read(logits[j], clean) if isinstance(metric, ReadMetric)
-                         else metric(logits[j], clean))
-                    values[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
-        valid = torch.stack(sender_valid)
-        return result(values.masked_fill(~valid, float("nan")))
 
-    # receiver inputs for each sender group: q/k/v computed from the patched residual
-    recv_masks = [place_mask(model, r, clean, width) for r in recv]
-    readers = _reader_mask(reader, clean, width) if restrict else None
-    reader_ok = torch.ones(batch, dtype=torch.bool) if readers is None else readers[1]
-    copies = []
+def _logits_values(model: HookedTransformer, runs: Runs, plan: _Plan, metric: Metric, rows: int) -> Tensor:
+    """[groups, batch]: the metric with each group's change added to the final residual."""
+    arch = Arch.of(model)
+    clean = runs.prompts
+    batch = len(clean)
+    index = read_index(metric, clean)
+    base_final = runs.base[Node(arch.n_layers - 1, Site.RESID_POST).hook_name]
+    deltas = _deltas(model, runs, plan)
+    values = torch.empty(len(deltas), batch, dtype=torch.float64)
+    per_chunk = max(1, rows // batch)
     with torch.inference_mode():
-        for by_layer, ok in zip(deltas, sender_valid, strict=True):
-            edits = []
+        for lo in range(0, len(deltas), per_chunk):
+            chunk = range(lo, min(lo + per_chunk, len(deltas)))
+            resid = torch.cat([base_final + _total(deltas[i][0], arch.n_layers) for i in chunk])
+            rep = None if index is None else index.repeat(len(chunk), 1)
+            logits = final_logits(model, resid, rep)
+            logits = logits.reshape(len(chunk), batch, *logits.shape[1:])
+            for j, i in enumerate(chunk):
+                v = (metric.read(logits[j], clean) if isinstance(metric, ReadMetric)
+                     else metric(logits[j], clean))
+                values[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
+    valid = torch.stack([ok for _, ok in deltas])
+    return values.masked_fill(~valid, float("nan"))
+
+
+def _copies(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[list[Edit | EdgeEdit]]:
+    """One copy per sender group: the receivers' q/k/v computed from the patched residual (and,
+    when the readers are restricted, the per-(query, key) choice at the receiver layer)."""
+    clean = runs.prompts
+    batch, width = clean.tokens.shape
+    recv_masks = [place_mask(model, r, clean, width) for r in plan.recv]
+    readers = _reader_mask(plan.reader, clean, width) if plan.restrict else None
+    reader_ok = torch.ones(batch, dtype=torch.bool) if readers is None else readers[1]
+    copies: list[list[Edit | EdgeEdit]] = []
+    with torch.inference_mode():
+        for by_layer, ok in _deltas(model, runs, plan):
+            edits: list[Edit | EdgeEdit] = []
             cache: dict[tuple[int, Site], Tensor] = {}
-            for r, (mask, r_ok) in zip(recv, recv_masks, strict=True):
+            for r, (mask, r_ok) in zip(plan.recv, recv_masks, strict=True):
                 site: Site = r.site  # type: ignore[assignment]
                 key = (r.layer, site)
                 if key not in cache:
-                    resid = runs.base[resid_pre_name(r.layer)] + total(by_layer, r.layer)
+                    resid = runs.base[resid_pre_name(r.layer)] + _total(by_layer, r.layer)
                     x = model.blocks[r.layer].ln1(resid)
                     w, b = _projection(model, r.layer, site)
                     cache[key] = simple_attn_linear(x, w, b)
                 edits.append(Edit(r.layer, r.hook_name, mask, cache[key], ok & r_ok & reader_ok))
             copies.append(edits)
-
-    if restrict:
-        k_edges, v_edges = _edges(model, recv, stream, None if readers is None else readers[0], clean, width)
+    if plan.restrict:
+        layer = plan.recv_layer
+        k_edges, v_edges = _edges(model, plan.recv, plan.stream, None if readers is None else readers[0],
+                                  clean, width)
         choice = EdgeEdit(
-            recv_layer, k_edges, v_edges,
-            runs.base[Node(recv_layer, Site.ATTN_SCORES).hook_name] if k_edges is not None else None,
-            runs.base[Node(recv_layer, Site.V).hook_name] if v_edges is not None else None)
+            layer, k_edges, v_edges,
+            runs.base[Node(layer, Site.ATTN_SCORES).hook_name] if k_edges is not None else None,
+            runs.base[Node(layer, Site.V).hook_name] if v_edges is not None else None)
         copies = [c + [choice] for c in copies]
-    values = run_copies(model, runs, copies, metric, rows=rows, desc="path patching", labels=labels)
-    return result(values)
+    return copies
+
+
+def _run(model: HookedTransformer, prompts: PromptsLike, metric: Metric, specs: Sequence[Path],
+         corrupt: CorruptLike | None, direction: Direction, rows: int
+         ) -> tuple[Runs, list[_Plan], list[Tensor]]:
+    """Plan every request, run clean and corrupted once, then every copy of every request in one
+    batched driver; per request a [groups, batch] tensor."""
+    direction = check_direction(direction)
+    check_rows(rows)
+    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
+    width = clean.tokens.shape[1]
+    plans = [_plan(model, width, spec) for spec in specs]
+    runs = prepare(model, clean, bad, metric, set().union(*(p.names for p in plans)), direction)
+    out: list[Tensor | None] = [None] * len(plans)
+    copies: list[list[Edit | EdgeEdit]] = []
+    labels: list[str] = []
+    owner: list[int] = []
+    for i, plan in enumerate(plans):
+        if plan.to_logits:
+            out[i] = _logits_values(model, runs, plan, metric, rows)
+            continue
+        mine = _copies(model, runs, plan)
+        copies += mine
+        labels += [f"{plan.site_label}: " + " + ".join(str(n) for n in g) for g in plan.groups]
+        owner += [i] * len(mine)
+    if copies:
+        values = run_copies(model, runs, copies, metric, rows=rows, desc="path patching", labels=labels)
+        who = torch.tensor(owner)
+        for i in range(len(plans)):
+            if out[i] is None:
+                out[i] = values[who == i]
+    return runs, plans, out  # type: ignore[return-value]
+
+
+def path_patch(
+    model: HookedTransformer,
+    prompts: PromptsLike,
+    metric: MetricArg,
+    *args: object,
+    senders: Senders | None = None,
+    receivers: Receivers | None = None,
+    corrupt: CorruptLike | None = None,
+    stream: Stream = "any",
+    reader: Reader = None,
+    direction: Direction = "denoising",
+    rows: int = DEFAULT_ROWS,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
+) -> PatchResult:
+    """Path-patch each sender (or group of senders) into the receivers; one value per sender and
+    example (`.per_example` [sender, n]; `.values` the mean over examples).
+
+    senders: nodes (`Node`, or `At` at named / per-example positions) with sites head (hook_z,
+    per head), attn_out, mlp_out, resid_pre/mid/post; a nested sequence patches its nodes
+    together. receivers: Q nodes (per head), K/V nodes (per KV group under grouped-query
+    attention), all at positions, or "logits". `stream` and `reader` (query positions: ints,
+    span names such as "last", or per-example tensors) restrict which queries read patched K/V
+    receivers (module docstring). The corrupted run is `prompts.partner` or `corrupt=`; the old
+    order ``path_patch(model, clean, corrupt, metric, senders, receivers)`` still works. Many
+    requests on the same prompts: `path_patch_many` runs clean and corrupted once for all.
+    """
+    legacy, metric, got = positional("path_patch", metric, args, {"senders": senders, "receivers": receivers})
+    corrupt = _corrupt("path_patch", corrupt, legacy)  # type: ignore[assignment]
+    senders, receivers = got["senders"], got["receivers"]  # type: ignore[assignment]
+    if senders is None or receivers is None:
+        raise TypeError("path_patch: expected senders and receivers (positionally after the metric, or "
+                        "senders=/receivers=), got none")
+    metric = as_metric(metric)
+    runs, (plan,), (values,) = _run(model, prompts, metric, [Path(senders, receivers, stream, reader)],
+                                    corrupt, direction, rows)
+    labels = tuple(" + ".join(str(n) for n in g) for g in plan.groups)
+    return PatchResult(detach(values), ("sender",), (labels,), plan.site_label, direction,
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
+
+
+def path_patch_many(
+    model: HookedTransformer,
+    prompts: PromptsLike,
+    metric: MetricArg,
+    paths: Sequence[Path],
+    *,
+    corrupt: CorruptLike | None = None,
+    direction: Direction = "denoising",
+    rows: int = DEFAULT_ROWS,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
+) -> PatchResult:
+    """`path_patch` for many requests at once: the clean and corrupted runs happen once, and the
+    patched copies of every request share the batched forwards. One row per (request, sender
+    group), axis "path" labelled ``"<label>: <senders>"``; each row equals the `path_patch` call
+    of its request."""
+    metric = as_metric(metric)
+    specs = list(paths)
+    if not specs or not all(isinstance(p, Path) for p in specs):
+        raise ValueError(f"paths: expected a non-empty sequence of interp.patching.Path, got {paths!r}")
+    runs, plans, values = _run(model, prompts, metric, specs, corrupt, direction, rows)
+    labels = tuple(f"{plan.site_label}: " + " + ".join(str(n) for n in g) for plan in plans for g in plan.groups)
+    return PatchResult(detach(torch.cat(values)), ("path",), (labels,), "path", direction,
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
 
 
 def _edges(model: HookedTransformer, recv: list[At], stream: Stream, reader: Tensor | None,

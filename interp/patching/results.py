@@ -94,7 +94,12 @@ def _plot(frame: pd.DataFrame, axes: tuple[str, ...], value: str, title: str) ->
     return heatmap(f, x=axes[1], y="layer.head", value=value, title=title)
 
 
-def _check_cells(name: str, per_example: Tensor, coords: tuple[tuple, ...], axes: tuple[str, ...], n: int) -> None:
+def _check_cells(name: str, per_example: Tensor, coords: tuple[tuple, ...], axes: tuple[str, ...], n: int,
+                 alpha: float = 0.05, n_boot: int = 1000) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"{name}.alpha: expected 0 < alpha < 1 (a (1 - alpha) interval), got {alpha}")
+    if not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"{name}.n_boot: expected a positive int (bootstrap resamples), got {n_boot!r}")
     shape = (*(len(c) for c in coords), n)
     if tuple(per_example.shape) != shape or len(axes) != len(coords):
         raise ValueError(f"{name}: expected per-example values of shape {shape} (cells x examples) over axes "
@@ -123,7 +128,8 @@ class PatchResult:
     n_boot: int = 1000
 
     def __post_init__(self) -> None:
-        _check_cells(type(self).__name__, self.per_example, self.coords, self.axes, self.clean_values.shape[0])
+        _check_cells(type(self).__name__, self.per_example, self.coords, self.axes, self.clean_values.shape[0],
+                     self.alpha, self.n_boot)
 
     @property
     def values(self) -> Tensor:
@@ -211,7 +217,7 @@ class KnockoutResult:
 
     def __post_init__(self) -> None:
         _check_cells("KnockoutResult", self.per_example, (self.start_layers,), ("start_layer",),
-                     self.base_values.shape[0])
+                     self.base_values.shape[0], self.alpha, self.n_boot)
 
     @property
     def values(self) -> Tensor:
@@ -278,7 +284,8 @@ class AttributionResult:
     n_boot: int = 1000
 
     def __post_init__(self) -> None:
-        _check_cells("AttributionResult", self.per_example, self.coords, self.axes, self.base_values.shape[0])
+        _check_cells("AttributionResult", self.per_example, self.coords, self.axes, self.base_values.shape[0],
+                     self.alpha, self.n_boot)
 
     @property
     def values(self) -> Tensor:

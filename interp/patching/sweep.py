@@ -54,6 +54,7 @@ SWEEP_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, S
                Site.HEAD, Site.Q, Site.K, Site.V)
 
 PromptsLike = Prompts | Batch | Int[Tensor, "batch pos"]
+CorruptLike = Prompts | Batch | Int[Tensor, "_batch _pos"]  # checked against the prompts with a clear error
 MetricArg = Callable | Tensor | Batch  # a metric; a token tensor here is the old (clean, corrupt, metric) order
 
 
@@ -105,7 +106,7 @@ def sweep(
     metric: MetricArg,
     *args: object,
     site: Site | str | None = None,
-    corrupt: PromptsLike | None = None,
+    corrupt: CorruptLike | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int | str] | str | None = None,
     heads: Sequence[int] | None = None,
@@ -121,7 +122,8 @@ def sweep(
     `prompts`: the clean prompts (`Prompts`, a padded `Batch` or a token tensor); the corrupted
     run is `prompts.partner` or `corrupt=` (each example of the same length as its clean prompt).
     The old order ``sweep(model, clean, corrupt, metric[, site])`` still works. `metric`: anything
-    `interp.metrics.as_metric` takes. Denoising patches the clean value into the corrupted run;
+    `interp.metrics.as_metric` takes. `site` (positionally after the metric, or ``site=``;
+    default resid_pre). Denoising patches the clean value into the corrupted run;
     noising the reverse. `positions`: ints in prompt coordinates (an example shorter than a
     cell's position is NaN there) or span names (each patched whole). `heads` index heads (KV
     groups for k and v on grouped-query models). `rows` bounds the rows (examples x patched
@@ -186,7 +188,7 @@ def patch(
     metric: MetricArg,
     *args: object,
     nodes: Place | Sequence[Place] | None = None,
-    corrupt: PromptsLike | None = None,
+    corrupt: CorruptLike | None = None,
     direction: Direction = "denoising",
     alpha: float = 0.05,
     n_boot: int = 1000,
@@ -218,7 +220,7 @@ def patched_logits(
     prompts: PromptsLike,
     nodes: Place | Sequence[Place] | Tensor | Batch,
     *old: Place | Sequence[Place],
-    corrupt: PromptsLike | None = None,
+    corrupt: CorruptLike | None = None,
     direction: Direction = "denoising",
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The full logits of the base run with all `nodes` patched from the source run, in the
