@@ -18,7 +18,7 @@ REPORT_LAYER = {"interp.report", "interp.cli", "interp.cli_run", "interp.demo"}
 
 # Known violations in files owned by other branches of issue 11 (each listed in the methods
 # report for its owner); the test fails on any new one, and an entry is removed once fixed.
-KNOWN_PRIVATE = {("interp.patching.kv", "interp.patching.sweep", "_axis")}
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 KNOWN_REPORT_IMPORTERS = {"interp.probing"}
 
 

@@ -30,7 +30,7 @@ from interp.patching.engine import (
     positional,
 )
 from interp.patching.results import AttributionResult, PatchResult, cell_mean, detach, pearson
-from interp.patching.sweep import SWEEP_SITES, CorruptLike, MetricArg, PromptsLike, _corrupt
+from interp.patching.sweep import SWEEP_SITES, CorruptLike, MetricArg, PromptsLike, corrupt_arg
 
 
 def attribute(
@@ -54,7 +54,7 @@ def attribute(
     old order ``attribute(model, clean, corrupt, metric[, site])`` still works.
     """
     legacy, metric, got = positional("attribute", metric, args, {"site": site})
-    corrupt = _corrupt("attribute", corrupt, legacy)  # type: ignore[assignment]
+    corrupt = corrupt_arg("attribute", corrupt, legacy)  # type: ignore[assignment]
     site = got["site"] or "resid_pre"  # type: ignore[assignment]
     site = parse_site(site)  # type: ignore[arg-type]
     if site not in SWEEP_SITES:

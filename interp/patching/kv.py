@@ -34,7 +34,7 @@ from interp.patching.engine import (
     run_copies,
 )
 from interp.patching.results import PatchResult, detach
-from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, _axis, _corrupt, position_axis
+from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, corrupt_arg, index_axis, position_axis
 
 Which = Literal["k", "v", "kv"]
 
@@ -65,7 +65,7 @@ def kv_patch(
     (layer, position) are patched together and the result is over (layer, pos).
     """
     legacy, metric, _ = positional("kv_patch", metric, args, {})
-    corrupt = _corrupt("kv_patch", corrupt, legacy)  # type: ignore[assignment]
+    corrupt = corrupt_arg("kv_patch", corrupt, legacy)  # type: ignore[assignment]
     if which not in ("k", "v", "kv"):
         raise ValueError(f"which: expected 'k', 'v' or 'kv', got {which!r}")
     direction = check_direction(direction)
@@ -80,9 +80,9 @@ def kv_patch(
                 raise ValueError(f"groups: expected KV group indices in [0, {n_groups}), got {g!r}{hint}")
         if not per_group:
             raise ValueError("groups: expected per_group=True when groups are given, got per_group=False")
-    layer_ix = _axis(layers, arch.n_layers, "layers")
+    layer_ix = index_axis(layers, arch.n_layers, "layers")
     pos_ix = position_axis(positions, clean)
-    group_ix = _axis(groups, n_groups, "groups")
+    group_ix = index_axis(groups, n_groups, "groups")
     sites = [Site(s) for s in which]
     names = {Node(layer, s).hook_name for layer in layer_ix for s in sites}
     runs = prepare(model, clean, bad, metric, names, direction)  # type: ignore[arg-type]

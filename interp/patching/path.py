@@ -71,7 +71,7 @@ from interp.patching.engine import (
     validate_node,
 )
 from interp.patching.results import PatchResult, detach
-from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, _corrupt
+from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, corrupt_arg
 from interp.prompts import Prompts
 
 Stream = Literal["any", "residual", "kv"]
@@ -388,7 +388,7 @@ def path_patch(
     requests on the same prompts: `path_patch_many` runs clean and corrupted once for all.
     """
     legacy, metric, got = positional("path_patch", metric, args, {"senders": senders, "receivers": receivers})
-    corrupt = _corrupt("path_patch", corrupt, legacy)  # type: ignore[assignment]
+    corrupt = corrupt_arg("path_patch", corrupt, legacy)  # type: ignore[assignment]
     senders, receivers = got["senders"], got["receivers"]  # type: ignore[assignment]
     if senders is None or receivers is None:
         raise TypeError("path_patch: expected senders and receivers (positionally after the metric, or "

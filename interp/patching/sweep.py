@@ -58,13 +58,15 @@ CorruptLike = Prompts | Batch | Int[Tensor, "_batch _pos"]  # checked against th
 MetricArg = Callable | Tensor | Batch  # a metric; a token tensor here is the old (clean, corrupt, metric) order
 
 
-def _corrupt(what: str, given: object, legacy: object) -> object:
+def corrupt_arg(what: str, given: object, legacy: object) -> object:
+    """The corrupted run, given either as `corrupt=` or positionally (the old argument order)."""
     if legacy is not None and given is not None:
         raise TypeError(f"{what}: corrupted tokens given twice (positionally and as corrupt=)")
     return given if legacy is None else legacy
 
 
-def _axis(values: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
+def index_axis(values: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
+    """Validated indices into an axis of `size` (all of it when None; negative ones wrap)."""
     if values is None:
         return tuple(range(size))
     out = []
@@ -131,7 +133,7 @@ def sweep(
     raises.
     """
     legacy, metric, got = positional("sweep", metric, args, {"site": site})
-    corrupt = _corrupt("sweep", corrupt, legacy)  # type: ignore[assignment]
+    corrupt = corrupt_arg("sweep", corrupt, legacy)  # type: ignore[assignment]
     site = got["site"] or "resid_pre"  # type: ignore[assignment]
     site = parse_site(site)  # type: ignore[arg-type]
     if site not in SWEEP_SITES:
@@ -140,7 +142,7 @@ def sweep(
     arch = Arch.of(model)
     clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
     width = clean.tokens.shape[1]
-    layer_ix = _axis(layers, arch.n_layers, "layers")
+    layer_ix = index_axis(layers, arch.n_layers, "layers")
     pos_ix = position_axis(positions, clean)
     if site.per_head:
         n_h = heads_at(model, site)
@@ -149,7 +151,7 @@ def sweep(
             for h in heads:
                 if not isinstance(h, int) or not 0 <= h < n_h:
                     raise ValueError(f"heads: expected {kind} indices in [0, {n_h}), got {h!r}")
-        head_ix = _axis(heads, n_h, "heads")
+        head_ix = index_axis(heads, n_h, "heads")
     elif heads is not None:
         raise ValueError(f"heads: site {site.value!r} has no heads, got heads={list(heads)}")
     nodes: list[At] = []
@@ -197,7 +199,7 @@ def patch(
     forward pass; a one-cell result with one value per example. The old order
     ``patch(model, clean, corrupt, metric, nodes)`` still works."""
     legacy, metric, got = positional("patch", metric, args, {"nodes": nodes})
-    corrupt = _corrupt("patch", corrupt, legacy)  # type: ignore[assignment]
+    corrupt = corrupt_arg("patch", corrupt, legacy)  # type: ignore[assignment]
     nodes = got["nodes"]  # type: ignore[assignment]
     if nodes is None:
         raise TypeError("patch: expected nodes (positionally after the metric, or nodes=), got none")
