@@ -53,7 +53,16 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node
-from interp.hooks import BlockAttention, Capture, HookError, Intervention, Patch, ResampleAblate, intervene, resolve_hooks
+from interp.hooks import (
+    BlockAttention,
+    Capture,
+    HookError,
+    Intervention,
+    Patch,
+    ResampleAblate,
+    intervene,
+    resolve_hooks,
+)
 from interp.lens.residual import Decoder, compute_dtype, lens_nodes
 from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, Tokenizer, check_model_tokens
@@ -262,8 +271,12 @@ def generate(
     captures: Sequence[str | Node] = (),
     lens: bool = False,
     cache: bool = True,
+    sample_rows: Sequence[int] | Tensor | None = None,
 ) -> Generation:
-    """Decode `steps` tokens after each prompt (module doc: padding, cache, interventions)."""
+    """Decode `steps` tokens after each prompt (module doc: padding, cache, interventions).
+
+    `sample_rows`: the random stream of each row (default: its row index), so a prompt run alone
+    with ``sample_rows=[i]`` samples what row i of a batch samples."""
     cfg = GenerateConfig(steps=steps, mode=mode, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          where=where, cache=cache, lens=lens)
     p = as_prompts(prompts)
@@ -278,7 +291,10 @@ def generate(
     _check_interventions(interventions, where)
     b = len(r)
     forced = _forced(force, b, steps, arch.d_vocab)
-    u = _uniforms(torch.arange(b), steps, seed) if mode == "sample" else None
+    streams = torch.arange(b) if sample_rows is None else torch.as_tensor(sample_rows, dtype=torch.long).cpu()
+    if streams.shape != (b,):
+        raise ValueError(f"generate: sample_rows expected one stream id per prompt ({b},), got {tuple(streams.shape)}")
+    u = _uniforms(streams, steps, seed) if mode == "sample" else None
     cap_names = resolve_hooks(model, list(captures)) if captures else []
     lens_names = [n.hook_name for n in lens_nodes(arch.n_layers)] if lens else []
     decoder = Decoder(model, compute_dtype(next(model.parameters()).dtype)) if lens else None
