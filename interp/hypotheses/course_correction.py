@@ -282,7 +282,7 @@ def _categorise(unforced: Tensor, forced: Tensor, surprise: Tensor, alternatives
     return torch.where(finish, CATEGORIES.index("finish"), cat)
 
 
-def measure(model: HookedTransformer, prompts: Prompts, *, steps: int, surprise: Surprise | Tensor,
+def measure(model: HookedTransformer, prompts: Prompts | Batch | Tensor, *, steps: int, surprise: Surprise | Tensor,
             candidates: Tensor | None, alternatives: Tensor | None, plan: Tensor | None, seed: int) -> Measured:
     """The per-example measurements of one model (module doc)."""
     p = prompts_of(prompts, model)
