@@ -199,13 +199,19 @@ class CourseCorrectionResult:
             return Verdict(False, "no random baseline was run")
         f = self.to_frame()
         best = max(CATEGORIES, key=lambda c: self._get(f, "model", "rate", category=c).value)
-        m = self._get(f, "model", "rate", category=best)
-        b = self._get(f, "baseline", "rate", category=best)
-        behaviour = (f"after a forced surprise the model's commonest outcome is '{best}': {m.value:.1%} "
-                     f"[{m.ci_low:.1%}, {m.ci_high:.1%}] of prompts (random-initialised: {b.value:.1%} "
-                     f"[{b.ci_low:.1%}, {b.ci_high:.1%}])")
-        if not m.ci_low > b.ci_high:
-            return Verdict(False, behaviour + "; it does not clear the random baseline")
+
+        def rate(c: str) -> str:
+            m, b = self._get(f, "model", "rate", category=c), self._get(f, "baseline", "rate", category=c)
+            return (f"'{c}' {m.value:.1%} [{m.ci_low:.1%}, {m.ci_high:.1%}] (random-initialised {b.value:.1%} "
+                    f"[{b.ci_low:.1%}, {b.ci_high:.1%}])")
+
+        above = [c for c in CATEGORIES if self._get(f, "model", "rate", category=c).ci_low
+                 > self._get(f, "baseline", "rate", category=c).ci_high]
+        behaviour = f"after a forced surprise the commonest outcome is {rate(best)}"
+        if not above:
+            return Verdict(False, behaviour + "; no outcome's rate clears the random baseline")
+        behaviour += "; above the baseline: " + ", ".join(rate(c) for c in above)
+        best = max(above, key=lambda c: self._get(f, "model", "rate", category=c).value)
         kv, kv_b = self._get(f, "model", "drop_kv"), self._get(f, "baseline", "drop_kv")
         rs, rs_b = self._get(f, "model", "drop_resid"), self._get(f, "baseline", "drop_resid")
         cuts = (f"cutting the pre-surprise K/V changes log p(u_1) by {-kv.value:+.2f} nats "
