@@ -18,11 +18,13 @@ from interp.decoding import (
     fit_beta,
     generate,
     multiplicative_weights,
+    permutation_tv_test,
     replicator_field,
     replicator_path,
     restrict,
     sample_from,
     trajectory,
+    tv_distance,
 )
 from interp.graph import Node
 from interp.hooks import Add, HookError, Patch, Scale, block_attention, run
@@ -316,3 +318,51 @@ def test_trajectory_padded_equals_each_prompt_alone(model, bpe_tokenizer, side):
     frame = res.to_frame()
     row = frame[(frame.quantity == "kl_final") & (frame.layer == 0)].iloc[0]
     assert row.n == len(p) and abs(row.value - float(ref[0].mean())) < TOL and row.ci_low <= row.value <= row.ci_high
+
+
+# ------------------------------------------------------------------------------- forking tokens
+
+def test_permutation_tv_test_against_scipy():
+    from scipy.stats import permutation_test
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 3, (40,), generator=g)
+    b = torch.cat([torch.randint(0, 3, (20,), generator=g), torch.full((20,), 2)])
+
+    def stat(x, y):
+        k = 4
+        return 0.5 * np.abs(np.bincount(x, minlength=k) / len(x) - np.bincount(y, minlength=k) / len(y)).sum()
+
+    ref = permutation_test((a.numpy(), b.numpy()), stat, n_resamples=4000, alternative="greater",
+                           permutation_type="independent", random_state=1)
+    tv, p = permutation_tv_test(a, b, n_perm=4000, seed=2)
+    assert abs(tv - ref.statistic) < 1e-12 and abs(tv - tv_distance(a, b)) < 1e-12
+    assert abs(p - ref.pvalue) < 0.03  # two Monte Carlo estimates of one p-value (4000 draws each)
+
+
+def test_forking_token_is_the_forced_surprise_on_the_planning_organism():
+    """The planning organism's word is fixed at `say`: resampling after each prefix of its own word
+    never changes the outcome (its last syllable), but a wrong first syllable does (course
+    correction fails: it drifts), so that position is a forking token and no other is needed."""
+    from interp.decoding import forking_tokens
+    from interp.hypotheses.course_correction import planning_inputs
+    from interp.models import load_model
+
+    model = load_model("organism:planning")
+    x = planning_inputs(8, 0)
+    r = x.prompts.right()
+    i = 1
+    prompt = r.tokens[i, : int(r.lengths[i])]
+    word = x.plan[i]
+
+    def last_syllable(gen):
+        return gen[:, 3]
+
+    clean = forking_tokens(model, prompt, word, n=24, outcome=last_syllable, n_perm=500, n_boot=200)
+    assert clean.forking == [] and float(clean.tv.max()) <= 0.2
+    surprise = torch.tensor([int(c) for c in x.candidates if int(c) != int(word[0])][0])
+    wrong = torch.cat([surprise[None], word[1:]])
+    res = forking_tokens(model, prompt, wrong, n=24, outcome=last_syllable, n_perm=500, n_boot=200)
+    assert 1 in res.forking and res.tv[0] > 0.5
+    frame = res.to_frame()
+    assert frame.loc[0, "ci_low"] <= frame.loc[0, "value"] <= frame.loc[0, "ci_high"]
