@@ -152,6 +152,20 @@ class TrajectoryResult:
                              verdict=reading if ok else "no verdict: does not clear the random baseline"))
         return pd.DataFrame(rows)
 
+    @property
+    def verdict(self) -> str:
+        """One sentence over the layers whose time share clears the random baseline ("No verdict: ..."
+        otherwise, as `str(interp.hypotheses.Verdict)`; this module sits below the hypotheses)."""
+        if self.baseline is None:
+            return "No verdict: no random baseline was run"
+        v = self.verdicts()
+        ok = v[v.supported]
+        if ok.empty:
+            return "No verdict: no layer's time share clears the random baseline"
+        parts = [f"{r.label}: {r.verdict}, time share {r.time_share:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] vs "
+                 f"{r.baseline:.3f} at random init" for r in ok.itertuples()]
+        return f"{self.lens} lens trajectory: " + "; ".join(parts)
+
     def plot(self, quantity: str = "time_share") -> go.Figure:
         f = self.to_frame()
         f = f[f.quantity == quantity]

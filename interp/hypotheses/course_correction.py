@@ -194,7 +194,9 @@ class CourseCorrectionResult:
                 return layer
         return None
 
+    @property
     def verdict(self) -> Verdict:
+        """The outcome categories that clear the random baseline, and the route of a recovery."""
         if self.baseline is None:
             return Verdict(False, "no random baseline was run")
         f = self.to_frame()
