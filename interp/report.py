@@ -33,6 +33,14 @@ from interp.atomic import atomic_file
 
 CI_METHOD = "95% percentile bootstrap over examples (1000 resamples)"
 PLOTLY_JS = "plotly.min.js"
+# what a headless browser reads back (tests/browser.py): figures drawn without a single trace,
+# horizontal overflow of the page (px) and its full height, set on <html> once the page settled
+PAGE_CHECK = """<script>window.addEventListener('load',function(){setTimeout(function(){
+var d=document.documentElement,divs=document.querySelectorAll('.plotly-graph-div'),blank=0;
+divs.forEach(function(g){if(!g.querySelector('.main-svg .trace'))blank++;});
+d.setAttribute('data-blank-figures',String(blank));
+d.setAttribute('data-overflow-px',String(Math.max(0,d.scrollWidth-d.clientWidth)));
+d.setAttribute('data-page-height',String(d.scrollHeight));},300);});</script>"""
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:auto;padding:1em 1.5em;
@@ -182,6 +190,7 @@ class Report:
             parts.extend(f"<p>{html.escape(p)}</p>" for p in self.intro.split("\n\n"))
         for s in self.sections:
             parts.append(_section_html(s, data_dir))
+        parts.append(PAGE_CHECK)
         parts.append("</body></html>")
         return "\n".join(parts)
 

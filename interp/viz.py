@@ -19,7 +19,7 @@ Conventions (so a figure reads the same in every report and notebook):
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -49,7 +49,7 @@ def layer_ticks(labels: Sequence[str], short: bool = False) -> dict:
     return dict(tickmode="array", tickvals=list(range(len(labels))), ticktext=list(labels), title_text=title)
 
 
-def band(fig: go.Figure, x: Sequence, low: Sequence, high: Sequence, *, color_: str, name: str,
+def band(fig: go.Figure, x: Iterable, low: Iterable, high: Iterable, *, color_: str, name: str,
          row: int | None = None, col: int | None = None, legendgroup: str | None = None) -> None:
     """A shaded CI band (not in the legend; its line's legend entry toggles it)."""
     xs, lo, hi = list(x), list(low), list(high)
@@ -62,10 +62,10 @@ def band(fig: go.Figure, x: Sequence, low: Sequence, high: Sequence, *, color_: 
                              name=f"{name}: {CI_TEXT}", legendgroup=legendgroup or name), row=row, col=col)
 
 
-def line(fig: go.Figure, x: Sequence, y: Sequence, *, name: str, color_: str, model: str = TRAINED,
-         low: Sequence | None = None, high: Sequence | None = None, unit: str = "",
+def line(fig: go.Figure, x: Iterable, y: Iterable, *, name: str, color_: str, model: str = TRAINED,
+         low: Iterable | None = None, high: Iterable | None = None, unit: str = "",
          row: int | None = None, col: int | None = None, showlegend: bool = True,
-         legendgroup: str | None = None, hover_x: Sequence | None = None) -> None:
+         legendgroup: str | None = None, hover_x: Iterable | None = None) -> None:
     """One measured curve: line style from `model`, a CI band when `low`/`high` are given, and
     the value with its CI (defined) in the hover."""
     group = legendgroup or name
@@ -85,7 +85,7 @@ def line(fig: go.Figure, x: Sequence, y: Sequence, *, name: str, color_: str, mo
                              marker=dict(size=6)), row=row, col=col)
 
 
-def reference(fig: go.Figure, *, y: float | None = None, x: float | None = None, text: str,
+def reference(fig: go.Figure, *, y: float | int | None = None, x: float | int | None = None, text: str,
               row: int | str | None = None, col: int | str | None = None, dash: str = "dot",
               position: str | None = None) -> None:
     """A labelled reference line (chance, clean accuracy, training length …)."""
@@ -105,8 +105,8 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def _chars_for(width_px: float, size: float = FONT + 1) -> int:
-    return max(12, int(width_px / (0.55 * size)))
+def _chars_for(width_px: float | int, size: float | int = FONT + 1) -> int:
+    return max(12, int(width_px / (0.6 * size)))
 
 
 def fit_subplot_titles(fig: go.Figure, width: int = WIDTH) -> go.Figure:
@@ -117,7 +117,7 @@ def fit_subplot_titles(fig: go.Figure, width: int = WIDTH) -> go.Figure:
         if a.xref != "paper" or a.yref != "paper" or not a.text or a.yanchor != "bottom":
             continue
         dom = _panel_width(fig, a.x)
-        wrapped = textwrap.wrap(a.text.replace("<br>", " "), _chars_for(dom * width))
+        wrapped = textwrap.wrap(a.text.replace("<br>", " "), _chars_for(dom * (width - 100)))
         a.text = "<br>".join(wrapped)
         a.font = dict(size=FONT + 1)
         lines = max(lines, len(wrapped))

@@ -390,7 +390,9 @@ class PlanAheadResult:
         fig.update_xaxes(**viz.layer_ticks(self.lens.labels))
         clean = "" if self.clean is None else f" The model's own teacher-forced accuracy on those tokens: {self.clean}."
         return viz.finish(fig, title=f"Plan-ahead: decoding tokens beyond the next one — {self.lens.model_name}",
-                          caption=f"A linear future lens reads h[t] at the planning position and predicts x[t+k]. "
+                          caption=f"n = {int(self.lens.n_test_examples[0])} held-out prompts "
+                                  f"({int(self.lens.n_test_tokens[0])} tokens). "
+                                  f"A linear future lens reads h[t] at the planning position and predicts x[t+k]. "
                                   f"Solid: trained model; dashed: random-initialised model; dotted: bigram "
                                   f"predictor from x[t]. Bands: {viz.CI_TEXT}.{clean}")
 
