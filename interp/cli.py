@@ -86,7 +86,7 @@ def models_cmd() -> None:
         table.add_row(f"organism:{name}", str(m.get("task", "")), shape, accepted or "—")
     console.print(table)
     console.print("Pretrained (TransformerLens names; need the HF cache or a hub): "
-                  + ", ".join(EXAMPLE_PRETRAINED))
+                  + ", ".join(EXAMPLE_PRETRAINED), soft_wrap=False)
 
 
 @app.command("cache")

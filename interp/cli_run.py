@@ -77,7 +77,7 @@ def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
         loaded = {s: runner._load(s) for s in specs}
     with progress(console, f"running {name}"):
         result = investigate(runner, loaded)
-    console.print(f"[bold]{name}[/] ({time.perf_counter() - t0:.1f} s): {result.verdict}")
+    console.print(f"[bold]{name}[/]: {result.verdict} ({time.perf_counter() - t0:.1f} s)")
     from interp.report import Provenance, report_for
 
     prov = Provenance.collect(loaded, seeds={"seed": seed})
