@@ -89,7 +89,7 @@ def run_investigations(sizes: runner.Sizes, console: Console | None = None) -> d
     return results
 
 
-def _training_length(spec: str = "organism:retrieval-learned") -> int | None:
+def training_length(spec: str = "organism:retrieval-learned") -> int | None:
     """The longest query-to-fact distance the retrieval organisms saw in training (their manifest's task)."""
     try:
         task = read_manifest(spec).get("task", "")
@@ -100,7 +100,7 @@ def _training_length(spec: str = "organism:retrieval-learned") -> int | None:
 
 
 def _figure(key: str, result: Any) -> Any:
-    return result.plot(training_length=_training_length()) if key == "decay" else result.plot()
+    return result.plot(training_length=training_length()) if key == "decay" else result.plot()
 
 
 SPECS = {"multihop": ["organism:multihop"], "plan-ahead": ["organism:planning"],
