@@ -21,6 +21,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -79,7 +80,8 @@ def line(fig: go.Figure, x: Iterable, y: Iterable, *, name: str, color_: str, mo
         hover = f"{name}<br>%{{customdata[2]}}: %{{y:.3f}} {unit}<extra></extra>"
     hx = list(hover_x) if hover_x is not None else list(x)
     custom = [(a, b, str(h)) for (a, b), h in zip(custom, hx, strict=True)]
-    fig.add_trace(go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name, legendgroup=group,
+    fig.add_trace(go.Scatter(x=list(x), y=np.asarray(list(y), dtype=float), mode="lines+markers", name=name,
+                             legendgroup=group,
                              showlegend=showlegend, customdata=custom, hovertemplate=hover,
                              line=dict(color=color_, dash=DASH.get(model, "solid"), width=2),
                              marker=dict(size=6)), row=row, col=col)
