@@ -33,15 +33,15 @@ INTRO = {
                 "and the queried entity a, and answers c (two hops; one hop is the control). Probes and the "
                 "logit lens read the bridge b and the answer c by layer; interchange interventions patch the "
                 "last position's residual from a prompt whose bridge differs.",
-    "plan-ahead": "organism:planning emits a multi-token word chosen by an earlier cue. At the position before "
-                  "the word, does the hidden state already encode the 2nd and 3rd tokens ahead?",
+    "plan-ahead": "organism:planning emits a multi-token word chosen by an earlier cue; a linear future lens reads "
+                  "the hidden state at the position before the word.",
     "decay": "Three retrieval organisms that differ only in positional scheme (learned, rotary, none) retrieve "
              "the value of a queried key whose pair sits d tokens back.",
     "last-token": "For each layer l: cut the last position's attention to the context at layers >= l "
                   "(knockout), transplant its clean residual into a neutral context, or replace the "
                   "context's keys and values from a neutral run.",
-    "routes": "organism:induction copies B after a repeated A. Which routes carry the information from A's "
-              "first occurrence to the prediction: residual-first or K/V-first, through keys or values?",
+    "routes": "organism:induction copies B after a repeated A. Exact path patching measures each route from the "
+              "token after A's first occurrence to the prediction, batched over prompts.",
 }
 
 

@@ -282,6 +282,8 @@ def fmt(v: Any, digits: int = 3) -> str:
         return str(v)
     if x != x:
         return "—"
+    if abs(x) < 0.5 * 10 ** -digits:
+        x = 0.0  # no "-0.000"
     return f"{x:.{digits}f}"
 
 
@@ -306,6 +308,7 @@ def _measured(n: int | str, baseline: str, seed: int | None = None) -> str:
 
 def _summ_multihop(r: Any) -> Summary:
     from interp.hypotheses.base import estimate
+    from interp.prompts import LAST
 
     rows = []
     lab = r.labels
@@ -318,10 +321,12 @@ def _summ_multihop(r: Any) -> Summary:
                      "decodable from": lab[at] if at is not None else "—"})
     best = max(((pn, li) for pn in r.iia for li in range(len(r.iia[pn]))),
                key=lambda k: float(r.shift_estimate(*k).value))
-    rows.append({"measure": f"interchange accuracy @ {best[0]}", "layer": lab[best[1]],
-                 "trained": fmt(r.iia_estimate(*best)),
-                 "random-init": fmt(estimate(r.baseline_iia[best[0]][best[1]].correct)), "decodable from": ""})
-    rows.append({"measure": "logit-difference shift by that patch (nats)", "layer": lab[best[1]],
+    bridge_at = r.decodable_from.get((LAST, "bridge"))
+    at = (LAST, bridge_at) if bridge_at is not None and LAST in r.iia else best
+    rows.append({"measure": f"interchange accuracy @ {at[0]}" + (" (bridge's layer)" if at != best else ""),
+                 "layer": lab[at[1]], "trained": fmt(r.iia_estimate(*at)),
+                 "random-init": fmt(estimate(r.baseline_iia[at[0]][at[1]].correct)), "decodable from": ""})
+    rows.append({"measure": f"largest logit-difference shift (patch @ {best[0]}, nats)", "layer": lab[best[1]],
                  "trained": fmt(r.shift_estimate(*best)), "random-init": fmt(r.shift_estimate(*best, baseline=True)),
                  "decodable from": ""})
     rows.append({"measure": "clean two-hop accuracy", "layer": "", "trained": fmt(estimate(r.clean.correct)),
