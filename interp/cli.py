@@ -66,24 +66,27 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show the full trace
 
 @app.command("models")
 def models_cmd() -> None:
-    """List the shipped organisms and example pretrained names."""
+    """List the shipped organisms (shape and held-out acceptance) and example pretrained names."""
     from rich.table import Table
 
     from interp.models import list_organisms, read_manifest
 
-    table = Table(title="Shipped organisms (load with organism:NAME)")
-    table.add_column("spec")
-    table.add_column("task")
-    table.add_column("metrics")
+    table = Table(title="Shipped organisms (load with organism:NAME)", expand=True, show_lines=True)
+    table.add_column("spec", no_wrap=True)
+    table.add_column("task", overflow="fold", ratio=3)
+    table.add_column("shape", overflow="fold", ratio=1)
+    table.add_column("held-out acceptance", overflow="fold", ratio=2)
     for name in list_organisms():
         m = read_manifest(f"organism:{name}")
-        metrics = m.get("metrics", {})
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in list(metrics.items())[:4])
-        table.add_row(f"organism:{name}", str(m.get("task", "")), shown)
+        a = m.get("architecture", {})
+        shape = f"{a.get('n_layers', '?')} layers, d_model {a.get('d_model', '?')}, {a.get('n_heads', '?')} heads"
+        # measured results only (the acceptance criteria), not the evaluation's settings (seed, n)
+        accepted = "; ".join(f"{c.get('what', k)}: {c['value']:.3g} (needs {c['op']} {c['threshold']})"
+                             for k, c in m.get("acceptance", {}).items())
+        table.add_row(f"organism:{name}", str(m.get("task", "")), shape, accepted or "—")
     console.print(table)
     console.print("Pretrained (TransformerLens names; need the HF cache or a hub): "
-                  + ", ".join(EXAMPLE_PRETRAINED))
+                  + ", ".join(EXAMPLE_PRETRAINED), soft_wrap=False)
 
 
 @app.command("cache")
@@ -135,12 +138,15 @@ def _tokenizer_for(spec: str, model: object):  # noqa: ANN202
 def demo_cmd(
     out: Path = typer.Option(Path("reports/demo.html"), help="where to write the offline HTML report"),
     fast: bool = typer.Option(False, help="fewer examples (for tests)"),
+    shared_js: bool = typer.Option(False, "--shared-js", help="write plotly.js once as plotly.min.js beside the "
+                                                              "report instead of embedding it (offline still)"),
 ) -> None:
-    """Run the investigations on the shipped organisms and write one offline HTML report."""
+    """Run the investigations on the shipped organisms and write one offline HTML report
+    (tidy tables as CSVs beside it, verdicts and key numbers in a JSON file)."""
     _quiet()
     from interp.demo import run_demo
 
-    path = run_demo(out, fast=fast, console=console)
+    path = run_demo(out, fast=fast, console=console, shared_js=shared_js)
     console.print(f"[bold green]report written:[/] {path.resolve()}")
 
 

@@ -62,29 +62,48 @@ def report_path(name: str, models: str | list[str], out: Path | None = None, *, 
 
 
 def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
-         investigate: Callable[[Any], Any]) -> None:
-    """Choose the report path (refused before any work), run `investigate(runner)`, write the report."""
-    path = report_path(name, models, out, overwrite=overwrite)
-    result = investigate(_runner())
-    console.print(f"[bold]{name}[/]: {result.verdict}")
-    from interp.report import report_for
+         investigate: Callable[[Any, dict[str, Any]], Any], seed: int, *, shared_js: bool = False) -> None:
+    """Choose the report path (refused before any work), load the models, run
+    `investigate(runner, loaded)` with progress lines, write the report with its provenance."""
+    import time
 
-    path = report_for(name, result).write(path)
+    from interp.progress import progress
+
+    path = report_path(name, models, out, overwrite=overwrite)
+    runner = _runner()
+    specs = [models] if isinstance(models, str) else list(models)
+    t0 = time.perf_counter()
+    with progress(console, f"loading {', '.join(specs)}"):
+        loaded = {s: runner._load(s) for s in specs}
+    with progress(console, f"running {name}"):
+        result = investigate(runner, loaded)
+    console.print(f"[bold]{name}[/]: {result.verdict} ({time.perf_counter() - t0:.1f} s)")
+    from interp.report import Provenance, report_for
+
+    prov = Provenance.collect(loaded, seeds={"seed": seed})
+    path = report_for(name, result, prov).write(path, shared_js=shared_js)
     console.print(f"report written: {path.resolve()}")
+
+
+SHARED_JS = typer.Option(False, "--shared-js", help="refer to one plotly.min.js in the report's folder instead of "
+                                                    "embedding plotly.js (~4.6 MB) in each report")
 
 
 @app.command("multihop")
 def multihop_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                 prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+                 prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
+                 shared_js: bool = SHARED_JS) -> None:
     """Is the bridge entity computed internally, where, and does patching it move the answer?"""
-    _run("multihop", model, out, overwrite, lambda r: r.run_multihop(model, n, seed, prompts))
+    _run("multihop", model, out, overwrite, lambda r, m: r.run_multihop(model, n, seed, prompts, model=m[model]),
+         seed, shared_js=shared_js)
 
 
 @app.command("plan-ahead")
 def plan_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
-             out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+             out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
     """Do hidden states encode x_{t+2}, x_{t+3}? (future lens vs bigram baseline)"""
-    _run("plan-ahead", model, out, overwrite, lambda r: r.run_plan_ahead(model, n, seed))
+    _run("plan-ahead", model, out, overwrite, lambda r, m: r.run_plan_ahead(model, n, seed), seed,
+         shared_js=shared_js)
 
 
 @app.command("decay")
@@ -93,20 +112,27 @@ def decay_cmd(model: list[str] = typer.Option(["organism:retrieval-learned", "or
               n_per: int = 48, seed: int = SEED, prompts: Path | None = PROMPTS,
               bins: list[int] | None = typer.Option(None, "--bin", help="upper edge of a distance bin (repeat; default: "
                                                                    "one group per distance)"),
-              out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+              out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
     """Positional-information decay across models (e.g. positional schemes)."""
-    _run("decay", model, out, overwrite, lambda r: r.run_decay(model, n_per, seed, prompts, bins=bins or None))
+    _run("decay", model, out, overwrite,
+         lambda r, m: r.run_decay(model, n_per, seed, prompts, bins=bins or None,
+                                  models={s.removeprefix("organism:"): x for s, x in m.items()}),
+         seed, shared_js=shared_js)
 
 
 @app.command("last-token")
 def last_token_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
-                   prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+                   prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
+                   shared_js: bool = SHARED_JS) -> None:
     """From which layer does the last position's residual alone suffice?"""
-    _run("last-token", model, out, overwrite, lambda r: r.run_last_token(model, n, seed, prompts))
+    _run("last-token", model, out, overwrite, lambda r, m: r.run_last_token(model, n, seed, prompts, model=m[model]),
+         seed, shared_js=shared_js)
 
 
 @app.command("routes")
 def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: int = 32, seed: int = SEED,
-               prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE) -> None:
+               prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
+               shared_js: bool = SHARED_JS) -> None:
     """Residual-first vs K/V-first routes (the induction copy, or a prompt set with a `source` span)."""
-    _run("routes", model, out, overwrite, lambda r: r.run_routes(model, n, seed, prompts))
+    _run("routes", model, out, overwrite, lambda r, m: r.run_routes(model, n, seed, prompts, model=m[model]),
+         seed, shared_js=shared_js)

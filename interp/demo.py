@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,8 @@ from interp.atomic import atomic_file
 from interp.hypotheses import run as runner
 from interp.hypotheses.base import estimate
 from interp.models import list_organisms, read_manifest
-from interp.report import Report, Section, section
+from interp.progress import progress
+from interp.report import CI_METHOD, QUESTIONS, Provenance, Report, Section, section
 from interp.stats import Estimate
 
 INTRO = {
@@ -31,15 +33,15 @@ INTRO = {
                 "and the queried entity a, and answers c (two hops; one hop is the control). Probes and the "
                 "logit lens read the bridge b and the answer c by layer; interchange interventions patch the "
                 "last position's residual from a prompt whose bridge differs.",
-    "plan-ahead": "organism:planning emits a multi-token word chosen by an earlier cue. At the position before "
-                  "the word, does the hidden state already encode the 2nd and 3rd tokens ahead?",
+    "plan-ahead": "organism:planning emits a multi-token word chosen by an earlier cue; a linear future lens reads "
+                  "the hidden state at the position before the word.",
     "decay": "Three retrieval organisms that differ only in positional scheme (learned, rotary, none) retrieve "
              "the value of a queried key whose pair sits d tokens back.",
     "last-token": "For each layer l: cut the last position's attention to the context at layers >= l "
                   "(knockout), transplant its clean residual into a neutral context, or replace the "
                   "context's keys and values from a neutral run.",
-    "routes": "organism:induction copies B after a repeated A. Which routes carry the information from A's "
-              "first occurrence to the prediction: residual-first or K/V-first, through keys or values?",
+    "routes": "organism:induction copies B after a repeated A. Exact path patching measures each route from the "
+              "token after A's first occurrence to the prediction, batched over prompts.",
 }
 
 
@@ -50,11 +52,10 @@ def _zoo_section() -> Section:
         accepted = "; ".join(f"{a.get('what', k)}: {a['value']:.3f} (needs {a['op']} {a['threshold']})"
                              for k, a in m.get("acceptance", {}).items())
         rows.append({"organism": name, "task": m.get("task", ""), "known mechanism": m.get("mechanism", ""),
-                     "acceptance (held-out)": accepted, "training": f"{m.get('steps')} steps, "
-                                                                   f"{m.get('train_seconds', 0):.0f} s"})
-    table = pd.DataFrame(rows).to_html(index=False, border=0)
-    return Section("The shipped organisms", "Small transformers trained here on tasks with known mechanisms.",
-                   [], table)
+                     "acceptance (held-out)": accepted,
+                     "training": f"{m.get('steps')} steps, {m.get('train_seconds', 0):.0f} s, seed {m.get('seed', '?')}"})
+    return Section("The shipped organisms", "Small transformers trained here on tasks with known mechanisms; "
+                   "each passed its acceptance test on held-out examples.", [], summary=pd.DataFrame(rows))
 
 
 TITLES = {"multihop": "Multi-hop planning: the bridge entity",
@@ -73,28 +74,60 @@ def _jobs(sizes: runner.Sizes) -> dict[str, Callable[[], Any]]:
 
 
 def run_investigations(sizes: runner.Sizes, console: Console | None = None) -> dict[str, Any]:
-    """Each investigation's typed result, by key (`multihop`, `plan-ahead`, `decay`, `last-token`, `routes`)."""
+    """Each investigation's typed result, by key (`multihop`, `plan-ahead`, `decay`, `last-token`, `routes`).
+
+    Progress: a spinner on a terminal; otherwise (a log file, CI) a plain line when each
+    investigation starts and ends, and one every 30 s while it runs."""
     console = console or Console()
     results: dict[str, Any] = {}
-    for key, job in _jobs(sizes).items():
+    jobs = _jobs(sizes)
+    for i, (key, job) in enumerate(jobs.items(), 1):
         t0 = time.perf_counter()
-        with console.status(f"running {key} ..."):
+        with progress(console, f"[{i}/{len(jobs)}] running {key}"):
             results[key] = job()
         console.print(f"[bold]{key}[/] ({time.perf_counter() - t0:.1f} s): {results[key].verdict}")
     return results
 
 
+def training_length(spec: str = "organism:retrieval-learned") -> int | None:
+    """The longest query-to-fact distance the retrieval organisms saw in training (their manifest's task)."""
+    try:
+        task = read_manifest(spec).get("task", "")
+    except (FileNotFoundError, ValueError):
+        return None
+    m = re.search(r"uniform over \d+\.\.(\d+)", task)
+    return int(m.group(1)) if m else None
+
+
+def _figure(key: str, result: Any) -> Any:
+    return result.plot(training_length=training_length()) if key == "decay" else result.plot()
+
+
+SPECS = {"multihop": ["organism:multihop"], "plan-ahead": ["organism:planning"],
+         "decay": ["organism:retrieval-learned", "organism:retrieval-rotary", "organism:retrieval-nope"],
+         "last-token": ["organism:multihop"], "routes": ["organism:induction"]}
+
+
 def run_demo(out: str | Path, *, fast: bool = False, console: Console | None = None,
-             results: Mapping[str, Any] | None = None) -> Path:
+             results: Mapping[str, Any] | None = None, shared_js: bool = False,
+             command: str | None = None) -> Path:
     """Run all investigations on the organisms (or take their `results`); write the report to
-    `out` and its summary to `out` with a `.json` suffix; return the report's path."""
+    `out` (tidy frames as CSVs in `STEM_data/` beside it) and its summary to `out` with a `.json`
+    suffix; return the report's path. `shared_js`: plotly.js as one file in `out`'s folder."""
     sizes = runner.Sizes.fast() if fast else runner.Sizes()
     results = dict(results) if results is not None else run_investigations(sizes, console)
-    report = Report("interp demo: investigations on the shipped model organisms")
+    specs = sorted({s for k in results for s in SPECS.get(k, [])})
+    prov = Provenance.collect(specs, command=command or ("interp demo" + (" --fast" if fast else "")),
+                              seeds={"datasets and baselines": 0})
+    report = Report("interp demo: investigations on the shipped model organisms", provenance=prov,
+                    intro="Each section: the question, the verdict the investigation states (only when the effect "
+                          "clears its baseline), the figure, a summary table and how it was measured. Intervals "
+                          f"are {CI_METHOD}. Sizes: " + ", ".join(f"{k} {v}" for k, v in vars(sizes).items()) + ".")
     report.sections.append(_zoo_section())
     for key, result in results.items():
-        report.sections.append(section(TITLES[key], result, INTRO[key]))
-    path = report.write(out)
+        report.sections.append(section(TITLES[key], result, INTRO[key], question=QUESTIONS[key], key=key,
+                                       figure=_figure(key, result)))
+    path = report.write(out, shared_js=shared_js)
     write_json(Path(out).with_suffix(".json"), summary(results, sizes))
     return path
 

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from browser import CHROMIUM, render
+from browser import CHROMIUM, render, screenshot
 
 from interp import cli
 
@@ -72,11 +72,19 @@ def test_demo_command_prints_verdicts_and_writes_report_and_json(demo_run, tmp_p
     stdout = capsys.readouterr().out
     assert "report written" in stdout and out.name in stdout
     assert json.loads(out.with_suffix(".json").read_text()) == demo_run.summary
-    assert sorted(p.name for p in out.parent.iterdir()) == ["demo.html", "demo.json"]  # no temp files left
+    # no temp files left; the tidy frames beside the report, one CSV per investigation
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo.html", "demo.json", "demo_data"]
+    assert sorted(p.name for p in (out.parent / "demo_data").iterdir()) == sorted(f"{k}.csv" for k in KEYS)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs it as root)")
-def test_report_renders_in_headless_chromium(demo_run):
+def test_report_renders_in_headless_chromium(demo_run, tmp_path_factory):
     page = render(demo_run.report)
     assert page.script_errors == 0
     assert page.n_plot_divs >= 5 and page.n_rendered == page.n_plot_divs
+    assert page.blank_figures == 0  # every drawn figure has traces
+    assert page.overflow_px == 0  # nothing wider than the window (tables scroll inside their box)
+    # a full-page screenshot among the test artefacts, to look at
+    png = screenshot(demo_run.report, tmp_path_factory.mktemp("screenshots") / "demo.png", page.height_px)
+    print(f"screenshot of the demo report: {png}")
+    assert png.stat().st_size > 50_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

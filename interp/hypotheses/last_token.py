@@ -125,25 +125,46 @@ class LastTokenResult:
         return frame
 
     def plot(self) -> go.Figure:
+        """Three panels over the layer l an intervention starts at: top-1 accuracy (clean
+        accuracy as a reference line, chance floor 0), KL to the clean output, and the share of
+        the answer's log-prob carried in the residual / via K/V; colour = the intervention."""
+        from interp import viz
+
         frame = self.to_frame()
-        fig = make_subplots(rows=1, cols=3, subplot_titles=(
-            "accuracy", "KL to the clean output (nats)", "share of the prediction"))
-        colors = {"knockout": "#d62728", "transplant": "#1f77b4", "kv_replaced": "#2ca02c",
-                  "share_in_residual": "#1f77b4", "share_via_kv": "#ff7f0e"}
+        labels = [f"{layer}" for layer in self.layers]
+        fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+            "top-1 accuracy after the intervention", "KL(clean || intervened) at the last position",
+            "share of log p(answer) recovered"))
+        names = {"knockout": "knockout: last position's attention cut at layers >= l",
+                 "transplant": "transplant: last residual at l into a neutral context",
+                 "kv_replaced": "K/V of the context from a neutral run at layers >= l",
+                 "share_in_residual": "share in the last residual (transplant)",
+                 "share_via_kv": "share via the context's K/V"}
         for col, metric in ((1, "accuracy"), (2, "kl"), (3, "recovery")):
             for name, sub in frame[frame.metric == metric].groupby("intervention", sort=False):
                 sub = sub.sort_values("layer")
-                fig.add_trace(go.Scatter(x=sub.layer, y=sub.value, mode="lines+markers", name=f"{name}",
-                                         line=dict(color=colors[name]), legendgroup=name, showlegend=col != 2,
-                                         error_y=dict(type="data", symmetric=False,
-                                                      array=sub.ci_high - sub.value,
-                                                      arrayminus=sub.value - sub.ci_low)), row=1, col=col)
-        clean = float(self.clean.correct.mean())
-        fig.add_hline(y=clean, line_dash="dot", annotation_text="clean", row=1, col=1)
-        fig.update_xaxes(title_text="layer l (intervention at layers >= l / at resid_pre[l])")
-        fig.update_layout(title=f"Last-token sufficiency — {self.model_name}", template="plotly_white",
-                          height=420)
-        return fig
+                viz.line(fig, sub.layer, sub.value, name=names[str(name)], color_=viz.color(str(name)),
+                         low=sub.ci_low, high=sub.ci_high, row=1, col=col, legendgroup=str(name),
+                         showlegend=col != 2, hover_x=[f"l = {x}" for x in sub.layer],
+                         unit="nats" if metric == "kl" else "")
+        viz.reference(fig, y=float(self.clean.correct.double().mean()), text="clean accuracy", row=1, col=1,
+                      position="bottom right")
+        if self.baseline_clean is not None:
+            viz.reference(fig, y=float(self.baseline_clean.correct.double().mean()), row=1, col=1,
+                          text="random-init model, clean", position="top right", dash="dash")
+        viz.accuracy_axis(fig, row=1, col=1, title="top-1 accuracy (fraction of prompts)")
+        fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", row=1, col=2)
+        fig.update_yaxes(title_text="share (1 = all of clean - neutral)", row=1, col=3)
+        fig.update_xaxes(tickmode="array", tickvals=list(self.layers), ticktext=labels,
+                         title_text=f"from layer l ({max(self.layers)}: after the last block)")
+        if self.sufficient_from is not None:
+            viz.reference(fig, x=self.sufficient_from, text=f"sufficient from l = {self.sufficient_from}",
+                          row=1, col=1, dash="dash")
+        n = int(self.clean.correct.numel())
+        return viz.finish(fig, title=f"Last-token sufficiency — {self.model_name}",
+                          caption=f"n = {n} prompts. Colour: the intervention. Share = (intervened - neutral) / "
+                                  f"(clean - neutral) of the mean log p(answer); the neutral context replaces "
+                                  f"every earlier token by another prompt's. Bands: {viz.CI_TEXT}.")
 
 
 def _recovery(o: Outcome, clean: Outcome, neutral: Outcome) -> Estimate:

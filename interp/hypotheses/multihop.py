@@ -139,27 +139,38 @@ class MultihopResult:
         return frame
 
     def plot(self) -> go.Figure:
+        """Three panels over the lens layers: probe accuracy (trained solid, random-init dashed,
+        majority-class chance dotted), logit-lens reciprocal rank at the last position, and the
+        interchange-intervention accuracy; colour = what is decoded (bridge / answer / partner's answer)."""
+        from interp import viz
+
         frame = self.to_frame()
-        fig = make_subplots(rows=1, cols=3, subplot_titles=(
-            "probe accuracy (test)", "logit lens: reciprocal rank at the last position",
-            "interchange-intervention accuracy"))
-        palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+        fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+            "linear probe (held-out prompts)", "logit lens at the last position",
+            "interchange intervention (patch from a partner prompt)"))
         shown: set[str] = set()
         for col, analysis in ((1, "probe"), (2, "logit_lens_rr"), (3, "iia")):
             sub = frame[frame.analysis == analysis]
-            for i, ((pos, target, model), g) in enumerate(sub.groupby(["position", "target", "model"], sort=False)):
+            for (pos, target, model), g in sub.groupby(["position", "target", "model"], sort=False):
                 g = g.sort_values("layer")
-                name = f"{target} @ {pos} ({model})"
-                fig.add_trace(go.Scatter(
-                    x=g.layer_label, y=g.value, mode="lines+markers", name=name, legendgroup=name,
-                    showlegend=name not in shown,
-                    line=dict(color=palette[i % len(palette)], dash="dot" if model != "trained" else "solid"),
-                    error_y=dict(type="data", symmetric=False, array=g.ci_high - g.value,
-                                 arrayminus=g.value - g.ci_low)), row=1, col=col)
+                what = "partner's answer" if target == "partner_answer" else target
+                name = f"{what} @ {pos} ({model})"
+                viz.line(fig, g.layer, g.value, name=name, color_=viz.color(str(target), 4), model=str(model),
+                         low=g.ci_low, high=g.ci_high, row=1, col=col, showlegend=name not in shown,
+                         hover_x=g.layer_label)
                 shown.add(name)
-        fig.update_layout(title=f"Multi-hop: bridge and answer by layer — {self.model_name}",
-                          template="plotly_white", height=450)
-        return fig
+        chance = frame[(frame.analysis == "probe") & frame.chance.notna()].chance if "chance" in frame else None
+        if chance is not None and len(chance):
+            viz.reference(fig, y=float(chance.max()), text="majority-class chance", row=1, col=1)
+        for col, title in ((1, "probe accuracy (fraction of held-out prompts)"),
+                           (2, "reciprocal rank of the token (1 = top-1)"),
+                           (3, "IIA: fraction switched to the partner's answer")):
+            viz.accuracy_axis(fig, row=1, col=col, title=title)
+            fig.update_xaxes(**viz.layer_ticks(self.labels, short=True), row=1, col=col)
+        n = int(self.clean.correct.numel())
+        return viz.finish(fig, title=f"Multi-hop: where the bridge and the answer appear — {self.model_name}",
+                          caption=f"n = {n} prompts. Colour: the decoded token; solid: trained model, dashed: "
+                                  f"random-initialised model of the same shape. Bands: {viz.CI_TEXT}.")
 
 
 def _nanmean(x: Tensor) -> Tensor:
@@ -358,12 +369,32 @@ class PlanAheadResult:
                           self.baseline.to_frame().assign(model="random-init")], ignore_index=True)
 
     def plot(self) -> go.Figure:
-        fig = self.lens.plot()
-        base = self.baseline.to_frame()
-        for k, sub in base[base.method == "linear"].groupby("offset"):
-            fig.add_trace(go.Scatter(x=sub.layer, y=sub.accuracy, mode="lines", line=dict(dash="dash"),
-                                     name=f"k={k} random-init model"))
-        return fig
+        """The future lens by layer for each offset k (colour), the trained model solid and the
+        random-initialised one dashed; the bigram predictor as a dotted reference line per k."""
+        from interp import viz
+
+        fig = go.Figure()
+        for j, k in enumerate(self.lens.offsets):
+            c = viz.color(f"k={k}", j)
+            for res, model in ((self.lens, viz.TRAINED), (self.baseline, viz.BASELINE)):
+                f = res.to_frame()
+                g = f[(f.method == "linear") & (f.offset == k)].sort_values("layer")
+                viz.line(fig, list(range(len(g))), g.accuracy, name=f"x[t+{k}] ({model})", color_=c, model=model,
+                         low=g.ci_low, high=g.ci_high, hover_x=g.label)
+            bigram = float(self.lens.baselines[j, 0, 0])
+            fig.add_trace(go.Scatter(x=[0, len(self.lens.layers) - 1], y=[bigram, bigram], mode="lines",
+                                     name=f"x[t+{k}] bigram predictor (reference)",
+                                     line=dict(color=c, dash=viz.DASH[viz.REFERENCE], width=1.5),
+                                     hovertemplate=f"bigram predictor, k={k}: %{{y:.3f}}<extra></extra>"))
+        viz.accuracy_axis(fig, title="top-1 accuracy of x[t+k] (fraction of held-out tokens)")
+        fig.update_xaxes(**viz.layer_ticks(self.lens.labels))
+        clean = "" if self.clean is None else f" The model's own teacher-forced accuracy on those tokens: {self.clean}."
+        return viz.finish(fig, title=f"Plan-ahead: decoding tokens beyond the next one — {self.lens.model_name}",
+                          caption=f"n = {int(self.lens.n_test_examples[0])} held-out prompts "
+                                  f"({int(self.lens.n_test_tokens[0])} tokens). "
+                                  f"A linear future lens reads h[t] at the planning position and predicts x[t+k]. "
+                                  f"Solid: trained model; dashed: random-initialised model; dotted: bigram "
+                                  f"predictor from x[t]. Bands: {viz.CI_TEXT}.{clean}")
 
 
 def plan_ahead(

@@ -136,31 +136,51 @@ class DecayResult:
                                  "baseline": base.value if base else np.nan})
         return pd.DataFrame(rows)
 
-    def plot(self) -> go.Figure:
+    def plot(self, training_length: int | None = None) -> go.Figure:
+        """Four panels: absolute-position and distance probes by layer (R², shuffled-label
+        baseline dotted), accuracy and the knockout drop by the fact's distance (random-init
+        accuracy dashed); colour = the model (positional scheme). `training_length`: the longest
+        distance seen in training, drawn as a reference line."""
+        from interp import viz
+
         frame = self.to_frame()
-        fig = make_subplots(rows=1, cols=4, subplot_titles=(
-            "absolute position: probe R²", "distance to fact: probe R²", "accuracy vs distance",
-            "knockout: drop in log p(answer)"))
-        palette = {name: c for name, c in zip(self.models, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd",
-                                                             "#ff7f0e"], strict=False)}
-        for col, analysis, x in ((1, "position_r2", "layer"), (2, "distance_r2", "layer"),
-                                 (3, "accuracy", "distance"), (4, "knockout_drop", "distance")):
-            for name, sub in frame[frame.analysis == analysis].groupby("model", sort=False):
-                sub = sub.sort_values(x)
-                xs = [self.labels[int(v)] for v in sub[x]] if x == "layer" else sub[x]
-                fig.add_trace(go.Scatter(x=xs, y=sub.value, mode="lines+markers", name=name, legendgroup=name,
-                                         showlegend=col == 1, line=dict(color=palette.get(name)),
-                                         error_y=dict(type="data", symmetric=False, array=sub.ci_high - sub.value,
-                                                      arrayminus=sub.value - sub.ci_low)), row=1, col=col)
-                if analysis == "knockout_drop":
-                    fitp = self.models[name].decay_fit
-                    if fitp.decays:  # a curve at the optimiser's bound is not drawn as a finding
-                        d = np.linspace(min(self.distances), max(self.distances), 50)
-                        fig.add_trace(go.Scatter(x=d, y=fitp.a * np.exp(-d / fitp.tau) + fitp.c,
-                                                 mode="lines", line=dict(dash="dot", color=palette.get(name)),
-                                                 name=f"{name} fit", showlegend=False), row=1, col=col)
-        fig.update_layout(title="Positional-information decay", template="plotly_white", height=430)
-        return fig
+        fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.2, subplot_titles=(
+            "absolute position decodable (ridge probe)", "distance to the fact decodable (ridge probe)",
+            "accuracy vs the fact's distance", "causal use: drop in log p(answer) when the fact is knocked out"))
+        cells = ((1, 1, "position_r2", "layer"), (1, 2, "distance_r2", "layer"),
+                 (2, 1, "accuracy", "distance"), (2, 2, "knockout_drop", "distance"))
+        for i, name in enumerate(self.models):
+            short = name.removeprefix("retrieval-")
+            c = viz.color(short, i)
+            for row, col, analysis, x in cells:
+                sub = frame[(frame.analysis == analysis) & (frame.model == name)].sort_values(x)
+                hover = [self.labels[int(v)] for v in sub[x]] if x == "layer" else [f"d = {int(v)}" for v in sub[x]]
+                viz.line(fig, sub[x], sub.value, name=f"{name} (trained)", color_=c, low=sub.ci_low,
+                         high=sub.ci_high, row=row, col=col, legendgroup=name, showlegend=(row, col) == (1, 1),
+                         hover_x=hover, unit="nats" if analysis == "knockout_drop" else "")
+                if analysis in ("position_r2", "distance_r2", "accuracy"):
+                    kind = viz.REFERENCE if analysis != "accuracy" else viz.BASELINE
+                    label = "shuffled labels" if analysis != "accuracy" else "random-init"
+                    viz.line(fig, sub[x], sub.baseline, name=f"{name} ({label})", color_=c, model=kind,
+                             row=row, col=col, legendgroup=f"{name} {label}",
+                             showlegend=(row, col) in ((1, 1), (2, 1)), hover_x=hover)
+        for col in (1, 2):
+            fig.update_xaxes(**viz.layer_ticks(self.labels), row=1, col=col)
+            fig.update_xaxes(title_text="distance from the query to the needed fact (tokens)", row=2, col=col)
+        fig.update_yaxes(title_text="probe R² (held-out prompts)", row=1, col=1)
+        fig.update_yaxes(title_text="probe R² (held-out prompts)", row=1, col=2)
+        viz.accuracy_axis(fig, row=2, col=1, title="top-1 accuracy (fraction of prompts)")
+        fig.update_yaxes(title_text="drop in log p(answer) (nats)", row=2, col=2)
+        if training_length is not None:
+            for col in (1, 2):
+                viz.reference(fig, x=training_length, text=f"longest distance in training ({training_length})",
+                              row=2, col=col, dash="dash")
+        n = sorted({int(m.clean[d].correct.numel()) for m in self.models.values() for d in m.clean})
+        return viz.finish(fig, title="Positional-information decay across positional schemes",
+                          caption=f"{n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} prompts per distance. Colour: the "
+                                  f"model; solid: trained; dashed: random-initialised model of the same shape; "
+                                  f"dotted: probe on shuffled labels. Bands: {viz.CI_TEXT}.",
+                          height=640)
 
 
 def _fit_decay(d: Sequence[int], y: Sequence[float], tolerance: float = 0.0) -> DecayFit:

@@ -103,7 +103,7 @@ class RoutesResult:
         for p in positions:
             fig.add_trace(go.Scatter(x=[xs[p]] * (self.n_layers + 1), y=list(range(self.n_layers + 1)),
                                      mode="markers", marker=dict(color="#bbb", size=8), showlegend=False,
-                                     hoverinfo="skip"))
+                                     hoverinfo="skip", name=f"grid: position {p}, layers 0..{self.n_layers}"))
         colors = {"residual": "#1f77b4", "kv": "#d62728"}
         shown: set[str] = set()
         for r, (_, row) in zip(self.routes, frame.iterrows(), strict=True):
@@ -131,12 +131,18 @@ class RoutesResult:
                 hovertext=f"{r.name}: effect {row.value:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}], "
                           f"share {row.share:+.2f}", hoverinfo="text"))
             shown.add(legend)
-        fig.update_layout(
-            title=f"Routes from position {self.source} to {self.target} — {self.model_name} "
-                  "(solid: via keys, dotted: via values; dashed grey: negative share; width: |share|)",
-            xaxis=dict(tickvals=list(xs.values()), ticktext=[str(p) for p in positions], title="position"),
-            yaxis=dict(title="layer (residual stream entering block)", dtick=1), template="plotly_white", height=450)
-        return fig
+        from interp import viz
+
+        fig.update_xaxes(tickvals=list(xs.values()), ticktext=[str(p) for p in positions],
+                         title_text="position in the prompt (tokens; source, via positions, read-out)")
+        fig.update_yaxes(title_text="layer (residual stream entering block; top = after the last)", dtick=1)
+        total = estimate(self.total)
+        return viz.finish(fig, title=f"Routes from position {self.source} to {self.target} — {self.model_name}",
+                          caption=f"n = {int(self.total.numel())} prompts; total effect (clean - corrupted) "
+                                  f"{total} ({viz.CI_TEXT}). Colour: the stream a route takes first (blue: "
+                                  "residual, red: K/V); solid: read through the keys, dotted: through the values; "
+                                  "dashed grey: a negative share; width and opacity: |share of the total|. Hover "
+                                  "a route for its effect and CI.")
 
 
 def route_specs(n_layers: int, n_kv: int, source: int, via: Sequence[int]) -> list[RouteSpec]:

@@ -48,6 +48,9 @@ from interp.viz import curves, heatmap
 Translate = Callable[[Tensor], Tensor]
 
 METRICS = ("kl", "entropy", "top_prob", "answer_prob", "answer_rank", "answer_logprob")
+UNITS = {"kl": "KL(final || lens) (nats)", "entropy": "entropy (nats)", "top_prob": "top-1 probability",
+         "answer_prob": "p(answer)", "answer_rank": "rank of the answer (0 = top-1)",
+         "answer_logprob": "log p(answer) (nats)"}
 _OLD_METRICS = {"target_prob": "answer_prob", "target_rank": "answer_rank", "target_logprob": "answer_logprob"}
 
 
@@ -164,10 +167,14 @@ class LensResult:
         """Mean `metric` by layer (with bootstrap CIs) for one position; a layer x position heatmap otherwise."""
         s = self.summary(metric)
         title = f"{self.lens} lens: {metric} by layer ({self.model_name})"
+        unit = UNITS.get(_OLD_METRICS.get(metric, metric), metric)
         if self.positions.shape[1] == 1:
             return curves(s, x="layer", y="mean", group="lens", low="ci_low", high="ci_high",
-                          title=title, y_title=metric)
-        return heatmap(s, x="sel", y="layer", value="mean", title=title, diverging=False)
+                          title=title, y_title=unit, x_labels=self.labels)
+        return heatmap(s, x="sel", y="layer", value="mean", title=title, diverging=False,
+                       x_title="selected position (index into the prompt's positions)",
+                       y_title="lens layer (0..L: l_pre entering block l, L = final_post)", value_title=unit,
+                       caption=f"mean {unit} over examples per (layer, position)")
 
 
 def summarise(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, alpha: float = 0.05,

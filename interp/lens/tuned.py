@@ -123,7 +123,8 @@ class LensComparison:
 
     def plot(self) -> go.Figure:
         return curves(self.to_frame(), x="layer", y="kl", group="lens", low="ci_low", high="ci_high",
-                      title=f"KL(final || lens) by layer ({self.model_name})", y_title="KL (nats)")
+                      title=f"KL(final || lens) by layer ({self.model_name})", y_title="KL (nats)",
+                      x_labels=self.labels)
 
 
 def _fingerprint(acts: Tensor) -> dict[str, Any]:
