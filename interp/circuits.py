@@ -176,9 +176,9 @@ class Circuit:
     def __post_init__(self) -> None:
         if not self.edges:
             raise ValueError(f"Circuit({self.organism!r}).edges: expected at least one edge, got none")
-        if not 0 < self.undeclared_share <= self.declared_share:
-            raise ValueError(f"Circuit thresholds: expected 0 < undeclared_share <= declared_share, got "
-                             f"{self.undeclared_share}, {self.declared_share}")
+        if not (self.declared_share > 0 and self.undeclared_share > 0):
+            raise ValueError(f"Circuit thresholds: expected positive declared and undeclared shares, got "
+                             f"{self.declared_share}, {self.undeclared_share}")
 
     def attention_edges(self, prompts: CircuitPrompts) -> set[AttentionEdge]:
         return {e.resolve(prompts) for e in self.edges}

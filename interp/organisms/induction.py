@@ -223,18 +223,24 @@ def head_scores(model: HookedTransformer, data: InductionData
 
 @torch.inference_mode()
 def composition_test(model: HookedTransformer, data: InductionData, prev_head: tuple[int, int],
-                     induction_head: tuple[int, int]) -> dict[str, float]:
+                     induction_head: tuple[int, int] | list[tuple[int, int]]) -> dict[str, float]:
     """Repeated-half loss when the previous-token head's output is removed from ONLY the query,
-    key or value input of the induction head (Elhage et al.'s Q/K/V-composition). K-composition
-    predicts that removing it from the key input alone destroys the in-context prediction."""
-    (pl, ph), (il, ih) = prev_head, induction_head
+    key or value input of the induction head(s) (Elhage et al.'s Q/K/V-composition; a list of
+    heads, all in one layer, are edited together: redundant induction heads cover for each
+    other). K-composition predicts that removing it from the key input alone destroys the
+    in-context prediction."""
+    heads = [induction_head] if isinstance(induction_head, tuple) else list(induction_head)
+    if len({layer for layer, _ in heads}) != 1:
+        raise ValueError(f"composition_test induction heads: expected heads of one layer, got {heads}")
+    (pl, ph), il = prev_head, heads[0][0]
+    ih = [h for _, h in heads]
     tokens = data.tokens.to(model.cfg.device)
     _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{pl}.attn.hook_z")
     prev_out = cache[f"blocks.{pl}.attn.hook_z"][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
 
     def remove(x: Tensor, hook: object) -> Tensor:
         x = x.clone()
-        x[:, :, ih] = x[:, :, ih] - prev_out
+        x[:, :, ih] = x[:, :, ih] - prev_out[:, :, None]
         return x
 
     out = {}
@@ -272,7 +278,8 @@ def textbook_scores(model: HookedTransformer, n: int = 64, seed: int = 1,
 def evaluate(model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, object]:
     """The textbook test at every period in TEXTBOOK_PERIODS (`n` sequences each): best head
     scores and losses averaged over periods, per-period curves, and (two or more layers) the
-    Q/K/V-composition test of the best heads on the training distribution."""
+    Q/K/V-composition test on the training distribution (the previous-token head's output removed
+    from the query, key or value input of every layer-1 head with induction score >= 0.5)."""
     t = textbook_scores(model, n, seed)
     ind, prev = t["induction"].mean(0), t["prev_token"].mean(0)  # [layer head]
     n_heads = ind.shape[1]
@@ -301,7 +308,9 @@ def evaluate(model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, 
         "eval_seed": seed,
     }
     if model.cfg.n_layers >= 2 and prev_head[0] < ind_head[0]:
-        comp = composition_test(model, dataset(256, seed), prev_head, ind_head)
+        layer_heads = [(ind_head[0], h) for h in range(n_heads) if float(ind[ind_head[0], h]) >= 0.5]
+        comp = composition_test(model, dataset(256, seed), prev_head, layer_heads)
+        out["induction_heads"] = [list(h) for h in layer_heads]
         out |= {f"repeated_loss_prev_head_removed_from_{k}": v for k, v in comp.items()}
     return out
 
