@@ -27,8 +27,9 @@ resamples (each resample re-runs the method) and a random-ranking baseline. Meth
 - ``activation-patching`` (nodes): `interp.patching.sweep` of each head output (layer, pos, head).
 - ``attribution-patching`` (nodes): `interp.patching.attribute`, its first-order estimate.
 - ``sae-feature-graph`` (heads): the heads of `interp.sae.feature_graph` traced from the
-  multihop SAEs' answer-predictive feature, ranked by |attribution| (multihop only; the heads'
-  positions are not resolved by the graph, so it is scored on (layer, head)).
+  multihop SAEs' task feature, ranked by |attribution| (multihop only; the graph does not resolve
+  positions, so it is scored on (layer, head); the SAE pair at resid_post 0 and 1 sees only the
+  layer-1 heads, and every head it cannot see scores 0).
 
 Node- and head-level scores are compared with the nodes (heads) of the declared edges.
 Caveat: the exact methods' AUC reflects how cleanly the organism separates circuit from
@@ -68,7 +69,7 @@ LEVEL = {"activation-patching": "node", "attribution-patching": "node", "path-pa
          "knockout": "edge", "sae-feature-graph": "head"}
 CIRCUIT_ORGANISMS: tuple[str, ...] = ("induction", "multihop", "retrieval-learned", "retrieval-rotary",
                                       "retrieval-nope", "planning")
-SAE_SPECS = {"multihop": ("multihop-L0", "multihop-L1")}
+SAE_SPECS = {"multihop": ("sae:multihop-L0", "sae:multihop-L1")}
 DECLARED_SHARE = 0.2
 UNDECLARED_SHARE = 0.1
 MIN_SHARE = 0.05  # an edge carrying >= 5% of the clean-corrupt gap is part of the circuit
@@ -88,13 +89,9 @@ def roc_auc(scores: Float[Tensor, "m"], labels: Bool[Tensor, "m"]) -> float:
         raise ValueError(f"roc_auc: expected both positives and negatives, got {n_pos} and {n_neg}")
     if not bool(torch.isfinite(s).all()):
         raise ValueError("roc_auc scores: expected finite values, got NaN/Inf")
-    order = torch.argsort(s)
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    for v in torch.unique(s):  # average ranks within ties
-        tie = s == v
-        if int(tie.sum()) > 1:
-            ranks[tie] = ranks[tie].mean()
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # sorted values
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties averaged
+    ranks = average_rank[inverse]
     u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
 

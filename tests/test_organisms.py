@@ -91,33 +91,38 @@ def test_shipped_induction_has_prev_token_and_induction_heads():
 
 
 def test_shipped_induction_reads_prev_token_through_the_key():
-    """K-composition (the issue's known mechanism): removing the previous-token head's output
-    from only the KEY input of the induction head destroys the in-context prediction; removing
-    it from the query or value input does not. Checked against a direct hook computation."""
+    """K-composition (the known mechanism): removing the previous-token head's output from only
+    the KEY inputs of the induction heads (all layer-1 heads with induction score >= 0.5, which
+    cover for each other) destroys most of the in-context prediction; removing it from their
+    VALUE inputs does not. (Removing it from their QUERY inputs hurts too, measured and kept in
+    the manifest: the textbook story is not the whole story.) Checked against a direct hook
+    computation."""
     model = load_model("organism:induction")
     data = induction.dataset(200, seed=99)
     with torch.no_grad():
         loss = token_loss(model(data.tokens), data.tokens)
-    first = masked_mean(loss, data.first_scored)
+    first, rep = masked_mean(loss, data.first_scored), masked_mean(loss, data.scored)
     metrics = read_manifest("organism:induction")["metrics"]
-    (pl, ph), (il, ih) = metrics["prev_token_head"], metrics["induction_head"]
-    assert (pl, il) == (0, 1)
-    comp = induction.composition_test(model, data, (pl, ph), (il, ih))
-    assert comp["k"] > 0.8 * first
-    assert comp["q"] < 0.3 * first and comp["v"] < 0.3 * first
-    # independent: patch the key input by hand (its value = resid_pre minus head 0.0's output)
+    pl, ph = metrics["prev_token_head"]
+    heads = [tuple(h) for h in metrics["induction_heads"]]
+    assert pl == 0 and {layer for layer, _ in heads} == {1}
+    comp = induction.composition_test(model, data, (pl, ph), heads)
+    assert comp["k"] > 0.4 * first and comp["k"] > 10 * rep
+    assert comp["v"] < 0.1 * first
+    # independent: patch the key inputs by hand (their value = resid_pre minus head 0.ph's output)
     with torch.no_grad():
         _, cache = model.run_with_cache(data.tokens)
         prev_out = torch.einsum("bpd,dm->bpm", cache["blocks.0.attn.hook_z"][:, :, ph], model.W_O[0, ph])
         k_in = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"] - prev_out)
-        k = k_in @ model.W_K[1, ih] + model.b_K[1, ih]
-        q = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"]) @ model.W_Q[1, ih] + model.b_Q[1, ih]
-        scores = (q @ k.transpose(1, 2)) / model.blocks[1].attn.attn_scale
+        q_in = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"])
         n = data.tokens.shape[1]
-        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-        z = scores.softmax(-1) @ cache["blocks.1.attn.hook_v"][:, :, ih]
         z_all = cache["blocks.1.attn.hook_z"].clone()
-        z_all[:, :, ih] = z
+        for _, ih in heads:
+            k = k_in @ model.W_K[1, ih] + model.b_K[1, ih]
+            q = q_in @ model.W_Q[1, ih] + model.b_Q[1, ih]
+            scores = (q @ k.transpose(1, 2)) / model.blocks[1].attn.attn_scale
+            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+            z_all[:, :, ih] = scores.softmax(-1) @ cache["blocks.1.attn.hook_v"][:, :, ih]
         attn_out = torch.einsum("bphd,hdm->bpm", z_all, model.W_O[1]) + model.b_O[1]
         logits = model.unembed(model.ln_final(cache["blocks.1.hook_resid_post"] - cache["blocks.1.hook_attn_out"]
                                               + attn_out))

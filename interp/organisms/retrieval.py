@@ -202,7 +202,7 @@ def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
     corrupt = d.tokens.clone()
     corrupt[:, p] = pair_id(absent, torch.randint(VALUE0, VALUE0 + N_VALUES, (n,), generator=g))
     roles = {"bos": 0, "pair": p, "qmark": QUERY_POS - 1, "last": QUERY_POS}
-    cands = (0, 30, p - 1, p, p + 1, 100, QUERY_POS - 1, QUERY_POS)
+    cands = (0, p - 1, p, p + 1, QUERY_POS - 1, QUERY_POS)
     return CircuitPrompts(clean=d.tokens, corrupt=corrupt, answer=d.value[:, None], answer_pos=(QUERY_POS,),
                           roles=roles, candidates=cands)
 
