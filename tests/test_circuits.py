@@ -45,7 +45,7 @@ def test_split_shares_by_hand():
     shares = torch.tensor([0.9, 0.01, 0.85, 0.03, -0.6, 0.0])
     keep, declared, undeclared = C.split_shares(shares)
     assert keep.tolist() == [True, False, True, False, True, False]
-    assert declared == pytest.approx(0.45) and undeclared == pytest.approx(0.0399)
+    assert declared == pytest.approx(0.3) and undeclared == pytest.approx(0.06)
 
 
 def test_same_circuit_maps_permuted_heads():
