@@ -152,3 +152,20 @@ def test_circuits_help_imports_no_torch():
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]" and "--method" in res.stdout
+
+
+def test_circuits_score_cli_prints_the_tidy_frame():
+    import json
+
+    from typer.testing import CliRunner
+
+    from interp.cli_circuits import app
+
+    res = CliRunner().invoke(app, ["score", "--method", "path-patching", "--organism", "induction", "--n", "8",
+                                   "--boot", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    auc = [r for r in rows if r["statistic"] == "auc" and r["ranking"] == "path-patching"]
+    assert len(auc) == 1 and auc[0]["organism"] == "induction" and auc[0]["value"] >= 0.9 and auc[0]["n"] == 8
+    bad = CliRunner().invoke(app, ["score", "--method", "acdc"])
+    assert bad.exit_code != 0 and "expected one of" in str(bad.exception)

@@ -14,7 +14,9 @@ a CPU training recipe (deterministic from a seed) and acceptance criteria.
   Wu, Morris & Levine 2024).
 
 Every organism module offers ``config()``, ``tokenizer()``, ``dataset(n, seed)``,
-``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``.
+``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``; those with a
+declared circuit (in the manifest's ``circuit``, see `interp.circuits`) also offer
+``circuit_prompts(n, seed)``: fixed-layout clean / corrupted prompts with named positions.
 """
 
 from __future__ import annotations
