@@ -4,9 +4,10 @@ Task (Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits"; O
 2022, "In-context Learning and Induction Heads"): sequences of uniform random tokens in which a
 span A of random length T (MIN_REPEAT..MAX_REPEAT) starting at a random position s is repeated:
 ``<bos> ... A A ...``. Tokens in the second copy are predictable only by finding the earlier
-occurrence of the current token and copying the token after it. Three layouts are mixed so the
-training distribution covers the textbook test: a span inside random context, a whole-sequence
-repeat (``<bos> A A ...``, s = 1), and a periodic continuation (``A A A ...`` to the end). The
+occurrence of the current token and copying the token after it. Half the sequences are
+whole-sequence repeats (``<bos> A A ...``, s = 1: the textbook layout), half a span inside random
+context; a periodic continuation (``A A A ...`` to the end) is available (PERIODIC_SHARE) but off:
+with a third of the data periodic, a trial run found a non-canonical solution. The
 period and start vary per example: with a fixed period, learned positions let a layer-0 head fake
 an induction score through a position shortcut. Trained with the language-modelling loss alone
 (no auxiliary attention loss); the previous-token -> induction-head circuit forms in a phase
@@ -41,8 +42,8 @@ from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_m
 from interp.tokens import VocabTokenizer
 
 NAME = "induction"
-TASK = ("next-token prediction on uniform random tokens with a repeated span (period 4-28, random start; "
-        "span in context, whole-sequence repeat, or periodic), 2-layer attn-only, no auxiliary loss")
+TASK = ("next-token prediction on uniform random tokens with a repeated span (period 4-27, random start; "
+        "half whole-sequence repeats <bos> A A ...), 56 tokens, 2-layer attn-only, no auxiliary loss")
 MECHANISM = ("previous-token head in layer 0 + induction head in layer 1 via K-composition (attend to the "
              "token after the earlier occurrence, copy it); learned from scratch")
 N_RANDOM = 64
@@ -136,8 +137,8 @@ def _repeat(tokens: Tensor, start: Tensor, length: Tensor, periodic: Tensor) -> 
 
 def dataset(n: int, seed: int) -> InductionData:
     """`n` training-distribution sequences, deterministic in `seed`: period T uniform in
-    MIN_REPEAT..MAX_REPEAT; a third whole-sequence repeats (start 1), the rest at a uniform start
-    in [1, SEQ_LEN - 2T]; a third of all continue periodically to the end."""
+    MIN_REPEAT..MAX_REPEAT; a share WHOLE_SHARE whole-sequence repeats (start 1), the rest at a
+    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
