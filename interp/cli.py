@@ -1,7 +1,7 @@
 """The `interp` command: models, caching, organisms, SAEs, investigations and the demo.
 
 Start-up is cheap: this module imports no subpackage at import time (torch and TransformerLens
-take ~10 s to import on a shared CPU), the `organisms`, `sae` and `run` groups are imported only
+take ~10 s to import on a shared CPU), the `organisms`, `sae`, `run` and `circuits` groups are imported only
 when invoked, and each command imports what it needs inside its function.
 
 Errors: a validation error raised by interp's own code (`ValueError`, `TypeError`,
@@ -55,7 +55,8 @@ class _LazyGroup(click.Command):
 
 SUBAPPS = (("organisms", "interp.organisms.commands", "Train, evaluate and list the model organisms."),
            ("sae", "interp.sae.commands", "Train and evaluate sparse autoencoders."),
-           ("run", "interp.cli_run", "Run a hypothesis investigation."))
+           ("run", "interp.cli_run", "Run a hypothesis investigation."),
+           ("circuits", "interp.cli_circuits", "Declared circuits and the circuit-discovery leaderboard."))
 
 
 @app.callback()

@@ -179,25 +179,10 @@ def route_prompts(spec: str, model: HookedTransformer, n: int = 32, seed: int = 
 def induction_routes(n: int = 48, seed: int = 0) -> RouteInputs:
     """Induction prompts cut after the second occurrence of a token A whose next token B is the
     answer; all of one length, A's first occurrence at one position. Corrupt: A's first
-    occurrence replaced by another token (the model can no longer find where to copy from)."""
+    occurrence replaced by another token (the model can no longer find where to copy from).
+    The layout is the organism's own (`interp.organisms.induction.circuit_prompts`)."""
     from interp.organisms import induction
 
-    length, start = 8, 6  # span length and start of the first copy: fixed so positions line up
-    d = induction.dataset(4 * n, seed)
-    tokens = d.tokens.clone()
-    # rebuild with a fixed layout: first copy at [start, start+length), second copy right after
-    g = torch.Generator().manual_seed(seed)
-    span = torch.randint(1, induction.N_RANDOM + 1, (n, length), generator=g)
-    tokens = tokens[:n].clone()
-    tokens[:, start:start + length] = span
-    tokens[:, start + length:start + 2 * length] = span
-    j = 3  # the second copy's j-th token is A; the answer is the token after A's first occurrence
-    last = start + length + j
-    clean = tokens[:, : last + 1]
-    answer = span[:, j + 1]
-    source = start + j  # A's first occurrence
-    corrupt = clean.clone()
-    other = torch.randint(1, induction.N_RANDOM + 1, (n,), generator=g)
-    other = torch.where(other == clean[:, source], other % induction.N_RANDOM + 1, other)
-    corrupt[:, source] = other
-    return RouteInputs(clean, corrupt, answer, source, list(range(source + 1, last)))
+    p = induction.circuit_prompts(n, seed)
+    source, last = p.roles["A"], p.roles["last"]
+    return RouteInputs(p.clean, p.corrupt, p.answer[:, 0], source, list(range(source + 1, last)))

@@ -5,7 +5,8 @@ organism is an ordinary `HookedTransformer` checkpoint under ``data/organisms/NA
 ``interp.load_model("organism:NAME")``), with a task generator that returns ground-truth labels,
 a CPU training recipe (deterministic from a seed) and acceptance criteria.
 
-- ``induction``: induction heads (Elhage et al. 2021; Olsson et al. 2022).
+- ``induction``: induction heads (Elhage et al. 2021; Olsson et al. 2022), learned from scratch;
+  ``induction-1layer`` is its one-layer control (it must fail the textbook test).
 - ``multihop``: in-context two-hop lookup, one-hop control (Yang et al. 2024; Biran et al. 2024).
 - ``retrieval-learned`` / ``retrieval-rotary`` / ``retrieval-nope``: key->value retrieval at a
   controlled distance, three positional schemes (Haviv et al. 2022; Kazemnejad et al. 2023).
@@ -13,7 +14,9 @@ a CPU training recipe (deterministic from a seed) and acceptance criteria.
   Wu, Morris & Levine 2024).
 
 Every organism module offers ``config()``, ``tokenizer()``, ``dataset(n, seed)``,
-``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``.
+``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``; those with a
+declared circuit (in the manifest's ``circuit``, see `interp.circuits`) also offer
+``circuit_prompts(n, seed)``: fixed-layout clean / corrupted prompts with named positions.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not imp
 
 log = logging.getLogger(__name__)
 
-NAMES: tuple[str, ...] = ("induction", "multihop", "retrieval-learned", "retrieval-rotary",
-                          "retrieval-nope", "planning")
+NAMES: tuple[str, ...] = ("induction", "induction-1layer", "multihop", "retrieval-learned",
+                          "retrieval-rotary", "retrieval-nope", "planning")
 
-_MODULES = {"induction": "induction", "multihop": "multihop", "retrieval-learned": "retrieval",
+_MODULES = {"induction": "induction", "induction-1layer": "induction", "multihop": "multihop", "retrieval-learned": "retrieval",
             "retrieval-rotary": "retrieval", "retrieval-nope": "retrieval", "planning": "planning"}
 
 
@@ -72,7 +75,7 @@ def get(name: str) -> Organism:
         raise ValueError(f"organism {name!r}: expected one of {list(NAMES)}, got an unknown name"
                          + (f"; did you mean {close}?" if close else ""))
     module: ModuleType = importlib.import_module(f"interp.organisms.{_MODULES[name]}")
-    if _MODULES[name] == "retrieval":
+    if _MODULES[name] in ("retrieval", "induction"):
         return module.variant(name)  # type: ignore[no-any-return]
     return module  # type: ignore[return-value]
 

@@ -63,3 +63,48 @@ def masked_mean(values: Float[Tensor, "n pos"], mask: Bool[Tensor, "n pos"]) -> 
     if not bool(mask.any()):
         raise ValueError("masked_mean: expected at least one selected position, got an empty mask")
     return float(values.detach()[mask.to(values.device)].mean())
+
+
+@dataclass(frozen=True)
+class CircuitPrompts:
+    """Clean / corrupted prompts of one fixed layout, for circuit discovery and its ground truth.
+
+    `corrupt` differs from `clean` only where the organism's task input is replaced (symmetric
+    token replacement, same length). The metric is the mean log-probability (nats) of
+    `answer[:, j]` at position `answer_pos[j]` of the clean run's answers. `roles` names the
+    positions the declared circuit refers to (e.g. ``{"A": 9, "B": 10, "last": 17}``);
+    `candidates` are the positions whose attention edges and head outputs are scored.
+    """
+
+    clean: Int[Tensor, "n pos"]
+    corrupt: Int[Tensor, "n pos"]
+    answer: Int[Tensor, "n k"]
+    answer_pos: tuple[int, ...]
+    roles: dict[str, int]
+    candidates: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.clean.shape != self.corrupt.shape:
+            raise ValueError(f"CircuitPrompts.corrupt: expected the clean shape {tuple(self.clean.shape)}, "
+                             f"got {tuple(self.corrupt.shape)}")
+        if self.answer.shape != (self.clean.shape[0], len(self.answer_pos)):
+            raise ValueError(f"CircuitPrompts.answer: expected shape {(self.clean.shape[0], len(self.answer_pos))}, "
+                             f"got {tuple(self.answer.shape)}")
+        n = self.clean.shape[1]
+        bad = [p for p in (*self.candidates, *self.roles.values(), *self.answer_pos) if not 0 <= p < n]
+        if bad:
+            raise ValueError(f"CircuitPrompts positions: expected values in [0, {n}), got {bad}")
+
+    def rows(self, index: Int[Tensor, "m"]) -> CircuitPrompts:
+        """The prompts at `index` (e.g. a bootstrap resample)."""
+        return CircuitPrompts(clean=self.clean[index], corrupt=self.corrupt[index], answer=self.answer[index],
+                              answer_pos=self.answer_pos, roles=self.roles, candidates=self.candidates)
+
+    def position(self, role: str) -> int:
+        if role not in self.roles:
+            raise KeyError(f"position role {role!r}: expected one of {sorted(self.roles)}")
+        return self.roles[role]
+
+    def role_of(self, pos: int) -> str:
+        """The role name of a position, or ``"p{pos}"`` when it has none."""
+        return next((r for r, p in self.roles.items() if p == pos), f"p{pos}")

@@ -1,31 +1,31 @@
-"""`induction`: a 2-layer attention-only transformer that learns induction heads.
+"""`induction`: a 2-layer attention-only transformer that learns induction heads from scratch.
 
 Task (Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits"; Olsson et al.
 2022, "In-context Learning and Induction Heads"): sequences of uniform random tokens in which a
-span A of random length T (5-16) starting at a random position s is immediately repeated:
+span A of random length T (MIN_REPEAT..MAX_REPEAT) starting at a random position s is repeated:
 ``<bos> ... A A ...``. Tokens in the second copy are predictable only by finding the earlier
-occurrence of the current token and copying the token after it. The length and start vary per
-example, because with a fixed period learned positions let a layer-0 head fake an induction score
-through a position shortcut.
+occurrence of the current token and copying the token after it. Half the sequences are
+whole-sequence repeats (``<bos> A A ...``, s = 1: the textbook layout), half a span inside random
+context; a periodic continuation (``A A A ...`` to the end) is available (PERIODIC_SHARE) but off:
+with a third of the data periodic, a trial run found a non-canonical solution. The
+period and start vary per example: with a fixed period, learned positions let a layer-0 head fake
+an induction score through a position shortcut. Trained with the language-modelling loss alone
+(no auxiliary attention loss); the previous-token -> induction-head circuit forms in a phase
+change (calibrated at steps 2,000-2,500; see METHODS.md).
 
-Training seeds the textbook circuit (as InterpBench, Gupta et al. 2024, trains models to
-implement a known circuit): for the first SEED_STEPS steps an auxiliary loss asks head 0.0 to
-attend to the previous token and head 1.0 to attend to i - T + 1 in the second copy; the rest of
-training uses the language-modelling loss alone, and the scores in the manifest are measured
-after it. Without the seed, a from-scratch run on a shared CPU sits for thousands of steps on
-in-context bag-of-tokens statistics, or finds a non-canonical variant (matching the previous
-token against a "3 back" head and attending to i - T + 2), which would make a poor ground truth.
-The seed only sets where two heads look; finding i - T + 1 still needs K-composition with the
-previous-token head, since the position is random.
+The textbook test (`textbook`, `evaluate`): ``<bos>`` + T uniform random tokens + an exact repeat,
+for every period T in TEXTBOOK_PERIODS. For query positions i in the second copy (excluding its
+last token), induction score = mean attention from i to i - T + 1, previous-token score = mean
+attention from i to i - 1 (METHODS.md). Scores and losses are averaged over periods with equal
+weight.
+
+`induction-1layer` is the one-layer control, trained the same way; it cannot compose heads, so
+it must fail the test (its acceptance: best induction score < 0.2).
 
 Known mechanism: a previous-token head in layer 0 writes "my previous token was x" at each
 position; an induction head in layer 1 reads it through K-composition (the key at the source
 position i - T + 1 carries the previous-token information) and copies the attended token through
-its OV circuit.
-
-Scores (as in /work/shared/METHODS.md): for query positions i in the second copy (excluding its
-last token), induction score = mean attention from i to i - T + 1, previous-token score = mean
-attention from i to i - 1.
+its OV circuit. The manifest's `circuit` records the edges and the ablations that establish them.
 """
 
 from __future__ import annotations
@@ -37,37 +37,37 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.organisms.base import Criterion, masked_mean, token_loss
-from interp.organisms.training import (
-    IGNORE,
-    TrainConfig,
-    TrainLog,
-    attention_logprobs,
-    fit,
-    init_model,
-    logits_in_batches,
-)
+from interp.organisms.base import CircuitPrompts, Criterion, masked_mean, token_loss
+from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
 from interp.tokens import VocabTokenizer
 
 NAME = "induction"
-TASK = "next-token prediction on random tokens with one repeated span (random length 5-16, random start)"
-MECHANISM = ("previous-token head 0.0 + induction head 1.0 via K-composition (attend to the token "
-             "after the earlier occurrence, copy it); circuit seeded for the first 600 of 2000 steps")
+TASK = ("next-token prediction on uniform random tokens with a repeated span (period 4-27, random start; "
+        "half whole-sequence repeats <bos> A A ...), 56 tokens, 2-layer attn-only, no auxiliary loss")
+MECHANISM = ("previous-token head in layer 0 + induction head in layer 1 via K-composition (attend to the "
+             "token after the earlier occurrence, copy it); learned from scratch")
 N_RANDOM = 64
-SEQ_LEN = 48
-MIN_REPEAT, MAX_REPEAT = 5, 16
+SEQ_LEN = 56
+MIN_REPEAT, MAX_REPEAT = 4, 27
+TEXTBOOK_PERIODS = tuple(range(5, 25))
 BATCH = 64
-DEFAULT_STEPS = 2000
-SEED_STEPS = 600
-SEED_HEADS = ((0, 0), (1, 0))  # (layer, head): previous-token head, induction head
+DEFAULT_STEPS = 8000
+WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
+PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
 
 ACCEPTANCE = (
-    Criterion(metric="loss_ratio", op="<", threshold=0.25,
-              what="repeated-half loss / first-half loss"),
-    Criterion(metric="best_induction_score_layer1", op=">", threshold=0.5,
-              what="best layer-1 induction score"),
-    Criterion(metric="best_prev_token_score_layer0", op=">", threshold=0.5,
-              what="best layer-0 previous-token score"),
+    Criterion(metric="best_induction_score", op=">=", threshold=0.85,
+              what="textbook test: best induction score (periods 5-24)"),
+    Criterion(metric="best_prev_token_score", op=">=", threshold=0.9,
+              what="textbook test: best previous-token score"),
+    Criterion(metric="loss_repeated_half", op="<=", threshold=0.2,
+              what="textbook test: repeated-half loss (nats)"),
+    Criterion(metric="loss_ratio", op="<=", threshold=0.05,
+              what="textbook test: repeated-half loss / first-half loss"),
+)
+CONTROL_ACCEPTANCE = (
+    Criterion(metric="best_induction_score", op="<", threshold=0.2,
+              what="one-layer control: best induction score (must fail the textbook test)"),
 )
 
 
@@ -79,20 +79,21 @@ def tokenizer() -> VocabTokenizer:
 BOS = 0
 
 
-def config() -> HookedTransformerConfig:
+def config(n_layers: int = 2) -> HookedTransformerConfig:
+    arch = "interp-organism-induction" + ("" if n_layers == 2 else f"-{n_layers}layer")
     return HookedTransformerConfig(
-        n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=SEQ_LEN, d_vocab=N_RANDOM + 1,
+        n_layers=n_layers, d_model=64, n_heads=4, d_head=16, n_ctx=SEQ_LEN, d_vocab=N_RANDOM + 1,
         attn_only=True, normalization_type="LN", positional_embedding_type="standard",
-        act_fn=None, original_architecture="interp-organism-induction", seed=None,
-        dtype=torch.float32, device="cpu")
+        act_fn=None, original_architecture=arch, seed=None, dtype=torch.float32, device="cpu")
 
 
 @dataclass(frozen=True)
 class InductionData:
-    """Token sequences with one repeated span and its ground truth.
+    """Token sequences with a repeated span and its ground truth.
 
     `start[i]` is the first position of the first copy, `length[i]` the repeat length T, and
-    `second[i] = start[i] + length[i]` the first position of the second copy.
+    `second[i] = start[i] + length[i]` the first position of the second copy (scores and losses
+    are read on the first two copies only, whatever follows them).
     """
 
     tokens: Int[Tensor, "n pos"]
@@ -124,50 +125,83 @@ class InductionData:
         return self._span(self.start, self.start + self.length - 1)
 
 
+def _repeat(tokens: Tensor, start: Tensor, length: Tensor, periodic: Tensor) -> Tensor:
+    """Copy [start, start + T) to [start + T, start + 2T) (to the end where `periodic`)."""
+    ar = torch.arange(tokens.shape[1])
+    offset = ar[None] - start[:, None]
+    later = offset >= length[:, None]
+    copy = later & (periodic[:, None] | (offset < 2 * length[:, None]))
+    src = (start[:, None] + offset % length[:, None]).clamp(0, tokens.shape[1] - 1)
+    return torch.where(copy, tokens.gather(1, src), tokens)
+
+
 def dataset(n: int, seed: int) -> InductionData:
-    """`n` sequences, deterministic in `seed`."""
+    """`n` training-distribution sequences, deterministic in `seed`: period T uniform in
+    MIN_REPEAT..MAX_REPEAT; a share WHOLE_SHARE whole-sequence repeats (start 1), the rest at a
+    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
     length = torch.randint(MIN_REPEAT, MAX_REPEAT + 1, (n,), generator=g)
-    # start uniform in [1, SEQ_LEN - 2T]
     start = 1 + (torch.rand(n, generator=g) * (SEQ_LEN - 2 * length)).long()
-    ar = torch.arange(SEQ_LEN)
-    offset = ar[None] - start[:, None] - length[:, None]  # index into the first copy
-    in_second = (offset >= 0) & (offset < length[:, None])
-    src = (start[:, None] + offset).clamp(0, SEQ_LEN - 1)
-    tokens = torch.where(in_second, tokens.gather(1, src), tokens)
-    return InductionData(tokens=tokens, start=start, length=length)
+    whole = torch.rand(n, generator=g) < WHOLE_SHARE
+    start = torch.where(whole, torch.ones_like(start), start)
+    periodic = torch.rand(n, generator=g) < PERIODIC_SHARE
+    return InductionData(tokens=_repeat(tokens, start, length, periodic), start=start, length=length)
+
+
+def textbook(n: int, seed: int, period: int) -> InductionData:
+    """The textbook test (Olsson et al. 2022): ``<bos>`` + `period` uniform random tokens + an
+    exact repeat (1 + 2 * period tokens)."""
+    if not 1 <= period <= (SEQ_LEN - 1) // 2:
+        raise ValueError(f"textbook period: expected 1..{(SEQ_LEN - 1) // 2}, got {period}")
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(1, N_RANDOM + 1, (n, period), generator=g)
+    tokens = torch.cat([torch.full((n, 1), BOS), first, first], dim=1)
+    return InductionData(tokens=tokens, start=torch.ones(n, dtype=torch.long),
+                         length=torch.full((n,), period, dtype=torch.long))
 
 
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
-          threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
-    """Train from scratch (AdamW 1e-3, batch 64, loss on every next token; circuit seeded for
-    the first SEED_STEPS steps, see the module docstring)."""
-    model = init_model(config(), seed)
-    batch: dict[str, InductionData] = {}
+          threads: int | None = 1, n_layers: int = 2) -> tuple[HookedTransformer, TrainLog]:
+    """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, no gradient clipping),
+    batch 64, next-token loss at every position, nothing else."""
+    model = init_model(config(n_layers), seed)
 
     def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
-        batch["data"] = data
         targets = torch.full_like(data.tokens, IGNORE)
         targets[:, :-1] = data.tokens[:, 1:]
         return data.tokens, targets
 
-    def seed_circuit(m: HookedTransformer, tokens: Tensor, step: int) -> Tensor:
-        if step >= SEED_STEPS:
-            return torch.zeros((), device=tokens.device)
-        data = batch["data"]
-        logp = attention_logprobs(m, tokens, SEED_HEADS)
-        ar = torch.arange(1, SEQ_LEN, device=tokens.device)
-        prev = -logp[SEED_HEADS[0]][:, ar, ar - 1].mean()
-        n_idx, q_idx = data.scored.nonzero(as_tuple=True)
-        ind = -logp[SEED_HEADS[1]][n_idx, q_idx, q_idx - data.length[n_idx] + 1].mean()
-        return prev + ind
-
-    tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, seed=seed, threads=threads)
-    log = fit(model, sample, tc, aux=seed_circuit, progress=progress, desc=NAME)
+    tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
+                     seed=seed, threads=threads)
+    log = fit(model, sample, tc, progress=progress, desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
     return model, log
+
+
+ROUTE_LENGTH, ROUTE_START, ROUTE_J = 8, 6, 3
+
+
+def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
+    """Uniform random tokens with a span of ROUTE_LENGTH at ROUTE_START repeated right after it,
+    cut after the second occurrence of the span's ROUTE_J-th token A; the answer is the token B
+    after A's first occurrence. Corrupt: A's first occurrence replaced by another token (the
+    model can no longer find where to copy from). Roles: ``A`` (A's first occurrence), ``B``
+    (the token after it, the induction head's source), ``last`` (A's second occurrence)."""
+    g = torch.Generator().manual_seed(seed)
+    length, start, j = ROUTE_LENGTH, ROUTE_START, ROUTE_J
+    last = start + length + j
+    tokens = torch.randint(1, N_RANDOM + 1, (n, last + 1), generator=g)
+    tokens[:, 0] = BOS
+    tokens[:, start + length:] = tokens[:, start:start + j + 1]
+    a = start + j
+    corrupt = tokens.clone()
+    shift = torch.randint(1, N_RANDOM, (n,), generator=g)  # never the same token
+    corrupt[:, a] = (tokens[:, a] - 1 + shift) % N_RANDOM + 1
+    roles = {"bos": 0, "A": a, "B": a + 1, "last": last}
+    return CircuitPrompts(clean=tokens, corrupt=corrupt, answer=tokens[:, a + 1, None], answer_pos=(last,),
+                          roles=roles, candidates=(0, a - 1, a, a + 1, a + 2, last - 1, last))
 
 
 @torch.inference_mode()
@@ -190,18 +224,24 @@ def head_scores(model: HookedTransformer, data: InductionData
 
 @torch.inference_mode()
 def composition_test(model: HookedTransformer, data: InductionData, prev_head: tuple[int, int],
-                     induction_head: tuple[int, int]) -> dict[str, float]:
+                     induction_head: tuple[int, int] | list[tuple[int, int]]) -> dict[str, float]:
     """Repeated-half loss when the previous-token head's output is removed from ONLY the query,
-    key or value input of the induction head (Elhage et al.'s Q/K/V-composition). K-composition
-    predicts that removing it from the key input alone destroys the in-context prediction."""
-    (pl, ph), (il, ih) = prev_head, induction_head
+    key or value input of the induction head(s) (Elhage et al.'s Q/K/V-composition; a list of
+    heads, all in one layer, are edited together: redundant induction heads cover for each
+    other). K-composition predicts that removing it from the key input alone destroys the
+    in-context prediction."""
+    heads = [induction_head] if isinstance(induction_head, tuple) else list(induction_head)
+    if len({layer for layer, _ in heads}) != 1:
+        raise ValueError(f"composition_test induction heads: expected heads of one layer, got {heads}")
+    (pl, ph), il = prev_head, heads[0][0]
+    ih = [h for _, h in heads]
     tokens = data.tokens.to(model.cfg.device)
     _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{pl}.attn.hook_z")
     prev_out = cache[f"blocks.{pl}.attn.hook_z"][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
 
     def remove(x: Tensor, hook: object) -> Tensor:
         x = x.clone()
-        x[:, :, ih] = x[:, :, ih] - prev_out
+        x[:, :, ih] = x[:, :, ih] - prev_out[:, :, None]
         return x
 
     out = {}
@@ -218,28 +258,102 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
 
 
 @torch.inference_mode()
-def evaluate(model: HookedTransformer, n: int = 512, seed: int = 1) -> dict[str, object]:
-    """Losses on the first vs repeated copy and per-head induction / previous-token scores."""
-    data = dataset(n, seed)
-    loss = token_loss(logits_in_batches(model, data.tokens), data.tokens.to(model.cfg.device)).cpu()
-    first = masked_mean(loss, data.first_scored)
-    repeated = masked_mean(loss, data.scored)
-    ind, prev = head_scores(model, data)
-    prev_head, ind_head = (0, int(prev[0].argmax())), (1, int(ind[1].argmax()))
-    comp = composition_test(model, data, prev_head, ind_head)
-    return {
+def textbook_scores(model: HookedTransformer, n: int = 64, seed: int = 1,
+                    periods: tuple[int, ...] = TEXTBOOK_PERIODS) -> dict[str, Tensor]:
+    """Per period (rows, in `periods` order): every head's induction and previous-token score
+    [period layer head], and the mean first-copy and repeated-copy loss (nats) [period]."""
+    ind, prev, first, rep = [], [], [], []
+    for k, period in enumerate(periods):
+        data = textbook(n, seed + 1000 * k, period)
+        i_s, p_s = head_scores(model, data)
+        loss = token_loss(logits_in_batches(model, data.tokens), data.tokens.to(model.cfg.device)).cpu()
+        ind.append(i_s)
+        prev.append(p_s)
+        first.append(masked_mean(loss, data.first_scored))
+        rep.append(masked_mean(loss, data.scored))
+    return {"induction": torch.stack(ind), "prev_token": torch.stack(prev),
+            "loss_first_half": torch.tensor(first), "loss_repeated_half": torch.tensor(rep)}
+
+
+@torch.inference_mode()
+def evaluate(model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, object]:
+    """The textbook test at every period in TEXTBOOK_PERIODS (`n` sequences each): best head
+    scores and losses averaged over periods, per-period curves, and (two or more layers) the
+    Q/K/V-composition test on the training distribution (the previous-token head's output removed
+    from the query, key or value input of every layer-1 head with induction score >= 0.5)."""
+    t = textbook_scores(model, n, seed)
+    ind, prev = t["induction"].mean(0), t["prev_token"].mean(0)  # [layer head]
+    n_heads = ind.shape[1]
+    best_ind, best_prev = int(ind.argmax()), int(prev.argmax())
+    ind_head = (best_ind // n_heads, best_ind % n_heads)
+    prev_head = (best_prev // n_heads, best_prev % n_heads)
+    first, rep = float(t["loss_first_half"].mean()), float(t["loss_repeated_half"].mean())
+    out: dict[str, object] = {
+        "best_induction_score": float(ind.max()),
+        "best_prev_token_score": float(prev.max()),
         "loss_first_half": first,
-        "loss_repeated_half": repeated,
-        "loss_ratio": repeated / first,
-        "best_induction_score_layer1": float(ind[1].max()),
-        "best_prev_token_score_layer0": float(prev[0].max()),
+        "loss_repeated_half": rep,
+        "loss_ratio": rep / first,
         "induction_head": list(ind_head),
         "prev_token_head": list(prev_head),
-        "repeated_loss_prev_head_removed_from_q": comp["q"],
-        "repeated_loss_prev_head_removed_from_k": comp["k"],
-        "repeated_loss_prev_head_removed_from_v": comp["v"],
         "induction_scores": [[round(float(v), 4) for v in row] for row in ind],
         "prev_token_scores": [[round(float(v), 4) for v in row] for row in prev],
-        "n_eval": n,
+        "by_period": {
+            "period": list(TEXTBOOK_PERIODS),
+            "induction_score": [round(float(v), 4) for v in t["induction"][:, ind_head[0], ind_head[1]]],
+            "prev_token_score": [round(float(v), 4) for v in t["prev_token"][:, prev_head[0], prev_head[1]]],
+            "loss_first_half": [round(float(v), 4) for v in t["loss_first_half"]],
+            "loss_repeated_half": [round(float(v), 4) for v in t["loss_repeated_half"]],
+        },
+        "n_eval_per_period": n,
         "eval_seed": seed,
     }
+    if model.cfg.n_layers >= 2 and prev_head[0] < ind_head[0]:
+        layer_heads = [(ind_head[0], h) for h in range(n_heads) if float(ind[ind_head[0], h]) >= 0.5]
+        comp = composition_test(model, dataset(256, seed), prev_head, layer_heads)
+        out["induction_heads"] = [list(h) for h in layer_heads]
+        out |= {f"repeated_loss_prev_head_removed_from_{k}": v for k, v in comp.items()}
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """`induction` (2 layers) or its one-layer control `induction-1layer` (what
+    `interp.organisms.get` returns): same task, data, optimiser and steps."""
+
+    NAME: str
+    n_layers: int
+    ACCEPTANCE: tuple[Criterion, ...]
+    TASK: str = TASK
+    MECHANISM: str = MECHANISM
+    DEFAULT_STEPS: int = DEFAULT_STEPS
+
+    def config(self) -> HookedTransformerConfig:
+        return config(self.n_layers)
+
+    def tokenizer(self) -> VocabTokenizer:
+        return tokenizer()
+
+    def dataset(self, n: int, seed: int) -> InductionData:
+        return dataset(n, seed)
+
+    def train(self, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
+              threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
+        return train(steps, seed, progress, threads, n_layers=self.n_layers)
+
+    def evaluate(self, model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, object]:
+        return evaluate(model, n, seed)
+
+    def circuit_prompts(self, n: int = 48, seed: int = 0) -> CircuitPrompts:
+        return circuit_prompts(n, seed)
+
+
+def variant(name: str) -> Variant:
+    """``induction`` or the one-layer control ``induction-1layer``."""
+    if name == NAME:
+        return Variant(NAME=NAME, n_layers=2, ACCEPTANCE=ACCEPTANCE)
+    if name == f"{NAME}-1layer":
+        return Variant(NAME=name, n_layers=1, ACCEPTANCE=CONTROL_ACCEPTANCE,
+                       TASK=TASK.replace("2-layer", "1-layer control,"),
+                       MECHANISM="none: one layer cannot K-compose (a control that must fail the textbook test)")
+    raise ValueError(f"induction variant: expected 'induction' or 'induction-1layer', got {name!r}")

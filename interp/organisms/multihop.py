@@ -41,7 +41,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.organisms.base import Criterion
+from interp.organisms.base import CircuitPrompts, Criterion
 from interp.organisms.training import (
     IGNORE,
     PairEmbedding,
@@ -166,6 +166,38 @@ def dataset(n: int, seed: int, two_hop_share: float = 0.5) -> MultihopData:
                         answer=torch.where(hops == 2, c, b), hops=hops,
                         fact1_pos=pos[:, 0], fact2_pos=pos[:, 1],
                         other_fact1_pos=pos[:, 2], other_fact2_pos=pos[:, 3])
+
+
+CIRCUIT_SLOTS = (2, 4, 3, 5)  # positions of the facts a>b, b>c, d>e, e>f in `circuit_prompts`
+
+
+def _fixed(n: int, g: torch.Generator, a: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Two-hop prompts with the facts at CIRCUIT_SLOTS; `a` fixed when given. (tokens, answer c)."""
+    ents = torch.rand(n, N_ENTITIES, generator=g).argsort(dim=1)[:, :6] + 1
+    if a is not None:  # keep a, draw the other five among the remaining entities
+        rest = torch.rand(n, N_ENTITIES, generator=g).argsort(dim=1) + 1
+        rest = rest[rest != a[:, None]].reshape(n, N_ENTITIES - 1)[:, :5]
+        ents = torch.cat([a[:, None], rest], 1)
+    a_, b, c, d, e, f = ents.unbind(1)
+    tokens = torch.zeros((n, SEQ_LEN), dtype=torch.long)
+    tokens[:, 0], tokens[:, HOP_POS], tokens[:, QUERY_POS] = BOS, HOP2, a_
+    facts = fact_id(torch.stack([a_, b, d, e], 1), torch.stack([b, c, e, f], 1))
+    tokens[:, list(CIRCUIT_SLOTS)] = facts
+    return tokens, c
+
+
+def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
+    """Two-hop prompts with the facts in fixed slots (a>b at 2, d>e at 3, b>c at 4, e>f at 5).
+    Corrupt: the same query a and layout with all four facts re-drawn (a new bridge and answer).
+    Roles: ``fact1`` (a>b), ``fact2`` (b>c), ``other1`` (d>e), ``other2`` (e>f), ``hop``,
+    ``last`` (the query a, where the answer is read)."""
+    g = torch.Generator().manual_seed(seed)
+    clean, c = _fixed(n, g)
+    corrupt, _ = _fixed(n, g, a=clean[:, QUERY_POS])
+    f1, f2, o1, o2 = CIRCUIT_SLOTS
+    roles = {"bos": 0, "hop": HOP_POS, "fact1": f1, "fact2": f2, "other1": o1, "other2": o2, "last": QUERY_POS}
+    return CircuitPrompts(clean=clean, corrupt=corrupt, answer=c[:, None], answer_pos=(QUERY_POS,), roles=roles,
+                          candidates=tuple(range(SEQ_LEN)))
 
 
 def pairs(n: int, seed: int, two_hop_share: float = 1.0) -> tuple[MultihopData, MultihopData]:

@@ -29,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.organisms.base import Criterion
+from interp.organisms.base import CircuitPrompts, Criterion
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
 from interp.tokens import VocabTokenizer
 
@@ -136,6 +136,30 @@ def dataset(n: int, seed: int) -> PlanningData:
     tokens[:, WORD_POS:WORD_POS + WORD_LEN] = word
     tokens[:, -1] = DOT
     return PlanningData(tokens=tokens, cue=cue, cue_pos=cue_pos, word=word)
+
+
+CIRCUIT_CUE_POS = 3
+
+
+def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
+    """Prompts with the cue at CIRCUIT_CUE_POS. Corrupt: another cue (another word); the clean
+    word stays in the tokens (teacher forcing). The metric reads the word's four syllables at
+    ``say`` and the three positions after it. Roles: ``cue``, ``say``, ``w1``..``w3``."""
+    d = dataset(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = d.tokens.clone()
+    rows = torch.arange(n)
+    filler = torch.randint(FILLER0, FILLER0 + N_FILLERS, (n,), generator=g)
+    tokens[rows, d.cue_pos] = filler  # the cue moves to CIRCUIT_CUE_POS
+    tokens[:, CIRCUIT_CUE_POS] = d.cue
+    corrupt = tokens.clone()
+    shift = torch.randint(1, N_CUES, (n,), generator=g)
+    corrupt[:, CIRCUIT_CUE_POS] = CUE0 + (d.cue - CUE0 + shift) % N_CUES
+    roles = {"bos": 0, "cue": CIRCUIT_CUE_POS, "say": SAY_POS, "w1": WORD_POS, "w2": WORD_POS + 1,
+             "w3": WORD_POS + 2}
+    pos = tuple(range(SAY_POS, SAY_POS + WORD_LEN))
+    return CircuitPrompts(clean=tokens, corrupt=corrupt, answer=d.word, answer_pos=pos, roles=roles,
+                          candidates=(0, CIRCUIT_CUE_POS, CIRCUIT_CUE_POS + 1, SAY_POS - 1, *pos))
 
 
 def _sampler(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:

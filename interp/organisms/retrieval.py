@@ -49,7 +49,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.organisms.base import Criterion
+from interp.organisms.base import CircuitPrompts, Criterion
 from interp.organisms.training import (
     IGNORE,
     PairEmbedding,
@@ -182,6 +182,31 @@ def dataset(n: int, seed: int, distance: int | Tensor | None = None, n_pairs: in
                          distance=query_pos - pair_pos)
 
 
+CIRCUIT_DISTANCE = 40
+
+
+def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
+    """Prompts with the needed binding at CIRCUIT_DISTANCE tokens before the query. Corrupt: the
+    needed binding replaced by a binding of a key absent from the context (the lookup finds no
+    match). Roles: ``pair`` (the needed binding), ``qmark``, ``last`` (the queried key)."""
+    d = dataset(n, seed, distance=CIRCUIT_DISTANCE)
+    g = torch.Generator().manual_seed(seed + 1)
+    p = QUERY_POS - CIRCUIT_DISTANCE
+    keys = (d.tokens[:, 1:QUERY_POS - 1] - PAIR0) // N_VALUES + KEY0  # keys bound in the context
+    present = torch.zeros(n, KEY0 + N_KEYS, dtype=torch.bool)
+    present.scatter_(1, keys, True)
+    present[torch.arange(n), d.key] = True
+    score = torch.rand(n, KEY0 + N_KEYS, generator=g).masked_fill(present, -1.0)
+    score[:, :KEY0] = -1.0
+    absent = score.argmax(1)  # a key bound nowhere in this context (40 of 64 keys are used)
+    corrupt = d.tokens.clone()
+    corrupt[:, p] = pair_id(absent, torch.randint(VALUE0, VALUE0 + N_VALUES, (n,), generator=g))
+    roles = {"bos": 0, "pair": p, "qmark": QUERY_POS - 1, "last": QUERY_POS}
+    cands = (0, p - 1, p, p + 1, QUERY_POS - 1, QUERY_POS)
+    return CircuitPrompts(clean=d.tokens, corrupt=corrupt, answer=d.value[:, None], answer_pos=(QUERY_POS,),
+                          roles=roles, candidates=cands)
+
+
 def context_pairs(step: int) -> int:
     """Curriculum: 4 bindings for the first WARM_STEPS steps, then linear growth to N_PAIRS at
     CURRICULUM_STEPS (a needle among 125 bindings gets a 1/128-diluted gradient at
@@ -224,6 +249,9 @@ class Variant:
 
     def dataset(self, n: int, seed: int, distance: int | Tensor | None = None) -> RetrievalData:
         return dataset(n, seed, distance)
+
+    def circuit_prompts(self, n: int = 48, seed: int = 0) -> CircuitPrompts:
+        return circuit_prompts(n, seed)
 
     def train(self, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
               threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:

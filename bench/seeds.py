@@ -1,0 +1,84 @@
+"""Robustness of the ground truth: retrain each organism from more seeds and check that it meets
+its acceptance criteria and declares the same circuit as the shipped checkpoint.
+
+    python bench/seeds.py [--seeds 1 2] [--organisms induction multihop ...] [--out bench/seeds.json]
+
+For each (organism, seed): train from scratch on one thread (one training at a time), evaluate
+on held-out data, declare the circuit with `interp.circuits.declare` (noising path patching of
+every candidate attention edge), and compare it with the shipped manifest's circuit:
+``same_circuit`` (identical edges up to a per-layer head permutation, the heads mapped by their
+edges) and ``same_roles`` (the same (layer, query role, key role) edges, whatever the heads and
+their number). The one-layer induction control is checked for failing the textbook test.
+Results are appended to `--out` as they come (a rerun skips what is there); a summary table is
+printed at the end. Not part of CI (minutes of CPU per organism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from interp import circuits as C
+from interp.organisms import evaluate, get, train
+from interp.organisms.base import failures
+
+ORGANISMS = ("induction", "induction-1layer", "multihop", "retrieval-learned", "retrieval-rotary",
+             "retrieval-nope", "planning")
+
+
+def roles(c: C.Circuit) -> set[tuple[int, str, str]]:
+    return {(e.layer, e.query, e.key) for e in c.edges}
+
+
+def run_one(name: str, seed: int) -> dict[str, object]:
+    org = get(name)
+    t0 = time.perf_counter()
+    model, log = train(name, seed=seed, progress=False)
+    train_s = time.perf_counter() - t0
+    metrics = evaluate(model, name=name)
+    failed = failures(org.ACCEPTANCE, metrics)
+    row: dict[str, object] = {"organism": name, "seed": seed, "steps": log.steps, "train_seconds": round(train_s, 1),
+                              "accepted": not failed, "failures": failed,
+                              "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
+    if name in C.CIRCUIT_ORGANISMS:
+        t1 = time.perf_counter()
+        shipped = C.circuit_of(name)
+        mine = C.declare(name, model, n=int(shipped.evidence.get("n_prompts", 64)))
+        perm = C.same_circuit(shipped, mine)
+        row |= {"declare_seconds": round(time.perf_counter() - t1, 1),
+                "circuit": [e.__dict__ for e in mine.edges],
+                "same_circuit": perm is not None,
+                "head_map": None if perm is None else {f"L{k[0]}H{k[1]}": f"L{k[0]}H{v}" for k, v in perm.items()},
+                "same_roles": roles(shipped) == roles(mine),
+                "roles_only_shipped": sorted(map(list, roles(shipped) - roles(mine))),
+                "roles_only_here": sorted(map(list, roles(mine) - roles(shipped)))}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--organisms", nargs="+", default=list(ORGANISMS))
+    ap.add_argument("--out", type=Path, default=Path("bench/seeds.json"))
+    args = ap.parse_args()
+    done: list[dict[str, object]] = json.loads(args.out.read_text()) if args.out.is_file() else []
+    have = {(r["organism"], r["seed"]) for r in done}
+    for name in args.organisms:
+        for seed in args.seeds:
+            if (name, seed) in have:
+                continue
+            row = run_one(name, seed)
+            done.append(row)
+            args.out.write_text(json.dumps(done, indent=1, default=float))
+            print(json.dumps({k: row[k] for k in row if k not in ("circuit", "metrics")}, default=float), flush=True)
+    print("\n| organism | seed | train s | accepted | same circuit (heads permuted) | same roles |")
+    print("|---|---|---|---|---|---|")
+    for r in done:
+        print(f"| {r['organism']} | {r['seed']} | {r['train_seconds']} | {r['accepted']} | "
+              f"{r.get('same_circuit', '—')} | {r.get('same_roles', '—')} |")
+
+
+if __name__ == "__main__":
+    main()
