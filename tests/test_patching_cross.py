@@ -154,7 +154,7 @@ def test_cumulative_kv_patch_equals_alone_and_a_hand_hook(any_model, city):
                 for s in (Site.K, Site.V):
                     name = Node(x, s).hook_name
 
-                    def hook(act, hook, name=name):
+                    def hook(act, hook, name=name, s0=s0, s1=s1, cache=cache):
                         act = act.clone()
                         act[0, s0:s1] = cache[name][0, s0:s1]
                         return act
@@ -189,7 +189,7 @@ def test_knockout_of_the_answer_span_equals_alone_and_a_hand_hook(any_model, cit
         with torch.inference_mode():
             base = any_model(tokens[None])[0, plen - 1].double().log_softmax(-1)
         for start in range(n_layers):
-            def hook(scores, hook):
+            def hook(scores, hook, plen=plen, alen=alen):
                 scores = scores.clone()
                 scores[0, :, plen - 1: plen - 1 + alen, : plen - 1] = float("-inf")
                 return scores
