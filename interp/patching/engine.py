@@ -7,7 +7,10 @@ measures a metric of the output. Denoising patches clean values into the corrupt
 
 Inputs are `interp.prompts.Prompts` of any lengths: the clean prompts and their corrupted
 partners (`prompts.partner`, or an explicit `corrupt=`), each example's clean and corrupted
-prompt of the same length (position p is paired with position p). Everything is computed on the
+prompt of the same length (position p is paired with position p) — unless every patched
+position is a span name: then the two prompts may differ in length (cross-position patching:
+the source value is read at the source prompt's own span of the name and written at the base
+prompt's, and each run's metric is read at that run's own positions, see `read_as`). Everything is computed on the
 right-padded layout: under causal attention a pad token after a prompt changes nothing before
 it, so each example's values equal running that prompt alone. Positions are in prompt
 coordinates (`interp.prompts`): an int (negative counts from each prompt's end), a span name
@@ -53,6 +56,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
+from interp.hooks import run
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
@@ -253,18 +257,12 @@ def resid_pre_name(layer: int) -> str:
 
 def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str]
                ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
-    """One forward pass returning the logits and the activations at `names`."""
-    cache: dict[str, Tensor] = {}
-
-    def save(act: Tensor, hook) -> None:
-        cache[hook.name] = act
-
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, save) for n in sorted(names)]):
-        logits = model(tokens)
-    missing = names - set(cache)
-    if missing:
-        raise RuntimeError(f"caching run: expected hooks {sorted(missing)} to fire, they did not")
-    return logits, cache
+    """One forward pass returning the logits and the activations at `names`: the toolkit's one
+    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit). Finiteness is
+    checked by the callers on the logits (a NaN activation reaches them)."""
+    with torch.inference_mode():
+        out = run(model, tokens, captures=sorted(names), check_finite=False)
+    return out.logits, out.acts  # type: ignore[return-value]
 
 
 def metric_values(metric: Metric, logits: Tensor, prompts: Prompts, what: str) -> Float[Tensor, "batch"]:
