@@ -203,3 +203,21 @@ def test_knockout_of_the_answer_span_equals_alone_and_a_hand_hook(any_model, cit
             knocked = logits[0, plen - 1].double().log_softmax(-1)
             kl = float((base.exp() * (base - knocked)).sum())
             assert abs(float(r.kl_per_example[start, i]) - kl) < TOL + 1e-4 * kl
+
+
+def test_cross_position_errors_say_what_was_expected(gpt2_model, crossed, bpe_tokenizer):
+    bare = crossed.with_partner(crossed.partner.with_spans())  # the partner without 'subject'
+    bare = bare.with_partner(Prompts(bare.partner.tokens, bare.partner.lengths, bare.partner.side,
+                                     answers=bare.partner.answers))
+    with pytest.raises(ValueError, match=r"expected the span 'subject' in both prompts"):
+        patch(gpt2_model, bare, answer_logprob(), [At(0, "resid_pre", "subject")], direction="noising")
+    from test_patching_padded import _city
+
+    multi = _city(bpe_tokenizer)  # multi-token answers
+    other = multi.partner.select(torch.arange(len(multi)).roll(1))
+    with pytest.raises(ValueError, match=r"denoising with prompts of different lengths"):
+        sweep(gpt2_model, multi.with_partner(other), answer_logprob(), positions=["last"], direction="denoising")
+    # noising reads the clean run at the clean prompts; the corrupted run's metric cannot carry the
+    # clean multi-token answers, so it is NaN (and the patched values are still the clean prompts')
+    r = sweep(gpt2_model, multi.with_partner(other), answer_logprob(), positions=["last"], direction="noising")
+    assert bool(torch.isnan(r.corrupt_values).all()) and bool(torch.isfinite(r.per_example).all())

@@ -31,7 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node, Site
+from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
     Verdict,
@@ -165,11 +165,6 @@ class MultihopResult:
 def _nanmean(x: Tensor) -> Tensor:
     x = x[torch.isfinite(x)]
     return x.mean() if x.numel() else torch.tensor(float("nan"), dtype=torch.float64)
-
-
-def _lens_nodes(n_layers: int) -> list[Node]:
-    """resid_pre of every block, then the final resid_post (the lens layers)."""
-    return [Node(x, Site.RESID_PRE) for x in range(n_layers)] + [Node(n_layers - 1, Site.RESID_POST)]
 
 
 POS = "multihop:position"  # the one-token span an interchange patches (each prompt's own index)
