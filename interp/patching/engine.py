@@ -227,7 +227,6 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
 
 def check_single(model: HookedTransformer, prompts: Prompts | Batch | Tensor) -> Prompts:
     """One run's prompts, right-padded, trimmed to the longest prompt, on the model's device."""
-    from dataclasses import replace
 
     p = as_prompts(prompts).right()
     width = int(p.lengths.max())
@@ -466,7 +465,6 @@ def validate_node(model: HookedTransformer, node: Place, seq_len: int) -> Place:
     ungrouped GQA models index K/V by head."""
     arch = Arch.of(model)
     if getattr(model.cfg, "ungroup_grouped_query_attention", False):
-        from dataclasses import replace
         arch = replace(arch, n_kv_heads=arch.n_heads)
     a = as_at(node)
     int_pos = a.pos if isinstance(a.pos, int) else None
