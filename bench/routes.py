@@ -3,7 +3,8 @@ examples, against the per-example loop it replaces, on the same prompts, measure
 
 Run: .venv/bin/python bench/routes.py [--n 16] [--threads N]
 Prints, measured in this run: the time of `interp.hypotheses.routes._route_effects` (one
-`path_patch` call per receiver for all examples, every sender of that receiver in the call)
+`path_patch_many` call: a request per receiver, for all examples, every sender of that
+receiver in its request)
 and of the old loop (kept below as the peer: one `path_patch` call per example and route, on the
 pre-"One spine" API), the largest per-example difference between their values, and the ratio.
 Both measure the trained model only (the investigation runs each once more on its baseline).

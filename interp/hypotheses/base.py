@@ -5,9 +5,10 @@ Every investigation takes `interp.prompts.Prompts` (padded left or right, prompt
 lengths, named positions per prompt, answers of one or several tokens) and computes on the
 right-padded layout, where a causal model's every real position sees exactly what it sees when
 its prompt runs alone (positions count from the prompt's first token; the pads come after).
-Edits that name a position per example (patch position ``p_i`` of prompt ``i``, block prompt
-``i``'s query ``q_i`` from keys ``k_i``) are the small `Intervention` subclasses below, applied
-through the one hook path (`interp.hooks.intervene`).
+Edits that name a position per example (patch the partner's ``p'_i`` into prompt ``i``'s
+``p_i``, block prompt ``i``'s read-out span from keys ``k_i``) are the patching engine's
+(`interp.patching`: `sweep`, `patch`, `kv_patch`, `knockout`, `path_patch_many` at span names);
+plain forwards go through the one hook path (`interp.hooks.intervene`).
 
 Every investigation reports per-example outcomes (top-1 correct, log-prob of the answer, KL to
 the unmodified run), aggregates them with bootstrap CIs over examples (`interp.stats`), compares
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.hooks import Intervention, Target, intervene
+from interp.hooks import Intervention, intervene
 from interp.metrics import answer_logprob, top1
 from interp.models import random_like  # noqa: F401  (the one random baseline; re-exported for the investigations)
 from interp.prompts import LAST, Prompts, as_prompts
@@ -76,65 +77,6 @@ def _kl(lp: Tensor, reference: Tensor | None) -> Tensor:
         return torch.zeros(lp.shape[0], dtype=torch.float64)
     lr = reference.to(lp.device).float().log_softmax(-1)
     return (lr.exp() * (lr - lp)).sum(-1).double().clamp_min(0).cpu()
-
-
-# --------------------------------------------------------------------------- per-example edits
-
-@dataclass(frozen=True)
-class PatchAt(Intervention):
-    """Write `values[i]` at position `index[i]` of example `i` (right-padded layout); every other
-    position keeps its value. `values`: [batch, *rest] for an activation [batch, pos, *rest]."""
-
-    index: Tensor | None = None
-    values: Tensor | None = None
-
-    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
-        if self.index is None or self.values is None or self.values.shape[0] != act.shape[0]:
-            raise ValueError(f"PatchAt at {target.name}: expected index and values for {act.shape[0]} examples, "
-                             f"got {None if self.values is None else tuple(self.values.shape)}")
-        out = sel.clone()
-        rows = torch.arange(act.shape[0], device=act.device)
-        out[rows, self.index.to(act.device)] = self.values.to(act.device, act.dtype)
-        return out
-
-
-@dataclass(frozen=True)
-class PatchWhere(Intervention):
-    """Take `source` where `mask` [batch, pos] is True (every head), keep the activation elsewhere."""
-
-    mask: Tensor | None = None
-    source: Tensor | None = None
-
-    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
-        if self.mask is None or self.source is None or self.source.shape != act.shape:
-            raise ValueError(f"PatchWhere at {target.name}: expected a source of shape {tuple(act.shape)}, got "
-                             f"{None if self.source is None else tuple(self.source.shape)}")
-        m = self.mask.to(act.device).reshape(*self.mask.shape, *([1] * (act.ndim - 2)))
-        return torch.where(m, self.source.to(act.device, act.dtype), sel)
-
-
-@dataclass(frozen=True)
-class BlockWhere(Intervention):
-    """Attention knockout per example: where `mask` [batch, q_pos, k_pos] is True the query may not
-    read the key (pre-softmax score -inf, so the remaining edges renormalise); `where` is an
-    attn_scores node."""
-
-    mask: Tensor | None = None
-
-    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
-        if self.mask is None or self.mask.shape != (act.shape[0], act.shape[2], act.shape[3]):
-            raise ValueError(f"BlockWhere at {target.name}: expected a mask of shape "
-                             f"{(act.shape[0], act.shape[2], act.shape[3])}, got "
-                             f"{None if self.mask is None else tuple(self.mask.shape)}")
-        return sel.masked_fill(self.mask.to(act.device)[:, None], float("-inf"))
-
-
-def block_mask(query: Int[Tensor, "batch"], keys: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos pos"]:
-    """[batch, q, k]: True at (query[i], k) for every key k with keys[i, k]."""
-    b, w = keys.shape
-    m = torch.zeros(b, w, w, dtype=torch.bool)
-    m[torch.arange(b), query.cpu()] = keys.cpu()
-    return m
 
 
 # ------------------------------------------------------------------------------------- running

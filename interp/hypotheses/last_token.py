@@ -43,12 +43,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node, Site
-from interp.hooks import intervene
+from interp.graph import Site
 from interp.hypotheses.base import (
-    BlockWhere,
     Outcome,
-    PatchWhere,
     Verdict,
     chunks,
     curve_frame,
@@ -59,6 +56,8 @@ from interp.hypotheses.base import (
     prompts_of,
     random_like,
 )
+from interp.metrics import answer_logprob, kl_to, top1
+from interp.patching import knockout, kv_patch, sweep
 from interp.prompts import ANSWER, LAST, Prompts
 from interp.stats import Estimate, bootstrap
 from interp.tokens import Batch
@@ -175,49 +174,54 @@ def _recovery(o: Outcome, clean: Outcome, neutral: Outcome) -> Estimate:
     return bootstrap(torch.stack([o.logprob, neutral.logprob, clean.logprob], dim=1), stat)
 
 
+CONTEXT = "last-token:context"  # every position before each prompt's last prompt token
+
+
 def _curves(model: HookedTransformer, p: Prompts, batch_size: int
             ) -> tuple[Outcome, Outcome, list[Outcome], list[Outcome], list[Outcome]]:
     """Clean, neutral, knockout, transplant and K/V curves; `p.partner` is the neutral context.
 
     The read-out span is `answer` (the last prompt token and any teacher-forced answer tokens);
-    the context is every position before the last prompt token. All edits are per example, in
-    the right-padded layout, so each prompt is computed as if run alone."""
-    arch = Arch.of(model)
-    L = arch.n_layers
-    nodes = [Node(layer, Site.RESID_PRE) for layer in range(L)] + [Node(L - 1, Site.RESID_POST)]
-    kv_nodes = [Node(layer, s) for layer in range(L) for s in (Site.K, Site.V)]
-    parts: dict[str, list] = {"clean": [], "neutral": []}
-    knock: list[list[Outcome]] = [[] for _ in range(L + 1)]
-    trans: list[list[Outcome]] = [[] for _ in range(L + 1)]
-    kvrep: list[list[Outcome]] = [[] for _ in range(L + 1)]
-    for rows in chunks(len(p), batch_size):
-        sub = p.select(rows).right()
-        nsub = sub.partner.right()  # type: ignore[union-attr]
-        w = sub.tokens.shape[1]
-        ar = torch.arange(w)
-        last = sub.index(LAST)
-        read = sub.span_mask(ANSWER, w)  # the last prompt token and the teacher-forced answer tokens
-        ctx = ar[None] < last[:, None]  # the context: positions before the last prompt token
-        with torch.inference_mode(), intervene(model, capture=nodes) as c_run:
-            c_logits = model(sub.tokens.to(model.cfg.device))
-        with torch.inference_mode(), intervene(model, capture=kv_nodes) as n_run:
-            n_logits = model(nsub.tokens.to(model.cfg.device))
+    the context is every position before the last prompt token. The curves are the patching
+    engine's: knockout = `knockout(at="answer")` from each start layer l; transplant = a
+    denoising `sweep` at the `answer` span (clean resid_pre[l] into the neutral run; l = L: the
+    final resid_post); K/V = a noising `kv_patch` of the context, cumulative (layers >= l in
+    one copy). Every edit is per example, so each prompt is computed as if run alone."""
+    L = Arch.of(model).n_layers
+    q = p.right()
+    nq = q.partner.right()  # type: ignore[union-attr]
+    ctx = torch.stack([torch.zeros(len(q), dtype=torch.long), q.index(LAST)], dim=1)
+    q = q.with_spans(**{CONTEXT: ctx}).with_partner(nq.with_spans(**{CONTEXT: ctx}))
+    parts: dict[str, list] = {"clean": [], "neutral": [], "ref": []}
+    for rows in chunks(len(q), batch_size):
+        sub = q.select(rows).right()
+        c_logits = forward(model, sub)
+        n_logits = forward(model, sub.partner.right())  # type: ignore[union-attr]
         ref = last_logits(c_logits, sub)
+        parts["ref"].append(ref)
         parts["clean"].append(outcome(c_logits, sub))
         parts["neutral"].append(outcome(n_logits, sub, reference=ref))
-        blocked = (read[:, :, None] & ctx[:, None, :])  # [b, q, k]
-        for layer in range(L + 1):
-            blocks = [BlockWhere(Node(x, Site.ATTN_SCORES), mask=blocked) for x in range(layer, L)]
-            knock[layer].append(outcome(forward(model, sub, blocks), sub, reference=ref) if blocks
-                                else outcome(c_logits, sub, reference=ref))
-            node = nodes[layer]
-            patch = PatchWhere(node, mask=read, source=c_run.captured[node.hook_name])
-            trans[layer].append(outcome(forward(model, nsub, [patch]), sub, reference=ref))
-            kv = [PatchWhere(x, mask=ctx, source=n_run.captured[x.hook_name]) for x in kv_nodes if x.layer >= layer]
-            kvrep[layer].append(outcome(forward(model, sub, kv), sub, reference=ref) if kv
-                                else outcome(c_logits, sub, reference=ref))
-    return (Outcome.cat(parts["clean"]), Outcome.cat(parts["neutral"]), [Outcome.cat(x) for x in knock],
-            [Outcome.cat(x) for x in trans], [Outcome.cat(x) for x in kvrep])
+    ref = torch.cat(parts["ref"])
+    metrics = {"correct": top1(), "logprob": answer_logprob(), "kl": kl_to(ref)}
+    layers = list(range(L + 1))
+    knock = {k: knockout(model, q, metrics[k], at=ANSWER, start_layers=layers, rows=batch_size)
+             for k in ("correct", "logprob")}
+    trans, kvrep = {}, {}
+    for k, m in metrics.items():
+        kw = dict(positions=[ANSWER], direction="denoising", rows=batch_size)
+        pre = sweep(model, q, m, site=Site.RESID_PRE, **kw)
+        post = sweep(model, q, m, site=Site.RESID_POST, layers=[L - 1], **kw)
+        trans[k] = torch.cat([pre.per_example[:, 0], post.per_example[:, 0]])  # [L + 1, n]
+        kv = kv_patch(model, q, m, positions=[CONTEXT], per_group=False, cumulative=True, direction="noising",
+                      rows=batch_size)
+        kvrep[k] = torch.cat([kv.per_example[:, 0], kv.clean_values[None]])  # l = L: nothing replaced
+
+    def curve(t: dict[str, Tensor]) -> list[Outcome]:
+        return [Outcome(t["correct"][x], t["logprob"][x], t["kl"][x].clamp_min(0)) for x in layers]
+
+    knocked = {"correct": knock["correct"].per_example, "logprob": knock["logprob"].per_example,
+               "kl": knock["correct"].kl_per_example}
+    return (Outcome.cat(parts["clean"]), Outcome.cat(parts["neutral"]), curve(knocked), curve(trans), curve(kvrep))
 
 
 def neutral_prompts(prompts: Prompts) -> Prompts:

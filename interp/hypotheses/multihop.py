@@ -31,11 +31,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node, Site
-from interp.hooks import intervene
+from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
-    PatchAt,
     Verdict,
     chunks,
     curve_frame,
@@ -50,6 +48,8 @@ from interp.hypotheses.base import (
 from interp.lens import future_lens, logit_lens
 from interp.lens.future import FutureLensConfig, FutureLensResult
 from interp.lens.residual import layer_labels, residual_stack
+from interp.metrics import ReadMetric
+from interp.patching import sweep
 from interp.probing import ProbeResult, fit
 from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
@@ -178,40 +178,59 @@ def _nanmean(x: Tensor) -> Tensor:
     return x.mean() if x.numel() else torch.tensor(float("nan"), dtype=torch.float64)
 
 
-def _lens_nodes(n_layers: int) -> list[Node]:
-    """resid_pre of every block, then the final resid_post (the lens layers)."""
-    return [Node(x, Site.RESID_PRE) for x in range(n_layers)] + [Node(n_layers - 1, Site.RESID_POST)]
+POS = "multihop:position"  # the one-token span an interchange patches (each prompt's own index)
+
+
+def _at_last(prompts: Prompts) -> Tensor:
+    return (prompts.index(LAST) + prompts.shift())[:, None]
+
+
+def _partner_metrics() -> dict[str, ReadMetric]:
+    """Read at each prompt's `last`: top-1 is the partner's answer, log p(partner's answer), and
+    logit(partner's answer) - logit(own answer) (first answer tokens; nats)."""
+
+    def other(x: Tensor, p: Prompts) -> Tensor:
+        return p.partner.first_answer.to(x.device)[:, None]  # type: ignore[union-attr]
+
+    return {
+        "correct": ReadMetric("partner_top1", _at_last,
+                              lambda x, p: (x[:, 0].argmax(-1) == other(x, p)[:, 0]).float()),
+        "logprob": ReadMetric("partner_logprob", _at_last,
+                              lambda x, p: x[:, 0].float().log_softmax(-1).gather(-1, other(x, p))[:, 0]),
+        "logit_diff": ReadMetric("partner_logit_diff", _at_last,
+                                 lambda x, p: (x[:, 0].gather(-1, other(x, p))
+                                               - x[:, 0].gather(-1, p.first_answer.to(x.device)[:, None]))[:, 0]),
+    }
 
 
 def _interchange(model: HookedTransformer, p: Prompts, pos: dict[str, Tensor], ppos: dict[str, Tensor],
                  batch_size: int) -> tuple[dict[str, tuple[Outcome, ...]], dict[str, Tensor]]:
-    """Patch each lens layer's residual at each named position from the partner (at the partner's
-    own index of that name): per-example outcome w.r.t. the partner's first answer token, and the
-    logit difference partner's answer - own answer at `last`."""
-    nodes = _lens_nodes(Arch.of(model).n_layers)
-    own, other = p.first_answer, p.partner.first_answer  # type: ignore[union-attr]
+    """Patch each lens layer's residual at each named position from the partner (read at the
+    partner's own index of that name, written at the prompt's: `interp.patching.sweep` at a
+    one-token span, noising direction, so the two prompts may differ in length): per-example
+    outcome w.r.t. the partner's first answer token, and the logit difference partner's answer -
+    own answer at `last`."""
+    n_layers = Arch.of(model).n_layers
     n = len(p)
-    outs = {k: [[] for _ in nodes] for k in pos}
-    lds = {k: torch.full((len(nodes), n), float("nan"), dtype=torch.float64) for k in pos}
-    for rows in chunks(n, batch_size):
-        sub, psub = p.select(rows).right(), p.partner.select(rows).right()  # type: ignore[union-attr]
-        with torch.inference_mode(), intervene(model, capture=nodes) as run:
-            model(psub.tokens.to(model.cfg.device))
-        r = torch.arange(len(rows))
-        for k in pos:
-            i, j = pos[k][rows], ppos[k][rows]
-            ok = torch.isfinite(i) & torch.isfinite(j)
-            ii, jj = torch.where(ok, i, 0).long(), torch.where(ok, j, 0).long()
-            for li, node in enumerate(nodes):
-                src = run.captured[node.hook_name][r.to(model.cfg.device), jj.to(model.cfg.device)]
-                logits = forward(model, sub, [PatchAt(node, index=ii, values=src)])
-                last = last_logits(logits, sub)
-                o = Outcome.of(last, other[rows])
-                nan = torch.where(ok, 0.0, float("nan")).double()
-                outs[k][li].append(Outcome(o.correct + nan, o.logprob + nan, o.kl + nan))
-                ld = (last.gather(-1, other[rows, None]) - last.gather(-1, own[rows, None]))[:, 0].double()
-                lds[k][li, rows] = ld + nan
-    return {k: tuple(Outcome.cat(parts) for parts in v) for k, v in outs.items()}, lds
+    metrics = _partner_metrics()
+    outs: dict[str, tuple[Outcome, ...]] = {}
+    lds: dict[str, Tensor] = {}
+    for k in pos:
+        i, j = pos[k], ppos[k]
+        ok = torch.isfinite(i) & torch.isfinite(j)
+        q = p.with_spans(**{POS: torch.where(ok, i, 0).long()}).with_partner(
+            p.partner.with_spans(**{POS: torch.where(ok, j, 0).long()}))  # type: ignore[union-attr]
+        nan = torch.where(ok, 0.0, float("nan")).double()
+        vals = {}
+        for name, metric in metrics.items():
+            kw = dict(positions=[POS], direction="noising")
+            pre = sweep(model, q, metric, site=Site.RESID_PRE, **kw)
+            post = sweep(model, q, metric, site=Site.RESID_POST, layers=[n_layers - 1], **kw)
+            vals[name] = torch.cat([pre.per_example[:, 0], post.per_example[:, 0]]) + nan  # [lens layer, n]
+        zero = torch.zeros(n, dtype=torch.float64) + nan
+        outs[k] = tuple(Outcome(vals["correct"][li], vals["logprob"][li], zero) for li in range(n_layers + 1))
+        lds[k] = vals["logit_diff"]
+    return outs, lds
 
 
 def _clean_runs(model: HookedTransformer, p: Prompts, batch_size: int) -> tuple[Outcome, Tensor, Tensor]:

@@ -42,19 +42,16 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
-from interp.graph import Node, Site
 from interp.hypotheses.base import (
-    BlockWhere,
     Outcome,
     Verdict,
-    chunks,
     estimate,
-    forward,
-    last_logits,
     random_like,
     run_outcomes,
 )
 from interp.lens.residual import layer_labels, residual_stack
+from interp.metrics import answer_logprob, top1
+from interp.patching import knockout
 from interp.probing import ProbeResult, fit
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.stats import Estimate
@@ -334,16 +331,11 @@ def positional_decay(
         clean, knocked, b_clean = {}, {}, {}
         for d, idx in groups.items():
             sub = p.select(idx)
-            ref = torch.cat([last_logits(forward(model, sub.select(r)), sub.select(r))
-                             for r in chunks(len(sub), batch_size)])
             clean[d] = run_outcomes(model, sub, batch_size=batch_size)
-
-            def edits(chunk: Prompts, _rows: Tensor, _layers: int = arch.n_layers) -> list[BlockWhere]:
-                w = chunk.tokens.shape[1]
-                mask = chunk.span_mask(ANSWER, w)[:, :, None] & chunk.span_mask(fact, w)[:, None, :]
-                return [BlockWhere(Node(layer, Site.ATTN_SCORES), mask=mask) for layer in range(_layers)]
-
-            knocked[d] = run_outcomes(model, sub, edits, reference=ref, batch_size=batch_size)
+            # the read-out span's attention to the fact's tokens, blocked at every layer
+            k_top, k_lp = (knockout(model, sub, m, at=ANSWER, sources=fact, start_layers=[0], rows=batch_size)
+                           for m in (top1(), answer_logprob()))
+            knocked[d] = Outcome(k_top.per_example[0], k_lp.per_example[0], k_top.kl_per_example[0].clamp_min(0))
             b_clean[d] = run_outcomes(base, sub, batch_size=batch_size)
         near = distances[0]
         acc_near, base_near = estimate(clean[near].correct), estimate(b_clean[near].correct)

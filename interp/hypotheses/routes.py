@@ -36,7 +36,7 @@ from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of, random_like
 from interp.metrics import answer_logprob
-from interp.patching import At, path_patch
+from interp.patching import At, Path, path_patch, path_patch_many
 from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
 
@@ -201,8 +201,9 @@ def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Seq
 def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
                    ) -> tuple[Tensor, list[RouteSpec], Tensor]:
     """The [n] totals (clean - corrupted), the routes and their [route, n] effects (patched -
-    corrupted; NaN for an example that cannot take the route), batched over the examples: one
-    `path_patch` call per receiver (layer, K or V, position), all its senders in that call.
+    corrupted; NaN for an example that cannot take the route), batched over the examples and
+    the routes: one `path_patch_many` call holding a request per receiver (layer, K or V,
+    position), all its senders in that request.
 
     Positions are per example: a direct route starts at each prompt's own source; a two-step
     route through position q exists for the prompts whose source < q < last token; the joint
@@ -216,24 +217,23 @@ def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Se
     vias = sorted(set(range(width)) if via is None else set(int(q) for q in via))
     between &= torch.isin(cols, torch.tensor(vias, dtype=torch.long))
     metric = answer_logprob()
-    specs: list[RouteSpec] = []
-    rows: list[Tensor] = []
-    total: Tensor | None = None
     site_of = {"k": Site.K, "v": Site.V}
+    # plan every request first, then run them all in one `path_patch_many` call (the clean and
+    # corrupted runs once, the patched copies of every request batched together)
+    paths: list[Path] = []
+    sizes: list[int] = []
 
-    def run(senders: list, receivers: list) -> Tensor:
-        nonlocal total
-        res = path_patch(model, p, metric, senders=senders, receivers=receivers, stream="kv", reader=LAST)
-        if total is None:
-            total = (res.clean_values - res.corrupt_values).double()
-        return (res.per_example - res.corrupt_values[None]).double()  # [sender, n]
+    def request(senders: list, receivers: list) -> int:
+        paths.append(Path(senders, receivers, stream="kv", reader=LAST))
+        sizes.append(len(senders))
+        return len(paths) - 1
 
+    direct: list[tuple[int, int, str]] = []
     for c in range(L):
         for rec in ("k", "v"):
-            eff = run([At(c, Site.RESID_PRE, pos=source)], [At(c, site_of[rec], pos=source, head=g) for g in range(G)])
-            specs.append(RouteSpec(f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
-                                   None, ()))
-            rows.append(eff[0])
+            direct.append((request([At(c, Site.RESID_PRE, pos=source)],
+                                   [At(c, site_of[rec], pos=source, head=g) for g in range(G)]), c, rec))
+    two_step: list[tuple[int, int, int, str, Tensor]] = []
     for q in vias:
         has = between[:, q] if q < width else torch.zeros(n, dtype=torch.bool)
         if not bool(has.any()):
@@ -242,23 +242,44 @@ def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Se
         at_q[has, q] = True  # only the prompts that can take a route through q
         for c2 in range(1, L):
             for rec in ("k", "v"):
-                eff = run([At(c1, Site.ATTN_OUT, pos=at_q) for c1 in range(c2)],
-                          [At(c2, site_of[rec], pos=at_q, head=g) for g in range(G)])
-                for c1 in range(c2):
-                    specs.append(RouteSpec(f"R@L{c1}->{q}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
-                                           (c1, c2), q, None, ()))
-                    rows.append(torch.where(has, eff[c1], torch.full_like(eff[c1], float("nan"))))
+                two_step.append((request([At(c1, Site.ATTN_OUT, pos=at_q) for c1 in range(c2)],
+                                         [At(c2, site_of[rec], pos=at_q, head=g) for g in range(G)]), q, c2, rec, has))
     # joint: every measured route into layer c2 through its keys (or values) at once
     onehot = torch.zeros(n, width, dtype=torch.bool)
     onehot[torch.arange(n), source] = True
+    joint: list[tuple[int, int, str]] = []
     for c2 in range(L):
         group = [At(c2, Site.RESID_PRE, pos=source)] + [At(c1, Site.ATTN_OUT, pos=between) for c1 in range(c2)]
         for rec in ("k", "v"):
-            eff = run([group], [At(c2, site_of[rec], pos=onehot | between, head=g) for g in range(G)])[0]
-            # a prompt with no intermediate position: its joint route is the direct one
-            direct = rows[[s.name for s in specs].index(f"U^{c2} R@L{c2} ({rec})")]
-            specs.append(RouteSpec(f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, None, ()))
-            rows.append(torch.where(between.any(1) | (c2 == 0), eff, direct))
+            joint.append((request([group], [At(c2, site_of[rec], pos=onehot | between, head=g) for g in range(G)]),
+                          c2, rec))
+    res = path_patch_many(model, p, metric, paths)
+    total = (res.clean_values - res.corrupt_values).double()
+    effects = (res.per_example - res.corrupt_values[None]).double()  # [row, n]
+    offsets = [0]
+    for k in sizes:
+        offsets.append(offsets[-1] + k)
+
+    def eff(j: int) -> Tensor:
+        return effects[offsets[j]: offsets[j + 1]]  # [sender group, n]
+
+    specs: list[RouteSpec] = []
+    rows: list[Tensor] = []
+    for j, c, rec in direct:
+        specs.append(RouteSpec(f"U^{c} R@L{c} ({rec})", "direct", rec, "residual" if c else "kv", (c,), None,
+                               None, ()))
+        rows.append(eff(j)[0])
+    for j, q, c2, rec, has in two_step:
+        e = eff(j)
+        for c1 in range(c2):
+            specs.append(RouteSpec(f"R@L{c1}->{q}->R@L{c2} ({rec})", "via", rec, "residual" if c1 else "kv",
+                                   (c1, c2), q, None, ()))
+            rows.append(torch.where(has, e[c1], torch.full_like(e[c1], float("nan"))))
+    for j, c2, rec in joint:
+        # a prompt with no intermediate position: its joint route is the direct one
+        d = rows[[s.name for s in specs].index(f"U^{c2} R@L{c2} ({rec})")]
+        specs.append(RouteSpec(f"joint -> L{c2} ({rec})", "joint", rec, "mixed", (c2,), None, None, ()))
+        rows.append(torch.where(between.any(1) | (c2 == 0), eff(j)[0], d))
     order = sorted(range(len(specs)), key=lambda j: _order_key(specs[j]))
     return total, [specs[j] for j in order], torch.stack([rows[j] for j in order])  # type: ignore[return-value]
 

@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
+from interp.hooks import Map, run
 from interp.metrics import as_metric, check_per_example
 from interp.patching.engine import (
     Direction,
@@ -75,16 +76,21 @@ def attribute(
 
     # forward 2 + backward: gradients at the base run through zero-valued leaves added to each
     # activation, so no parameter needs requires_grad and no .grad is written anywhere
+    # (through the one run path, `interp.hooks.run`, with a `Map` edit per hooked site)
     acts: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
 
-    def grab(act: torch.Tensor, hook) -> torch.Tensor:
-        leaf = torch.zeros_like(act, requires_grad=True)
-        acts[hook.name], leaves[hook.name] = act.detach(), leaf
-        return act + leaf
+    def grab(name: str):
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            leaf = torch.zeros_like(act, requires_grad=True)
+            acts[name], leaves[name] = act.detach(), leaf
+            return act + leaf
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
-        logits = model(base_tokens)
+        return fn
+
+    with torch.enable_grad():
+        logits = run(model, base_tokens, edits=[Map(n, fn=grab(n.hook_name)) for n in nodes], grad=True,
+                     check_finite=False).logits
         value = check_per_example(metric(logits, clean), batch, "metric")
         if not value.requires_grad:
             raise ValueError("metric: expected a differentiable function of the logits, got a value "

@@ -7,7 +7,10 @@ measures a metric of the output. Denoising patches clean values into the corrupt
 
 Inputs are `interp.prompts.Prompts` of any lengths: the clean prompts and their corrupted
 partners (`prompts.partner`, or an explicit `corrupt=`), each example's clean and corrupted
-prompt of the same length (position p is paired with position p). Everything is computed on the
+prompt of the same length (position p is paired with position p) — unless every patched
+position is a span name: then the two prompts may differ in length (cross-position patching:
+the source value is read at the source prompt's own span of the name and written at the base
+prompt's, and each run's metric is read at that run's own positions, see `read_as`). Everything is computed on the
 right-padded layout: under causal attention a pad token after a prompt changes nothing before
 it, so each example's values equal running that prompt alone. Positions are in prompt
 coordinates (`interp.prompts`): an int (negative counts from each prompt's end), a span name
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -53,8 +56,9 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
+from interp.hooks import run
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
-from interp.prompts import Prompts, as_prompts
+from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
@@ -174,10 +178,11 @@ def positions_mask(pos: PosSpec, prompts: Prompts, width: int, what: str = "posi
 # ------------------------------------------------------------------------------ prompts, runs
 
 def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
-                  corrupt: Prompts | Batch | Tensor | None) -> tuple[Prompts, Prompts]:
-    """The clean and corrupted prompts, right-padded, trimmed to the longest prompt, on the model's
-    device; the clean prompts carry the corrupted ones as their partner (for metrics such as
-    `interp.metrics.logit_diff`). Each example's two prompts must have the same length."""
+                  corrupt: Prompts | Batch | Tensor | None, *, cross: bool = False) -> tuple[Prompts, Prompts]:
+    """The clean and corrupted prompts, right-padded, each trimmed to its longest prompt, on the
+    model's device; the clean prompts carry the corrupted ones as their partner (for metrics such
+    as `interp.metrics.logit_diff`). Each example's two prompts must have the same length unless
+    `cross` (every patched position is a name, read at each run's own index of it)."""
     if model.cfg.positional_embedding_type == "shortformer":
         raise ValueError("model: expected a positional scheme other than 'shortformer', got "
                          "'shortformer'; starting a forward pass mid-model needs its position "
@@ -190,7 +195,7 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
         bad = clean.partner
     else:
         bad = as_prompts(corrupt, "corrupted tokens")
-    if (not isinstance(prompts, Batch) and not isinstance(corrupt, Batch) and corrupt is not None
+    if (not cross and not isinstance(prompts, Batch) and not isinstance(corrupt, Batch) and corrupt is not None
             and tuple(clean.tokens.shape) != tuple(bad.tokens.shape)):
         raise ValueError(
             f"corrupted tokens: expected the clean shape {tuple(clean.tokens.shape)}, got "
@@ -199,20 +204,20 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
             f"or build same-length corruptions by symmetric token replacement)")
     if len(bad) != len(clean):
         raise ValueError(f"corrupted prompts: expected {len(clean)} (one per clean prompt), got {len(bad)}")
-    diff = torch.nonzero(clean.lengths != bad.lengths)[:, 0].tolist()
+    diff = [] if cross else torch.nonzero(clean.lengths != bad.lengths)[:, 0].tolist()
     if diff:
         i = diff[0]
         raise ValueError(
             f"corrupted prompt {i}: expected its clean prompt's length {int(clean.lengths[i])}, got "
             f"{int(bad.lengths[i])} ({len(diff)} rows differ); patching pairs position p with position "
-            f"p, so build same-length corruptions (symmetric token replacement)")
-    width = int(clean.lengths.max())
+            f"p, so build same-length corruptions (symmetric token replacement), or patch named positions "
+            f"only (span names such as 'last': read at each prompt's own index of the name)")
     device = model.cfg.device
 
     def fix(p: Prompts, name: str) -> Prompts:
         r = p.right()
+        width = int(r.lengths.max())
         tokens = check_model_tokens(model, r.tokens[:, :width], name).to(device)
-        from dataclasses import replace
         return replace(r, tokens=tokens, partner=None)
 
     bad = fix(bad, "corrupted tokens")
@@ -222,7 +227,6 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
 
 def check_single(model: HookedTransformer, prompts: Prompts | Batch | Tensor) -> Prompts:
     """One run's prompts, right-padded, trimmed to the longest prompt, on the model's device."""
-    from dataclasses import replace
 
     p = as_prompts(prompts).right()
     width = int(p.lengths.max())
@@ -252,18 +256,12 @@ def resid_pre_name(layer: int) -> str:
 
 def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str]
                ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
-    """One forward pass returning the logits and the activations at `names`."""
-    cache: dict[str, Tensor] = {}
-
-    def save(act: Tensor, hook) -> None:
-        cache[hook.name] = act
-
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, save) for n in sorted(names)]):
-        logits = model(tokens)
-    missing = names - set(cache)
-    if missing:
-        raise RuntimeError(f"caching run: expected hooks {sorted(missing)} to fire, they did not")
-    return logits, cache
+    """One forward pass returning the logits and the activations at `names`: the toolkit's one
+    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit). Finiteness is
+    checked by the callers on the logits (a NaN activation reaches them)."""
+    with torch.inference_mode():
+        out = run(model, tokens, captures=sorted(names), check_finite=False)
+    return out.logits, out.acts  # type: ignore[return-value]
 
 
 def metric_values(metric: Metric, logits: Tensor, prompts: Prompts, what: str) -> Float[Tensor, "batch"]:
@@ -292,6 +290,9 @@ class Runs:
     corrupt_values: Tensor
     clean_logits: Tensor
     corrupt_logits: Tensor
+    # cross-position runs (prompts of different lengths, named positions): each run's own prompts
+    base_prompts: Prompts | None = None
+    source_prompts: Prompts | None = None
 
     @property
     def clean_metric(self) -> float:
@@ -310,12 +311,31 @@ class Runs:
         return self.corrupt_logits if self.direction == "denoising" else self.clean_logits
 
 
+def read_as(run: Prompts, answers_of: Prompts) -> Prompts | None:
+    """`run`'s tokens and named positions carrying `answers_of`'s answers, with `run` (its own
+    answers: the counterfactual ones) as the partner: how a metric of the clean prompts reads a
+    run of other prompts. None when the answers cannot be teacher-forced in `run` (multi-token
+    answers whose tokens differ)."""
+    spans = {k: v for k, v in run.spans.items() if k not in (LAST, ANSWER)}
+    try:
+        return Prompts(run.tokens, run.lengths, "right", run.prompt_lengths, spans, answers_of.answers,
+                       answers_of.answer_lengths, partner=replace(run, partner=None))
+    except ValueError:
+        return None
+
+
 def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
-            names: set[str], direction: Direction, kv: bool = True) -> Runs:
+            names: set[str], direction: Direction, kv: bool = True, cross: bool = False) -> Runs:
     """Run clean and corrupted once each (prompts from `check_prompts`), caching `names` plus every
     layer's resid_pre (and, with `kv`, every layer's keys and values, which let patched runs skip
-    unchanged positions)."""
+    unchanged positions).
+
+    `cross` (named positions only; the two prompts of an example may differ in length): the
+    metric reads every run at that run's own positions (`read_as`: the corrupted prompts'
+    positions with the clean prompts' answers), and edits come from `cross_edit`."""
     check_direction(direction)
+    if cross:
+        return _prepare_cross(model, clean, corrupt, metric, names, direction, kv)
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
     if kv and can_skip_prefix(model):
         names |= kv_names(model.cfg.n_layers)
@@ -333,6 +353,52 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     else:
         base_tokens, base, source = clean.tokens, clean_cache, corrupt_cache
     return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
+
+
+def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
+                   names: set[str], direction: Direction, kv: bool) -> Runs:
+    names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
+    if kv and can_skip_prefix(model):
+        names |= kv_names(model.cfg.n_layers)
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names)
+    check_finite(real_logits(clean_logits, clean), "clean run logits")
+    check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
+    aligned = tuple(clean.tokens.shape) == tuple(corrupt.tokens.shape) and torch.equal(clean.lengths, corrupt.lengths)
+    read_bad = read_as(corrupt, clean)
+    if read_bad is None and aligned:
+        read_bad = clean  # same layout: read the corrupted run at the clean prompts' positions
+    nan = torch.full((len(clean),), float("nan"), dtype=torch.float64)
+    if metric is None:
+        m_clean = m_corrupt = nan
+    else:
+        m_clean = metric_values(metric, clean_logits, clean, "clean run")
+        if read_bad is None:
+            log.info("corrupted run: its prompts cannot carry the clean prompts' multi-token answers "
+                     "(teacher forcing), so its metric is NaN")
+            m_corrupt = nan
+        else:
+            m_corrupt = metric_values(metric, corrupt_logits, read_bad, "corrupted run")
+    if direction == "denoising":
+        if read_bad is None:
+            raise ValueError("denoising with prompts of different lengths: expected answers the corrupted "
+                             "prompts can be read with (single-token, or the same teacher-forced tokens), got "
+                             "multi-token answers that differ; patch in the other direction (direction="
+                             "'noising' with the partner as the prompts)")
+        return Runs(direction, read_bad, corrupt.tokens, corrupt_cache, clean_cache, m_clean, m_corrupt,
+                    clean_logits, corrupt_logits, base_prompts=corrupt, source_prompts=clean)
+    return Runs(direction, clean, clean.tokens, clean_cache, corrupt_cache, m_clean, m_corrupt,
+                clean_logits, corrupt_logits, base_prompts=clean, source_prompts=corrupt)
+
+
+def named_only(positions: object) -> bool:
+    """Whether every position is a span name (so patching may pair prompts of different lengths)."""
+    if isinstance(positions, str):
+        return True
+    if positions is None or isinstance(positions, (int, Tensor)):
+        return False
+    items = list(positions)  # type: ignore[call-overload]
+    return bool(items) and all(isinstance(p, str) for p in items)
 
 
 # ----------------------------------------------------------------------------- edits and copies
@@ -399,7 +465,6 @@ def validate_node(model: HookedTransformer, node: Place, seq_len: int) -> Place:
     ungrouped GQA models index K/V by head."""
     arch = Arch.of(model)
     if getattr(model.cfg, "ungroup_grouped_query_attention", False):
-        from dataclasses import replace
         arch = replace(arch, n_kv_heads=arch.n_heads)
     a = as_at(node)
     int_pos = a.pos if isinstance(a.pos, int) else None
@@ -434,6 +499,42 @@ def node_edit(model: HookedTransformer, place: Place, source: dict[str, Tensor],
                          f"head, q, k, v), got {site.value!r}")
     mask, valid = place_mask(model, a, prompts, width)
     return Edit(a.layer, a.hook_name, mask, source[a.hook_name], valid)
+
+
+def cross_edit(model: HookedTransformer, place: Place, runs: Runs) -> Edit:
+    """An Edit of a cross-position run: the source run's value of `place`'s span, read at the
+    source prompt's own span of that name, written at the base prompt's (aligned token by token;
+    both spans of one example must have the same number of tokens)."""
+    a = as_at(place)
+    name = a.pos
+    base_p, src_p = runs.base_prompts, runs.source_prompts
+    if not isinstance(name, str) or base_p is None or src_p is None:
+        raise ValueError(f"{a}: expected a span-name position in a cross-position run, got {name!r}")
+    site: Site = a.site  # type: ignore[assignment]
+    if site in (Site.PATTERN, Site.ATTN_SCORES, Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT):
+        raise ValueError(f"{a}: expected a patchable site (resid_pre/mid/post, attn_out, mlp_out, "
+                         f"head, q, k, v), got {site.value!r}")
+    validate_node(model, a, base_p.tokens.shape[1])
+    bw, sw = base_p.tokens.shape[1], src_p.tokens.shape[1]
+    bmask, _ = positions_mask(name, base_p, bw, f"{a} position (base prompts)")
+    if name in src_p.spans:
+        smask, _ = positions_mask(name, src_p, sw, f"{a} position (source prompts)")
+    elif bw == sw and torch.equal(base_p.lengths, src_p.lengths):
+        smask = bmask  # the partner does not name it: same layout, same positions
+    else:
+        raise ValueError(f"{a} position: expected the span {name!r} in both prompts of each example (they differ "
+                         f"in length), got it only in one; add it with Prompts.with_spans on the partner")
+    nb, ns = bmask.sum(1), smask.sum(1)
+    if not torch.equal(nb, ns):
+        i = int(torch.nonzero(nb != ns)[0, 0])
+        raise ValueError(f"{a} position: expected span {name!r} to have as many tokens in the source prompt as in "
+                         f"the base prompt (they are aligned token by token), got {int(ns[i])} vs {int(nb[i])} in "
+                         f"example {i}; name a one-token span (e.g. its last token) instead")
+    dev = runs.base[a.hook_name].device
+    full = runs.base[a.hook_name].clone()
+    full[bmask.to(dev)] = runs.source[a.hook_name][smask.to(dev)]
+    mask, valid = place_mask(model, a, base_p, bw)
+    return Edit(a.layer, a.hook_name, mask, full, valid)
 
 
 def merge_edits(edits: Sequence[AnyEdit]) -> list[AnyEdit]:

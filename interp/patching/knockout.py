@@ -50,10 +50,22 @@ def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def _at_index(at: PosSpec, prompts: Prompts) -> tuple[Tensor, Tensor]:
-    """Each prompt's read-out position (a span's last token) and the prompts that have it."""
+def _queries(at: PosSpec, prompts: Prompts) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The blocked query positions [batch, pos] (a span name: every token of each prompt's span),
+    each prompt's first and last of them, and the prompts that have them."""
+    width = prompts.tokens.shape[1]
     if isinstance(at, str):
-        return prompts.index(at), torch.ones(len(prompts), dtype=torch.bool)
+        if at not in prompts.spans:
+            raise ValueError(f"at: expected an int, a [batch] tensor or a span name among {sorted(prompts.spans)}, "
+                             f"got {at!r}")
+        s = prompts.span(at)
+        return prompts.span_mask(at, width), s[:, 0], s[:, 1] - 1, torch.ones(len(prompts), dtype=torch.bool)
+    ix, valid = _at_index(at, prompts)
+    return torch.arange(width)[None] == ix[:, None], ix, ix, valid
+
+
+def _at_index(at: PosSpec, prompts: Prompts) -> tuple[Tensor, Tensor]:
+    """Each prompt's read-out position (an int or [batch] tensor) and the prompts that have it."""
     if at is None:
         raise ValueError("at: expected a span name, an int or a [batch] tensor, got None")
     width = prompts.tokens.shape[1]
@@ -65,12 +77,13 @@ def _at_index(at: PosSpec, prompts: Prompts) -> tuple[Tensor, Tensor]:
     return torch.where(valid, mask.long().argmax(1), torch.zeros_like(valid, dtype=torch.long)), valid
 
 
-def _sources(sources: PosSpec | Sequence[int | str], prompts: Prompts, at: Tensor, valid: Tensor) -> Tensor:
-    """[batch, k_pos] the key positions to cut off from each prompt's `at`."""
+def _sources(sources: PosSpec | Sequence[int | str], prompts: Prompts, first: Tensor, at: Tensor,
+             valid: Tensor) -> Tensor:
+    """[batch, k_pos] the key positions to cut off from each prompt's queries (`first`..`at`)."""
     width = prompts.tokens.shape[1]
     ar = torch.arange(width)
     if sources is None:
-        mask = ar[None] < at[:, None]
+        mask = ar[None] < first[:, None]
     else:
         items = [sources] if isinstance(sources, (int, str, Tensor)) else list(sources)
         mask = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -120,10 +133,12 @@ def knockout(
     """Block attention from `sources` into `at` at layers [l, end_layer) for each l in
     `start_layers`; one value per (start layer, example).
 
-    `at`: each prompt's read-out position (a span name, its last token; an int in prompt
-    coordinates, negative from each prompt's end; or a [batch] tensor); an example without it is
-    NaN. `sources`: key positions (names, ints, a per-example tensor or [batch, pos] mask, or a
-    sequence of them: their union); default every position before `at`. Start layers default to
+    `at`: the blocked query positions — a span name (every token of each prompt's span, e.g.
+    ``"answer"``, the teacher-forced read-out span of a multi-token answer; the KL is read at the
+    span's first token), an int in prompt coordinates (negative from each prompt's end) or a
+    [batch] tensor; an example without it is NaN. `sources`: key positions (names, ints, a
+    per-example tensor or [batch, pos] mask, or a sequence of them: their union); default every
+    position before `at` (before the span's first token). Start layers default to
     0..n_layers (the last blocks nothing), end_layer to n_layers, heads to every query head.
     """
     check_rows(rows)
@@ -131,8 +146,8 @@ def knockout(
     arch = Arch.of(model)
     p = check_single(model, prompts)
     batch, width = p.tokens.shape
-    at_ix, valid = _at_index(at, p)
-    src = _sources(sources, p, at_ix, valid)
+    q_on, at_ix, last_q, valid = _queries(at, p)
+    src = _sources(sources, p, at_ix, last_q, valid)
     end = arch.n_layers if end_layer is None else end_layer
     if not isinstance(end, int) or not 0 <= end <= arch.n_layers:
         raise ValueError(f"end_layer: expected an int in [0, {arch.n_layers}], got {end_layer!r}")
@@ -150,7 +165,6 @@ def knockout(
     device = model.cfg.device
     head_on = torch.zeros(arch.n_heads, dtype=torch.bool)
     head_on[list(range(arch.n_heads)) if heads is None else list(heads)] = True
-    q_on = torch.arange(width)[None] == at_ix[:, None]  # [batch, q]
     edge = (head_on[None, :, None, None] & q_on[:, None, :, None] & src[:, None, None, :]).to(device)
 
     names = {resid_pre_name(layer) for layer in range(arch.n_layers)}

@@ -27,7 +27,9 @@ from interp.patching.engine import (
     Direction,
     check_direction,
     check_prompts,
+    cross_edit,
     heads_at,
+    named_only,
     node_edit,
     positional,
     prepare,
@@ -50,6 +52,7 @@ def kv_patch(
     positions: Sequence[int | str] | str | None = None,
     groups: Sequence[int] | None = None,
     per_group: bool = True,
+    cumulative: bool = False,
     direction: Direction = "denoising",
     rows: int = DEFAULT_ROWS,
     progress: bool = False,
@@ -63,6 +66,11 @@ def kv_patch(
     ``kv_patch(model, clean, corrupt, metric)`` still works). `groups` index KV groups (heads on
     models without grouped-query attention); with `per_group=False` all groups of a
     (layer, position) are patched together and the result is over (layer, pos).
+
+    `cumulative`: cell l replaces the keys/values at every layer >= l at once, in one copy
+    (e.g. "the context's K/V from another prompt at layers l.."); the layer axis is then the
+    first replaced layer. Positions that are all span names let the two prompts of an example
+    differ in length (cross-position patching, see `interp.patching.sweep`).
     """
     legacy, metric, _ = positional("kv_patch", metric, args, {})
     corrupt = corrupt_arg("kv_patch", corrupt, legacy)  # type: ignore[assignment]
@@ -70,7 +78,8 @@ def kv_patch(
         raise ValueError(f"which: expected 'k', 'v' or 'kv', got {which!r}")
     direction = check_direction(direction)
     arch = Arch.of(model)
-    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
+    cross = named_only(positions)
+    clean, bad = check_prompts(model, prompts, corrupt, cross=cross)  # type: ignore[arg-type]
     n_groups = heads_at(model, Site.K)
     if groups is not None:
         for g in groups:
@@ -84,14 +93,22 @@ def kv_patch(
     pos_ix = position_axis(positions, clean)
     group_ix = index_axis(groups, n_groups, "groups")
     sites = [Site(s) for s in which]
-    names = {Node(layer, s).hook_name for layer in layer_ix for s in sites}
-    runs = prepare(model, clean, bad, metric, names, direction)  # type: ignore[arg-type]
+    if not isinstance(cumulative, bool):
+        raise ValueError(f"cumulative: expected a bool, got {cumulative!r}")
+    edited = {layer: (tuple(range(layer, arch.n_layers)) if cumulative else (layer,)) for layer in layer_ix}
+    names = {Node(x, s).hook_name for layer in layer_ix for x in edited[layer] for s in sites}
+    runs = prepare(model, clean, bad, metric, names, direction, cross=cross)  # type: ignore[arg-type]
+
+    def edit(node: At):
+        return cross_edit(model, node, runs) if cross else node_edit(model, node, runs.source, clean)
+
     copies, labels = [], []
     for layer in layer_ix:
         for p in pos_ix:
             for g in (group_ix if per_group else (None,)):
-                copies.append([node_edit(model, At(layer, s, p, g), runs.source, clean) for s in sites])
-                labels.append(" + ".join(str(At(layer, s, p, g)) for s in sites))
+                copies.append([edit(At(x, s, p, g)) for x in edited[layer] for s in sites])
+                labels.append(" + ".join(str(At(layer, s, p, g)) for s in sites) + (" (and later layers)"
+                                                                                    if cumulative else ""))
     values = run_copies(model, runs, copies, metric, rows=rows, progress=progress,  # type: ignore[arg-type]
                         desc=f"patching {which}", labels=labels)
     if per_group:

@@ -36,9 +36,11 @@ from interp.patching.engine import (
     check_direction,
     check_prompts,
     chunk_hooks,
+    cross_edit,
     forward_from,
     heads_at,
     merge_edits,
+    named_only,
     node_edit,
     positional,
     prepare,
@@ -127,7 +129,11 @@ def sweep(
     `interp.metrics.as_metric` takes. `site` (positionally after the metric, or ``site=``;
     default resid_pre). Denoising patches the clean value into the corrupted run;
     noising the reverse. `positions`: ints in prompt coordinates (an example shorter than a
-    cell's position is NaN there) or span names (each patched whole). `heads` index heads (KV
+    cell's position is NaN there) or span names (each patched whole). When every position is a
+    name, each example's clean and corrupted prompts may differ in length: the source value is
+    read at the source prompt's own span of the name and written at the base prompt's (spans of
+    equal token counts), and each run's metric is read at its own positions (the corrupted
+    run's with the clean prompts' answers; `engine.read_as`). `heads` index heads (KV
     groups for k and v on grouped-query models). `rows` bounds the rows (examples x patched
     copies) of one forward pass, and so the memory. NaN/Inf in the runs or in a patched cell
     raises.
@@ -140,7 +146,8 @@ def sweep(
         raise ValueError(f"sweep site: expected one of {[s.value for s in SWEEP_SITES]}, got {site.value!r}")
     direction = check_direction(direction)
     arch = Arch.of(model)
-    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
+    cross = named_only(positions)
+    clean, bad = check_prompts(model, prompts, corrupt, cross=cross)  # type: ignore[arg-type]
     width = clean.tokens.shape[1]
     layer_ix = index_axis(layers, arch.n_layers, "layers")
     pos_ix = position_axis(positions, clean)
@@ -163,8 +170,9 @@ def sweep(
                 nodes.append(At(layer, site, p))
     for n in nodes[:1] + nodes[-1:]:
         validate_node(model, n, width)
-    runs = prepare(model, clean, bad, metric, {n.hook_name for n in nodes}, direction)  # type: ignore[arg-type]
-    copies = [[node_edit(model, n, runs.source, clean)] for n in nodes]
+    runs = prepare(model, clean, bad, metric, {n.hook_name for n in nodes}, direction,  # type: ignore[arg-type]
+                   cross=cross)
+    copies = [[cross_edit(model, n, runs) if cross else node_edit(model, n, runs.source, clean)] for n in nodes]
     values = run_copies(model, runs, copies, metric, rows=rows, progress=progress,  # type: ignore[arg-type]
                         desc=f"patching {site.value}", labels=nodes)
     if site.per_head:
@@ -196,7 +204,9 @@ def patch(
     n_boot: int = 1000,
 ) -> PatchResult:
     """Patch all `nodes` (Nodes, or `At` nodes at named / per-example positions) at once, one
-    forward pass; a one-cell result with one value per example. The old order
+    forward pass; a one-cell result with one value per example. When every node is an `At` at a
+    span name, the two prompts of an example may differ in length (cross-position patching, as
+    in `sweep`). The old order
     ``patch(model, clean, corrupt, metric, nodes)`` still works."""
     legacy, metric, got = positional("patch", metric, args, {"nodes": nodes})
     corrupt = corrupt_arg("patch", corrupt, legacy)  # type: ignore[assignment]
@@ -204,12 +214,14 @@ def patch(
     if nodes is None:
         raise TypeError("patch: expected nodes (positionally after the metric, or nodes=), got none")
     node_list = as_places(nodes)  # type: ignore[arg-type]
-    clean, bad = check_prompts(model, prompts, corrupt)  # type: ignore[arg-type]
+    cross = all(isinstance(n, At) and isinstance(n.pos, str) for n in node_list)
+    clean, bad = check_prompts(model, prompts, corrupt, cross=cross)  # type: ignore[arg-type]
     width = clean.tokens.shape[1]
     for n in node_list:
         validate_node(model, n, width)
-    runs = prepare(model, clean, bad, metric, {n.hook_name for n in node_list}, direction)  # type: ignore[arg-type]
-    edits = [node_edit(model, n, runs.source, clean) for n in node_list]
+    runs = prepare(model, clean, bad, metric, {n.hook_name for n in node_list}, direction,  # type: ignore[arg-type]
+                   cross=cross)
+    edits = [cross_edit(model, n, runs) if cross else node_edit(model, n, runs.source, clean) for n in node_list]
     values = run_copies(model, runs, [edits], metric)  # type: ignore[arg-type]
     label = " + ".join(str(n) for n in node_list)
     sites = ",".join(sorted({n.site.value for n in node_list}))  # type: ignore[union-attr]
