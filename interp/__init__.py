@@ -16,13 +16,15 @@ if TYPE_CHECKING:
     from interp.arch import Arch
     from interp.graph import Node, Site
     from interp.models import load_model, save_model
+    from interp.prompts import Prompts, read_prompts
     from interp.tokens import Batch, Tokenizer, VocabTokenizer
 
 _LAZY = {"Arch": "interp.arch", "Node": "interp.graph", "Site": "interp.graph", "load_model": "interp.models",
          "save_model": "interp.models", "Batch": "interp.tokens", "Tokenizer": "interp.tokens",
-         "VocabTokenizer": "interp.tokens"}
+         "VocabTokenizer": "interp.tokens", "Prompts": "interp.prompts", "read_prompts": "interp.prompts"}
 
-__all__ = ["Arch", "Batch", "Node", "Site", "Tokenizer", "VocabTokenizer", "load_model", "save_model"]
+__all__ = ["Arch", "Batch", "Node", "Prompts", "Site", "Tokenizer", "VocabTokenizer", "load_model", "read_prompts",
+           "save_model"]
 __version__ = "0.1.0"
 
 

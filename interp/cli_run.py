@@ -1,4 +1,4 @@
-"""`interp run multihop|plan-ahead|decay|last-token|routes --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
+"""`interp run multihop|plan-ahead|decay|last-token|routes|course-correction --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
 
 Each run writes its own report: by default `reports/run-NAME-MODEL.html` (a free name: `-2`, `-3`
 … are appended rather than replace an earlier run's report); an explicit `--out` that exists is
@@ -74,7 +74,7 @@ def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
     specs = [models] if isinstance(models, str) else list(models)
     t0 = time.perf_counter()
     with progress(console, f"loading {', '.join(specs)}"):
-        loaded = {s: runner._load(s) for s in specs}
+        loaded = {s: runner.load(s) for s in specs}
     with progress(console, f"running {name}"):
         result = investigate(runner, loaded)
     console.print(f"[bold]{name}[/]: {result.verdict} ({time.perf_counter() - t0:.1f} s)")
@@ -136,3 +136,12 @@ def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: in
     """Residual-first vs K/V-first routes (the induction copy, or a prompt set with a `source` span)."""
     _run("routes", model, out, overwrite, lambda r, m: r.run_routes(model, n, seed, prompts, model=m[model]),
          seed, shared_js=shared_js)
+
+
+@app.command("course-correction")
+def course_correction_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
+                          surprise: str = typer.Option("lowest", help="lowest | random: which wrong syllable is forced"),
+                          out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
+    """After a forced wrong token: finish the plan, restart, re-plan or drift? Which route carries recovery?"""
+    _run("course-correction", model, out, overwrite,
+         lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model]), seed, shared_js=shared_js)

@@ -232,6 +232,25 @@ class Set(Intervention):
 
 
 @dataclass(frozen=True)
+class SetAt(Intervention):
+    """Write `values[i]` at position `index[i]` of example `i` (the right-padded layout the toolkit
+    runs on); every other position keeps its value. `values`: [batch, *rest] for an activation
+    [batch, pos, *rest]. The per-example form of `Set` at one position (e.g. a prompt's own last token)."""
+
+    index: Tensor | None = None
+    values: Tensor | None = None
+
+    def apply(self, sel: Tensor, act: Tensor, target: Target) -> Tensor:
+        if self.index is None or self.values is None or self.values.shape[0] != act.shape[0]:
+            raise ValueError(f"SetAt at {target.name}: expected index and values for {act.shape[0]} examples, "
+                             f"got {None if self.values is None else tuple(self.values.shape)}")
+        out = sel.clone()
+        rows = torch.arange(act.shape[0], device=act.device)
+        out[rows, self.index.to(act.device)] = self.values.to(act.device, act.dtype)
+        return out
+
+
+@dataclass(frozen=True)
 class Add(Intervention):
     """Add `value` (e.g. a steering vector) to the selected activation."""
 

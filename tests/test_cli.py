@@ -219,7 +219,7 @@ def test_run_commands_take_a_prompt_set_of_any_lengths(bpe_model, bpe_tokenizer,
     twohop, decay, routes = _city_sets(tmp_path)
     lengths = read_prompts(twohop, bpe_tokenizer).prompt_lengths
     assert len(set(lengths.tolist())) == 5  # five token lengths, no modal-length filter
-    monkeypatch.setattr(run, "_load", lambda spec: bpe_model)
+    monkeypatch.setattr(run, "load", lambda spec: bpe_model)
     cases = [("multihop", twohop), ("decay", decay), ("last-token", twohop), ("routes", routes)]
     for name, path in cases:
         out = tmp_path / f"{name}.html"
@@ -246,7 +246,7 @@ def test_run_commands_take_a_prompt_set_of_any_lengths(bpe_model, bpe_tokenizer,
 def test_run_without_prompts_on_a_pretrained_model_says_what_to_pass(bpe_model, monkeypatch):
     from interp.hypotheses import run
 
-    monkeypatch.setattr(run, "_load", lambda spec: bpe_model)
+    monkeypatch.setattr(run, "load", lambda spec: bpe_model)
     with pytest.raises(ValueError, match="--prompts FILE.jsonl"):
         run.run_multihop("my-model")
     with pytest.raises(ValueError, match="--prompts FILE.jsonl"):

@@ -227,3 +227,19 @@ def test_per_example_knockout_equals_each_prompt_knocked_out_alone(any_model, si
         assert float((out.logits[i, len(s) - 1] - clean).abs().max()) > 1e-3  # the knockout did something
     with pytest.raises(HookError, match="causal"):
         block_attention(0, torch.tensor([1, 0, 0]), sources[:, :3] | True)
+
+
+def test_set_at_writes_each_examples_own_position(gpt2_model):
+    # SetAt at per-example positions == Set at that position on each prompt alone
+    from interp.hooks import Set, SetAt
+
+    toks = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(5))
+    index = torch.tensor([1, 4, 6])
+    values = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    name = "blocks.1.hook_resid_pre"
+    with torch.inference_mode(), intervene(gpt2_model, [SetAt(name, index=index, values=values)]):
+        got = gpt2_model(toks)
+    for i in range(3):
+        with torch.inference_mode(), intervene(gpt2_model, [Set(name, pos=int(index[i]), value=values[i])]):
+            want = gpt2_model(toks[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5)

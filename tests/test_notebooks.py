@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 def test_there_are_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     assert {"01_quickstart", "02_multihop_planning", "03_positional_decay", "04_last_token_sufficiency",
-            "05_sae_feature_tracing", "06_residual_vs_kv_routes"} <= names
+            "05_sae_feature_tracing", "06_residual_vs_kv_routes", "07_decoding_dynamics"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -48,8 +48,8 @@ from transformer_lens import HookedTransformer
 from interp.arch import Arch
 from interp.decoding import generate
 from interp.graph import HOOK_EMBED
-from interp.hooks import block_attention, run
-from interp.hypotheses.base import PatchAt, Verdict, estimate_n, prompts_of
+from interp.hooks import SetAt, block_attention, run
+from interp.hypotheses.base import Verdict, estimate_n, prompts_of
 from interp.models import random_like
 from interp.prompts import Prompts
 from interp.stats import bootstrap
@@ -317,7 +317,7 @@ def measure(model: HookedTransformer, prompts: Prompts | Batch | Tensor, *, step
     w_e = model.W_E.detach()
     cand = candidates if candidates is not None else torch.arange(arch.d_vocab)
     mean_e = w_e[cand.to(w_e.device)].mean(0)
-    resid_cut = [PatchAt(HOOK_EMBED, index=lengths, values=mean_e.expand(b, -1))]
+    resid_cut = [SetAt(HOOK_EMBED, index=lengths, values=mean_e.expand(b, -1))]
 
     def m_of(edits: list) -> Tensor:
         lg = run(model, seqs, edits=edits).logits

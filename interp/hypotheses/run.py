@@ -14,13 +14,14 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from interp.hypotheses import inputs
+from interp.hypotheses.course_correction import CourseCorrectionResult, course_correction, planning_inputs
 from interp.hypotheses.last_token import LastTokenResult, last_token_sufficiency
 from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop, plan_ahead
 from interp.hypotheses.positional_decay import DecayResult, positional_decay
 from interp.hypotheses.routes import RoutesResult, routes
 from interp.models import load_model
 
-INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes")
+INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes", "course-correction")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Sizes:
         return Sizes(multihop=64, plan=64, decay_per_distance=4, last_token=48, routes=4)
 
 
-def _load(spec: str) -> HookedTransformer:
+def load(spec: str) -> HookedTransformer:
+    """`interp.load_model(spec)`, named after the spec when the checkpoint has no name."""
     model = load_model(spec)
     if model.cfg.model_name in ("custom", "", None):
         model.cfg.model_name = spec
@@ -53,13 +55,13 @@ def _load(spec: str) -> HookedTransformer:
 
 def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
                  model: HookedTransformer | None = None) -> MultihopResult:
-    model = model if model is not None else _load(spec)
+    model = model if model is not None else load(spec)
     x = inputs.twohop(spec, model, n, seed, prompts)
     return multihop(model, x.prompts, x.bridge, control_types=x.control_types, seed=seed)
 
 
 def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0) -> PlanAheadResult:
-    model = _load(spec)
+    model = load(spec)
     return plan_ahead(model, inputs.plan(spec, n, seed), seed=seed)
 
 
@@ -67,7 +69,7 @@ def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:re
                                       "organism:retrieval-nope"), n_per: int = 48, seed: int = 0,
               prompts: str | Path | None = None, models: dict[str, HookedTransformer] | None = None,
               bins: Sequence[int] | None = None) -> DecayResult:
-    models = models if models is not None else {s.removeprefix("organism:"): _load(s) for s in specs}
+    models = models if models is not None else {s.removeprefix("organism:"): load(s) for s in specs}
     first = next(iter(models.values()))
     p = inputs.decay(specs[0] if specs else "", first, n_per, seed, prompts=prompts)
     return positional_decay(models, p, bins=bins, seed=seed)
@@ -75,7 +77,7 @@ def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:re
 
 def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
                    model: HookedTransformer | None = None) -> LastTokenResult:
-    model = model if model is not None else _load(spec)
+    model = model if model is not None else load(spec)
     return last_token_sufficiency(model, inputs.last_token(spec, model, n, seed, prompts), seed=seed)
 
 
@@ -84,5 +86,13 @@ def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, pro
     if prompts is None and inputs.organism_name(spec) != "induction":
         raise ValueError(f"routes: expected organism:induction (the known K-composition circuit) or --prompts "
                          f"FILE.jsonl, got {spec!r}")
-    model = model if model is not None else _load(spec)
+    model = model if model is not None else load(spec)
     return routes(model, inputs.route_prompts(spec, model, n, seed, prompts), source="source", seed=seed)
+
+
+def run_course_correction(spec: str = "organism:planning", n: int = 400, seed: int = 0, surprise: str = "lowest",
+                          model: HookedTransformer | None = None) -> CourseCorrectionResult:
+    if inputs.organism_name(spec) != "planning":
+        raise ValueError(f"course-correction: expected organism:planning (the word is fixed at 'say'), got {spec!r}")
+    model = model if model is not None else load(spec)
+    return course_correction(model, planning_inputs(n, seed), surprise=surprise, seed=seed)
