@@ -54,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.graph import Node, Site
+from interp.metrics import ReadMetric
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -239,40 +240,28 @@ def candidate_nodes(model: HookedTransformer, prompts: CircuitPrompts) -> list[N
 
 
 class AnswerMetric:
-    """Mean over examples and answer positions of the answer's logit minus the mean logit (a
+    """Per example, the mean over answer positions of the answer's logit minus the mean logit (a
     linear "logit margin": unlike log p it does not saturate when the clean answer is certain).
 
-    A `PositionMetric`-style metric (it reads `positions` only) that also records each call's
-    per-example values in `calls`, so one batched call of a patching method yields the values of
-    every example (a method's scalar is their mean; `per_example_of` checks that it is)."""
+    `metric()` is the `interp.metrics` form: it reads `prompts.answer_pos` only, so the patching
+    engine unembeds only those rows, and returns one value per example (every method keeps them)."""
 
     def __init__(self, prompts: CircuitPrompts) -> None:
         self.answer = prompts.answer
         self.positions = prompts.answer_pos
-        self.calls: list[Tensor] = []
 
     def per_example(self, logits_at: Float[Tensor, "batch k d_vocab"]) -> Float[Tensor, "batch"]:
         x = logits_at.float()
+        if x.shape[0] != self.answer.shape[0]:
+            raise ValueError(f"AnswerMetric: expected logits for the {self.answer.shape[0]} prompts it was built "
+                             f"for, got {x.shape[0]}")
         right = x.gather(-1, self.answer.to(x.device)[..., None])[..., 0]
         return (right - x.mean(-1)).mean(-1)
 
-    def read(self, logits_at: Tensor) -> Tensor:
-        v = self.per_example(logits_at)
-        self.calls.append(v.detach().double().cpu())
-        return v.mean().to(logits_at.dtype)
-
-    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-        return self.read(logits[:, list(self.positions)])
-
-    def per_example_of(self, value: float) -> Tensor:
-        """The last call's per-example values, checked against the method's scalar `value`."""
-        if not self.calls:
-            raise RuntimeError("AnswerMetric: expected the method to have called the metric, got no call")
-        v = self.calls[-1]
-        if abs(float(v.mean()) - value) > 1e-3 * max(1.0, abs(value)):
-            raise RuntimeError(f"AnswerMetric: expected the last call (mean {float(v.mean()):.6f}) to be the "
-                               f"patched run's value {value:.6f}; the method's call order changed")
-        return v
+    def metric(self) -> ReadMetric:
+        pos = torch.tensor(list(self.positions), dtype=torch.long)
+        return ReadMetric("answer logit margin", lambda p: pos[None].expand(len(p), -1),
+                          lambda at, p: self.per_example(at))
 
 
 def gap(model: HookedTransformer, prompts: CircuitPrompts) -> tuple[Tensor, Tensor]:
@@ -295,20 +284,17 @@ def edge_effects(model: HookedTransformer, prompts: CircuitPrompts, edges: Seque
     ``knockout``: its attention edge blocked on the clean run."""
     from interp.patching import knockout, path_patch
 
-    out = torch.empty(prompts.clean.shape[0], len(edges), dtype=torch.float64)
+    n = prompts.clean.shape[0]
+    metric = AnswerMetric(prompts).metric()
+    out = torch.empty(n, len(edges), dtype=torch.float64)
     for i, e in enumerate(tqdm(edges, desc=f"edges ({how})", disable=not progress)):
-        metric = AnswerMetric(prompts)
         if how == "knockout":
-            r = knockout(model, prompts.clean, metric, target=e.query, sources=[e.key], start_layers=[e.layer],
+            r = knockout(model, prompts.clean, metric, at=e.query, sources=[e.key], start_layers=[e.layer],
                          end_layer=e.layer + 1, heads=[e.head])
-            base = metric.calls[0]
-            value = float(r.values[0])
         else:
             r = path_patch(model, prompts.clean, prompts.corrupt, metric, senders=e.sender,
                            receivers=list(e.receivers), reader=[e.query], direction=how)
-            base = metric.calls[1] if how == "denoising" else metric.calls[0]
-            value = float(r.values[0])
-        out[:, i] = metric.per_example_of(value) - base
+        out[:, i] = r.per_example_effect.reshape(-1, n)[0]
     return out
 
 
@@ -387,7 +373,7 @@ def write_circuit(organism: str, circuit: Circuit) -> Path:
 def _node_scores(model: HookedTransformer, prompts: CircuitPrompts, nodes: list[Node], exact: bool) -> Tensor:
     from interp.patching import attribute, sweep
 
-    metric = AnswerMetric(prompts)
+    metric = AnswerMetric(prompts).metric()
     if exact:
         pos = sorted(set(prompts.candidates))
         r = sweep(model, prompts.clean, prompts.corrupt, metric, site="head", positions=pos)

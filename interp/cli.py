@@ -71,6 +71,7 @@ def models_cmd() -> None:
     from rich.table import Table
 
     from interp.models import list_organisms, read_manifest
+    from interp.organisms.commands import acceptance_line
 
     table = Table(title="Shipped organisms (load with organism:NAME)", expand=True, show_lines=True)
     table.add_column("spec", no_wrap=True)
@@ -81,9 +82,7 @@ def models_cmd() -> None:
         m = read_manifest(f"organism:{name}")
         a = m.get("architecture", {})
         shape = f"{a.get('n_layers', '?')} layers, d_model {a.get('d_model', '?')}, {a.get('n_heads', '?')} heads"
-        # measured results only (the acceptance criteria), not the evaluation's settings (seed, n)
-        accepted = "; ".join(f"{c.get('what', k)}: {c['value']:.3g} (needs {c['op']} {c['threshold']})"
-                             for k, c in m.get("acceptance", {}).items())
+        accepted = acceptance_line(m)  # measured results only, not the evaluation's settings (seed, n)
         table.add_row(f"organism:{name}", str(m.get("task", "")), shape, accepted or "—")
     console.print(table)
     console.print("Pretrained (TransformerLens names; need the HF cache or a hub): "

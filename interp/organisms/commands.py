@@ -21,23 +21,28 @@ def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _scalars(metrics: dict[str, object]) -> str:
-    return ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if isinstance(v, float))
+def acceptance_line(manifest: dict[str, object]) -> str:
+    """The held-out acceptance results of a manifest: each measured value with the bar it had to clear."""
+    acc = manifest.get("acceptance", {})
+    return "; ".join(f"{c.get('what', k)}: {c['value']:.3g} (needs {c['op']} {c['threshold']})"
+                     for k, c in acc.items()) if isinstance(acc, dict) else ""
 
 
 @app.command("list")
 def list_cmd() -> None:
-    """List the organisms, their tasks and the shipped checkpoints' measured metrics."""
+    """List the organisms, their tasks and the shipped checkpoints' held-out acceptance results."""
     from interp.models import ModelLoadError, read_manifest
     from interp.organisms import NAMES, get
 
-    table = Table(title="Organisms (load with interp.load_model('organism:NAME'))")
-    for col in ("name", "task", "shipped metrics", "train s"):
-        table.add_column(col)
+    table = Table(title="Organisms (load with interp.load_model('organism:NAME'))", expand=True, show_lines=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("task", overflow="fold", ratio=3)
+    table.add_column("held-out acceptance", overflow="fold", ratio=3)
+    table.add_column("train s", no_wrap=True, justify="right")
     for name in NAMES:
         try:
             m = read_manifest(f"organism:{name}")
-            shown, secs = _scalars(m.get("metrics", {})), str(m.get("train_seconds", ""))
+            shown, secs = acceptance_line(m) or "—", f"{float(m.get('train_seconds', 0) or 0):.0f}"
         except ModelLoadError:
             shown, secs = "(not shipped: run `interp organisms train " + name + "`)", ""
         table.add_row(name, get(name).TASK, shown, secs)

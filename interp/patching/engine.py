@@ -336,13 +336,7 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     check_direction(direction)
     if cross:
         return _prepare_cross(model, clean, corrupt, metric, names, direction, kv)
-    names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
-    if kv and can_skip_prefix(model):
-        names |= kv_names(model.cfg.n_layers)
-    clean_logits, clean_cache = cached_run(model, clean.tokens, names)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names)
-    check_finite(real_logits(clean_logits, clean), "clean run logits")
-    check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv)
     if metric is None:
         m_clean = m_corrupt = torch.full((len(clean),), float("nan"), dtype=torch.float64)
     else:
@@ -355,8 +349,10 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
 
 
-def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
-                   names: set[str], direction: Direction, kv: bool) -> Runs:
+def _both_runs(model: HookedTransformer, clean: Prompts, corrupt: Prompts, names: set[str], kv: bool
+               ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    """The clean and corrupted caching runs (logits checked finite at real positions), caching
+    `names`, every resid_pre and, with `kv` where the prefix can be skipped, every layer's K/V."""
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
     if kv and can_skip_prefix(model):
         names |= kv_names(model.cfg.n_layers)
@@ -364,6 +360,12 @@ def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, m
     corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names)
     check_finite(real_logits(clean_logits, clean), "clean run logits")
     check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
+    return clean_logits, clean_cache, corrupt_logits, corrupt_cache
+
+
+def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
+                   names: set[str], direction: Direction, kv: bool) -> Runs:
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv)
     aligned = tuple(clean.tokens.shape) == tuple(corrupt.tokens.shape) and torch.equal(clean.lengths, corrupt.lengths)
     read_bad = read_as(corrupt, clean)
     if read_bad is None and aligned:
