@@ -45,7 +45,11 @@ def run_one(name: str, seed: int) -> dict[str, object]:
     if name in C.CIRCUIT_ORGANISMS:
         t1 = time.perf_counter()
         shipped = C.circuit_of(name)
-        mine = C.declare(name, model, n=int(shipped.evidence.get("n_prompts", 64)))
+        try:
+            mine = C.declare(name, model, n=int(shipped.evidence.get("n_prompts", 64)))
+        except ValueError as e:  # no edge carries the task: a different (or no) mechanism; record it
+            return row | {"declare_seconds": round(time.perf_counter() - t1, 1), "declare_error": str(e),
+                          "same_circuit": False, "same_roles": False}
         perm = C.same_circuit(shipped, mine)
         row |= {"declare_seconds": round(time.perf_counter() - t1, 1),
                 "circuit": [e.__dict__ for e in mine.edges],
