@@ -106,8 +106,52 @@ def _check_cells(name: str, per_example: Tensor, coords: tuple[tuple, ...], axes
                          f"{axes}, got {tuple(per_example.shape)}")
 
 
+class Cells:
+    """Per-example values over cells (`per_example` [..., n], NaN where an example lacks a cell)
+    against the unpatched run's `base_values` [n]: the statistics every patching result shares."""
+
+    per_example: Tensor
+    base_values: Tensor
+    alpha: float
+    n_boot: int
+
+    @property
+    def values(self) -> Tensor:
+        """Mean over the examples that have each cell (NaN where none has it)."""
+        return cell_mean(self.per_example)
+
+    @property
+    def n(self) -> Tensor:
+        """How many examples each cell's mean and CI are over."""
+        return (~torch.isnan(self.per_example)).sum(-1)
+
+    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
+        """Percentile-bootstrap (1 - alpha) interval of each cell's mean over its examples."""
+        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
+                       n_boot=self.n_boot if n_boot is None else n_boot)
+
+    @property
+    def base_metric(self) -> float:
+        """The mean metric of the run that was intervened on."""
+        return float(self.base_values.mean())
+
+
+class PairedCells(Cells):
+    """`Cells` whose values are metrics of intervened runs: effects are paired per example."""
+
+    @property
+    def per_example_effect(self) -> Tensor:
+        """Metric change caused in each example: per_example - base_values."""
+        return self.per_example - self.base_values
+
+    @property
+    def effect(self) -> Tensor:
+        """Mean metric change over each cell's examples (paired)."""
+        return cell_mean(self.per_example_effect)
+
+
 @dataclass(frozen=True)
-class PatchResult:
+class PatchResult(PairedCells):
     """The metric after each patch, per example, over `axes` (e.g. ("layer", "pos") or
     ("layer", "pos", "head"); a "pos" axis holds ints in prompt coordinates or span names).
 
@@ -132,21 +176,6 @@ class PatchResult:
                      self.alpha, self.n_boot)
 
     @property
-    def values(self) -> Tensor:
-        """Mean over the examples that have each cell (NaN where none has it)."""
-        return cell_mean(self.per_example)
-
-    @property
-    def n(self) -> Tensor:
-        """How many examples each cell's mean and CI are over."""
-        return (~torch.isnan(self.per_example)).sum(-1)
-
-    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
-        """Percentile-bootstrap (1 - alpha) interval of each cell's mean over its examples."""
-        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
-                       n_boot=self.n_boot if n_boot is None else n_boot)
-
-    @property
     def clean_metric(self) -> float:
         return float(self.clean_values.mean())
 
@@ -158,21 +187,6 @@ class PatchResult:
     def base_values(self) -> Tensor:
         """Per example, the metric of the run that was patched (corrupted for denoising)."""
         return self.corrupt_values if self.direction == "denoising" else self.clean_values
-
-    @property
-    def base_metric(self) -> float:
-        """The metric of the run that was patched (corrupted for denoising, clean for noising)."""
-        return float(self.base_values.mean())
-
-    @property
-    def per_example_effect(self) -> Tensor:
-        """Metric change caused by each patch in each example: per_example - base_values."""
-        return self.per_example - self.base_values
-
-    @property
-    def effect(self) -> Tensor:
-        """Mean metric change caused by each patch over the cell's examples (paired)."""
-        return cell_mean(self.per_example_effect)
 
     def normalised(self) -> Tensor:
         """(patched - corrupted) / (clean - corrupted) of the means over each cell's examples;
@@ -197,7 +211,7 @@ class PatchResult:
 
 
 @dataclass(frozen=True)
-class KnockoutResult:
+class KnockoutResult(PairedCells):
     """Attention knockout (Geva et al. 2023) for each start layer l: edges blocked at layers [l, end).
 
     `per_example` [start_layer, n] is the metric, `kl_per_example` the KL(base || knocked out) of
@@ -220,33 +234,8 @@ class KnockoutResult:
                      self.base_values.shape[0], self.alpha, self.n_boot)
 
     @property
-    def values(self) -> Tensor:
-        return cell_mean(self.per_example)
-
-    @property
     def kl(self) -> Tensor:
         return cell_mean(self.kl_per_example)
-
-    @property
-    def n(self) -> Tensor:
-        return (~torch.isnan(self.per_example)).sum(-1)
-
-    @property
-    def base_metric(self) -> float:
-        return float(self.base_values.mean())
-
-    @property
-    def per_example_effect(self) -> Tensor:
-        return self.per_example - self.base_values
-
-    @property
-    def effect(self) -> Tensor:
-        """Mean metric change caused by each knockout (paired over examples)."""
-        return cell_mean(self.per_example_effect)
-
-    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
-        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
-                       n_boot=self.n_boot if n_boot is None else n_boot)
 
     def to_frame(self) -> pd.DataFrame:
         frame = _stats_frame(self.per_example, ("start_layer",), (self.start_layers,), self.alpha, self.n_boot)
@@ -264,7 +253,7 @@ class KnockoutResult:
 
 
 @dataclass(frozen=True)
-class AttributionResult:
+class AttributionResult(Cells):
     """Attribution patching (Syed et al. 2023): first-order estimates of each patch's effect.
 
     `per_example` [..., n] estimates each example's metric *change* of patching each cell
@@ -288,25 +277,9 @@ class AttributionResult:
                      self.alpha, self.n_boot)
 
     @property
-    def values(self) -> Tensor:
-        return cell_mean(self.per_example)
-
-    @property
-    def n(self) -> Tensor:
-        return (~torch.isnan(self.per_example)).sum(-1)
-
-    @property
-    def base_metric(self) -> float:
-        return float(self.base_values.mean())
-
-    @property
     def estimate(self) -> Tensor:
         """Estimated mean metric after each patch: values + mean base metric over the cell's examples."""
         return self.values + _mean_where(self.base_values, self.per_example)
-
-    def ci(self, alpha: float | None = None, n_boot: int | None = None) -> tuple[Tensor, Tensor]:
-        return cell_ci(self.per_example, alpha=self.alpha if alpha is None else alpha,
-                       n_boot=self.n_boot if n_boot is None else n_boot)
 
     def to_frame(self) -> pd.DataFrame:
         frame = _stats_frame(self.per_example, self.axes, self.coords, self.alpha, self.n_boot)
