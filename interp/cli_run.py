@@ -140,8 +140,12 @@ def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: in
 
 @app.command("course-correction")
 def course_correction_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
-                          surprise: str = typer.Option("lowest", help="lowest | random: which wrong syllable is forced"),
-                          out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
-    """After a forced wrong token: finish the plan, restart, re-plan or drift? Which route carries recovery?"""
+                          surprise: str = typer.Option("lowest", help="lowest | random | a token's text (forced after "
+                                                                      "every prompt; one token of the model's tokenizer)"),
+                          steps: int = typer.Option(4, help="tokens decoded after the surprise"),
+                          prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
+                          shared_js: bool = SHARED_JS) -> None:
+    """After a forced wrong token: finish the plan, restart, back off, re-plan or drift? Which route carries recovery?"""
     _run("course-correction", model, out, overwrite,
-         lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model]), seed, shared_js=shared_js)
+         lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model], prompts=prompts, steps=steps),
+         seed, shared_js=shared_js)

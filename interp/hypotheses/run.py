@@ -14,7 +14,13 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from interp.hypotheses import inputs
-from interp.hypotheses.course_correction import CourseCorrectionResult, course_correction, planning_inputs
+from interp.hypotheses.course_correction import (
+    CourseCorrectionResult,
+    course_correction,
+    planning_inputs,
+    read_course_inputs,
+    retry_inputs,
+)
 from interp.hypotheses.last_token import LastTokenResult, last_token_sufficiency
 from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop, plan_ahead
 from interp.hypotheses.positional_decay import DecayResult, positional_decay
@@ -91,8 +97,25 @@ def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, pro
 
 
 def run_course_correction(spec: str = "organism:planning", n: int = 400, seed: int = 0, surprise: str = "lowest",
-                          model: HookedTransformer | None = None) -> CourseCorrectionResult:
-    if inputs.organism_name(spec) != "planning":
-        raise ValueError(f"course-correction: expected organism:planning (the word is fixed at 'say'), got {spec!r}")
+                          model: HookedTransformer | None = None, prompts: str | Path | None = None,
+                          steps: int = 4) -> CourseCorrectionResult:
+    """On `organism:planning` or `organism:retry[-clean]` (their own inputs), or on any model with
+    a JSONL prompt set (`prompt` the context, `answer` the plan, `meta.surprise` the token to force;
+    data/prompts/README.md). `surprise`: lowest | random | a token's text forced after every prompt."""
+    name = inputs.organism_name(spec)
+    if prompts is None and name not in ("planning", "retry", "retry-clean"):
+        raise ValueError(f"course-correction: expected organism:planning, organism:retry, organism:retry-clean or "
+                         f"--prompts FILE.jsonl, got {spec!r}")
     model = model if model is not None else load(spec)
-    return course_correction(model, planning_inputs(n, seed), surprise=surprise, seed=seed)
+    chosen = surprise if surprise in ("lowest", "random") else None
+    if prompts is not None:
+        x = read_course_inputs(str(prompts), inputs.tokenizer_of(model), surprise=None if chosen else surprise,
+                               limit=n)
+    elif name == "planning":
+        x = planning_inputs(n, seed)
+    else:
+        x = retry_inputs(n, seed)
+    if chosen is None and prompts is None:
+        raise ValueError(f"course-correction: a surprise given as text ({surprise!r}) expected --prompts (the organisms "
+                         f"choose their surprise: lowest | random)")
+    return course_correction(model, x, steps=steps, surprise=chosen or "lowest", seed=seed)
