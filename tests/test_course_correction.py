@@ -15,6 +15,8 @@ from interp.hypotheses.course_correction import (
     course_correction,
     measure,
     planning_inputs,
+    prompt_inputs,
+    read_course_inputs,
 )
 from interp.prompts import Prompts
 
@@ -64,6 +66,10 @@ def test_categories_by_hand():
     alt = torch.tensor([[9, 3, 4, 0], [5, 6, 7, 8]])
     cat = _categorise(u, forced, torch.full((4,), 9), alt, 4)
     assert [CATEGORIES[c] for c in cat.tolist()] == ["finish", "restart", "replan", "drift"]
+    # with a back-off marker 3: "9 3 5 6 7" retracts the surprise and resumes the plan
+    back = torch.tensor([[9, 3, 5, 6, 7], [9, 3, 6, 7, 8]])
+    cat = _categorise(u[:2], back, torch.full((2,), 9), None, 4, backoff=3)
+    assert [CATEGORIES[c] for c in cat.tolist()] == ["backoff", "drift"]
 
 
 def test_planning_organism_course_correction():
@@ -78,7 +84,7 @@ def test_planning_organism_course_correction():
     # the random baseline's own plan is not the word
     assert f[(f.model == "baseline") & (f.measure == "on_plan")].value.iloc[0] <= 0.1
     rates = f[(f.model == "model") & (f.measure == "rate")]
-    assert abs(rates.value.sum() - 1) < 1e-9 and set(rates.category) == set(CATEGORIES)
+    assert abs(rates.value.sum() - 1) < 1e-9 and set(rates.category) == set(CATEGORIES) - {"backoff"}
     # forcing a wrong first syllable moves every later step's distribution: KL > 0 with its CI
     div = f[(f.model == "model") & (f.measure == "divergence") & (f.step == 1)].iloc[0]
     assert div.ci_low > 0 and div.n == 48
@@ -96,3 +102,65 @@ def test_course_correction_renders_as_a_report_section(gpt2_model, bpe_tokenizer
     f = res.to_frame()
     rates = f[(f.model == "baseline") & (f.measure == "rate")]
     assert abs(rates.value.sum() - 1) < 1e-9
+
+
+def _one_token_surprise(model, tok, texts):
+    """A word that is one token after every prompt and never the model's own next token."""
+    p = Prompts.from_text(texts, tok)
+    from interp.decoding import generate
+
+    greedy = set(generate(model, p, 1).tokens[:, 0].tolist())
+    for word in (" the", " in", " is", " b", " t"):
+        ids = {tuple(Prompts.from_text([t], tok, answers=[word]).answers[0].tolist()) for t in texts}
+        if len(ids) == 1 and len(next(iter(ids))) == 1 and next(iter(ids))[0] not in greedy:
+            return word, next(iter(ids))[0]
+    raise AssertionError("no one-token surprise")
+
+
+def test_any_prompts_with_a_chosen_surprise(gpt2_model, bpe_tokenizer, tmp_path, monkeypatch):
+    """JSONL through an HF tokenizer: the context is the prompt (answer tokens dropped), the plan is
+    the answer, the forced token is meta.surprise; m_forced against a plain forward; the CLI runs."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from interp import cli_run
+    from interp.hypotheses import run as runner
+
+    texts = [t for t, _, _ in CITY_PROMPTS]
+    word, sid = _one_token_surprise(gpt2_model, bpe_tokenizer, texts)
+    path = tmp_path / "cc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t, "answer": a, "meta": {"surprise": word}}) + "\n"
+                            for t, _, a in CITY_PROMPTS))
+    x = read_course_inputs(str(path), bpe_tokenizer)
+    ref = Prompts.from_text(texts, bpe_tokenizer)
+    assert torch.equal(x.prompts.tokens, ref.tokens) and torch.equal(x.prompts.lengths, ref.lengths)
+    assert (x.surprise == sid).all()
+    answers = Prompts.from_text(texts, bpe_tokenizer, answers=[a for _, _, a in CITY_PROMPTS]).answers
+    assert torch.equal(x.plan, answers)
+    res = course_correction(gpt2_model, x, steps=2, n_boot=50)
+    assert (res.model.forced[:, 0] == sid).all() and (res.model.unforced[:, 0] != sid).all()
+    for i, t in enumerate(texts):  # log p(u_1) after prompt + surprise, a plain forward of one prompt
+        ids = ref.tokens[i, : int(ref.lengths[i])]
+        lp = run(gpt2_model, torch.cat([ids, torch.tensor([sid])])[None]).logits[0, -1].double().log_softmax(-1)
+        assert abs(float(lp[res.model.unforced[i, 1]]) - float(res.model.m_forced[i])) < TOL
+    # a token forced after every prompt, given directly, is the same run
+    same = course_correction(gpt2_model, prompt_inputs(ref), steps=2, surprise=sid, n_boot=50)
+    torch.testing.assert_close(same.model.divergence, res.model.divergence, atol=TOL, rtol=0)
+    # a surprise that is the model's own next token is refused, naming the rows
+    own = int(res.model.unforced[0, 0])
+    with pytest.raises(ValueError, match="differ from the model's own next token"):
+        course_correction(gpt2_model, prompt_inputs(ref), steps=2, surprise=own, baseline=False)
+    # the CLI: any model, --prompts, the surprise as text
+    model = gpt2_model
+    monkeypatch.setattr(runner, "load", lambda spec: model)
+    monkeypatch.setattr(model, "tokenizer", bpe_tokenizer, raising=False)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "cc.html"
+    r = CliRunner().invoke(cli_run.app, ["course-correction", "--model", "my-model", "--prompts", str(plain),
+                                         "--surprise", word, "--steps", "2", "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert out.is_file() and "course-correction:" in r.output
+    with pytest.raises(ValueError, match="--prompts FILE.jsonl"):
+        runner.run_course_correction("my-model")

@@ -82,7 +82,7 @@ class CourseInputs:
     prompts: Prompts
     plan: Int[Tensor, "batch w"] | None
     candidates: Int[Tensor, "c"] | None
-    alternatives: Int[Tensor, "m w"] | None
+    alternatives: Int[Tensor, "m a"] | None
     surprise: Int[Tensor, "batch"] | None = None
     backoff: int | None = None
     kv_source: Prompts | None = None  # contexts (same lengths) whose plan starts with `surprise`
@@ -550,7 +550,7 @@ def course_correction(
     steps: int = 4,
     surprise: Surprise | Tensor | int = "lowest",
     candidates: Int[Tensor, "c"] | None = None,
-    alternatives: Int[Tensor, "m w"] | None = None,
+    alternatives: Int[Tensor, "m a"] | None = None,
     plan: Int[Tensor, "batch w"] | None = None,
     backoff: int | None = None,
     baseline: bool = True,
