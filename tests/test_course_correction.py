@@ -140,7 +140,7 @@ def test_any_prompts_with_a_chosen_surprise(gpt2_model, bpe_tokenizer, tmp_path,
     assert torch.equal(x.plan, answers)
     res = course_correction(gpt2_model, x, steps=2, n_boot=50)
     assert (res.model.forced[:, 0] == sid).all() and (res.model.unforced[:, 0] != sid).all()
-    for i, t in enumerate(texts):  # log p(u_1) after prompt + surprise, a plain forward of one prompt
+    for i in range(len(texts)):  # log p(u_1) after prompt + surprise, a plain forward of one prompt
         ids = ref.tokens[i, : int(ref.lengths[i])]
         lp = run(gpt2_model, torch.cat([ids, torch.tensor([sid])])[None]).logits[0, -1].double().log_softmax(-1)
         assert abs(float(lp[res.model.unforced[i, 1]]) - float(res.model.m_forced[i])) < TOL
