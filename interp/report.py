@@ -407,9 +407,15 @@ def _summ_routes(r: Any) -> Summary:
                                                  f"total {fmt(estimate(r.baseline_total))}"))
 
 
+def _summ_course_correction(r: Any) -> Summary:
+    n = int(r.model.m_forced.isfinite().sum())
+    return Summary(r.summary(), _measured(n, "random-initialised model of the same shape, same prompts and surprises"))
+
+
 SUMMARIES: dict[str, Callable[[Any], Summary]] = {
     "MultihopResult": _summ_multihop, "PlanAheadResult": _summ_plan, "DecayResult": _summ_decay,
-    "LastTokenResult": _summ_last_token, "RoutesResult": _summ_routes}
+    "LastTokenResult": _summ_last_token, "RoutesResult": _summ_routes,
+    "CourseCorrectionResult": _summ_course_correction}
 
 
 def summarise(result: Any) -> Summary:
@@ -441,6 +447,8 @@ QUESTIONS = {
     "last-token": "From which layer does the last position's residual alone suffice for the answer?",
     "routes": "Which routes carry the information from the source to the prediction: residual-first or K/V-first, "
               "through keys or values?",
+    "course-correction": "After a forced wrong token, does the model finish its plan, restart it, back off, re-plan "
+                         "or drift, and which route (K/V of the context or the surprise's own residual) carries it?",
 }
 
 

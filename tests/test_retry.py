@@ -103,6 +103,13 @@ def test_retry_backs_off_and_repairs_the_control_continues(models):
     assert "compares both routes" in str(res["retry"].verdict)
     share = f[(f.model == "model") & (f.measure == "patch_kv_share")].iloc[0]
     assert 0.4 < share.ci_low <= share.ci_high < 0.6
+    # the report section's summary table shows the same numbers
+    from interp.report import section
+
+    table = section("course-correction", res["retry"]).summary.set_index("measure")
+    b = rate.loc["backoff"]
+    assert table.loc["outcome: backoff", "model"] == f"{100 * b.value:.1f}% [{100 * b.ci_low:.1f}, {100 * b.ci_high:.1f}]"
+    assert table.loc["outcome: backoff", "random init"].startswith("0.0%")
     # the control never backs off; it continues the chain from the wrong step (replan) mostly
     g = res["retry-clean"].to_frame()
     crate = g[(g.model == "model") & (g.measure == "rate")].set_index("category")

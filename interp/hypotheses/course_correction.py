@@ -402,6 +402,43 @@ class CourseCorrectionResult:
         return Verdict(True, behaviour + f"; recovery is carried by the {route} (K/V share {share.value:.2f} "
                                          f"[{share.ci_low:.2f}, {share.ci_high:.2f}]; {cuts})")
 
+    def summary(self) -> pd.DataFrame:
+        """The key numbers, model next to its random-initialised baseline (value [95% CI]): each
+        outcome's rate, the divergence one step after the surprise, and the route measures (nats:
+        the drop in the recovery token's log-prob under each cut or interchange; the K/V share)."""
+        f = self.to_frame()
+
+        def cell(which: str, measure: str, pct: bool = False, **kw: object) -> str:
+            sel = (f.model == which) & (f.measure == measure)
+            for k, v in kw.items():
+                sel &= f[k] == v
+            if not sel.any():
+                return "—"
+            r = f[sel].iloc[0]
+            if pct:
+                return f"{100 * r.value:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+            return f"{r.value:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+
+        rows = [(f"outcome: {c}", dict(measure="rate", pct=True, category=c)) for c in self.categories]
+        rows += [("clean run on the given plan", dict(measure="on_plan", pct=True)),
+                 ("KL(unforced || forced), step 1 (nats)", dict(measure="divergence", step=1)),
+                 ("drop, cut pre-surprise K/V (nats)", dict(measure="drop_kv")),
+                 ("drop, surprise embedding -> mean (nats)", dict(measure="drop_resid")),
+                 ("K/V share of the cuts", dict(measure="kv_share"))]
+        if self.model.patch_kv is not None:
+            rows += [("drop, K/V from a context planning the surprise (nats)", dict(measure="patch_kv")),
+                     ("drop, planned token's embedding at the surprise (nats)", dict(measure="patch_resid")),
+                     ("K/V share of the interchanges", dict(measure="patch_kv_share"))]
+        out = []
+        for label, kw in rows:
+            if kw["measure"] == "on_plan" and not f[(f.measure == "on_plan")].value.notna().any():
+                continue
+            row = {"measure": label, "model": cell("model", **kw)}  # type: ignore[arg-type]
+            if self.baseline is not None:
+                row["random init"] = cell("baseline", **kw)  # type: ignore[arg-type]
+            out.append(row)
+        return pd.DataFrame(out)
+
     def plot(self) -> go.Figure:
         f = self.to_frame()
         f = f[f.measure == "divergence"]
