@@ -326,15 +326,17 @@ class CourseCorrectionResult:
 
     def notice_layer(self) -> int | None:
         """The first lens layer whose forced-minus-unforced log p(u_1) lies below 0 (CI) and below
-        the baseline's CI; None when no layer clears it."""
+        the baseline's CI -- with a back-off marker: whose log p(marker) lies above 0 and above the
+        baseline's CI; None when no layer clears it."""
         f = self.to_frame()
         for layer in range(self.model.notice.shape[0]):
             m = self._get(f, "model", "notice", layer=layer)
-            below = m.ci_high < 0
-            if self.baseline is not None:
-                b = self._get(f, "baseline", "notice", layer=layer)
-                below = below and m.ci_high < b.ci_low
-            if below:
+            b = self._get(f, "baseline", "notice", layer=layer) if self.baseline is not None else None
+            if self.backoff is None:
+                ok = m.ci_high < 0 and (b is None or m.ci_high < b.ci_low)
+            else:
+                ok = m.ci_low > 0 and (b is None or m.ci_low > b.ci_high)
+            if ok:
                 return layer
         return None
 
