@@ -164,3 +164,24 @@ def test_any_prompts_with_a_chosen_surprise(gpt2_model, bpe_tokenizer, tmp_path,
     assert out.is_file() and "course-correction:" in r.output
     with pytest.raises(ValueError, match="--prompts FILE.jsonl"):
         runner.run_course_correction("my-model")
+
+
+def test_a_given_surprise_that_is_the_baselines_own_token_leaves_that_row_out(gpt2_model, bpe_tokenizer):
+    """Regression: a surprise given per prompt may be the random-initialised model's own next
+    token; that row has no surprise to measure (NaN, left out of n) instead of stopping the run."""
+    from interp.decoding import generate
+    from interp.models import random_like
+
+    p = Prompts.from_text([t for t, _, _ in CITY_PROMPTS], bpe_tokenizer)
+    own = generate(gpt2_model, p, 1).tokens[:, 0]
+    base = generate(random_like(gpt2_model, 0), p, 1).tokens[:, 0]
+    s = torch.where(torch.arange(len(p)) == 0, base, (own + 1) % 50)
+    s = torch.where(s == own, (own + 2) % 50, s)
+    assert int(s[0]) == int(base[0]) and (s != own).all()
+    res = course_correction(gpt2_model, prompt_inputs(p, surprise=s), steps=2, n_boot=50)
+    hit = s == base
+    assert bool(hit[0]) and torch.isnan(res.baseline.m_forced[hit]).all()
+    assert torch.isfinite(res.baseline.m_forced[~hit]).all() and torch.isfinite(res.model.m_forced).all()
+    f = res.to_frame()
+    rates = f[(f.model == "baseline") & (f.measure == "rate")]
+    assert (rates.n == int((~hit).sum())).all() and abs(rates.value.sum() - 1) < 1e-9
