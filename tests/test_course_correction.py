@@ -185,3 +185,32 @@ def test_a_given_surprise_that_is_the_baselines_own_token_leaves_that_row_out(gp
     f = res.to_frame()
     rates = f[(f.model == "baseline") & (f.measure == "rate")]
     assert (rates.n == int((~hit).sum())).all() and abs(rates.value.sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_route_interchanges_against_plain_forwards(any_model, bpe_tokenizer, side):
+    """Both families (GQA included), padded prompts of 5 lengths: with every pre-surprise K/V taken
+    from a source context, the surprise position computes what it computes after that context
+    (source + surprise run alone); with the planned token's embedding it computes the unforced
+    sequence's step."""
+    from interp.hypotheses.course_correction import CourseInputs
+
+    p = Prompts.from_text([t for t, _, _ in CITY_PROMPTS], bpe_tokenizer, side=side)
+    r = p.right()
+    g = torch.Generator().manual_seed(4)
+    src = [torch.randint(2, 50, (int(n),), generator=g) for n in r.lengths]
+    x = CourseInputs(p, None, torch.arange(2, 50), None, surprise=torch.full((len(p),), 7),
+                     kv_source=Prompts.from_tokens(src, side=side))
+    from interp.decoding import generate
+
+    if bool((generate(any_model, p, 1).tokens[:, 0] == 7).any()):
+        pytest.skip("the fixture's own next token is the surprise")
+    res = course_correction(any_model, x, steps=3, baseline=False, n_boot=50)
+    m = res.model
+    for i in range(len(p)):
+        u1 = m.unforced[i, 1]
+        lp = run(any_model, torch.cat([src[i], torch.tensor([7])])[None]).logits[0, -1].double().log_softmax(-1)
+        assert abs(float(m.m_forced[i] - m.patch_kv[i]) - float(lp[u1])) < TOL
+        own = torch.cat([r.tokens[i, : int(r.lengths[i])], m.unforced[i, :1]])
+        lp = run(any_model, own[None]).logits[0, -1].double().log_softmax(-1)
+        assert abs(float(m.m_forced[i] - m.patch_resid[i]) - float(lp[u1])) < TOL
