@@ -25,7 +25,14 @@ Measured against the unforced run, per example:
   the surprise position keeps only its position). Each cut's effect is the drop in m (a negative
   drop: the cut *helps* the plan, i.e. that route carries the derailment); the K/V share is
   drop_kv / (|drop_kv| + |drop_resid|) (ratio of means, bootstrap CI over examples). A route is
-  named only when the outcome is a recovery (finish or restart) and its drop clears the baseline.
+  named only when the outcome is a recovery (finish, restart or backoff) and its drop clears the
+  baseline.
+- route interchanges (when the inputs carry `kv_source`: contexts of the same lengths whose plan
+  starts with the surprise): the drop in m with the K/V of every pre-surprise position, at every
+  layer, taken from the source context (`patch_kv`), and with the planned token u_0's embedding at
+  the surprise position (`patch_resid`); their K/V share as above. A cut asks whether a route is
+  needed, an interchange whether it carries the decision: a model that backs off by default and
+  is stopped by a match of expectation and token shows no cut effect but a full interchange effect.
 
 Every aggregate carries a percentile-bootstrap CI over examples and is repeated on a
 random-initialised model of the same shape (`interp.models.random_like`); a verdict is stated
@@ -312,7 +319,8 @@ class CourseCorrectionResult:
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows (model, measure, step, layer, category, value, ci_low, ci_high, n); measures:
         divergence (nats, per step), rate (per category), notice (nats, per lens layer), m_forced,
-        drop_kv, drop_resid (nats), on_plan, kv_share."""
+        drop_kv, drop_resid (nats), on_plan, kv_share; with a `kv_source`: patch_kv, patch_resid
+        (nats) and patch_kv_share."""
         rows = self._rows("model", self.model)
         if self.baseline is not None:
             rows += self._rows("baseline", self.baseline)
