@@ -36,7 +36,9 @@ alone); each group is prefilled once and then runs one position per step with Tr
 key/value cache; ``cache=False`` recomputes the whole sequence at every step through
 `interp.hooks.run` (the exact reference the cache is tested against). The two model-kind
 specific operations are isolated: `embedding_matrix` (the ``W_E`` lookup table), and
-`forward_cached` / `final_norm` (running one cached step; the final norm's output).
+`forward_cached` / `kv_cache_supported` / `final_norm` (running one cached step, and whether the
+model can; the final norm's output). A model whose forward takes no ``past_kv_cache`` (e.g. a
+TransformerBridge) is recomputed at every step.
 
 Caveat: a model that was never trained on continuous inputs was never taught to read them. Soft
 and hidden rollouts of such a model are exploratory: a hidden state is not in the distribution
@@ -47,6 +49,8 @@ claims.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -87,6 +91,8 @@ try:  # TransformerLens 3 renamed HookedTransformerKeyValueCache
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
 except ImportError:  # pragma: no cover - older TransformerLens
     from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KVCache  # type: ignore
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["token", "soft", "hidden"]
 HiddenSite = Literal["post_norm", "pre_norm"]
@@ -156,6 +162,15 @@ def final_norm(model: HookedTransformer, resid: Float[Tensor, "batch d_model"]) 
     if norm is None:
         return resid
     return norm(resid[:, None])[:, 0]
+
+
+def kv_cache_supported(model: HookedTransformer) -> bool:
+    """Whether the model's forward takes TransformerLens's key/value cache (``past_kv_cache``);
+    rollouts of other models recompute every step (`cache=False`)."""
+    try:
+        return "past_kv_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
+        return False
 
 
 def new_kv_cache(model: HookedTransformer, batch: int) -> object:
@@ -423,6 +438,9 @@ def rollout(
         raise ValueError(f"rollout: sample_rows expected one stream id per prompt ({b},), got {tuple(streams.shape)}")
     u = uniforms(streams, steps, seed) if sample else None
     cap_names = resolve_hooks(model, list(captures)) if captures else []
+    if cache and not kv_cache_supported(model):
+        log.info("rollout: %s takes no TransformerLens key/value cache; recomputing every step",
+                 type(model).__name__)
     device = next(model.parameters()).device
     out: dict[str, list] = {k: [None] * b for k in ("inputs", "logits", "final", "tokens")}
     acts: dict[str, list] = {n: [None] * b for n in cap_names}
@@ -474,7 +492,7 @@ def _roll_group(model: HookedTransformer, toks: Tensor, cfg: RolloutConfig, proj
     w_e = embedding_matrix(model)
     hname = _hidden_name(model)
     names = list(dict.fromkeys([*cap_names, *([hname] if cfg.mode == "hidden" else [])]))
-    kv = new_kv_cache(model, g) if cfg.cache else None
+    kv = new_kv_cache(model, g) if cfg.cache and kv_cache_supported(model) else None
     seq = toks
     inputs: list[Tensor] = []
     logit_steps: list[Tensor] = []

@@ -37,6 +37,12 @@ def city(request, bpe_tokenizer) -> Prompts:
     return Prompts.from_text([p for p, _, _ in CITY_PROMPTS], bpe_tokenizer, side=request.param)
 
 
+@pytest.fixture
+def left(bpe_tokenizer) -> Prompts:
+    """Left-padded prompts of different lengths (the padding side with a shift to get wrong)."""
+    return Prompts.from_text([p for p, _, _ in CITY_PROMPTS], bpe_tokenizer, side="left")
+
+
 def _alone(p: Prompts) -> list[Prompts]:
     r = p.right()
     return [Prompts.from_tokens([r.tokens[i, : int(r.lengths[i])]]) for i in range(len(r))]
@@ -69,13 +75,13 @@ def test_one_hot_soft_equals_token_rollout_and_generate(model, city):
     assert (rollout(model, city, STEPS, mode="soft").inputs - tok.inputs).abs().max() > 1e-2
 
 
-def test_sampled_token_rollout_equals_generate(model, city):
+def test_sampled_token_rollout_equals_generate(model, left):
     kw = dict(temperature=1.5, top_k=20, top_p=0.9, seed=3)
-    tok = rollout(model, city, STEPS, mode="token", sample=True, **kw)
-    gen = generate(model, city, STEPS, mode="sample", **kw)
+    tok = rollout(model, left, STEPS, mode="token", sample=True, **kw)
+    gen = generate(model, left, STEPS, mode="sample", **kw)
     assert torch.equal(tok.tokens, gen.tokens)
     torch.testing.assert_close(tok.logits, gen.logits, **TOL)
-    assert not torch.equal(tok.tokens, rollout(model, city, STEPS, mode="token").tokens)
+    assert not torch.equal(tok.tokens, rollout(model, left, STEPS, mode="token").tokens)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -99,15 +105,15 @@ def test_cached_equals_recomputed_and_rows_equal_prompts_alone(model64, city, mo
 
 
 @pytest.mark.parametrize("mode", ["token", "soft", "hidden"])
-def test_cached_equals_recomputed_float32(model, city, mode):
-    cached = rollout(model, city, STEPS, mode=mode)
-    _same(cached, rollout(model, city, STEPS, mode=mode, cache=False), TOL32)
+def test_cached_equals_recomputed_float32(model, left, mode):
+    cached = rollout(model, left, STEPS, mode=mode)
+    _same(cached, rollout(model, left, STEPS, mode=mode, cache=False), TOL32)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hidden"])
-def test_run_reproduces_the_incremental_pass(model, city, mode):
+def test_run_reproduces_the_incremental_pass(model, left, mode):
     name = Node(2, Site.RESID_PRE).hook_name
-    ro = rollout(model, city, STEPS, mode=mode, captures=[name])
+    ro = rollout(model, left, STEPS, mode=mode, captures=[name])
     read = torch.cat([ro.start[:, None] - 1, ro.positions], 1)  # L - 1 + j, j = 0..steps
     out = ro.run(model, captures=[Capture(name, read)])
     torch.testing.assert_close(out.acts[name].cpu(), ro.acts[name], **TOL)
@@ -119,19 +125,19 @@ def test_run_reproduces_the_incremental_pass(model, city, mode):
     assert torch.equal(ro.sequence.index("last"), ro.start + STEPS - 1)
 
 
-def test_hidden_inputs_are_the_last_hidden_state(model, city):
+def test_hidden_inputs_are_the_last_hidden_state(model, left):
     """post_norm: the vector the unembedding reads (its unembedding is the step's logits);
     pre_norm: the last block's resid_post at the read position."""
-    post = rollout(model, city, STEPS, mode="hidden")
+    post = rollout(model, left, STEPS, mode="hidden")
     with torch.no_grad():
         torch.testing.assert_close(model.unembed(post.inputs.to(model.cfg.device)).cpu().double(),
                                    post.logits.double(), **TOL)
-    pre = rollout(model, city, STEPS, mode="hidden", hidden="pre_norm")
+    pre = rollout(model, left, STEPS, mode="hidden", hidden="pre_norm")
     name = Node(model.cfg.n_layers - 1, Site.RESID_POST).hook_name
     out = pre.run(model, captures=[Capture(name, pre.positions - 1)])
     torch.testing.assert_close(out.acts[name].cpu(), pre.inputs, **TOL)
     # a projection is applied to the fed-back state
-    scale = rollout(model, city, 1, mode="hidden", proj=lambda h: 0.5 * h)
+    scale = rollout(model, left, 1, mode="hidden", proj=lambda h: 0.5 * h)
     torch.testing.assert_close(scale.inputs, 0.5 * post.inputs[:, :1], **TOL)
 
 
@@ -150,8 +156,8 @@ def _hand_built(model, ro: Rollout, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["soft", "hidden"])
-def test_patching_a_thought(model, city, mode):
-    ro = rollout(model, city, STEPS, mode=mode)
+def test_patching_a_thought(model, left, mode):
+    ro = rollout(model, left, STEPS, mode=mode)
     base = ro.run(model).logits
     same = ro.run(model, inputs=ro.with_input(1, ro.inputs[:, 1])).logits
     assert torch.equal(same, base)  # patching thought 1 with itself is the identity
@@ -168,13 +174,13 @@ def test_patching_a_thought(model, city, mode):
     torch.testing.assert_close(emb[torch.arange(len(ro.sequence)), idx], other, **TOL)
 
 
-def test_forced_input_continues_the_rollout(model, city):
-    ro = rollout(model, city, STEPS, mode="hidden")
-    same = rollout(model, city, STEPS, mode="hidden", force={1: ro.inputs[:, 1]})
+def test_forced_input_continues_the_rollout(model, left):
+    ro = rollout(model, left, STEPS, mode="hidden")
+    same = rollout(model, left, STEPS, mode="hidden", force={1: ro.inputs[:, 1]})
     _same(same, ro)
     other = ro.inputs[torch.tensor([4, 0, 1, 2, 3])][:, 1]
-    forced = rollout(model, city, STEPS, mode="hidden", force={1: other})
-    _same(forced, rollout(model, city, STEPS, mode="hidden", force={1: other}, cache=False))
+    forced = rollout(model, left, STEPS, mode="hidden", force={1: other})
+    _same(forced, rollout(model, left, STEPS, mode="hidden", force={1: other}, cache=False))
     torch.testing.assert_close(forced.inputs[:, 1], other, **TOL)
     torch.testing.assert_close(forced.logits[:, :2], ro.logits[:, :2], **TOL)  # steps 0, 1 read before it
     # the fixed-sequence re-run with the forced inputs gives the forced rollout's logits
@@ -182,9 +188,9 @@ def test_forced_input_continues_the_rollout(model, city):
     torch.testing.assert_close(_read(out.logits, forced.positions - 1), forced.logits, **TOL)
 
 
-def test_collect_and_rows_on_a_rollout(model, city):
+def test_collect_and_rows_on_a_rollout(model, left):
     name = Node(1, Site.RESID_POST).hook_name
-    ro = rollout(model, city, STEPS, mode="soft", captures=[name])
+    ro = rollout(model, left, STEPS, mode="soft", captures=[name])
     cache = ro.collect(model, hooks=[name], batch_size=2, progress=False)
     torch.testing.assert_close(cache[name], ro.acts[name][:, 1:], **TOL)  # thought positions
     torch.testing.assert_close(ro.rows(cache, thought(2), hook=name), ro.acts[name][:, 3], **TOL)
@@ -192,13 +198,13 @@ def test_collect_and_rows_on_a_rollout(model, city):
     torch.testing.assert_close(ro.rows(full, "prompt_last", hook=name), ro.acts[name][:, 0], **TOL)
 
 
-def test_thought_lens(model, city):
-    ro = rollout(model, city, STEPS, mode="soft")
+def test_thought_lens(model, left):
+    ro = rollout(model, left, STEPS, mode="soft")
     lens = thought_lens(model, ro)
     assert lens.shape[0] == model.cfg.n_layers + 1
     out = ro.run(model)
     torch.testing.assert_close(lens[-1], _read(out.logits, ro.positions), **TOL)  # last layer = the logits
-    tok = rollout(model, city, STEPS, mode="token")  # real tokens: the toolkit's logit lens reads the same
+    tok = rollout(model, left, STEPS, mode="token")  # real tokens: the toolkit's logit lens reads the same
     ref = logit_lens(model, tok.sequence, pos=tok.positions, keep_logits=True, progress=False)
     torch.testing.assert_close(thought_lens(model, tok), ref.logits, **TOL)
 
@@ -234,15 +240,33 @@ def test_residual_patching_at_thought_positions(model, bpe_tokenizer, side):
         res.clean_values, **TOL)
 
 
-def test_bad_arguments(model, city):
+def test_bad_arguments(model, left):
     with pytest.raises((ValueError, TypeError)):  # beartype checks the Literal under pytest
-        rollout(model, city, 2, mode="latent")
+        rollout(model, left, 2, mode="latent")
     with pytest.raises(ValueError, match="sample=True expected with mode='token'"):
-        rollout(model, city, 2, mode="soft", sample=True)
+        rollout(model, left, 2, mode="soft", sample=True)
     with pytest.raises(ValueError, match="n_ctx"):
-        rollout(model, city, 30)
+        rollout(model, left, 30)
     with pytest.raises(ValueError, match=r"force\[1\] expected a float tensor"):
-        rollout(model, city, 2, force={1: torch.zeros(3, 7)})
-    ro = rollout(model, city, 2, mode="soft")
+        rollout(model, left, 2, force={1: torch.zeros(3, 7)})
+    ro = rollout(model, left, 2, mode="soft")
     with pytest.raises(ValueError, match="rollout inputs: expected shape"):
         ro.run(model, inputs=torch.zeros(5, 3, model.cfg.d_model))
+
+
+def test_gradients_through_continuous_thoughts(model, left):
+    """grad=True keeps the graph: the gradient of the final logits with respect to a learned
+    projection is the same through the K/V cache as through recomputation."""
+    d = model.cfg.d_model
+    proj = torch.nn.Linear(d, d, dtype=model.cfg.dtype)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(d) + 0.01 * torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
+    grads = []
+    for cache in (True, False):
+        ro = rollout(model, left, 3, mode="hidden", proj=proj, grad=True, cache=cache)
+        loss = torch.log_softmax(ro.final_logits, -1)[:, 3].sum()
+        grads.append(torch.autograd.grad(loss, list(proj.parameters())))
+    for a, b in zip(*grads, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # the model is left as it was
