@@ -314,12 +314,15 @@ class Rollout:
 
     def run(self, model: HookedTransformer, *, edits: Sequence[Intervention] = (),
             captures: Sequence[str | Node | Capture] = (), inputs: Float[Tensor, "batch steps d_model"] | None = None,
-            **kwargs: object) -> RunOutput:
+            hooks: Sequence[tuple[str, Callable]] = (), **kwargs: object) -> RunOutput:
         """Re-run the whole sequence (prompt + steps) in one forward with `interp.hooks.run`:
         the rollout's inputs (or `inputs`) at ``hook_embed``, then `edits`, keeping `captures`
-        (positions in prompt coordinates: step s is at ``start + s``). Extra keyword arguments go to
-        `run`. Later steps' inputs are not recomputed: see `with_input`."""
-        return run(model, self.sequence, edits=[*self.edits(inputs), *edits], captures=captures, **kwargs)
+        (Nodes, hook names or glob patterns; positions in prompt coordinates: step s is at
+        ``start + s``). `hooks`: raw TransformerLens ``(name, fn)`` forward hooks, attached for this
+        run only (after the toolkit's at the same hook point). Extra keyword arguments go to `run`.
+        Later steps' inputs are not recomputed: see `with_input`."""
+        with model.hooks(fwd_hooks=list(hooks)):
+            return run(model, self.sequence, edits=[*self.edits(inputs), *edits], captures=captures, **kwargs)
 
     def collect(self, model: HookedTransformer, *, hooks: Sequence[str | Node] | str,
                 positions: str | Sequence[int] = THOUGHT, **kwargs: object) -> Cache:
