@@ -290,3 +290,57 @@ def test_probe_on_thought_positions(gpt2_model):
     res = fit(x, ro.logits[:, 0, 7].double(), "ridge", seed=0, n_boot=200)
     assert res.value[0] > 0.9 and res.ci_low[0] > 0.8
     assert res.shuffled[0] < 0.3
+
+
+# ------------------------------------------------ Hugging Face reference: Coconut's own loop
+
+def _hf_pair(family: str):
+    """A tiny random HF model and the same weights as a HookedTransformer (TransformerLens's own
+    weight conversion; fold_ln off, so the final norm's output is the HF last hidden state)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    common = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=32, d_vocab=50, device="cpu")
+    if family == "gpt2":
+        from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights as convert
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=50))
+        cfg = HookedTransformerConfig(d_mlp=128, act_fn="gelu_new", normalization_type="LN", eps=1e-5,
+                                      positional_embedding_type="standard", **common)
+    else:
+        from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights as convert
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                          rms_norm_eps=1e-6))
+        cfg = HookedTransformerConfig(d_mlp=64, act_fn="silu", normalization_type="RMS", eps=1e-6, final_rms=True,
+                                      positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                                      gated_mlp=True, **common)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            norm = p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight")
+            p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if norm else 0.2 * torch.randn(p.shape, generator=g))
+    hooked = HookedTransformer(cfg)
+    hooked.load_state_dict(convert(hf.eval(), cfg), strict=False)
+    return hf, hooked
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_and_soft_rollouts_equal_the_hf_inputs_embeds_loop(family):
+    """Coconut's loop in Hugging Face: append ``hidden_states[-1]`` of the last position to
+    ``inputs_embeds`` (soft: ``softmax(logits) @ W_E``) and run again. The rollout matches it step
+    by step (HF adds learned positions to inputs_embeds, as the rollout does at hook_embed)."""
+    hf, hooked = _hf_pair(family)
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    for mode in ("hidden", "soft"):
+        ro = rollout(hooked, ids, 3, mode=mode)
+        x = hf.get_input_embeddings()(ids).detach()
+        for s in range(3):
+            with torch.no_grad():
+                o = hf(inputs_embeds=x, output_hidden_states=True)
+            nxt = (o.hidden_states[-1][:, -1] if mode == "hidden"
+                   else torch.softmax(o.logits[:, -1].double(), -1).float() @ hf.get_input_embeddings().weight)
+            torch.testing.assert_close(ro.logits[:, s], o.logits[:, -1], **TOL)
+            torch.testing.assert_close(ro.inputs[:, s], nxt, **TOL)
+            x = torch.cat([x, nxt[:, None]], 1)
+        with torch.no_grad():
+            torch.testing.assert_close(ro.final_logits, hf(inputs_embeds=x).logits[:, -1], **TOL)
