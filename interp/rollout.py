@@ -87,6 +87,11 @@ from interp.patching.sweep import as_places, index_axis, position_axis
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
+try:  # the model adapter's alias (HookedTransformer | TransformerBridge), where it exists
+    from interp.arch import Model
+except ImportError:  # pragma: no cover - before the TransformerBridge adapter
+    Model = HookedTransformer  # type: ignore[misc]
+
 try:  # TransformerLens 3 renamed HookedTransformerKeyValueCache
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
 except ImportError:  # pragma: no cover - older TransformerLens
@@ -150,12 +155,12 @@ class RolloutConfig:
 
 # --------------------------------------------------------------------- model-kind-specific ops
 
-def embedding_matrix(model: HookedTransformer) -> Float[Tensor, "d_vocab d_model"]:
+def embedding_matrix(model: Model) -> Float[Tensor, "d_vocab d_model"]:
     """The input embedding table ``W_E`` (what ``hook_embed`` looks tokens up in)."""
     return model.W_E
 
 
-def final_norm(model: HookedTransformer, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_model"]:
+def final_norm(model: Model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_model"]:
     """The final norm's output of the last block's residual (identity for a model without one);
     called outside the forward, so no hook fires."""
     norm = getattr(model, "ln_final", None)
@@ -164,7 +169,7 @@ def final_norm(model: HookedTransformer, resid: Float[Tensor, "batch d_model"]) 
     return norm(resid[:, None])[:, 0]
 
 
-def kv_cache_supported(model: HookedTransformer) -> bool:
+def kv_cache_supported(model: Model) -> bool:
     """Whether the model's forward takes TransformerLens's key/value cache (``past_kv_cache``);
     rollouts of other models recompute every step (`cache=False`)."""
     try:
@@ -173,12 +178,12 @@ def kv_cache_supported(model: HookedTransformer) -> bool:
         return False
 
 
-def new_kv_cache(model: HookedTransformer, batch: int) -> object:
+def new_kv_cache(model: Model, batch: int) -> object:
     """An empty key/value cache for `batch` rows."""
     return KVCache.init_cache(model.cfg, next(model.parameters()).device, batch)
 
 
-def forward_cached(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], kv: object,
+def forward_cached(model: Model, tokens: Int[Tensor, "batch pos"], kv: object,
                    edits: Sequence[Intervention], captures: Sequence[Capture]
                    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """One forward over the new positions `tokens`, reading and extending the K/V cache `kv`,
@@ -299,7 +304,7 @@ class Rollout:
         out[:, step] = v.to(out.device, out.dtype)
         return out
 
-    def inputs_embeds(self, model: HookedTransformer, inputs: Float[Tensor, "batch steps d_model"] | None = None
+    def inputs_embeds(self, model: Model, inputs: Float[Tensor, "batch steps d_model"] | None = None
                       ) -> Float[Tensor, "batch pos d_model"]:
         """The whole sequence's ``hook_embed`` values (right-padded layout): token embeddings with
         each step's input at its position. Learned-position models add their position embedding
@@ -312,7 +317,7 @@ class Rollout:
             emb[rows, (self.start + s).to(w_e.device)] = x[:, s].to(w_e.device, w_e.dtype)
         return emb
 
-    def run(self, model: HookedTransformer, *, edits: Sequence[Intervention] = (),
+    def run(self, model: Model, *, edits: Sequence[Intervention] = (),
             captures: Sequence[str | Node | Capture] = (), inputs: Float[Tensor, "batch steps d_model"] | None = None,
             hooks: Sequence[tuple[str, Callable]] = (), **kwargs: object) -> RunOutput:
         """Re-run the whole sequence (prompt + steps) in one forward with `interp.hooks.run`:
@@ -324,7 +329,7 @@ class Rollout:
         with model.hooks(fwd_hooks=list(hooks)):
             return run(model, self.sequence, edits=[*self.edits(inputs), *edits], captures=captures, **kwargs)
 
-    def collect(self, model: HookedTransformer, *, hooks: Sequence[str | Node] | str,
+    def collect(self, model: Model, *, hooks: Sequence[str | Node] | str,
                 positions: str | Sequence[int] = THOUGHT, **kwargs: object) -> Cache:
         """`interp.cache.collect` over the sequence (default positions: every step's input)."""
         return collect(model, self.sequence, hooks=hooks, positions=positions, edits=self.edits_for,  # type: ignore[return-value]
@@ -390,7 +395,7 @@ def _sequence(prompts: Prompts, tokens: Tensor, suffix: list[list[int]] | None =
 # ---------------------------------------------------------------------------------------- driver
 
 def rollout(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     steps: int,
     *,
@@ -483,11 +488,11 @@ def _check_force(force: Mapping[int, Tensor] | None, b: int, steps: int, d_model
     return out
 
 
-def _hidden_name(model: HookedTransformer) -> str:
+def _hidden_name(model: Model) -> str:
     return Node(Arch.of(model).n_layers - 1, Site.RESID_POST).hook_name
 
 
-def _roll_group(model: HookedTransformer, toks: Tensor, cfg: RolloutConfig, proj: Proj | None,
+def _roll_group(model: Model, toks: Tensor, cfg: RolloutConfig, proj: Proj | None,
                 forced: dict[int, Tensor], u: Tensor | None, cap_names: list[str]) -> dict:
     """Roll out one group of prompts of the same length (no padding); rows on the model's device."""
     g, length = toks.shape
@@ -551,7 +556,7 @@ def _roll_group(model: HookedTransformer, toks: Tensor, cfg: RolloutConfig, proj
 
 # ------------------------------------------------------------------------------- instruments
 
-def thought_lens(model: HookedTransformer, ro: Rollout, *, decode_dtype: torch.dtype | None = None
+def thought_lens(model: Model, ro: Rollout, *, decode_dtype: torch.dtype | None = None
                  ) -> Float[Tensor, "layer batch steps d_vocab"]:
     """The logit lens at every step's input position: the final norm + unembedding
     (`interp.lens.residual.Decoder`) of the residual at each lens layer (`lens_nodes`: resid_pre
@@ -565,14 +570,14 @@ def thought_lens(model: HookedTransformer, ro: Rollout, *, decode_dtype: torch.d
         return Decoder(model, decode_dtype)(resid).cpu()
 
 
-def _pair(model: HookedTransformer, clean: Rollout, corrupt: Rollout, cross: bool) -> tuple[Prompts, Prompts]:
+def _pair(model: Model, clean: Rollout, corrupt: Rollout, cross: bool) -> tuple[Prompts, Prompts]:
     if len(clean.prompts) != len(corrupt.prompts) or clean.steps != corrupt.steps:
         raise ValueError(f"rollout patching: expected two rollouts of the same rows and steps, got "
                          f"{len(clean.prompts)} x {clean.steps} and {len(corrupt.prompts)} x {corrupt.steps}")
     return check_prompts(model, clean.sequence, corrupt.sequence, cross=cross)
 
 
-def patch(model: HookedTransformer, clean: Rollout, corrupt: Rollout, metric: Metric,
+def patch(model: Model, clean: Rollout, corrupt: Rollout, metric: Metric,
           nodes: Place | Sequence[Place], *, direction: Direction = "denoising", alpha: float = 0.05,
           n_boot: int = 1000) -> PatchResult:
     """Activation patching between two rollouts (`interp.patching.patch` on their sequences):
@@ -595,7 +600,7 @@ def patch(model: HookedTransformer, clean: Rollout, corrupt: Rollout, metric: Me
                        runs.corrupt_values, alpha=alpha, n_boot=n_boot)
 
 
-def sweep(model: HookedTransformer, clean: Rollout, corrupt: Rollout, metric: Metric, *,
+def sweep(model: Model, clean: Rollout, corrupt: Rollout, metric: Metric, *,
           site: Site | str = Site.RESID_PRE, layers: Sequence[int] | None = None,
           positions: Sequence[int | str] | str | None = None, direction: Direction = "denoising",
           rows: int = DEFAULT_ROWS, alpha: float = 0.05, n_boot: int = 1000) -> PatchResult:

@@ -344,3 +344,36 @@ def test_hidden_and_soft_rollouts_equal_the_hf_inputs_embeds_loop(family):
             x = torch.cat([x, nxt[:, None]], 1)
         with torch.no_grad():
             torch.testing.assert_close(ro.final_logits, hf(inputs_embeds=x).logits[:, -1], **TOL)
+
+
+def test_rollouts_on_a_transformer_bridge(tmp_path):
+    """On a TransformerBridge (HF weights, no TransformerLens K/V cache: every step recomputed)
+    the three rollouts, the one-pass re-run and the thought lens equal the HookedTransformer's
+    (K/V-cached) on the same weights. Needs the model adapter for bridges (interp.arch.is_bridge)."""
+    import interp.arch
+
+    if not hasattr(interp.arch, "is_bridge"):
+        pytest.skip("interp.arch has no TransformerBridge adapter on this branch")
+    from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
+
+    hf, hooked = _hf_pair("llama")
+    hf.save_pretrained(str(tmp_path))
+    vocab = {f"t{i}": i for i in range(50)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")), unk_token="t1",
+                            pad_token="t0", bos_token="t2", eos_token="t3").save_pretrained(str(tmp_path))
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    g = torch.Generator().manual_seed(2)
+    p = Prompts.from_tokens([torch.randint(4, 50, (n,), generator=g) for n in (5, 7, 6)], side="left")
+    name = Node(1, Site.RESID_POST).hook_name
+    for mode in ("token", "soft", "hidden"):
+        a = rollout(bridge, p, 3, mode=mode, captures=[name])
+        b = rollout(hooked, p, 3, mode=mode, captures=[name])
+        assert torch.equal(a.tokens, b.tokens)
+        for x, y in ((a.logits, b.logits), (a.inputs, b.inputs), (a.final_logits, b.final_logits),
+                     (a.acts[name], b.acts[name])):
+            torch.testing.assert_close(x, y, atol=5e-5, rtol=1e-5)
+    out = a.run(bridge)
+    torch.testing.assert_close(_read(out.logits, a.positions - 1), a.logits, **TOL)
+    torch.testing.assert_close(thought_lens(bridge, a), thought_lens(hooked, b), atol=5e-5, rtol=1e-5)
