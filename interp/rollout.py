@@ -55,6 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -85,7 +86,7 @@ from interp.patching.engine import (
 from interp.patching.results import PatchResult, detach
 from interp.patching.sweep import as_places, index_axis, position_axis
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
-from interp.tokens import Batch, check_model_tokens
+from interp.tokens import Batch, Tokenizer, check_model_tokens
 
 try:  # the model adapter's alias (HookedTransformer | TransformerBridge), where it exists
     from interp.arch import Model
@@ -205,9 +206,10 @@ def step_logits(logits: Float[Tensor, "*rest d_vocab"], cfg: RolloutConfig) -> F
 
 def soft_input(probs: Float[Tensor, "batch d_vocab"], w_e: Float[Tensor, "d_vocab d_model"]
                ) -> Float[Tensor, "batch d_model"]:
-    """The probability-weighted input embedding ``probs @ W_E`` (in the embedding's dtype; a
-    one-hot `probs` gives exactly a row of ``W_E``)."""
-    return probs.to(w_e.dtype) @ w_e
+    """The probability-weighted input embedding ``probs @ W_E``, summed in at least float32 and
+    returned in the embedding's dtype (a one-hot `probs` gives exactly a row of ``W_E``)."""
+    dt = torch.promote_types(w_e.dtype, torch.float32)
+    return (probs.to(dt) @ w_e.to(dt)).to(w_e.dtype)
 
 
 def entropy(logits: Float[Tensor, "*rest d_vocab"]) -> Float[Tensor, "*rest"]:
@@ -273,6 +275,21 @@ class Rollout:
     def entropy(self) -> Float[Tensor, "batch steps"]:
         """Entropy (nats) of each step's distribution (`probs`): what a sampled token discards."""
         return entropy(step_logits(self.logits.detach().double(), self.config))
+
+    def to_frame(self, tokenizer: Tokenizer | None = None) -> pd.DataFrame:
+        """One row per (example, step): position (prompt coordinates of the step's input), token
+        (fed, or the argmax), entropy (nats) and top-1 probability of the step's distribution, and
+        the input's L2 norm (a hidden state's can be far from the embeddings')."""
+        b, s = self.tokens.shape
+        probs = self.probs
+        frame = pd.DataFrame({
+            "example": torch.arange(b).repeat_interleave(s).numpy(), "step": torch.arange(s).repeat(b).numpy(),
+            "position": self.positions.reshape(-1).numpy(), "token": self.tokens.reshape(-1).numpy(),
+            "entropy": self.entropy.reshape(-1).numpy(), "top_prob": probs.amax(-1).reshape(-1).numpy(),
+            "input_norm": self.inputs.detach().double().norm(dim=-1).reshape(-1).cpu().numpy()})
+        if tokenizer is not None:
+            frame["text"] = [tokenizer.decode([int(t)]) for t in frame["token"]]
+        return frame
 
     def edits(self, inputs: Float[Tensor, "batch steps d_model"] | None = None) -> list[Intervention]:
         """The ``hook_embed`` overrides that put the rollout's inputs (or `inputs`) into

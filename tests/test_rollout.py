@@ -245,6 +245,21 @@ def test_residual_patching_at_thought_positions(model, bpe_tokenizer, side):
         res.clean_values, **TOL)
 
 
+def test_frame_and_entropy(model, left):
+    ro = rollout(model, left, STEPS, mode="soft", top_k=3)
+    frame = ro.to_frame()
+    assert len(frame) == len(left) * STEPS
+    row = frame[(frame.example == 2) & (frame.step == 1)].iloc[0]
+    assert int(row.position) == int(left.lengths[2]) + 1
+    # entropy of the top-3 mixture against torch.distributions on the restricted logits
+    z = ro.logits[2, 1].double()
+    keep = z.topk(3).indices
+    ref = torch.distributions.Categorical(logits=z[keep]).entropy()
+    assert abs(float(row.entropy) - float(ref)) < 1e-9
+    assert float(row.entropy) <= float(torch.log(torch.tensor(3.0))) + 1e-12
+    assert abs(float(row.input_norm) - float(ro.inputs[2, 1].double().norm())) < 1e-9
+
+
 def test_bad_arguments(model, left):
     with pytest.raises((ValueError, TypeError)):  # beartype checks the Literal under pytest
         rollout(model, left, 2, mode="latent")
