@@ -519,6 +519,7 @@ def _roll_group(model: Model, toks: Tensor, cfg: RolloutConfig, proj: Proj | Non
     names = list(dict.fromkeys([*cap_names, *([hname] if cfg.mode == "hidden" else [])]))
     kv = new_kv_cache(model, g) if cfg.cache and kv_cache_supported(model) else None
     seq = toks
+    grad = torch.is_grad_enabled()  # captures (the hidden state fed back) stay in the graph
     inputs: list[Tensor] = []
     logit_steps: list[Tensor] = []
     tok_steps: list[Tensor] = []
@@ -529,12 +530,12 @@ def _roll_group(model: Model, toks: Tensor, cfg: RolloutConfig, proj: Proj | Non
         if kv is not None:
             inp = seq if s == 0 else seq[:, -1:]
             edits = [] if s == 0 else [Set(HOOK_EMBED, value=inputs[-1][:, None])]
-            caps = [Capture(n, torch.full((g, 1), inp.shape[1] - 1, dtype=torch.long)) for n in names]
+            caps = [Capture(n, torch.full((g, 1), inp.shape[1] - 1, dtype=torch.long), grad=grad) for n in names]
             logits, got = forward_cached(model, inp, kv, edits, caps)
         else:
             edits = [] if s == 0 else [Set(HOOK_EMBED, pos=tuple(range(length, n_pos)),
                                            value=torch.stack(inputs, 1))]
-            caps = [Capture(n, torch.full((g, 1), n_pos - 1, dtype=torch.long)) for n in names]
+            caps = [Capture(n, torch.full((g, 1), n_pos - 1, dtype=torch.long), grad=grad) for n in names]
             o = run(model, seq, edits=edits, captures=caps, grad=torch.is_grad_enabled(), check_finite=False)
             logits, got = o.logits, o.acts
         last = logits[:, -1]

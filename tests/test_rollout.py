@@ -292,6 +292,37 @@ def test_gradients_through_continuous_thoughts(model, left):
     assert all(p.grad is None for p in model.parameters())  # the model is left as it was
 
 
+def test_training_loss_through_thoughts_and_a_suffix(gpt2_model, left):
+    """The Coconut training step: thoughts with grad, an end-of-thought token and an answer after
+    them (`with_suffix`), one re-run with grad; its gradient with respect to the projection
+    matches a central finite difference."""
+    d = gpt2_model.cfg.d_model
+    proj = torch.nn.Linear(d, d, dtype=torch.float64)
+    model = new_model(gpt2_config(dtype=torch.float64))
+    model.load_state_dict({k: v.double() for k, v in gpt2_model.state_dict().items()})
+    answers = [5, 6, 7, 8, 9]
+
+    def loss() -> torch.Tensor:
+        ro = rollout(model, left, 2, mode="hidden", proj=proj, grad=True, cache=False).with_suffix([3], answers=answers)
+        out = ro.run(model, grad=True)
+        last = ro.sequence.index("last")
+        assert torch.equal(last, ro.start + 2)  # the suffix token, whose logits predict the answer
+        rows = torch.arange(len(last))
+        # by hand in float64 (interp.metrics reads log-probs in float32)
+        return -torch.log_softmax(out.logits[rows, last], -1)[rows, torch.tensor(answers)].sum()
+
+    (g,) = torch.autograd.grad(loss(), [proj.bias])
+    eps = 1e-6
+    with torch.no_grad():
+        for j in (0, 7):
+            proj.bias[j] += eps
+            up = float(loss())
+            proj.bias[j] -= 2 * eps
+            down = float(loss())
+            proj.bias[j] += eps
+            assert abs((up - down) / (2 * eps) - float(g[j])) < 1e-5 * max(1.0, abs(float(g[j])))
+
+
 def test_probe_on_thought_positions(gpt2_model):
     """Probe rows from a rollout feed interp.probing: the step-0 logit of a token is linear in the
     hidden input fed back (post_norm: the unembedding reads it), so a ridge probe on thought_0's
