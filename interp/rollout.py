@@ -40,6 +40,11 @@ specific operations are isolated: `embedding_matrix` (the ``W_E`` lookup table),
 model can; the final norm's output). A model whose forward takes no ``past_kv_cache`` (e.g. a
 TransformerBridge) is recomputed at every step.
 
+Training through continuous thoughts (Coconut's curriculum): ``ro = rollout(model, prompts, k,
+mode="hidden", grad=True).with_suffix([end_of_thought], answers=...)``, then
+``out = ro.run(model, grad=True)``; a loss on ``out.logits`` read at ``ro.sequence``'s answer
+positions backpropagates through every thought (tested against a finite difference).
+
 Caveat: a model that was never trained on continuous inputs was never taught to read them. Soft
 and hidden rollouts of such a model are exploratory: a hidden state is not in the distribution
 of input embeddings (its norm alone can differ by orders of magnitude), and what the model makes
@@ -439,6 +444,9 @@ def rollout(
     for j = 0..steps (`Rollout.acts`). `grad=True` keeps the autograd graph (for training
     through continuous thoughts). `sample_rows`: each row's random stream (default: its index),
     as in `interp.decoding.generate`.
+
+    A model not trained on continuous inputs was never taught to read them: soft and hidden
+    rollouts of such a model are exploratory (module doc).
     """
     cfg = RolloutConfig(steps=steps, mode=mode, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, hidden=hidden, cache=cache)
