@@ -100,6 +100,8 @@ def test_cached_equals_recomputed_and_rows_equal_prompts_alone(model64, city, mo
     kw = dict(mode=mode, captures=caps, **({"temperature": 0.7, "top_k": 5} if mode == "soft" else {}))
     cached = rollout(model64, city, STEPS, **kw)
     _same(cached, rollout(model64, city, STEPS, cache=False, **kw), TOL64)
+    if city.side == "right":
+        return  # the same right-padded computation as "left": its rows alone are checked there
     for i, alone in enumerate(_alone(city)):
         one = rollout(model64, alone, STEPS, **kw)
         _same(one, cached.select([i]), TOL64)
