@@ -582,17 +582,20 @@ def _roll_group(model: Model, toks: Tensor, cfg: RolloutConfig, proj: Proj | Non
 
 # ------------------------------------------------------------------------------- instruments
 
-def thought_lens(model: Model, ro: Rollout, *, decode_dtype: torch.dtype | None = None
-                 ) -> Float[Tensor, "layer batch steps d_vocab"]:
+def thought_lens(model: Model, ro: Rollout, *, translate: Callable[[Tensor], Tensor] | None = None,
+                 decode_dtype: torch.dtype | None = None) -> Float[Tensor, "layer batch steps d_vocab"]:
     """The logit lens at every step's input position: the final norm + unembedding
     (`interp.lens.residual.Decoder`) of the residual at each lens layer (`lens_nodes`: resid_pre
     of every block, then the last resid_post), from one `Rollout.run`. The last layer is the
-    model's own logits there."""
+    model's own logits there. `translate` maps the stacked residuals first (a
+    `interp.lens.TunedLens`: the tuned lens; pass its dtype as `decode_dtype` as its `run` does)."""
     nodes = lens_nodes(Arch.of(model).n_layers)
     idx = ro.positions
     out = ro.run(model, captures=[Capture(n, idx) for n in nodes], logits=False)
     resid = torch.stack([out.acts[n.hook_name] for n in nodes])
     with torch.no_grad():
+        if translate is not None:
+            resid = translate(resid)
         return Decoder(model, decode_dtype)(resid).cpu()
 
 

@@ -14,6 +14,7 @@ from interp.decoding.generate import generate
 from interp.graph import Node, Site
 from interp.hooks import Capture, SetAt
 from interp.lens.logit import logit_lens
+from interp.lens.tuned import TunedLens
 from interp.metrics import answer_logprob
 from interp.models import new_model
 from interp.patching.engine import At
@@ -214,6 +215,14 @@ def test_thought_lens(model, left):
     tok = rollout(model, left, STEPS, mode="token")  # real tokens: the toolkit's logit lens reads the same
     ref = logit_lens(model, tok.sequence, pos=tok.positions, keep_logits=True, progress=False)
     torch.testing.assert_close(thought_lens(model, tok), ref.logits, **TOL)
+    tuned = TunedLens.for_model(model)  # random translators: the tuned lens's own run is the reference
+    with torch.no_grad():
+        tuned.delta.copy_(0.1 * torch.randn(tuned.delta.shape, generator=torch.Generator().manual_seed(0)))
+        tuned.bias.copy_(0.1 * torch.randn(tuned.bias.shape, generator=torch.Generator().manual_seed(1)))
+    ref = tuned.run(model, tok.sequence, pos=tok.positions, keep_logits=True, progress=False)
+    got = thought_lens(model, tok, translate=tuned, decode_dtype=tuned.delta.dtype)
+    torch.testing.assert_close(got, ref.logits, **TOL)
+    assert (got[0] - thought_lens(model, tok)[0]).abs().max() > 1e-3
 
 
 def _answered(bpe_tokenizer, side: str) -> Prompts:
