@@ -341,9 +341,11 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     these runs' cached residuals and K/V, so they inherit them."""
     check_direction(direction)
     if cross:
-        return _prepare_cross(model, clean, corrupt, metric, names, direction, kv, clean_edits, corrupt_edits)
+        return _prepare_cross(model, clean, corrupt, metric, names, direction, kv, clean_edits=clean_edits,
+                              corrupt_edits=corrupt_edits)
     clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
-                                                                          clean_edits, corrupt_edits)
+                                                                          clean_edits=clean_edits,
+                                                                          corrupt_edits=corrupt_edits)
     if metric is None:
         m_clean = m_corrupt = torch.full((len(clean),), float("nan"), dtype=torch.float64)
     else:
@@ -364,8 +366,8 @@ def _both_runs(model: HookedTransformer, clean: Prompts, corrupt: Prompts, names
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
     if kv and can_skip_prefix(model):
         names |= kv_names(model.cfg.n_layers)
-    clean_logits, clean_cache = cached_run(model, clean.tokens, names, clean_edits)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, corrupt_edits)
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names, edits=clean_edits)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, edits=corrupt_edits)
     check_finite(real_logits(clean_logits, clean), "clean run logits")
     check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
     return clean_logits, clean_cache, corrupt_logits, corrupt_cache
@@ -375,7 +377,8 @@ def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, m
                    names: set[str], direction: Direction, kv: bool, clean_edits: Sequence[Intervention] = (),
                    corrupt_edits: Sequence[Intervention] = ()) -> Runs:
     clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
-                                                                          clean_edits, corrupt_edits)
+                                                                          clean_edits=clean_edits,
+                                                                          corrupt_edits=corrupt_edits)
     aligned = tuple(clean.tokens.shape) == tuple(corrupt.tokens.shape) and torch.equal(clean.lengths, corrupt.lengths)
     read_bad = read_as(corrupt, clean)
     if read_bad is None and aligned:
