@@ -81,7 +81,7 @@ def gpt2_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("hf") / "tiny_gpt2"
     torch.manual_seed(1)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB))
     _randomise(model, 1).save_pretrained(str(d))
     _write_tokenizer(d)
     return d
@@ -397,7 +397,15 @@ def test_knockout_on_a_bridge_matches_masked_scores(bridge, pair):
 
 # ------------------------------------------------ the engine agrees between the two model kinds
 
-def test_engine_agrees_between_bridge_and_hookedtransformer(bridge, hooked, pair):
+@pytest.fixture(scope="session")
+def gpt2_pair(gpt2_dir):
+    return load_model(gpt2_dir), load_model(gpt2_dir, kind="hooked")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_engine_agrees_between_bridge_and_hookedtransformer(request, family, pair):
+    bridge, hooked = ((request.getfixturevalue("bridge"), request.getfixturevalue("hooked")) if family == "llama"
+                      else request.getfixturevalue("gpt2_pair"))
     clean, corrupt = pair
     metric = _metric()
     for fn in (lambda m: sweep(m, clean, corrupt, metric, site="resid_pre"),
