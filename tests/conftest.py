@@ -75,7 +75,7 @@ CITY_PROMPTS = [("the eiffel tower is in", "eiffel tower", " paris"), ("the colo
 def bpe_tokenizer():
     """A byte-pair-encoding tokenizer (Metaspace, like Llama's) trained offline with the `tokenizers`
     library to the fixtures' vocabulary of 50: a Hugging Face fast tokenizer with offsets and a BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -83,6 +83,8 @@ def bpe_tokenizer():
     tok.decoder = decoders.Metaspace()
     texts = [f"{p} {a.strip()}" for p, _, a in CITY_PROMPTS] * 20
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=50, special_tokens=["<s>", "<unk>"]))
+    # like Llama's: the post-processor prepends BOS (Prompts.from_text follows the tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
                                    pad_token="<s>")
 

@@ -1,9 +1,9 @@
 """Tiny random Hugging Face models, one per family, built offline from configs.
 
 Each family is a `XForCausalLM(config)` saved with `save_pretrained` next to a BPE tokenizer
-trained offline with the `tokenizers` library (vocabulary ``VOCAB``, BOS ``<s>``). Some families
-prepend BOS (their tokenizer's post-processor adds it, like Llama's and Gemma's), others do not
-(GPT-2, GPT-NeoX, Qwen2: like the real ones). Sizes: 2 layers, d_model 32-64, vocab 96.
+trained offline with the `tokenizers` library (vocabulary ``VOCAB``, BOS ``<s>``), of the real
+family's kind: byte-level BPE without BOS for GPT-2, Qwen2 and GPT-NeoX; Metaspace BPE whose
+post-processor prepends BOS for Llama, Gemma and Mistral. Sizes: 2 layers, d_model 32-64, vocab 96.
 
 The families exercise what the toolkit must not hard-code:
 
@@ -30,6 +30,7 @@ VOCAB = 96
 WINDOW = 4  # sliding window (tokens): smaller than every test prompt, so it changes the logits
 N_CTX = 64
 BOS_FAMILIES = frozenset({"llama", "gemma2", "mistral"})  # their tokenizers prepend <s>
+BYTE_LEVEL = frozenset({"gpt2", "qwen2", "neox"})  # GPT-2-style byte-level BPE; the others Metaspace
 
 # Text the tokenizer is trained on (and a source of natural test prompts).
 CORPUS = [
@@ -41,23 +42,28 @@ CORPUS = [
 ]
 
 
-def tokenizer(bos: bool):
-    """A BPE tokenizer (Metaspace pre-tokenizer, like Llama's) with `<s>` as BOS/EOS/pad; when
-    `bos` its post-processor prepends `<s>` (and `add_bos_token` says so)."""
+def tokenizer(bos: bool, byte_level: bool = False):
+    """A BPE tokenizer trained on `CORPUS` with `<s>` as BOS/EOS/pad. `byte_level`: GPT-2's
+    scheme (byte-level, a word's leading space is part of its token: " paris" is not "paris");
+    else Llama's (Metaspace, ``▁`` marks a word start). When `bos` the post-processor prepends
+    `<s>`, as Llama's, Gemma's and Mistral's tokenizers do; GPT-2's, Qwen's and GPT-NeoX's do not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>"))
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "<unk>"]))
     if bos:
         bos_id = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
                                    pad_token="<s>")
-    return fast
 
 
 def config(family: str):
@@ -116,7 +122,7 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     _randomise_(model, seed + FAMILIES.index(family))
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer(family in BOS_FAMILIES).save_pretrained(out)
+    tokenizer(family in BOS_FAMILIES, byte_level=family in BYTE_LEVEL).save_pretrained(out)
     return out
 
 
