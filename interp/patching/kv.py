@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from transformer_lens import HookedTransformer
-
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import Node, Site
 from interp.patching.engine import (
     DEFAULT_ROWS,
@@ -42,7 +40,7 @@ Which = Literal["k", "v", "kv"]
 
 
 def kv_patch(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
