@@ -131,3 +131,24 @@ def hf_model(folder: Path, dtype: torch.dtype = torch.float32):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+
+
+def final_norm(hf) -> torch.nn.Module:
+    """The HF model's final norm module (the reference for lens decoding)."""
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+        mod = hf
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        return mod
+    raise ValueError(f"final norm: expected one of model.norm, transformer.ln_f, gpt_neox.final_layer_norm in "
+                     f"{type(hf).__name__}, got none")
+
+
+def hf_decode(hf, hidden: torch.Tensor) -> torch.Tensor:
+    """HF's own final norm + lm_head (+ final-logit soft cap) of a residual: the logit lens by hand."""
+    logits = hf.get_output_embeddings()(final_norm(hf)(hidden))
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
