@@ -38,8 +38,8 @@ import plotly.graph_objects as go
 import torch
 from rich.progress import Progress
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Model
 from interp.atomic import atomic_file, write_json_atomic
 from interp.graph import Node, Site
 from interp.models import load_model, new_model
@@ -119,7 +119,7 @@ def store_positions(config: SweepConfig) -> str | list[int]:
     return out
 
 
-def build_model(spec: str, seed: int = 0) -> HookedTransformer:
+def build_model(spec: str, seed: int = 0) -> Model:
     """`interp.load_model(spec)`, or for ``random:SPEC`` a random-initialised model of its shape."""
     if spec.startswith(RANDOM_PREFIX):
         cfg = load_model(spec.removeprefix(RANDOM_PREFIX)).cfg
