@@ -199,6 +199,26 @@ def W_O(model: Model, layer: int) -> Float[Tensor, "head d_head d_model"]:
     return model.blocks[layer].attn.W_O
 
 
+def post_attn_norm(model: Model, layer: int) -> torch.nn.Module | None:
+    """The norm applied to block `layer`'s attention output before it joins the residual
+    (Gemma 2's sandwich norms), or None: then a head's residual contribution is linear in its z."""
+    blk = model.blocks[layer]
+    if is_bridge(model):
+        return getattr(blk, "ln1_post", None)
+    return getattr(blk, "ln1_post", None) if getattr(model.cfg, "use_normalization_before_and_after", False) else None
+
+
+def heads_out(model: Model, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
+    """What block `layer`'s attention adds to the residual for head outputs `z` (hook_z values):
+    W_O, b_O and, where the model has one, the post-attention norm (`post_attn_norm`)."""
+    out = torch.einsum("bphd,hdm->bpm", z, W_O(model, layer).to(z.dtype))
+    b = getattr(model.blocks[layer].attn, "b_O", None)
+    if isinstance(b, Tensor):
+        out = out + b.to(out.dtype)
+    norm = post_attn_norm(model, layer)
+    return norm(out) if norm is not None else out
+
+
 def qkv_weights(model: Model, layer: int, site: str) -> tuple[Tensor, Tensor | None]:
     """The (weight [head, d_model, d_head], bias [head, d_head] or None) that turn layer `layer`'s
     normalised residual into its queries (``site="q"``), keys or values; K/V on the axis of the
