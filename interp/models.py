@@ -418,8 +418,10 @@ def load_hf(path: str | Path, *, kind: ModelKind = "bridge", device: str | torch
             try:
                 model = TransformerBridge.boot_transformers(str(d), device=device, dtype=dt, tokenizer=tok)
             except Exception as e:  # noqa: BLE001 - HF/TL raise many types; wrap with the folder
+                hint = ("; the folder has no tokenizer files: pass tokenizer=PATH_OR_HF_ID (or a tokenizer object)"
+                        if tok is None else "")
                 raise ModelLoadError(f"model directory {d}: booting it as a TransformerBridge failed: "
-                                     f"{type(e).__name__}: {e}") from e
+                                     f"{type(e).__name__}: {str(e)[:300]}{hint}") from e
         return model.eval()
     if kind != "hooked":
         raise ValueError(f"kind: expected 'bridge' or 'hooked', got {kind!r}")

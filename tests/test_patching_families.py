@@ -10,7 +10,7 @@ import torch
 from hf_zoo import VOCAB
 from transformer_lens import patching as tlp
 
-from interp.arch import Arch, block_inputs, forward_from
+from interp.arch import Arch, block_inputs, can_skip_prefix, forward_from
 from interp.graph import Node
 from interp.patching import attribute, knockout, kv_patch, logit_diff, path_patch, sweep
 
@@ -44,6 +44,21 @@ def test_partial_forward_from_every_layer_is_exact(bridge_model, family, pair):
     for start in range(Arch.of(model).n_layers):
         got = forward_from(model, cache[Node(start, "resid_pre").hook_name].repeat(2, 1, 1), start, inputs=rec)
         torch.testing.assert_close(got, full.repeat(2, 1, 1), atol=1e-6, rtol=0)
+
+
+def test_partial_forward_on_later_positions_reads_the_recorded_keys(bridge_model, family, pair):
+    """Positions p0.. from layer l, the keys/values of positions < p0 from the recorded run (what
+    lets a sweep skip the unchanged prefix), equal the full forward's logits there."""
+    model = bridge_model(family)
+    clean, _ = pair
+    with torch.inference_mode(), block_inputs(model, kv=True) as rec:
+        full, cache = model.run_with_cache(clean)
+    assert can_skip_prefix(model, rec)
+    for start in range(Arch.of(model).n_layers):
+        for p0 in (1, 4, 6):
+            resid = cache[Node(start, "resid_pre").hook_name][:, p0:].repeat(3, 1, 1)
+            got = forward_from(model, resid, start, inputs=rec, p0=p0)
+            torch.testing.assert_close(got, full[:, p0:].repeat(3, 1, 1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("site,tl_fn", [("resid_pre", tlp.get_act_patch_resid_pre),
