@@ -610,6 +610,11 @@ def load_model(spec: str | Path, *, device: str | torch.device | None = None,
         if cached is not None:
             return load_hf(cached, kind=kind or "bridge", device=device, dtype=dtype, tokenizer=tokenizer,
                            verify=False)
+        if s.count("/") == 1 and not s.startswith((".", "/")):  # an HF id ("org/name") not in the cache
+            if kind == "hooked":
+                raise ModelLoadError(f"model {s!r}: expected it in the local Hugging Face cache for kind='hooked', "
+                                     f"got no cached copy; download it, or load it as a Bridge")
+            return _boot_pretrained(s, device=device, dtype=dtype, tokenizer=tokenizer)
     if kind == "bridge":
         return _boot_pretrained(s, device=device, dtype=dtype, tokenizer=tokenizer)
     model = _load_pretrained(s, device=device, dtype=dtype, **kwargs)
