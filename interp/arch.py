@@ -14,12 +14,22 @@ Partial forwards: a HookedTransformer runs ``model(resid, start_at_layer=l)``. A
 rotary cos/sin, the causal mask and the position ids), so `block_inputs` records, during a full
 forward, the keyword arguments the HF model passes to each block, and `forward_from` calls the
 blocks l.. with those (repeated over the stacked copies). This is exact: the blocks see the
-same inputs as in the full forward (checked bit for bit in tests/test_bridge.py).
+same inputs as in the full forward (checked bit for bit in tests/test_bridge.py). With
+``block_inputs(model, kv=True)`` each layer's keys and values are recorded as the attention used
+them (after rotary and any QK-norm; through a recording ``layer_past`` that returns them
+unchanged), and `forward_from(..., p0=p)` computes positions p.. only, the earlier ones read from
+that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache). Where the
+HF model acts between its blocks (a block's input is not the previous block's output), replaying
+blocks is not exact: `BlockInputs.chained` is False and `forward_from` reruns the recorded tokens
+whole under the same hooks (``path="hooks"`` in the patching results).
+
+On a Bridge the legacy hook names (``blocks.0.attn.hook_z``) are aliases: the `hook.name` a hook
+function receives is the canonical one (``blocks.0.attn.o.hook_in``), so hooks here bind names in
+closures. Masked attention scores hold the dtype's minimum, not -inf.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -513,17 +523,3 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
         return unembed(model, x, index)
-
-
-def check_dims(model: Model, x: Tensor, what: str) -> None:
-    """Raise when `x`'s last axis is not the model's d_model."""
-    d = Arch.of(model).d_model
-    if x.shape[-1] != d:
-        raise ValueError(f"{what}: expected a last axis of d_model={d}, got shape {tuple(x.shape)}")
-
-
-def rotary_fraction(model: Model) -> float:
-    """The fraction of each head's dimensions that rotary rotates (1.0 without partial rotary,
-    NaN without rotary)."""
-    a = Arch.of(model)
-    return math.nan if a.rotary_dim is None else a.rotary_dim / a.d_head
