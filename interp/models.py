@@ -460,9 +460,31 @@ def _hf_as_hooked(d: Path, *, device: str | torch.device | None, dtype: torch.dt
     tl_cfg.model_name = d.name
     tl_cfg.tokenizer_name = None  # the tokenizer comes from the folder (or tokenizer=), not by name
     model = HookedTransformer(tl_cfg, tokenizer=tokenizer)
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
-    return model.eval()
+    try:
+        model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                          fold_value_biases=False, refactor_factored_attn_matrices=False)
+    except RuntimeError as e:  # shapes TransformerLens's config conversion got wrong
+        raise ModelLoadError(f"model directory {d}: expected TransformerLens's HookedTransformer conversion to fit "
+                             f"the HF weights, got {str(e)[:300]}; load it as a TransformerBridge (kind='bridge')") from e
+    model.eval()
+    _check_conversion(d, model, hf)
+    return model
+
+
+def _check_conversion(d: Path, model: HookedTransformer, hf: Any) -> None:
+    """Refuse a conversion whose logits are not the HF model's (TransformerLens's config converter
+    misses some fields, e.g. GPT-2's `n_inner`): one short forward of both on the same tokens."""
+    tokens = torch.arange(min(8, model.cfg.d_vocab, model.cfg.n_ctx))[None] % model.cfg.d_vocab
+    with torch.inference_mode():
+        ours = model(tokens.to(next(model.parameters()).device)).float().cpu()
+        theirs = hf.to(next(model.parameters()).device)(tokens.to(next(model.parameters()).device)).logits.float().cpu()
+    err = float((ours - theirs).abs().max())
+    tol = (1e-3 if model.cfg.dtype == torch.float32 else 5e-2) * (1 + float(theirs.abs().max()))
+    if ours.shape != theirs.shape or not err <= tol:
+        raise ModelLoadError(f"model directory {d}: expected TransformerLens's HookedTransformer conversion to "
+                             f"reproduce the HF logits, got a max difference of {err:.3g} (> {tol:.2g}): "
+                             f"TransformerLens does not convert this configuration faithfully; load it as a "
+                             f"TransformerBridge (kind='bridge')")
 
 
 def load_local(path: str | Path, *, device: str | torch.device | None = None,

@@ -149,6 +149,35 @@ def test_gpt2_folder_loads_both_ways(gpt2_dir, pair):
     assert Arch.of(b).positional == "learned" and Arch.of(b).normalization == "LN"
 
 
+def test_an_unfaithful_hooked_conversion_is_refused(tmp_path):
+    # TransformerLens's GPT-2 config converter ignores n_inner (it assumes 4 d_model)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from interp.models import ModelLoadError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, n_positions=32, vocab_size=VOCAB, n_inner=64))
+    _randomise(model, 2).save_pretrained(str(tmp_path))
+    _write_tokenizer(tmp_path)
+    with pytest.raises(ModelLoadError, match="conversion|kind='bridge'"):
+        load_model(tmp_path, kind="hooked")
+    assert is_bridge(load_model(tmp_path))
+
+
+def test_a_silently_wrong_hooked_conversion_is_refused(tmp_path):
+    # TransformerLens's Llama conversion drops q/k/v/o biases (attention_bias=True): the weights
+    # load, the logits differ (by about 1 here); the check against the HF logits refuses it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interp.models import ModelLoadError
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+    _randomise(LlamaForCausalLM(cfg), 3).save_pretrained(str(tmp_path))
+    _write_tokenizer(tmp_path)
+    with pytest.raises(ModelLoadError, match="reproduce the HF logits"):
+        load_model(tmp_path, kind="hooked")
+
+
 def test_dtype_argument_and_default(llama_dir):
     half = load_model(llama_dir, dtype=torch.bfloat16)
     assert dtype_of(half) == torch.bfloat16
