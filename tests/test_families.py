@@ -167,3 +167,152 @@ def test_tuned_lens_on_each_family(family, bridge_model):
     assert (tuned_kl[:-1] < logit_kl[:-1]).all()
     assert all(p.grad is None for p in bridge.parameters())
     assert all(torch.equal(v, before[k]) for k, v in bridge.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- investigations
+
+
+def hf_answer_lp(hf, toks: torch.Tensor, t: int, ans: torch.Tensor) -> float:
+    """HF's own log p(answer) of one unpadded prompt: the answer's tokens at t, t+1, ..."""
+    with torch.inference_mode():
+        lp = hf(toks).logits[0].double().log_softmax(-1)
+    return float(sum(lp[t + j, int(a)] for j, a in enumerate(ans)))
+
+
+def one(p, i: int):
+    r = p.right()
+    return alone(p, i), int(r.prompt_lengths[i]) - 1, r.answers[i, : int(r.answer_lengths[i])]
+
+
+def with_corrupt_subject(p, shift: int = 1):
+    """`p` with, as partner, the same prompts whose subject's last token is another token."""
+    from interp.prompts import Prompts
+
+    r = p.right()
+    src = r.index("subject")
+    bad = r.tokens.clone()
+    rows = torch.arange(len(r))
+    bad[rows, src] = 2 + (bad[rows, src] - 2 + shift) % (hf_zoo.VOCAB - 2)
+    q = Prompts(bad, r.lengths, "right", r.prompt_lengths, {"subject": r.span("subject")}, r.answers, r.answer_lengths)
+    return r.with_partner(q)
+
+
+def test_last_token_on_text_prompts(family, bridge_model, hf_folder):
+    """Clean log p(answer) per example is HF's own on the prompt alone; cutting the last
+    positions' attention to the context from layer 0 equals running them alone (rotary and
+    learned-free families: attention sees only relative positions) or, for GPT-2's learned
+    positions, the Bridge with the attention scores blocked by hand."""
+    from interp.hypotheses import last_token_sufficiency
+
+    bridge, hf = bridge_model(family), hf_zoo.hf_model(hf_folder(family))
+    p = city(tokenizer(hf_folder, family), side="left")
+    r = last_token_sufficiency(bridge, p, baseline=bridge)
+    for i in range(len(p)):
+        toks, t, ans = one(p, i)
+        assert r.clean.logprob[i].item() == pytest.approx(hf_answer_lp(hf, toks, t, ans), abs=1e-4)
+        if family == "gpt2":
+            def block(scores, hook, t=t):
+                scores = scores.clone()
+                scores[:, :, t:, :t] = float("-inf")
+                return scores
+            with torch.inference_mode():
+                lp = bridge.run_with_hooks(toks, fwd_hooks=[(f"blocks.{x}.attn.hook_attn_scores", block)
+                                                            for x in range(2)])[0].double().log_softmax(-1)
+            want = float(sum(lp[t + j, int(a)] for j, a in enumerate(ans)))
+        else:
+            want = hf_answer_lp(hf, toks[:, t:], 0, ans)
+        assert r.knockout[0].logprob[i].item() == pytest.approx(want, abs=1e-4)
+    assert r.meta["lengths"] == sorted(set(p.prompt_lengths.tolist()))
+
+
+def test_routes_on_text_prompts(family, bridge_model, hf_folder):
+    """The batched route effects equal the per-example loop (each prompt alone, one path patch per
+    route); the total effect is HF's own clean-minus-corrupted log p(answer)."""
+    from interp.hypotheses import routes
+    from interp.hypotheses.routes import _route_effects_loop, example_specs
+
+    bridge, hf = bridge_model(family), hf_zoo.hf_model(hf_folder(family))
+    p = with_corrupt_subject(city(tokenizer(hf_folder, family)))
+    via = [3, 5]
+    r = routes(bridge, p, source="subject", via=via, baseline=bridge)
+    src = p.index("subject")
+    loop_total, loop_specs, loop_eff = _route_effects_loop(bridge, p, example_specs(bridge, p, src, via))
+    torch.testing.assert_close(r.total, loop_total, atol=1e-5, rtol=0)
+    by_loop = {s.name: loop_eff[j] for j, s in enumerate(loop_specs)}
+    for x in r.routes:
+        want = by_loop.get(x.name, torch.full((len(p),), float("nan"), dtype=torch.float64))
+        torch.testing.assert_close(x.effect, want, atol=1e-5, rtol=0, equal_nan=True)
+    for i in range(len(p)):
+        toks, t, ans = one(p, i)
+        want = hf_answer_lp(hf, toks, t, ans) - hf_answer_lp(hf, alone(p.partner, i), t, ans)
+        assert r.total[i].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_multihop_interchange_on_text_prompts(family, bridge_model, hf_folder):
+    """Patching the partner's residual at a named position into each prompt equals a hand patch
+    (the Bridge's own run_with_hooks) on the prompt alone."""
+    from interp.hypotheses.base import positions_of
+    from interp.hypotheses.multihop import _interchange
+    from interp.lens.residual import lens_hooks
+    from interp.prompts import LAST
+
+    bridge = bridge_model(family)
+    p = city(tokenizer(hf_folder, family))
+    k = len(p)
+    partner = p.select([(i + 1) % k for i in range(k)])
+    p = p.with_partner(partner.right())
+    names = (LAST, "subject")
+    pos = {str(x): positions_of(p, x) for x in names}
+    ppos = {str(x): positions_of(p.partner, x) for x in names}
+    outs, lds = _interchange(bridge, p, pos, ppos, batch_size=256)
+    hooks = lens_hooks(2)
+    for i in range(k):
+        toks, t, _ = one(p, i)
+        ptoks, _, _ = one(p.partner, i)
+        with torch.inference_mode():
+            _, pcache = bridge.run_with_cache(ptoks)
+        for name in names:
+            a, b = int(pos[str(name)][i]), int(ppos[str(name)][i])
+            for layer, hook in enumerate(hooks):
+                def put(act, hook, a=a, b=b, src=pcache[hook]):
+                    act = act.clone()
+                    act[:, a] = src[:, b]
+                    return act
+                with torch.inference_mode():
+                    logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook, put)])[0]
+                own, other = int(p.first_answer[i]), int(p.partner.first_answer[i])
+                want = float(logits[t, other] - logits[t, own])
+                assert lds[str(name)][layer, i].item() == pytest.approx(want, abs=1e-4)
+                assert outs[str(name)][layer].correct[i].item() == float(logits[t].argmax() == other)
+
+
+def test_multihop_and_positional_decay_end_to_end(family, bridge_model, hf_folder):
+    """The public entry points run on text prompts of the family's tokenizer, with the random
+    baseline built for the Bridge (the Hugging Face class's own initialisation)."""
+    from interp.hypotheses import multihop, positional_decay
+    from interp.hypotheses.base import random_like
+    from interp.prompts import Prompts
+
+    bridge = bridge_model(family)
+    tok = tokenizer(hf_folder, family)
+    base = random_like(bridge)
+    assert type(base) is type(bridge) and not torch.equal(base.W_U, bridge.W_U)
+    p = city(tok)
+    k = len(p)
+    parts = [p.with_partner(p.select([(i + roll) % k for i in range(k)]).right()) for roll in (1, 2, 3, 4)]
+    rows = [x.right() for x in parts]
+    big = Prompts.from_tokens([alone(x, i)[0, : int(x.prompt_lengths[i])] for x in rows for i in range(k)],
+                              answers=[x.answers[i, : int(x.answer_lengths[i])].tolist() for x in rows for i in range(k)],
+                              spans={"subject": torch.cat([x.span("subject") for x in rows])})
+    pbig = Prompts.from_tokens([alone(x.partner, i)[0, : int(x.partner.prompt_lengths[i])] for x in rows for i in range(k)],
+                               answers=[x.partner.answers[i, : int(x.partner.answer_lengths[i])].tolist()
+                                        for x in rows for i in range(k)],
+                               spans={"subject": torch.cat([x.partner.span("subject") for x in rows])})
+    big = big.with_partner(pbig)
+    bridge_tok = pbig.first_answer
+    m = multihop(bridge, big, bridge_tok, baseline=base)
+    assert m.model_name == bridge.cfg.model_name and set(m.iia) >= {"last"}
+    at = torch.arange(len(big)) % 3  # one fact token at different distances from the query
+    decay_p = big.with_partner(None).with_spans(fact=torch.stack([at, at + 1], 1))
+    d = positional_decay({family: bridge}, decay_p, baseline={family: base}, positions_per_prompt=4)
+    assert set(d.models) == {family}
