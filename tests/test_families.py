@@ -10,6 +10,8 @@ import hf_zoo
 import pytest
 import torch
 
+from interp.arch import Arch
+
 TEXTS = ["the eiffel tower is in paris and the capital of italy is rome",
          "alice went to the market and bought apples"]
 
@@ -316,3 +318,58 @@ def test_multihop_and_positional_decay_end_to_end(family, bridge_model, hf_folde
     decay_p = big.with_partner(None).with_spans(fact=torch.stack([at, at + 1], 1))
     d = positional_decay({family: bridge}, decay_p, baseline={family: base}, positions_per_prompt=4)
     assert set(d.models) == {family}
+
+
+# ------------------------------------------------------------------------------ probes, SAEs
+
+
+def test_probe_on_toolkit_activations_matches_sklearn(family, bridge_model):
+    """A linear probe (which of 3 tokens sits at the last position) on the toolkit's cached
+    activations: accuracy within a point of scikit-learn's on the same features and split."""
+    from sklearn.linear_model import LogisticRegression
+
+    from interp.cache import collect
+    from interp.probing import fit, split_by_group
+
+    bridge = bridge_model(family)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(2, hf_zoo.VOCAB, (240, 6), generator=g)
+    labels = torch.randint(0, 3, (240,), generator=g)
+    tokens[:, -1] = 10 + labels  # the label is the last token: decodable at every layer
+    tokens[:, -2] = torch.randint(2, hf_zoo.VOCAB, (240,), generator=g)
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(2)]
+    cache = collect(bridge, tokens, hooks=hooks, positions="last", progress=False)
+    x = torch.stack([cache[h][:, 0] for h in hooks]).double()
+    res = fit(x, labels, "logistic", shuffled=False, n_boot=100, tol=1e-7, max_iter=500)
+    train, test = split_by_group(torch.arange(240), 0.25, seed=0)
+    for layer in range(2):
+        z = x[layer]
+        z = ((z - z[train].mean(0)) / z[train].std(0, correction=0)).numpy()
+        acc = LogisticRegression(C=1.0, tol=1e-8, max_iter=2000).fit(z[train], labels[train].numpy()).score(
+            z[test], labels[test].numpy())
+        assert abs(float(res.value[layer]) - acc) <= 0.02
+    assert float(res.value[0]) > 0.6  # chance is 1/3
+
+
+def test_sae_trains_on_the_bridge_and_traces(family, bridge_model):
+    """sae-lens trains from the toolkit's activations of a Bridge; the trace's firing frequencies
+    and `feature_activations` equal the SAE's own encoding of the Bridge's run_with_cache."""
+    from interp.graph import Node, Site
+    from interp.sae import TrainConfig, feature_activations, trace, train
+
+    bridge = bridge_model(family)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(2, hf_zoo.VOCAB, (64, 10), generator=g)
+    node = Node(1, Site.RESID_PRE)
+    res = train(bridge, tokens, node, TrainConfig(d_sae=32, sae_kwargs={"k": 4}, batch_size=128,
+                                                  training_samples=2048, dead_feature_window=10**6))
+    sae = res.sae
+    assert sae.cfg.metadata.hook_name == node.hook_name and sae.cfg.d_in == Arch.of(bridge).d_model
+    held = torch.randint(2, hf_zoo.VOCAB, (8, 10), generator=g)
+    with torch.inference_mode():
+        _, ref_cache = bridge.run_with_cache(held)
+        want = sae.encode(ref_cache[node.hook_name].reshape(-1, sae.cfg.d_in).to(sae.dtype))
+    got = feature_activations(bridge, sae, held, positions="all")
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    t = trace(bridge, sae, held, features=[0, 1, 2], k=3)
+    torch.testing.assert_close(t.frequency, (want[:, :3] != 0).float().mean(0), rtol=0, atol=1e-6)
