@@ -6,6 +6,8 @@ HookedTransformer on the same weights, and hand computations.
 
 from __future__ import annotations
 
+import re
+
 import hf_zoo
 import pytest
 import torch
@@ -373,3 +375,37 @@ def test_sae_trains_on_the_bridge_and_traces(family, bridge_model):
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
     t = trace(bridge, sae, held, features=[0, 1, 2], k=3)
     torch.testing.assert_close(t.frequency, (want[:, :3] != 0).float().mean(0), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------- the command line, end to end
+
+
+@pytest.mark.parametrize("family_", ["llama", "gpt2"])  # a BOS-prepending and a byte-level tokenizer
+def test_cli_run_last_token_on_a_local_hf_folder(family_, hf_folder, tmp_path):
+    """config + safetensors + tokenizer folder -> interp.load_model(path) (a TransformerBridge) ->
+    `interp run last-token --model PATH --prompts FILE.jsonl` on text prompts; the log p(answer)
+    it reports is HF's own on each prompt alone."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from interp import cli_run, load_model
+    from interp.arch import is_bridge
+    from interp.prompts import read_prompts
+
+    folder = hf_folder(family_)
+    path = tmp_path / "city.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t, "answer": a, "spans": {"subject": s}}) + "\n" for t, s, a in CITY))
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(cli_run.app, ["last-token", "--model", str(folder), "--prompts", str(path),
+                                           "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert out.is_file() and "Verdict" in out.read_text()
+    model = load_model(folder)
+    assert is_bridge(model)
+    p = read_prompts(path, model.tokenizer)
+    hf = hf_zoo.hf_model(folder)
+    want = sum(hf_answer_lp(hf, *one(p, i)) for i in range(len(p))) / len(p)
+    got = re.search(r"log p\(answer\) (-?[0-9.]+)", " ".join(res.output.split()))
+    assert got is not None, res.output
+    assert float(got.group(1)) == pytest.approx(want, abs=2e-3)
