@@ -72,7 +72,7 @@ def config(family: str):
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     if family == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=N_CTX, n_inner=64, **common)
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=N_CTX, **common)  # n_inner: 4 x d_model, as GPT-2
     if family == "llama":
         return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=N_CTX, **common)

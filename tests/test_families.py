@@ -409,3 +409,32 @@ def test_cli_run_last_token_on_a_local_hf_folder(family_, hf_folder, tmp_path):
     got = re.search(r"log p\(answer\) (-?[0-9.]+)", " ".join(res.output.split()))
     assert got is not None, res.output
     assert float(got.group(1)) == pytest.approx(want, abs=2e-3)
+
+
+# ------------------------------------------------------------ the same weights loaded both ways
+
+
+@pytest.mark.parametrize("family_", ["gpt2", "llama"])
+def test_bridge_and_hookedtransformer_agree_on_lenses_and_investigations(family_, hf_folder, bridge_model):
+    """The HF folder as a TransformerBridge and as a HookedTransformer (TransformerLens's own
+    conversion, `load_model(kind="hooked")`): logit lens logits agree to 1e-4 and the last-token
+    investigation's per-example values (clean, knockout, K/V and transplant curves) to 1e-4."""
+    from interp import load_model
+    from interp.arch import is_bridge
+    from interp.hypotheses import last_token_sufficiency
+    from interp.lens import logit_lens
+
+    folder = hf_folder(family_)
+    bridge, hooked = bridge_model(family_), load_model(folder, kind="hooked")
+    assert is_bridge(bridge) and not is_bridge(hooked)
+    p = city(tokenizer(hf_folder, family_), side="left")
+    a = logit_lens(bridge, p, at="subject", keep_logits=True, progress=False)
+    b = logit_lens(hooked, p, at="subject", keep_logits=True, progress=False)
+    # HookedTransformer centres the unembedding (logits shift by a per-position constant)
+    torch.testing.assert_close(a.logits.log_softmax(-1), b.logits.log_softmax(-1), rtol=0, atol=1e-4)
+    ra = last_token_sufficiency(bridge, p, baseline=bridge)
+    rb = last_token_sufficiency(hooked, p, baseline=hooked)
+    torch.testing.assert_close(ra.clean.logprob, rb.clean.logprob, rtol=0, atol=1e-4)
+    for ca, cb in ((ra.knockout, rb.knockout), (ra.kv, rb.kv), (ra.transplant, rb.transplant)):
+        for x, y in zip(ca, cb, strict=True):
+            torch.testing.assert_close(x.logprob, y.logprob, rtol=0, atol=1e-4)
