@@ -199,6 +199,26 @@ def W_O(model: Model, layer: int) -> Float[Tensor, "head d_head d_model"]:
     return model.blocks[layer].attn.W_O
 
 
+def post_attn_norm(model: Model, layer: int) -> torch.nn.Module | None:
+    """The norm applied to block `layer`'s attention output before it joins the residual
+    (Gemma 2's sandwich norms), or None: then a head's residual contribution is linear in its z."""
+    blk = model.blocks[layer]
+    if is_bridge(model):
+        return getattr(blk, "ln1_post", None)
+    return getattr(blk, "ln1_post", None) if getattr(model.cfg, "use_normalization_before_and_after", False) else None
+
+
+def heads_out(model: Model, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
+    """What block `layer`'s attention adds to the residual for head outputs `z` (hook_z values):
+    W_O, b_O and, where the model has one, the post-attention norm (`post_attn_norm`)."""
+    out = torch.einsum("bphd,hdm->bpm", z, W_O(model, layer).to(z.dtype))
+    b = getattr(model.blocks[layer].attn, "b_O", None)
+    if isinstance(b, Tensor):
+        out = out + b.to(out.dtype)
+    norm = post_attn_norm(model, layer)
+    return norm(out) if norm is not None else out
+
+
 def qkv_weights(model: Model, layer: int, site: str) -> tuple[Tensor, Tensor | None]:
     """The (weight [head, d_model, d_head], bias [head, d_head] or None) that turn layer `layer`'s
     normalised residual into its queries (``site="q"``), keys or values; K/V on the axis of the
@@ -260,34 +280,106 @@ def unembed(model: Model, resid: Float[Tensor, "rows pos d_model"],
 _DROP = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
 
 
+# Block inputs that carry a position axis, and which axis: sliced when a replay starts at p0 > 0
+_POS_AXIS = {"position_ids": -1, "cache_position": -1}
+
+
+class _KV:
+    """A duck-typed Hugging Face cache handed to the Bridge's attention as ``layer_past``.
+
+    Recording (`frozen` None): `update` keeps each layer's keys/values exactly as the attention
+    uses them (after rotary / QK-norm, [batch, kv_head, pos, d_head]) and returns them unchanged.
+    Replaying: `update` puts the recorded positions < p0 before the computed ones."""
+
+    def __init__(self, frozen: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
+        self.frozen = frozen
+        self.seen: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.frozen is None:
+            self.seen[layer_idx] = (k, v)
+            return k, v
+        # a replay's cache serves one block: its own entry, whatever index its attention uses
+        pk, pv = self.frozen[layer_idx] if layer_idx in self.frozen else next(iter(self.frozen.values()))
+        return torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked by some HF code paths
+        return 0 if self.frozen is None else int(self.frozen[layer_idx][0].shape[-2])
+
+
 @dataclass
 class BlockInputs:
     """The keyword arguments each block received in a full forward (Bridge only; empty for a
-    HookedTransformer), and that forward's batch size: what `forward_from` replays."""
+    HookedTransformer), that forward's batch size and width, and (with ``kv=True``) each layer's
+    keys and values as its attention used them: what `forward_from` replays."""
 
     batch: int = 0
     kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    width: int = 0
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def can_skip(self, n_layers: int) -> bool:
+        """Whether a replay may start at a position p0 > 0: every layer's keys/values recorded in
+        the expected layout and every positional input of a known kind (else positions are never skipped)."""
+        if self.batch < 1 or len(self.kv) < n_layers or len(self.kwargs) < n_layers:
+            return False
+        for layer in range(n_layers):
+            k, v = self.kv[layer]
+            if k.ndim != 4 or k.shape[-2] != self.width or v.shape[-2] != self.width or k.shape[0] != self.batch:
+                return False
+            for name, x in self.kwargs[layer].items():
+                if name == "position_embeddings":
+                    if not (isinstance(x, tuple) and all(isinstance(t, Tensor) and t.ndim == 3
+                                                          and t.shape[1] == self.width for t in x)):
+                        return False
+                elif name == "attention_mask":
+                    if x is not None and not (isinstance(x, Tensor) and x.ndim == 4 and x.shape[-2] == self.width):
+                        return False
+                elif name in _POS_AXIS:
+                    if not (isinstance(x, Tensor) and x.shape[-1] == self.width):
+                        return False
+                elif isinstance(x, (Tensor, tuple, list, dict)):
+                    return False  # an input of unknown layout: never sliced, so never skipped
+        return True
+
+
+def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
+    """Block inputs for query positions p0.. (keys still cover every position)."""
+    out = dict(kwargs)
+    for name, x in kwargs.items():
+        if name == "position_embeddings":
+            out[name] = tuple(t[:, p0:] for t in x)
+        elif name == "attention_mask" and x is not None:
+            out[name] = x[..., p0:, :]
+        elif name in _POS_AXIS:
+            out[name] = x[..., p0:]
+    return out
 
 
 @contextmanager
-def block_inputs(model: Model) -> Iterator[BlockInputs]:
+def block_inputs(model: Model, *, kv: bool = False) -> Iterator[BlockInputs]:
     """Record, for the forwards run in the block, the keyword arguments every block receives
-    (rotary cos/sin, causal mask, position ids). A no-op on a HookedTransformer. The forward
-    pre-hooks are removed in `finally`."""
+    (rotary cos/sin, causal mask, position ids) and, with `kv`, every layer's keys and values as
+    its attention used them (through a recording ``layer_past`` that changes nothing). A no-op on
+    a HookedTransformer. The forward pre-hooks are removed in `finally`."""
     rec = BlockInputs()
     if not is_bridge(model):
         yield rec
         return
     handles = []
+    recorder = _KV() if kv else None
 
     def grab(layer: int):
-        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             hidden = args[0] if args else kwargs.get("hidden_states")
-            rec.batch = int(hidden.shape[0])
+            rec.batch, rec.width = int(hidden.shape[0]), int(hidden.shape[1])
             kept = {k: v for k, v in kwargs.items() if k not in _DROP and k != "hidden_states"}
             if "use_cache" in kept:
                 kept["use_cache"] = False  # replays must not append to (or need) a K/V cache
             rec.kwargs[layer] = kept
+            if recorder is not None:  # (GPT-NeoX's own cache argument is `layer_past` too: record instead)
+                return args, {**kwargs, "layer_past": recorder}
+            return None
         return pre
 
     try:
@@ -297,6 +389,8 @@ def block_inputs(model: Model) -> Iterator[BlockInputs]:
     finally:
         for h in handles:
             h.remove()
+    if recorder is not None:
+        rec.kv = dict(recorder.seen)
 
 
 def _repeat(x: Any, batch: int, k: int) -> Any:
@@ -317,15 +411,18 @@ def can_start_mid(model: Model) -> bool:
     return Arch.of(model).positional != "shortformer"
 
 
-def can_skip_prefix(model: Model) -> bool:
+def can_skip_prefix(model: Model, inputs: BlockInputs | None = None) -> bool:
     """Whether positions before every patch can be fed from a K/V cache of the base run.
 
-    Needs the cached keys to be exactly the hook_k/hook_v values (no QK-norm or clipping between
-    them and the cache) and causal attention whose positions come from the residual or rotary.
-    HookedTransformer only (the Bridge computes every position).
+    HookedTransformer: needs the cached keys to be exactly the hook_k/hook_v values (no QK-norm
+    or clipping between them and the cache) and causal attention whose positions come from the
+    residual or rotary. Bridge: needs the base run's `inputs` recorded with ``kv=True`` in a
+    layout `BlockInputs.can_skip` knows (the keys/values are then the attention's own, after
+    rotary and any QK-norm).
     """
     if is_bridge(model):
-        return False
+        return (inputs is not None and Arch.of(model).positional in ("rotary", "learned", "none")
+                and inputs.can_skip(Arch.of(model).n_layers))
     cfg = model.cfg
     return (cfg.positional_embedding_type in ("standard", "rotary")
             and cfg.attention_dir == "causal"
@@ -337,14 +434,16 @@ def can_skip_prefix(model: Model) -> bool:
 
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int, *,
                  index: Int[Tensor, "rows k"] | None = None, hooks: Sequence[tuple[str, Any]] = (),
-                 inputs: BlockInputs | None = None, past_kv: object = None,
+                 inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0,
                  ) -> Float[Tensor, "rows k d_vocab"]:
     """Run blocks start.. on `resid` (layer `start`'s resid_pre) under `hooks` and unembed at
-    each row's `index` (None: every position).
+    each row's `index` (None: every position; positions count from p0).
 
     A Bridge needs `inputs` (recorded by `block_inputs` on a forward of `inputs.batch` prompts of
     the same width); `resid` may stack several copies of that batch (rows = copies x batch).
-    `past_kv` (a frozen TransformerLens K/V cache) is HookedTransformer-only.
+    With `p0` > 0 `resid` holds positions p0.. only and the earlier positions' keys/values come
+    from the recorded run (Bridge: `inputs` recorded with ``kv=True``; HookedTransformer: a frozen
+    TransformerLens K/V cache in `past_kv`).
     """
     arch = Arch.of(model)
     with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
@@ -360,9 +459,16 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             raise ValueError(f"forward_from: expected rows a multiple of the recorded batch {inputs.batch}, "
                              f"got {resid.shape[0]}")
         k = resid.shape[0] // inputs.batch
+        if p0 and not can_skip_prefix(model, inputs):
+            raise ValueError(f"forward_from: expected p0=0 on this Bridge (its block inputs do not allow "
+                             f"skipping positions), got p0={p0}")
         x = resid
         for layer in range(start, arch.n_layers):
             kw = _repeat(inputs.kwargs[layer], inputs.batch, k)
+            if p0:
+                pk, pv = inputs.kv[layer]
+                kw = {**_slice_inputs(kw, p0), "layer_past": _KV({layer: (
+                    pk[..., :p0, :].repeat(k, 1, 1, 1), pv[..., :p0, :].repeat(k, 1, 1, 1))})}
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
         return unembed(model, x, index)

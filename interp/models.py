@@ -418,8 +418,10 @@ def load_hf(path: str | Path, *, kind: ModelKind = "bridge", device: str | torch
             try:
                 model = TransformerBridge.boot_transformers(str(d), device=device, dtype=dt, tokenizer=tok)
             except Exception as e:  # noqa: BLE001 - HF/TL raise many types; wrap with the folder
+                hint = ("; the folder has no tokenizer files: pass tokenizer=PATH_OR_HF_ID (or a tokenizer object)"
+                        if tok is None else "")
                 raise ModelLoadError(f"model directory {d}: booting it as a TransformerBridge failed: "
-                                     f"{type(e).__name__}: {e}") from e
+                                     f"{type(e).__name__}: {str(e)[:300]}{hint}") from e
         return model.eval()
     if kind != "hooked":
         raise ValueError(f"kind: expected 'bridge' or 'hooked', got {kind!r}")
@@ -608,6 +610,11 @@ def load_model(spec: str | Path, *, device: str | torch.device | None = None,
         if cached is not None:
             return load_hf(cached, kind=kind or "bridge", device=device, dtype=dtype, tokenizer=tokenizer,
                            verify=False)
+        if s.count("/") == 1 and not s.startswith((".", "/")):  # an HF id ("org/name") not in the cache
+            if kind == "hooked":
+                raise ModelLoadError(f"model {s!r}: expected it in the local Hugging Face cache for kind='hooked', "
+                                     f"got no cached copy; download it, or load it as a Bridge")
+            return _boot_pretrained(s, device=device, dtype=dtype, tokenizer=tokenizer)
     if kind == "bridge":
         return _boot_pretrained(s, device=device, dtype=dtype, tokenizer=tokenizer)
     model = _load_pretrained(s, device=device, dtype=dtype, **kwargs)

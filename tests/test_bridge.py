@@ -431,3 +431,36 @@ def test_padded_prompts_on_a_bridge_equal_each_prompt_alone(bridge, bpe_tokenize
         padded = fn(city)
         for i in (0, 3):
             _check_cells(padded, fn(_alone(city, i)), i, int(city.lengths[i]), pos_axis)
+
+
+# ------------------------------------------------------------------------- HF ids and the cache
+
+def _fake_hf_cache(root, repo: str, folder) -> None:
+    """The local Hugging Face cache layout (refs/main -> snapshots/<commit>/) holding `folder`'s files."""
+    import shutil
+
+    base = root / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, base / "snapshots" / commit)
+
+
+def test_an_hf_id_in_the_local_cache_loads_as_a_bridge(llama_dir, bridge, pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    _fake_hf_cache(tmp_path, "someorg/tiny-llama", llama_dir)
+    m = load_model("someorg/tiny-llama")
+    assert is_bridge(m)
+    torch.testing.assert_close(_logits(m, pair[0]), _logits(bridge, pair[0]), atol=0, rtol=0)
+
+
+def test_an_hf_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    from interp.models import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="Pre-download"):
+        load_model("someorg/not-here")
+    with pytest.raises(ModelLoadError, match="Pre-download"):
+        load_model("pythia-70m", kind="bridge")  # a TransformerLens name booted as a Bridge

@@ -59,6 +59,7 @@ from interp.arch import (
     can_skip_prefix,
     can_start_mid,
     device_of,
+    is_bridge,
     unembed,
 )
 from interp.arch import forward_from as arch_forward_from
@@ -262,16 +263,18 @@ def resid_pre_name(layer: int) -> str:
 
 
 def cached_run(model: Model, tokens: Int[Tensor, "batch pos"], names: set[str],
-               inputs: BlockInputs | None = None) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+               inputs: BlockInputs | None = None, kv: bool = False
+               ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """One forward pass returning the logits and the activations at `names`: the toolkit's one
     run path (`interp.hooks.run`; every hook must fire, hooks removed on exit). Finiteness is
     checked by the callers on the logits (a NaN activation reaches them). `inputs`, when given,
     is filled with the blocks' inputs (`interp.arch.block_inputs`: what a Bridge's partial
-    forwards replay)."""
-    with torch.inference_mode(), block_inputs(model) as rec:
+    forwards replay; with `kv`, also each layer's keys/values, which let a Bridge's replays skip
+    unchanged positions)."""
+    with torch.inference_mode(), block_inputs(model, kv=kv) as rec:
         out = run(model, tokens, captures=sorted(names), check_finite=False)
     if inputs is not None:
-        inputs.batch, inputs.kwargs = rec.batch, rec.kwargs
+        inputs.batch, inputs.kwargs, inputs.width, inputs.kv = rec.batch, rec.kwargs, rec.width, rec.kv
     return out.logits, out.acts  # type: ignore[return-value]
 
 
@@ -374,8 +377,8 @@ def _both_runs(model: Model, clean: Prompts, corrupt: Prompts, names: set[str], 
     if kv and can_skip_prefix(model):
         names |= kv_names(n_layers)
     clean_in, corrupt_in = BlockInputs(), BlockInputs()
-    clean_logits, clean_cache = cached_run(model, clean.tokens, names, clean_in)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, corrupt_in)
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names, clean_in, kv and direction == "noising")
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, corrupt_in, kv and direction == "denoising")
     check_finite(real_logits(clean_logits, clean), "clean run logits")
     check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
     base_in = corrupt_in if direction == "denoising" else clean_in
@@ -731,11 +734,12 @@ def final_logits(model: Model, resid: Float[Tensor, "rows pos d_model"],
 
 
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int,
-                 index: Tensor | None, hooks: list, past_kv: object = None, inputs: BlockInputs | None = None
-                 ) -> Float[Tensor, "rows k d_vocab"]:
+                 index: Tensor | None, hooks: list, past_kv: object = None, inputs: BlockInputs | None = None,
+                 p0: int = 0) -> Float[Tensor, "rows k d_vocab"]:
     """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all).
-    A Bridge replays the base run's block `inputs` (`interp.arch.forward_from`)."""
-    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv)
+    A Bridge replays the base run's block `inputs` (`interp.arch.forward_from`; from position
+    `p0` on, the earlier keys/values recorded)."""
+    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0)
 
 
 def kv_names(n_layers: int) -> set[str]:
@@ -842,7 +846,8 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
     index = read_index(metric, prompts)
     merged = [merge_edits(c) for c in copies]
     n_layers = Arch.of(model).n_layers
-    skip = Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model)
+    bridge_skip = is_bridge(model) and can_skip_prefix(model, runs.base_inputs)
+    skip = bridge_skip or (Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model))
     starts = [min((e.layer for e in c), default=n_layers) for c in merged]
     firsts = [_first_pos(c) if skip else 0 for c in merged]
     if index is not None and skip:
@@ -868,9 +873,10 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                     p0 = min(firsts[i] for i in chunk)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
-                    past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 else None
+                    past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 and not bridge_skip else None
                     rel = None if index is None else (index - p0).repeat(k, 1)
-                    logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs)
+                    logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs,
+                                          p0 if bridge_skip else 0)
                     if index is None and p0 > 0:  # unchanged logits of the skipped prefix
                         logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
                 logits = logits.reshape(k, batch, *logits.shape[1:])

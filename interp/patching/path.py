@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from interp.arch import W_O, Arch, Model, attn_input, device_of
+from interp.arch import W_O, Arch, Model, attn_input, device_of, heads_out, post_attn_norm
 from interp.graph import Node, Site
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.patching.engine import (
@@ -111,6 +111,12 @@ def _delta(model: Model, node: At, base: dict[str, Tensor], source: dict[str, Te
     mask, valid = place_mask(model, node, prompts, width)
     mask = mask.to(diff.dtype)
     if site == Site.HEAD:
+        if post_attn_norm(model, node.layer) is not None:
+            # a norm after the attention (Gemma 2) makes a head's contribution depend on the other
+            # heads: the change is that of the whole attention output with only the sender's entries swapped
+            base_z = base[name]
+            mixed = torch.where(mask.bool()[..., None], source[name], base_z)
+            return heads_out(model, node.layer, mixed) - heads_out(model, node.layer, base_z), valid
         w_o = W_O(model, node.layer)  # [head d_head d_model]
         return torch.einsum("bphd,bph,hdm->bpm", diff, mask, w_o.to(diff.dtype)), valid
     return diff * mask[..., None], valid
