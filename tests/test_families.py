@@ -438,3 +438,47 @@ def test_bridge_and_hookedtransformer_agree_on_lenses_and_investigations(family_
     for ca, cb in ((ra.knockout, rb.knockout), (ra.kv, rb.kv), (ra.transplant, rb.transplant)):
         for x, y in zip(ca, cb, strict=True):
             torch.testing.assert_close(x.logprob, y.logprob, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------- the README's families x APIs table
+
+
+def _families_covered(path, name: str) -> set[str]:
+    """The families a test runs on, read from its source: the `family` fixture (all of them), a
+    `parametrize("family_", [...])` list, or test_dtype's FAMILIES."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    consts = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Tuple)}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            if "family" in [a.arg for a in node.args.args]:
+                return set(hf_zoo.FAMILIES)
+            for dec in node.decorator_list:
+                if (isinstance(dec, ast.Call) and ast.unparse(dec.func).endswith("parametrize")
+                        and ast.literal_eval(dec.args[0]) == "family_"):
+                    return set(ast.literal_eval(dec.args[1]))
+                if isinstance(dec, ast.Name) and dec.id == "FAMILY":
+                    return set(consts["FAMILIES"])
+            return set()
+    raise AssertionError(f"README families table: expected a test {name} in {path.name}, got none")
+
+
+def test_readme_families_table_cells_are_tests():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Any model: Hugging Face families", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and "::" in r]
+    header = next(r for r in section.splitlines() if r.startswith("| API |"))
+    fams = [c.strip() for c in header.strip("|").split("|")][2:]
+    assert fams == list(hf_zoo.FAMILIES)
+    assert len(rows) >= 15
+    for row in rows:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        file, name = cells[1].strip("`").split("::")
+        covered = _families_covered(root / "tests" / file, name)
+        marked = {f for f, c in zip(fams, cells[2:], strict=True) if c == "✓"}
+        assert marked and marked == covered, (row, covered)
