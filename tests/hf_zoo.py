@@ -110,12 +110,16 @@ def _randomise_(model, seed: int) -> None:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
 
-def build(family: str, out: Path, seed: int = 0) -> Path:
-    """Write `family`'s random model (safetensors, config.json) and tokenizer into `out`."""
+def build(family: str, out: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write `family`'s random model (safetensors, config.json) and tokenizer into `out`;
+    `vocab_size` widens the embedding (for token sets larger than the tokenizer's, e.g. an
+    organism's dataset)."""
     import transformers as tf
 
     out = Path(out)
     cfg = config(family)
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")

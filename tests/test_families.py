@@ -133,6 +133,18 @@ def test_collect_on_padded_text_prompts_equals_each_prompt_alone(family, bridge_
         torch.testing.assert_close(cache["blocks.1.hook_resid_post"][i, 0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_collect_streams_a_bridge_to_a_store(family, bridge_model, tmp_path):
+    """Regression: a store's content key (config fingerprint) refused a TransformerBridge's config."""
+    from interp.cache import collect
+
+    bridge = bridge_model(family)
+    tokens = torch.randint(2, hf_zoo.VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
+    hook = "blocks.1.hook_resid_pre"
+    store = collect(bridge, tokens, hooks=[hook], out=tmp_path / "store", progress=False)
+    torch.testing.assert_close(store[hook][:], collect(bridge, tokens, hooks=[hook], progress=False)[hook],
+                               rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- lenses
 
 
