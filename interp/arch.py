@@ -14,12 +14,22 @@ Partial forwards: a HookedTransformer runs ``model(resid, start_at_layer=l)``. A
 rotary cos/sin, the causal mask and the position ids), so `block_inputs` records, during a full
 forward, the keyword arguments the HF model passes to each block, and `forward_from` calls the
 blocks l.. with those (repeated over the stacked copies). This is exact: the blocks see the
-same inputs as in the full forward (checked bit for bit in tests/test_bridge.py).
+same inputs as in the full forward (checked bit for bit in tests/test_bridge.py). With
+``block_inputs(model, kv=True)`` each layer's keys and values are recorded as the attention used
+them (after rotary and any QK-norm; through a recording ``layer_past`` that returns them
+unchanged), and `forward_from(..., p0=p)` computes positions p.. only, the earlier ones read from
+that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache). Where the
+HF model acts between its blocks (a block's input is not the previous block's output), replaying
+blocks is not exact: `BlockInputs.chained` is False and `forward_from` reruns the recorded tokens
+whole under the same hooks (``path="hooks"`` in the patching results).
+
+On a Bridge the legacy hook names (``blocks.0.attn.hook_z``) are aliases: the `hook.name` a hook
+function receives is the canonical one (``blocks.0.attn.o.hook_in``), so hooks here bind names in
+closures. Masked attention scores hold the dtype's minimum, not -inf.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -317,11 +327,21 @@ class BlockInputs:
     kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
     width: int = 0
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # whether each block's input was the previous block's output (the HF loop does nothing between
+    # blocks): only then is replaying blocks l.. exact; else `forward_from` reruns `tokens` whole
+    chained: bool = True
+    tokens: Tensor | None = None
+
+    @property
+    def path(self) -> Literal["partial", "hooks"]:
+        """How `forward_from` runs a Bridge from a middle layer: ``"partial"`` (replaying blocks l..)
+        or ``"hooks"`` (the whole forward on the recorded tokens, under the same hooks)."""
+        return "partial" if self.chained else "hooks"
 
     def can_skip(self, n_layers: int) -> bool:
         """Whether a replay may start at a position p0 > 0: every layer's keys/values recorded in
         the expected layout and every positional input of a known kind (else positions are never skipped)."""
-        if self.batch < 1 or len(self.kv) < n_layers or len(self.kwargs) < n_layers:
+        if not self.chained or self.batch < 1 or len(self.kv) < n_layers or len(self.kwargs) < n_layers:
             return False
         for layer in range(n_layers):
             k, v = self.kv[layer]
@@ -368,10 +388,18 @@ def block_inputs(model: Model, *, kv: bool = False) -> Iterator[BlockInputs]:
         return
     handles = []
     recorder = _KV() if kv else None
+    ins: dict[int, Tensor] = {}
+    outs: dict[int, Tensor] = {}
+
+    def post(layer: int):
+        def fn(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            outs[layer] = output[0] if isinstance(output, tuple) else output
+        return fn
 
     def grab(layer: int):
         def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             hidden = args[0] if args else kwargs.get("hidden_states")
+            ins[layer] = hidden
             rec.batch, rec.width = int(hidden.shape[0]), int(hidden.shape[1])
             kept = {k: v for k, v in kwargs.items() if k not in _DROP and k != "hidden_states"}
             if "use_cache" in kept:
@@ -385,12 +413,24 @@ def block_inputs(model: Model, *, kv: bool = False) -> Iterator[BlockInputs]:
     try:
         for i, blk in enumerate(model.blocks):
             handles.append(blk.register_forward_pre_hook(grab(i), with_kwargs=True))
+            handles.append(blk.register_forward_hook(post(i)))
         yield rec
     finally:
         for h in handles:
             h.remove()
     if recorder is not None:
         rec.kv = dict(recorder.seen)
+    rec.chained = _chained(ins, outs)
+
+
+def _chained(ins: dict[int, Tensor], outs: dict[int, Tensor]) -> bool:
+    """Whether every block's input was the previous block's output, unchanged."""
+    for layer in sorted(ins)[1:]:
+        prev = outs.get(layer - 1)
+        x = ins[layer]
+        if prev is None or not (prev is x or (prev.shape == x.shape and torch.equal(prev, x))):
+            return False
+    return True
 
 
 def _repeat(x: Any, batch: int, k: int) -> Any:
@@ -459,6 +499,17 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             raise ValueError(f"forward_from: expected rows a multiple of the recorded batch {inputs.batch}, "
                              f"got {resid.shape[0]}")
         k = resid.shape[0] // inputs.batch
+        if not inputs.chained:
+            # the HF model does something between its blocks: rerun the whole forward on the
+            # recorded tokens under the same hooks (edits sit at layers >= start, so the layers
+            # below recompute the recorded resid exactly)
+            if inputs.tokens is None or p0:
+                raise ValueError("forward_from on a TransformerBridge whose blocks are not chained: expected the "
+                                 "recorded tokens and p0=0, got " + (f"p0={p0}" if p0 else "no tokens"))
+            out = model(inputs.tokens.repeat(k, 1))
+            if index is not None:
+                out = out.gather(1, index.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
+            return out
         if p0 and not can_skip_prefix(model, inputs):
             raise ValueError(f"forward_from: expected p0=0 on this Bridge (its block inputs do not allow "
                              f"skipping positions), got p0={p0}")
@@ -472,17 +523,3 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
         return unembed(model, x, index)
-
-
-def check_dims(model: Model, x: Tensor, what: str) -> None:
-    """Raise when `x`'s last axis is not the model's d_model."""
-    d = Arch.of(model).d_model
-    if x.shape[-1] != d:
-        raise ValueError(f"{what}: expected a last axis of d_model={d}, got shape {tuple(x.shape)}")
-
-
-def rotary_fraction(model: Model) -> float:
-    """The fraction of each head's dimensions that rotary rotates (1.0 without partial rotary,
-    NaN without rotary)."""
-    a = Arch.of(model)
-    return math.nan if a.rotary_dim is None else a.rotary_dim / a.d_head

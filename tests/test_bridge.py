@@ -464,3 +464,31 @@ def test_an_hf_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch)
         load_model("someorg/not-here")
     with pytest.raises(ModelLoadError, match="Pre-download"):
         load_model("pythia-70m", kind="bridge")  # a TransformerLens name booted as a Bridge
+
+
+# ------------------------------------------------------------------- the exact hook-based fallback
+
+def test_a_bridge_whose_blocks_are_not_chained_falls_back_to_whole_forwards(bridge, pair, monkeypatch):
+    """Where the HF model acts between its blocks, replaying blocks l.. would be wrong: the engine
+    then runs each chunk's whole forward under the same hooks, says so (`path="hooks"`), and gets
+    the per-cell reference values."""
+    clean, corrupt = pair
+    metric = _metric()
+    partial = [sweep(bridge, clean, corrupt, metric, site="resid_pre"), kv_patch(bridge, clean, corrupt, metric),
+               knockout(bridge, clean, metric, at=5, sources=[1, 2])]
+    assert [r.path for r in partial] == ["partial"] * 3
+    monkeypatch.setattr("interp.arch._chained", lambda ins, outs: False)
+    hooked_path = [sweep(bridge, clean, corrupt, metric, site="resid_pre"), kv_patch(bridge, clean, corrupt, metric),
+                   knockout(bridge, clean, metric, at=5, sources=[1, 2])]
+    assert [r.path for r in hooked_path] == ["hooks"] * 3
+    for a, b in zip(partial, hooked_path, strict=True):
+        torch.testing.assert_close(a.per_example, b.per_example, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        ref = tlp.get_act_patch_resid_pre(bridge, corrupt, bridge.run_with_cache(clean)[1], metric)
+    torch.testing.assert_close(hooked_path[0].values, ref.double(), atol=1e-4, rtol=0)
+
+
+def test_chained_is_detected_on_a_real_bridge(bridge, pair):
+    with torch.inference_mode(), block_inputs(bridge) as rec:
+        bridge(pair[0])
+    assert rec.chained and rec.path == "partial"

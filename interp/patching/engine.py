@@ -275,6 +275,7 @@ def cached_run(model: Model, tokens: Int[Tensor, "batch pos"], names: set[str],
         out = run(model, tokens, captures=sorted(names), check_finite=False)
     if inputs is not None:
         inputs.batch, inputs.kwargs, inputs.width, inputs.kv = rec.batch, rec.kwargs, rec.width, rec.kv
+        inputs.chained, inputs.tokens = rec.chained, tokens
     return out.logits, out.acts  # type: ignore[return-value]
 
 
@@ -325,6 +326,12 @@ class Runs:
     @property
     def base_logits(self) -> Tensor:
         return self.corrupt_logits if self.direction == "denoising" else self.clean_logits
+
+    @property
+    def path(self) -> str:
+        """How patched copies run from the patched layer: ``"partial"`` (blocks l.. only) or
+        ``"hooks"`` (a Bridge whose HF loop acts between blocks: the whole forward under hooks)."""
+        return "partial" if self.base_inputs is None else self.base_inputs.path
 
 
 def read_as(run: Prompts, answers_of: Prompts) -> Prompts | None:

@@ -218,4 +218,5 @@ def knockout(
     values = values.masked_fill(~valid[None], float("nan"))
     kls = kls.masked_fill(~valid[None], float("nan"))
     return KnockoutResult(detach(values), detach(kls), starts, end, _label(at), _label(sources),
-                          None if heads is None else tuple(heads), base_values, alpha=alpha, n_boot=n_boot)
+                          None if heads is None else tuple(heads), base_values, alpha=alpha, n_boot=n_boot,
+                          path=inputs.path)

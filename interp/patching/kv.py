@@ -116,4 +116,5 @@ def kv_patch(
         axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
     shape = (*(len(c) for c in coords), len(clean))
     return PatchResult(detach(values).reshape(shape), axes, coords, which, direction,
-                       runs.clean_values, runs.corrupt_values, method="K/V patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="K/V patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)

@@ -390,7 +390,8 @@ def path_patch(
                                     corrupt, direction, rows)
     labels = tuple(" + ".join(str(n) for n in g) for g in plan.groups)
     return PatchResult(detach(values), ("sender",), (labels,), plan.site_label, direction,
-                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)
 
 
 def path_patch_many(
@@ -416,7 +417,8 @@ def path_patch_many(
     runs, plans, values = _run(model, prompts, metric, specs, corrupt, direction, rows)
     labels = tuple(f"{plan.site_label}: " + " + ".join(str(n) for n in g) for plan in plans for g in plan.groups)
     return PatchResult(detach(torch.cat(values)), ("path",), (labels,), "path", direction,
-                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)
 
 
 def _edges(model: Model, recv: list[At], stream: Stream, reader: Tensor | None,

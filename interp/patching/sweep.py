@@ -181,7 +181,7 @@ def sweep(
         axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
     shape = (*(len(c) for c in coords), len(clean))
     return PatchResult(detach(values).reshape(shape), axes, coords, site.value, direction,
-                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot, path=runs.path)
 
 
 def as_places(nodes: Place | Sequence[Place], what: str = "nodes") -> list[Place]:
@@ -225,7 +225,7 @@ def patch(
     label = " + ".join(str(n) for n in node_list)
     sites = ",".join(sorted({n.site.value for n in node_list}))  # type: ignore[union-attr]
     return PatchResult(detach(values), ("patch",), ((label,),), sites, direction,
-                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot, path=runs.path)
 
 
 def patched_logits(
