@@ -112,7 +112,7 @@ def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
 
 # ------------------------------------------------------------------------------- config <-> json
 
-def config_to_dict(cfg: HookedTransformerConfig) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:  # a HookedTransformerConfig or TransformerBridgeConfig
     """The init fields of a config as JSON-safe values (dtype as a string, no device)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
@@ -190,7 +190,7 @@ def weights_fingerprint(model: torch.nn.Module, *, cache: bool = True) -> str:
     return digest
 
 
-def config_fingerprint(cfg: HookedTransformerConfig) -> str:
+def config_fingerprint(cfg: Any) -> str:  # either model kind's config
     """A sha256 of the config fields that change what the model computes (not its name or seed)."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_CONTENT}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()

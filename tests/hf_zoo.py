@@ -72,7 +72,7 @@ def config(family: str):
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     if family == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=N_CTX, n_inner=64, **common)
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=N_CTX, **common)  # n_inner: 4 x d_model, as GPT-2
     if family == "llama":
         return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=N_CTX, **common)
@@ -110,12 +110,16 @@ def _randomise_(model, seed: int) -> None:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
 
-def build(family: str, out: Path, seed: int = 0) -> Path:
-    """Write `family`'s random model (safetensors, config.json) and tokenizer into `out`."""
+def build(family: str, out: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write `family`'s random model (safetensors, config.json) and tokenizer into `out`;
+    `vocab_size` widens the embedding (for token sets larger than the tokenizer's, e.g. an
+    organism's dataset)."""
     import transformers as tf
 
     out = Path(out)
     cfg = config(family)
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")

@@ -35,12 +35,12 @@ from interp.stats import Estimate, bootstrap_many
 from interp.tokens import Batch, check_tokens
 
 
-def random_like(model: Model, seed: int = 0) -> Model:
+def random_like(model: Model, seed: int = 0, *, offset: int = 10_000) -> Model:
     """The investigations' random baseline: a random-initialised model of the same shape, kind,
     device and dtype (`interp.models.random_like` for a HookedTransformer; for a
     TransformerBridge the Hugging Face class's own initialisation from the same config, seeded
-    with 10_000 + `seed` in a private RNG stream). Investigations build it only where they use it
-    and drop it right after, unless the caller passes its own `baseline`."""
+    with `offset` + `seed` in a private RNG stream). Investigations build it only where they use
+    it, unless the caller passes its own `baseline`."""
     if Arch.of(model).kind == "hooked":
         return models.random_like(model, seed)
     import copy
@@ -50,7 +50,7 @@ def random_like(model: Model, seed: int = 0) -> Model:
 
     dev, dt = device_of(model), dtype_of(model)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
-        torch.manual_seed(10_000 + seed)
+        torch.manual_seed(offset + seed)
         hf = AutoModelForCausalLM.from_config(copy.deepcopy(model.original_model.config),
                                               attn_implementation="eager", dtype=dt)
     return TransformerBridge.boot_transformers(model_name(model), hf_model=hf.to(dev).eval(), device=dev, dtype=dt,

@@ -173,6 +173,9 @@ def train_on_batches(
     if device is None:  # follow the batches
         first = next(batches)
         device, batches = first.device, _prepend(first, batches)
+    # every statistic (the norm estimate, the loss) in the SAE's dtype: bf16/fp16 activations are
+    # cast on the way in, so training on them equals training on their float32 copies
+    batches = (b.to(dtype) for b in batches)
     sae_cls, cfg_cls = get_sae_training_class(config.architecture)
     metadata = SAEMetadata(hook_name=hook_name, model_name=model_name)
     if model_weights is not None:
