@@ -13,9 +13,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from interp.arch import Arch
+    from interp.arch import Arch, Model
     from interp.graph import Node, Site
-    from interp.models import load_model, save_model
+    from interp.models import load_model, load_tokenizer, save_model
     from interp.prompts import Prompts, read_prompts
     from interp.tokens import Batch, Tokenizer, VocabTokenizer
 
@@ -26,6 +26,9 @@ _LAZY = {"Arch": "interp.arch", "Node": "interp.graph", "Site": "interp.graph", 
 __all__ = ["Arch", "Batch", "Node", "Prompts", "Site", "Tokenizer", "VocabTokenizer", "load_model", "read_prompts",
            "save_model"]
 __version__ = "0.1.0"
+# any model (issue 12): the model-kind alias (HookedTransformer | TransformerBridge) and tokenizer loading
+_LAZY.update({"Model": "interp.arch", "load_tokenizer": "interp.models"})
+__all__ += ["Model", "load_tokenizer"]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Bool, Int
 from rich.progress import Progress
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Model, config_of, model_name
 from interp.graph import Node
 from interp.hooks import (
     Capture,
@@ -246,16 +246,16 @@ def _skip_stored(batches: Iterator[tuple[Batch, Tensor | None]], writer: StoreWr
             yield Batch(b.tokens[k:], b.lengths[k:], "right"), None if idx is None else idx[k:]
 
 
-def store_meta(model: HookedTransformer, hooks: Sequence[str], positions: PositionSpec,
+def store_meta(model: Model, hooks: Sequence[str], positions: PositionSpec,
                dtype: torch.dtype | None, prompts: Prompts | None = None) -> dict[str, object]:
     """What identifies a store's content besides its tokens (the model's name is kept, not compared)."""
-    return {"model": model.cfg.model_name, "weights": weights_fingerprint(model),
-            "config": config_fingerprint(model.cfg), "hooks": list(hooks),
+    return {"model": model_name(model), "weights": weights_fingerprint(model),
+            "config": config_fingerprint(config_of(model)), "hooks": list(hooks),
             "positions": _spec_repr(positions, prompts), "dtype": str(dtype) if dtype else None}
 
 
 def collect(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Tensor | Batch | Iterable[Tensor],
     *,
     hooks: Sequence[str | Node] | str,
@@ -355,7 +355,7 @@ def collect(
         acts = {n: left_batch.to_layout(a, _pos_dim(n)) for n, a in acts.items()}
         side = "left"
     return Cache(acts, lengths, _cat_ragged(all_idx, -1) if all_idx else None,
-                 meta={"model": model.cfg.model_name, "positions": _spec_repr(positions, whole)}, side=side)
+                 meta={"model": model_name(model), "positions": _spec_repr(positions, whole)}, side=side)
 
 
 def rows(

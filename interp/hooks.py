@@ -33,9 +33,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import EMBED_HOOKS, Node, Site, site_of
 from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
@@ -52,11 +51,11 @@ class HookError(ValueError):
 
 # ------------------------------------------------------------------------------ name resolution
 
-def hook_names(model: HookedTransformer) -> list[str]:
+def hook_names(model: Model) -> list[str]:
     return list(model.hook_dict.keys())
 
 
-def resolve_hook(model: HookedTransformer, target: str | Node) -> str:
+def resolve_hook(model: Model, target: str | Node) -> str:
     """The validated TransformerLens hook name of `target` (a Node or a raw hook name)."""
     if isinstance(target, Node):
         try:
@@ -78,7 +77,7 @@ def resolve_hook(model: HookedTransformer, target: str | Node) -> str:
     return target
 
 
-def resolve_hooks(model: HookedTransformer, targets: Sequence[str | Node] | str | Node,
+def resolve_hooks(model: Model, targets: Sequence[str | Node] | str | Node,
                   layers: Sequence[int] | None = None) -> list[str]:
     """Expand names, glob patterns (``blocks.*.hook_resid_post``) and Nodes into hook names.
 
@@ -146,7 +145,7 @@ class Target:
     head: int | None = None
 
 
-def _target(model: HookedTransformer, where: str | Node, pos: object, head: object) -> Target:
+def _target(model: Model, where: str | Node, pos: object, head: object) -> Target:
     if isinstance(where, Node):
         name = resolve_hook(model, where)
         if pos is None:
@@ -472,7 +471,7 @@ def _capture_hook(name: str, cap: Capture, run: Run) -> HookFn:
 
 @contextmanager
 def intervene(
-    model: HookedTransformer,
+    model: Model,
     interventions: Sequence[Intervention] = (),
     *,
     capture: Sequence[str | Node | Capture] = (),
@@ -512,7 +511,7 @@ def intervene(
                             f"{missing} never firing (stop_at_layer too low, or no forward ran?)")
 
 
-def stop_layer(model: HookedTransformer, names: Sequence[str]) -> int | None:
+def stop_layer(model: Model, names: Sequence[str]) -> int | None:
     """The `stop_at_layer` that still runs every hook in `names` (None: the whole forward)."""
     layers = [hook_layer(n) for n in names]
     if any(layer is None and n not in EMBED_HOOKS for layer, n in zip(layers, names, strict=True)):
@@ -559,7 +558,7 @@ class RunOutput:
 
 
 def run(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     *,
     edits: Sequence[Intervention] = (),
@@ -597,12 +596,12 @@ def run(
     return RunOutput(out if logits and stop_at_layer is None else None, r.captured, p)
 
 
-def _device(model: HookedTransformer) -> torch.device:
+def _device(model: Model) -> torch.device:
     return next(model.parameters()).device
 
 
 def run_with_interventions(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tensor | Batch,
     interventions: Sequence[Intervention],
     *,

@@ -305,7 +305,9 @@ class Prompts(Batch):
         character range or a substring (its first occurrence). Each answer is tokenized as the
         continuation of its prompt (``encode(prompt + answer)`` minus the prompt's tokens), so a
         leading space is handled by the tokenizer, not assumed. `prepend_bos` (HF tokenizers
-        only; default: the `HFTokenizer`'s setting, else True when the tokenizer has a BOS)."""
+        only): None (default) follows the tokenizer (an `HFTokenizer`'s own setting; a raw HF
+        tokenizer's post-processor / ``add_bos_token``: Llama-style tokenizers prepend BOS,
+        GPT-2-style ones do not); True / False force a BOS in or out."""
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"Prompts.from_text: expected a non-empty list of str, got {type(texts).__name__}")
@@ -347,13 +349,27 @@ def _token_span(name: str, i: int, text: str, span: Sequence[int] | str,
     return toks[0], toks[-1] + 1
 
 
+def special_prefix(hf: Any) -> list[int]:
+    """The special tokens a Hugging Face tokenizer's own post-processor puts before a text (BOS for
+    Llama / Gemma / Mistral tokenizers, nothing for GPT-2 / Qwen / GPT-NeoX ones): the ids that
+    ``hf(text)`` has before ``hf(text, add_special_tokens=False)``. Suffixes (an EOS some
+    tokenizers append) are not kept: the prompt's last token must be its own."""
+    probe = "a b"
+    plain = list(hf(probe, add_special_tokens=False)["input_ids"])
+    full = list(hf(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 @dataclass(frozen=True)
 class _Encoder:
     """Text -> token ids with per-token character offsets, for either kind of tokenizer."""
 
     tok: Any
     hf: Any | None
-    bos: int | None
+    prefix: tuple[int, ...]  # special tokens before every text (e.g. BOS)
     pad_id: int
 
     @staticmethod
@@ -363,21 +379,30 @@ class _Encoder:
         if hf is None and not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer: expected a Hugging Face fast tokenizer or an interp.tokens.Tokenizer "
                             f"(encode/decode), got {type(tokenizer).__name__}")
-        bos = None
+        prefix: list[int] = []
         if hf is not None:
-            default = tokenizer.prepend_bos if isinstance(tokenizer, HFTokenizer) else True
-            if (default if prepend_bos is None else prepend_bos):
-                bos = getattr(hf, "bos_token_id", None)
+            own = special_prefix(hf)  # the tokenizer's own convention (add_bos_token / post-processor)
+            wrapped = isinstance(tokenizer, HFTokenizer) and prepend_bos is None
+            want = tokenizer.prepend_bos if wrapped else prepend_bos
+            bos = getattr(hf, "bos_token_id", None)
+            if want is None or (want and bos is None and wrapped):
+                prefix = own
+            elif want:
+                if bos is None:
+                    raise ValueError(f"prepend_bos=True: expected a tokenizer with a BOS token, got "
+                                     f"{type(hf).__name__} without one; pass prepend_bos=False or None")
+                prefix = own if own[:1] == [bos] else [bos, *own]
+            else:
+                prefix = own[1:] if bos is not None and own[:1] == [bos] else own
         pad = getattr(hf, "pad_token_id", None) if hf is not None else None
         pad = pad if pad is not None else (getattr(hf, "eos_token_id", None) if hf is not None else None)
-        return _Encoder(tokenizer, hf, bos, int(pad) if pad is not None else 0)
+        return _Encoder(tokenizer, hf, tuple(int(t) for t in prefix), int(pad) if pad is not None else 0)
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if self.hf is not None:
             out = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
-            if self.bos is not None:
-                ids, offsets = [self.bos, *ids], [(0, 0), *offsets]
+            ids, offsets = [*self.prefix, *ids], [(0, 0)] * len(self.prefix) + offsets
             return ids, offsets  # type: ignore[return-value]
         ids = list(self.tok.encode(text))
         # offsets from prefix encodings: token j ends where the shortest prefix encoding to j+1 tokens does
@@ -404,7 +429,7 @@ class _Encoder:
         full, _ = self.encode(text + answer)
         if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
             alone = self.encode(answer)[0]
-            alone = alone[1:] if self.bos is not None and alone[:1] == [self.bos] else alone
+            alone = alone[len(self.prefix):] if self.prefix and alone[:len(self.prefix)] == list(self.prefix) else alone
             if not alone:
                 raise ValueError(f"answer of prompt {i}: {answer!r} encodes to no tokens")
             return alone

@@ -142,6 +142,10 @@ def n_layers(spec: str) -> int | None:
     if d is None:
         return None
     try:
-        return int(json.loads((d / CONFIG).read_text())["n_layers"])
+        cfg = json.loads((d / CONFIG).read_text())
+        # an interp checkpoint's n_layers, or a Hugging Face config's (num_hidden_layers; GPT-2: n_layer)
+        key = next((k for k in ("n_layers", "num_hidden_layers", "n_layer") if k in cfg), "n_layers")
+        return int(cfg[key])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"model config {d / CONFIG}: expected JSON with an integer n_layers, got {e!r}") from e
+        raise ModelLoadError(f"model config {d / CONFIG}: expected JSON with an integer n_layers (or a Hugging Face "
+                             f"num_hidden_layers), got {e!r}") from e

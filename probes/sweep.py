@@ -38,8 +38,8 @@ import plotly.graph_objects as go
 import torch
 from rich.progress import Progress
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.atomic import atomic_file, write_json_atomic
 from interp.graph import Node, Site
 from interp.models import load_model, new_model
@@ -119,10 +119,15 @@ def store_positions(config: SweepConfig) -> str | list[int]:
     return out
 
 
-def build_model(spec: str, seed: int = 0) -> HookedTransformer:
+def build_model(spec: str, seed: int = 0) -> Model:
     """`interp.load_model(spec)`, or for ``random:SPEC`` a random-initialised model of its shape."""
     if spec.startswith(RANDOM_PREFIX):
-        cfg = load_model(spec.removeprefix(RANDOM_PREFIX)).cfg
+        shape = load_model(spec.removeprefix(RANDOM_PREFIX))
+        if Arch.of(shape).kind == "bridge":  # a Hugging Face model: its class's own init, seeded
+            from interp.hypotheses.base import random_like
+
+            return random_like(shape, seed, offset=0)
+        cfg = shape.cfg
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             return new_model(cfg)
@@ -343,7 +348,7 @@ def sweep(
     payloads: list[dict[str, Any]] = []
     for spec in dict.fromkeys(c.model for c in todo):
         model = build_model(spec, seed=cfg.seed)
-        layers = layers_of[spec] or _layers_of(cfg, spec, model.cfg.n_layers)
+        layers = layers_of[spec] or _layers_of(cfg, spec, Arch.of(model).n_layers)
         hooks = [Node(layer, Site(h)) for h in cfg.hooks for layer in layers]
         spath = store_path(cfg, spec, fingerprints[spec])
         store = collect(model, data.tokens, hooks=hooks, positions=store_positions(cfg),

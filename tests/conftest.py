@@ -75,7 +75,7 @@ CITY_PROMPTS = [("the eiffel tower is in", "eiffel tower", " paris"), ("the colo
 def bpe_tokenizer():
     """A byte-pair-encoding tokenizer (Metaspace, like Llama's) trained offline with the `tokenizers`
     library to the fixtures' vocabulary of 50: a Hugging Face fast tokenizer with offsets and a BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -83,6 +83,8 @@ def bpe_tokenizer():
     tok.decoder = decoders.Metaspace()
     texts = [f"{p} {a.strip()}" for p, _, a in CITY_PROMPTS] * 20
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=50, special_tokens=["<s>", "<unk>"]))
+    # like Llama's: the post-processor prepends BOS (Prompts.from_text follows the tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
                                    pad_token="<s>")
 
@@ -120,3 +122,47 @@ def demo_run(tmp_path_factory) -> DemoRun:
     out = tmp_path_factory.mktemp("demo") / "demo.html"
     run_demo(out, fast=True, results=results)
     return DemoRun(results, out, json.loads(out.with_suffix(".json").read_text()))
+
+
+# ------------------------------------------------- Hugging Face families (tests/hf_zoo.py), offline
+
+from hf_zoo import FAMILIES as HF_FAMILIES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """`hf_folder(family) -> Path`: the family's tiny random HF folder (config.json, safetensors,
+    tokenizer), built once per session."""
+    import hf_zoo
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = hf_zoo.build(family, tmp_path_factory.mktemp(f"hf_{family}"))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bridge_model(hf_folder):
+    """`bridge_model(family, dtype=torch.float32)`: the folder booted with
+    `TransformerBridge.boot_transformers` on CPU, once per session and dtype."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    booted: dict = {}
+
+    def get(family: str, dtype: torch.dtype = torch.float32):
+        if (family, dtype) not in booted:
+            booted[family, dtype] = TransformerBridge.boot_transformers(str(hf_folder(family)), device="cpu",
+                                                                        dtype=dtype)
+        return booted[family, dtype]
+
+    return get
+
+
+@pytest.fixture(params=HF_FAMILIES)
+def family(request) -> str:
+    """Parametrises a test over the HF families of tests/hf_zoo.py."""
+    return request.param

@@ -140,15 +140,20 @@ def test_save_to_dot_and_relative_paths(gpt2_model, tokens, tmp_path, monkeypatc
         save_model(gpt2_model, ".")
 
 
-def test_hugging_face_folder_is_a_clear_error(tmp_path):
+def test_hugging_face_folder_loads_as_a_bridge(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=20)).save_pretrained(tmp_path)
-    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
-    with pytest.raises(ModelLoadError, match="got a Hugging Face model folder .model_type 'gpt2'.*not supported yet"):
-        load_model(tmp_path)
-    (tmp_path / "model.safetensors").unlink()  # config only (weights not downloaded): the same answer
-    with pytest.raises(ModelLoadError, match="Hugging Face model folder"):
+    from interp.arch import is_bridge
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=20)).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)  # no tokenizer files: the model still loads
+    assert is_bridge(model) and Arch.of(model).n_layers == 1
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+    (tmp_path / "model.safetensors").unlink()  # config only (weights not downloaded): a clear error
+    with pytest.raises(ModelLoadError, match="expected weights"):
         load_model(tmp_path)
 
 

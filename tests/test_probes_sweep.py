@@ -265,3 +265,31 @@ def test_retrained_checkpoint_in_the_same_folder_is_recomputed(model_dir, tmp_pa
     pd.testing.assert_frame_equal(got.frame[cols], fresh.frame[cols])
     assert got.n_fitted == 1 and any(c.startswith("models.") and ".sha256: " in c for c in got.changed), got.changed
     assert not first.frame["value"].equals(fresh.frame["value"])
+
+
+@pytest.mark.parametrize("family_", ["llama", "neox"])
+def test_sweep_on_a_hugging_face_folder_matches_library_fit(family_, tmp_path):
+    """A probe sweep over an HF folder (a TransformerBridge) and its random-initialised twin: the
+    sweep's numbers equal interp.probing.fit on the Bridge's own run_with_cache activations."""
+    import hf_zoo
+
+    from interp.arch import is_bridge
+    from interp.models import load_model
+    from probes.sweep import build_model
+
+    folder = str(hf_zoo.build(family_, tmp_path / family_, vocab_size=multihop.config().d_vocab))
+    cfg = _config(folder, tmp_path / "run", models=[folder, "random:" + folder],
+                  hooks=["resid_post"], positions=["last"],
+                  targets=[{"name": "queried", "field": "a", "kind": "logistic", "control": "example"}])
+    res = sweep(cfg, progress=False)
+    model = load_model(folder)
+    assert is_bridge(model) and is_bridge(build_model("random:" + folder))
+    data = multihop.dataset(N, 0, two_hop_share=1.0)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(data.tokens)
+    feats = torch.stack([cache[f"blocks.{i}.hook_resid_post"][:, -1] for i in range(2)])
+    ref = fit(feats, data.a, "logistic", types=torch.arange(N), n_boot=50, seed=0)
+    got = res.frame[res.frame["model"] == folder].sort_values("layer")
+    torch.testing.assert_close(torch.tensor(got["value"].to_numpy()), ref.value)
+    torch.testing.assert_close(torch.tensor(got["control"].to_numpy()), ref.control)
+    assert len(res.frame[res.frame["model"] == "random:" + folder]) == 2

@@ -105,3 +105,56 @@ def test_bad_spans_and_reserved_names():
     assert p.span("x").tolist() == [[3, 4], [0, 1]]  # -1: the last token of the (forced) sequence
     q = p.select([1])
     assert q.tokens.tolist() == [[4, 5]] and q.answers.tolist() == [[1, -1]]
+
+
+# ------------------------------------------- real tokenizers of six HF families (tests/hf_zoo.py)
+
+ZOO_TEXTS = [("the eiffel tower is in", "eiffel tower", " paris"), ("the capital of germany is", "germany", " berlin"),
+             ("bob went to the park and saw", "park", " a dog")]
+
+
+def test_from_text_follows_each_family_tokenizer(family, hf_folder):
+    """Default BOS handling is the tokenizer's own (its post-processor): the prompt tokens equal
+    ``tok(text).input_ids``; answers equal ``tok(prompt + answer)`` minus the prompt's tokens; a
+    span's tokens decode to its text."""
+    import hf_zoo
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_folder(family))
+    texts = [t for t, _, _ in ZOO_TEXTS]
+    p = Prompts.from_text(texts, tok, spans={"subject": [s for _, s, _ in ZOO_TEXTS]},
+                          answers=[a for _, _, a in ZOO_TEXTS], side="left")
+    r = p.right()
+    for i, (text, subject, answer) in enumerate(ZOO_TEXTS):
+        want = tok(text).input_ids
+        n = int(p.prompt_lengths[i])
+        assert r.tokens[i, :n].tolist() == want
+        assert (want[0] == tok.bos_token_id) == (family in hf_zoo.BOS_FAMILIES)
+        full = tok(text + answer).input_ids
+        assert full[:n] == want  # these answers continue their prompts' tokens
+        assert p.answers[i, : int(p.answer_lengths[i])].tolist() == full[n:]
+        s, e = p.span("subject")[i].tolist()
+        assert tok.decode(r.tokens[i, s:e]).strip() == subject
+    # forced either way, and the toolkit's Tokenizer protocol (HFTokenizer) on the same tokenizer
+    bos = tok.bos_token_id
+    on = Prompts.from_text(texts, tok, prepend_bos=True)
+    off = Prompts.from_text(texts, tok, prepend_bos=False)
+    for i, text in enumerate(texts):
+        plain = tok(text, add_special_tokens=False).input_ids
+        assert on.tokens[i, : int(on.lengths[i])].tolist() == [bos, *plain]
+        assert off.tokens[i, : int(off.lengths[i])].tolist() == plain
+    from interp.tokens import HFTokenizer
+
+    assert torch.equal(Prompts.from_text(texts, HFTokenizer(tok, prepend_bos=False)).tokens, off.tokens)
+
+
+def test_prepend_bos_true_without_a_bos_token_raises(bpe_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")  # like Qwen's: no BOS at all
+    assert Prompts.from_text(["a b"], tok).tokens.tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="expected a tokenizer with a BOS token"):
+        Prompts.from_text(["a b"], tok, prepend_bos=True)

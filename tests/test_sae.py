@@ -282,7 +282,9 @@ def test_release_offline_error_is_fast(monkeypatch, tmp_path):
     t = time.perf_counter()
     with pytest.raises(isae.SAELoadError, match="offline"):
         isae.load("gpt2-small-res-jb", sae_id="blocks.7.hook_resid_pre")
-    assert time.perf_counter() - t < 10
+    # no network retries: a hub timeout takes minutes; 60 s leaves room for a loaded CI machine
+    # (the import of sae-lens's release table alone took 10.4 s with seven suites sharing 2 cores)
+    assert time.perf_counter() - t < 60
     with pytest.raises(isae.SAELoadError, match="did you mean"):
         isae.load("gpt2-small-res-jbb", sae_id="blocks.7.hook_resid_pre")
     with pytest.raises(isae.SAELoadError, match="unknown id"):

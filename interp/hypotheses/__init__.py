@@ -1,5 +1,5 @@
 """Hypothesis investigations: multi-hop planning, positional-information decay, last-token
-sufficiency and residual-vs-K/V routes. Each takes any HookedTransformer plus `interp.prompts.Prompts`
+sufficiency and residual-vs-K/V routes. Each takes either model kind (HookedTransformer or TransformerBridge, `interp.arch.Model`) plus `interp.prompts.Prompts`
 (prompts of any lengths, padded left or right, with per-example named positions, answers of one
 or several tokens and partners; a plain token tensor still works) and returns a typed result with CIs, a baseline, a verdict, `clean_shows_behaviour`
 (no layer, threshold or effect is reported when it is False), `.to_frame()` and `.plot()`."""

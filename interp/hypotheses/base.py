@@ -25,15 +25,36 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp import models
+from interp.arch import Arch, Model, device_of, dtype_of, model_name, tokenizer_of
 from interp.hooks import Intervention, intervene
 from interp.metrics import answer_logprob, top1
-from interp.models import random_like  # noqa: F401  (the one random baseline; re-exported for the investigations)
 from interp.prompts import LAST, Prompts, as_prompts
 from interp.stats import Estimate, bootstrap_many
 from interp.tokens import Batch, check_tokens
+
+
+def random_like(model: Model, seed: int = 0, *, offset: int = 10_000) -> Model:
+    """The investigations' random baseline: a random-initialised model of the same shape, kind,
+    device and dtype (`interp.models.random_like` for a HookedTransformer; for a
+    TransformerBridge the Hugging Face class's own initialisation from the same config, seeded
+    with `offset` + `seed` in a private RNG stream). Investigations build it only where they use
+    it, unless the caller passes its own `baseline`."""
+    if Arch.of(model).kind == "hooked":
+        return models.random_like(model, seed)
+    import copy
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    dev, dt = device_of(model), dtype_of(model)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+        torch.manual_seed(offset + seed)
+        hf = AutoModelForCausalLM.from_config(copy.deepcopy(model.original_model.config),
+                                              attn_implementation="eager", dtype=dt)
+    return TransformerBridge.boot_transformers(model_name(model), hf_model=hf.to(dev).eval(), device=dev, dtype=dt,
+                                               tokenizer=tokenizer_of(model)).eval()
 
 
 @dataclass(frozen=True)
@@ -81,7 +102,7 @@ def _kl(lp: Tensor, reference: Tensor | None) -> Tensor:
 
 # ------------------------------------------------------------------------------------- running
 
-def prompts_of(data: Prompts | Batch | Tensor, model: HookedTransformer, name: str = "prompts") -> Prompts:
+def prompts_of(data: Prompts | Batch | Tensor, model: Model, name: str = "prompts") -> Prompts:
     """Validated prompts (a tensor or Batch converted), right-padded, tokens checked against the model."""
     p = as_prompts(data, name)
     arch = Arch.of(model)
@@ -110,11 +131,11 @@ def positions_of(prompts: Prompts, at: str | int, what: str = "position") -> Flo
     return torch.where((p >= 0) & (p < lengths), p, torch.full_like(p, float("nan")))
 
 
-def forward(model: HookedTransformer, prompts: Prompts, interventions: Sequence[Intervention] = ()
+def forward(model: Model, prompts: Prompts, interventions: Sequence[Intervention] = ()
             ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of right-padded `prompts` with `interventions` (hooks removed on exit)."""
     with torch.inference_mode(), intervene(model, interventions):
-        return model(prompts.right().tokens.to(model.cfg.device))
+        return model(prompts.right().tokens.to(device_of(model)))
 
 
 def outcome(logits: Float[Tensor, "batch pos d_vocab"], prompts: Prompts, at: str = LAST,
@@ -134,7 +155,7 @@ def last_logits(logits: Tensor, prompts: Prompts, at: str = LAST) -> Tensor:
     return logits[torch.arange(len(p), device=logits.device), p.index(at).to(logits.device)].detach().cpu()
 
 
-def run_outcomes(model: HookedTransformer, prompts: Prompts,
+def run_outcomes(model: Model, prompts: Prompts,
                  edits: Callable[[Prompts, Tensor], Sequence[Intervention]] | None = None, *,
                  at: str = LAST, reference: Tensor | None = None, batch_size: int = 256) -> Outcome:
     """`outcome` of `prompts` run in chunks, each with the interventions `edits(chunk, rows)` builds

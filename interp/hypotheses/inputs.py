@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp import arch
+from interp.arch import Model
 from interp.models import ORGANISM_PREFIX
 from interp.prompts import LAST, Prompts, read_prompts
 
@@ -43,13 +44,14 @@ def organism_name(spec: str) -> str | None:
     return spec.removeprefix(ORGANISM_PREFIX) if spec.startswith(ORGANISM_PREFIX) else None
 
 
-def tokenizer_of(model: HookedTransformer) -> object:
-    if getattr(model, "tokenizer", None) is None:
-        raise ValueError(f"model {model.cfg.model_name!r}: expected a tokenizer to encode the prompt set, got none")
-    return model.tokenizer
+def tokenizer_of(model: Model) -> object:
+    tok = arch.tokenizer_of(model)
+    if tok is None:
+        raise ValueError(f"model {arch.model_name(model)!r}: expected a tokenizer to encode the prompt set, got none")
+    return tok
 
 
-def prompt_set(path: str | Path, model: HookedTransformer | None = None, tokenizer: object | None = None,
+def prompt_set(path: str | Path, model: Model | None = None, tokenizer: object | None = None,
                limit: int | None = None) -> Prompts:
     """A JSONL prompt set tokenized with `tokenizer` (default: the model's own)."""
     tok = tokenizer if tokenizer is not None else tokenizer_of(model)  # type: ignore[arg-type]
@@ -79,7 +81,7 @@ def _type_tokens(p: Prompts, span: str | None) -> Tensor:
 
 # ------------------------------------------------------------------------------------- multihop
 
-def twohop(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+def twohop(spec: str, model: Model, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
            tokenizer: object | None = None) -> TwoHopInputs:
     """Two-hop prompts with answers and partners whose bridge differs: the multihop organism's, or
     a JSONL set (`prompts`; each line's ``meta.bridge`` names its bridge entity, tokenized as a
@@ -116,7 +118,7 @@ def plan(spec: str, n: int = 400, seed: int = 0) -> Prompts:
 
 # ------------------------------------------------------------------------------------ decay
 
-def decay(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *, long: bool = True,
+def decay(spec: str, model: Model, n_per: int = 64, seed: int = 0, *, long: bool = True,
           prompts: str | Path | None = None, tokenizer: object | None = None) -> Prompts:
     """Prompts with answers and the span `fact`, at many distances of the fact from the query: a
     JSONL set (`prompts`), or the retrieval organisms' (at twice the training length when
@@ -133,7 +135,7 @@ def decay(spec: str, model: HookedTransformer, n_per: int = 64, seed: int = 0, *
 
 # --------------------------------------------------------------------------- last token, routes
 
-def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
+def last_token(spec: str, model: Model, n: int = 400, seed: int = 0, prompts: str | Path | None = None,
                tokenizer: object | None = None) -> Prompts:
     """Prompts with answers (and, from a JSONL set whose partners have the prompts' lengths, those
     as the neutral contexts; other partners, e.g. two-hop ones, are dropped for the default)."""
@@ -161,7 +163,7 @@ def last_token(spec: str, model: HookedTransformer, n: int = 400, seed: int = 0,
                      f"(--prompts FILE.jsonl), got {spec!r}")
 
 
-def route_prompts(spec: str, model: HookedTransformer, n: int = 32, seed: int = 0, prompts: str | Path | None = None,
+def route_prompts(spec: str, model: Model, n: int = 32, seed: int = 0, prompts: str | Path | None = None,
                   tokenizer: object | None = None) -> Prompts:
     """Clean prompts with answers, the span `source` and the corrupted prompts as partner: the
     induction organism's (`induction_routes`) or a JSONL set with partners and a span `source`."""

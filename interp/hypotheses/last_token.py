@@ -40,9 +40,9 @@ import torch
 from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
+from interp.arch import model_name as name_of
 from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
@@ -177,7 +177,7 @@ def _recovery(o: Outcome, clean: Outcome, neutral: Outcome) -> Estimate:
 CONTEXT = "last-token:context"  # every position before each prompt's last prompt token
 
 
-def _curves(model: HookedTransformer, p: Prompts, batch_size: int
+def _curves(model: Model, p: Prompts, batch_size: int
             ) -> tuple[Outcome, Outcome, list[Outcome], list[Outcome], list[Outcome]]:
     """Clean, neutral, knockout, transplant and K/V curves; `p.partner` is the neutral context.
 
@@ -253,10 +253,10 @@ def neutral_prompts(prompts: Prompts) -> Prompts:
 
 
 def last_token_sufficiency(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     *,
-    baseline: HookedTransformer | None = None,
+    baseline: Model | None = None,
     tolerance: float = 0.05,
     batch_size: int = 256,
     seed: int = 0,
@@ -307,7 +307,7 @@ def last_token_sufficiency(
     base_m = base_acc if measure == "accuracy" else base_lp
     drop0 = estimate(score(clean) - score(knock[0]))
     acc = [score(o).mean().item() for o in knock]
-    name = model.cfg.model_name
+    name = name_of(model)
     shows = clean_acc.above(base_acc) or clean_lp.above(base_lp)
     behaviour_reason = None if shows else (
         f"clean accuracy {clean_acc} and log p(answer) {clean_lp} do not clear the random-initialised baseline "

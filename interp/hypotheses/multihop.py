@@ -28,9 +28,9 @@ import torch
 from jaxtyping import Bool, Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model, device_of
+from interp.arch import model_name as name_of
 from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
@@ -203,7 +203,7 @@ def _partner_metrics() -> dict[str, ReadMetric]:
     }
 
 
-def _interchange(model: HookedTransformer, p: Prompts, pos: dict[str, Tensor], ppos: dict[str, Tensor],
+def _interchange(model: Model, p: Prompts, pos: dict[str, Tensor], ppos: dict[str, Tensor],
                  batch_size: int) -> tuple[dict[str, tuple[Outcome, ...]], dict[str, Tensor]]:
     """Patch each lens layer's residual at each named position from the partner (read at the
     partner's own index of that name, written at the prompt's: `interp.patching.sweep` at a
@@ -233,7 +233,7 @@ def _interchange(model: HookedTransformer, p: Prompts, pos: dict[str, Tensor], p
     return outs, lds
 
 
-def _clean_runs(model: HookedTransformer, p: Prompts, batch_size: int) -> tuple[Outcome, Tensor, Tensor]:
+def _clean_runs(model: Model, p: Prompts, batch_size: int) -> tuple[Outcome, Tensor, Tensor]:
     """The clean outcome, the clean logit difference (partner's answer - own) and the partner run's."""
     own, other = p.first_answer, p.partner.first_answer  # type: ignore[union-attr]
     clean = run_outcomes(model, p, batch_size=batch_size)
@@ -248,13 +248,13 @@ def _clean_runs(model: HookedTransformer, p: Prompts, batch_size: int) -> tuple[
 
 
 def multihop(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     bridge: Int[Tensor, "batch"] | None = None,
     *,
     positions: Sequence[str | int] = (LAST,),
     control_types: Int[Tensor, "batch"] | None = None,
-    baseline: HookedTransformer | None = None,
+    baseline: Model | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
@@ -298,7 +298,7 @@ def multihop(
              else torch.as_tensor(control_types).long().cpu())
     base = random_like(model, seed) if baseline is None else baseline
 
-    def probes_for(m: HookedTransformer) -> dict[tuple[str, str], ProbeResult]:
+    def probes_for(m: Model) -> dict[tuple[str, str], ProbeResult]:
         out = {}
         for pname in names:
             ok = torch.isfinite(pos[pname])
@@ -307,7 +307,7 @@ def multihop(
             feats = acts[:, ok.to(acts.device)].float()
             for target, labels in labels_by.items():
                 out[(pname, target)] = fit(feats, labels[ok].long(), "logistic", types=types[ok], seed=seed,
-                                           meta={"model": m.cfg.model_name, "position": pname, "target": target,
+                                           meta={"model": name_of(m), "position": pname, "target": target,
                                                  "n": int(ok.sum())})
         return out
 
@@ -359,7 +359,7 @@ def multihop(
             f"baseline {best_base}) and moves the logit difference (partner's answer - own) by {best_shift} nats "
             f"of the {full} that separate the two runs (baseline {best_b_shift})."))
     return MultihopResult(
-        model_name=model.cfg.model_name, labels=labels, positions=pos, probes=probes, baseline_probes=b_probes,
+        model_name=name_of(model), labels=labels, positions=pos, probes=probes, baseline_probes=b_probes,
         lens_rr=rr, iia=iia, baseline_iia=b_iia, clean=clean, decodable_from=decodable, verdict=verdict,
         meta={"n": n, "accuracy": acc, "logprob": lp, "baseline_logprob": b_lp,
               "baseline_clean_logit_diff": b_clean_ld, "lengths": sorted(set(p.prompt_lengths.tolist()))},
@@ -417,7 +417,7 @@ class PlanAheadResult:
 
 
 def plan_ahead(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     mask: Bool[Tensor, "n pos"] | None = None,
     *,
@@ -473,10 +473,10 @@ def plan_ahead(
     return PlanAheadResult(res, base, verdict, clean, b_clean, shows, behaviour_reason)
 
 
-def _emits(model: HookedTransformer, tokens: Tensor, mask: Tensor, k: int) -> Tensor:
+def _emits(model: Model, tokens: Tensor, mask: Tensor, k: int) -> Tensor:
     """Per example: teacher-forced top-1 accuracy on x_(t+1)..x_(t+k) over its masked positions t."""
     with torch.inference_mode():
-        pred = model(tokens.to(model.cfg.device)).argmax(-1).cpu()  # pred[:, j] predicts tokens[:, j + 1]
+        pred = model(tokens.to(device_of(model))).argmax(-1).cpu()  # pred[:, j] predicts tokens[:, j + 1]
     n, seq = tokens.shape
     hits = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)

@@ -39,9 +39,8 @@ import torch
 from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.hypotheses.base import (
     Outcome,
     Verdict,
@@ -269,14 +268,14 @@ def distance_groups(prompts: Prompts, fact: str = "fact", bins: Sequence[int] | 
 
 
 def positional_decay(
-    models: Mapping[str, HookedTransformer],
+    models: Mapping[str, Model],
     prompts: Prompts,
     *,
     fact: str = "fact",
     bins: Sequence[int] | None = None,
     position_prompts: Prompts | Batch | Tensor | None = None,
     positions_per_prompt: int = 16,
-    baseline: Mapping[str, HookedTransformer] | None = None,
+    baseline: Mapping[str, Model] | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,

@@ -30,9 +30,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
+from interp.arch import model_name as name_of
 from interp.graph import Node, Site
 from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of, random_like
 from interp.metrics import answer_logprob
@@ -182,7 +182,7 @@ class RouteSpec:
     receivers: tuple[Node, ...]
 
 
-def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
+def example_specs(model: Model, p: Prompts, source: Tensor, via: Sequence[int] | None
                   ) -> list[list[RouteSpec]]:
     """Each example's routes: from its own source, through the `via` positions strictly between
     its source and its last prompt token (default: all of them)."""
@@ -198,7 +198,7 @@ def example_specs(model: HookedTransformer, p: Prompts, source: Tensor, via: Seq
     return out
 
 
-def _route_effects(model: HookedTransformer, p: Prompts, source: Tensor, via: Sequence[int] | None
+def _route_effects(model: Model, p: Prompts, source: Tensor, via: Sequence[int] | None
                    ) -> tuple[Tensor, list[RouteSpec], Tensor]:
     """The [n] totals (clean - corrupted), the routes and their [route, n] effects (patched -
     corrupted; NaN for an example that cannot take the route), batched over the examples and
@@ -291,7 +291,7 @@ def _order_key(s: RouteSpec) -> tuple:
     return (kind, s.via or 0, s.layers, s.receiver)
 
 
-def _route_effects_loop(model: HookedTransformer, p: Prompts, specs: list[list[RouteSpec]]
+def _route_effects_loop(model: Model, p: Prompts, specs: list[list[RouteSpec]]
                         ) -> tuple[Tensor, list[RouteSpec], Tensor]:
     """The same, one example and one route at a time (each prompt run alone, unpadded): the
     reference the batched path is tested against."""
@@ -315,12 +315,12 @@ def _route_effects_loop(model: HookedTransformer, p: Prompts, specs: list[list[R
 
 
 def routes(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts,
     *,
     source: str | int = "source",
     via: Sequence[int] | None = None,
-    baseline: HookedTransformer | None = None,
+    baseline: Model | None = None,
     seed: int = 0,
 ) -> RoutesResult:
     """Decompose the clean-vs-corrupted effect at each prompt's last token into residual-first and
@@ -358,7 +358,7 @@ def routes(
              for j, s in enumerate(found_specs)]
     b_routes = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, b_effects[j])
                 for j, s in enumerate(b_specs)]
-    return _result(model.cfg.model_name, arch.n_layers, p, src, total, found, b_total, b_routes, via)
+    return _result(name_of(model), arch.n_layers, p, src, total, found, b_total, b_routes, via)
 
 
 def _result(name: str, n_layers: int, p: Prompts, src: Tensor, total: Tensor, found: list[RouteEffect],

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformer_lens import HookedTransformer
-
+from interp.arch import Model, config_of
 from interp.hypotheses import inputs
 from interp.hypotheses.course_correction import (
     CourseCorrectionResult,
@@ -51,16 +50,16 @@ class Sizes:
         return Sizes(multihop=64, plan=64, decay_per_distance=4, last_token=48, routes=4)
 
 
-def load(spec: str) -> HookedTransformer:
+def load(spec: str) -> Model:
     """`interp.load_model(spec)`, named after the spec when the checkpoint has no name."""
     model = load_model(spec)
-    if model.cfg.model_name in ("custom", "", None):
-        model.cfg.model_name = spec
+    if config_of(model).model_name in ("custom", "", None):
+        config_of(model).model_name = spec
     return model
 
 
 def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
-                 model: HookedTransformer | None = None) -> MultihopResult:
+                 model: Model | None = None) -> MultihopResult:
     model = model if model is not None else load(spec)
     x = inputs.twohop(spec, model, n, seed, prompts)
     return multihop(model, x.prompts, x.bridge, control_types=x.control_types, seed=seed)
@@ -73,7 +72,7 @@ def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0)
 
 def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:retrieval-rotary",
                                       "organism:retrieval-nope"), n_per: int = 48, seed: int = 0,
-              prompts: str | Path | None = None, models: dict[str, HookedTransformer] | None = None,
+              prompts: str | Path | None = None, models: dict[str, Model] | None = None,
               bins: Sequence[int] | None = None) -> DecayResult:
     models = models if models is not None else {s.removeprefix("organism:"): load(s) for s in specs}
     first = next(iter(models.values()))
@@ -82,13 +81,13 @@ def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:re
 
 
 def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
-                   model: HookedTransformer | None = None) -> LastTokenResult:
+                   model: Model | None = None) -> LastTokenResult:
     model = model if model is not None else load(spec)
     return last_token_sufficiency(model, inputs.last_token(spec, model, n, seed, prompts), seed=seed)
 
 
 def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, prompts: str | Path | None = None,
-               model: HookedTransformer | None = None) -> RoutesResult:
+               model: Model | None = None) -> RoutesResult:
     if prompts is None and inputs.organism_name(spec) != "induction":
         raise ValueError(f"routes: expected organism:induction (the known K-composition circuit) or --prompts "
                          f"FILE.jsonl, got {spec!r}")
@@ -97,7 +96,7 @@ def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, pro
 
 
 def run_course_correction(spec: str = "organism:planning", n: int = 400, seed: int = 0, surprise: str = "lowest",
-                          model: HookedTransformer | None = None, prompts: str | Path | None = None,
+                          model: Model | None = None, prompts: str | Path | None = None,
                           steps: int = 4) -> CourseCorrectionResult:
     """On `organism:planning` or `organism:retry[-clean]` (their own inputs), or on any model with
     a JSONL prompt set (`prompt` the context, `answer` the plan, `meta.surprise` the token to force;

@@ -40,8 +40,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.configs import from_dict
 from interp.lens.residual import layer_labels, model_name, residual_stack
 from interp.probing import multinomial_lbfgs
@@ -291,7 +291,7 @@ def _masks(mask: Tensor | Mapping[int, Tensor] | None, offsets: tuple[int, ...],
 
 
 def future_lens(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     *,
     mask: Bool[Tensor, "batch pos"] | Mapping[int, Bool[Tensor, "batch pos"]] | None = None,
@@ -306,7 +306,7 @@ def future_lens(
     tokens = check_model_tokens(model, tokens)
     tokens = tokens.detach().cpu()
     n_b, n_pos = tokens.shape
-    n_lens = model.cfg.n_layers + 1
+    n_lens = Arch.of(model).n_layers + 1
     layers = config.layers if config.layers is not None else tuple(range(n_lens))
     bad = [x for x in layers if x >= n_lens]
     if bad:
@@ -325,8 +325,8 @@ def future_lens(
 
     acts = residual_stack(model, tokens, batch_size=config.batch_size, progress=progress)
     acts = acts[list(layers)]  # [layer, batch, pos, d_model]
-    all_labels = layer_labels(model.cfg.n_layers)
-    d_vocab = model.cfg.d_vocab
+    all_labels = layer_labels(Arch.of(model).n_layers)
+    d_vocab = Arch.of(model).d_vocab
 
     shape = (len(config.offsets), len(layers))
     acc, lo, hi, glo, ghi = (torch.zeros(shape, dtype=torch.float64) for _ in range(5))

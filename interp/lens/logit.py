@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.lens.residual import (
     UNSET,
     Decoder,
@@ -233,7 +233,7 @@ def _answer_arg(prompts: Tensor | Batch | Prompts, answer: Tensor | None, target
 
 
 def run_lens(
-    model: HookedTransformer,
+    model: Model,
     prompts: Tensor | Batch | Prompts,
     *,
     lens: str,
@@ -256,7 +256,7 @@ def run_lens(
     """
     ans, what = _answer_arg(prompts, answer, target)
     tokens, run_pos, positions = lens_inputs(model, prompts, pos, at)  # type: ignore[arg-type]
-    d_vocab = model.cfg.d_vocab_out
+    d_vocab = Arch.of(model).d_vocab
     if not isinstance(k, int) or not 1 <= k <= d_vocab:
         raise ValueError(f"lens top-k: expected 1 <= k <= d_vocab={d_vocab}, got {k!r}")
     tgt = _answers(ans, positions, d_vocab, what)
@@ -289,7 +289,7 @@ def run_lens(
     return LensResult(
         lens=lens,
         model_name=model_name(model),
-        labels=tuple(layer_labels(model.cfg.n_layers)),
+        labels=tuple(layer_labels(Arch.of(model).n_layers)),
         positions=positions,
         kl=cat["kl"],  # type: ignore[arg-type]
         entropy=cat["ent"],  # type: ignore[arg-type]
@@ -303,7 +303,7 @@ def run_lens(
 
 
 def logit_lens(
-    model: HookedTransformer,
+    model: Model,
     prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
     *,
     at: str = "last",

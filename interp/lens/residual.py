@@ -21,8 +21,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model, device_of, dtype_of
+from interp.arch import model_name as name_of
 from interp.graph import Node, Site
 from interp.hooks import Capture, run
 from interp.prompts import Prompts, as_prompts
@@ -59,16 +60,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def model_dtype(model: HookedTransformer) -> torch.dtype:
-    return model.cfg.dtype
+def model_dtype(model: Model) -> torch.dtype:
+    return dtype_of(model)
 
 
-def model_device(model: HookedTransformer) -> torch.device:
-    return next(model.parameters()).device
+def model_device(model: Model) -> torch.device:
+    return device_of(model)
 
 
-def model_name(model: HookedTransformer) -> str:
-    return str(model.cfg.model_name or "unnamed")
+def model_name(model: Model) -> str:
+    return name_of(model)
 
 
 def select_positions(
@@ -98,7 +99,7 @@ def select_positions(
 
 
 def lens_inputs(
-    model: HookedTransformer, tokens: Tensor | Batch | Prompts,
+    model: Model, tokens: Tensor | Batch | Prompts,
     pos: int | Int[Tensor, " batch"] | Int[Tensor, "batch sel"] | None | _Unset,
     at: str = "last",
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch sel"], Int[Tensor, "batch sel"]]:
@@ -164,7 +165,7 @@ def batches(n: int, batch_size: int | None) -> Iterator[slice]:
 
 
 def residual_stack(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"] | Batch | Prompts,
     *,
     positions: Int[Tensor, "batch sel"] | None = None,
@@ -183,7 +184,7 @@ def residual_stack(
     check_model_tokens(model, p.tokens, "prompts.tokens" if isinstance(tokens, Batch) else "tokens")
     if positions is None:
         positions = select_positions(p.tokens, None)
-    nodes = lens_nodes(model.cfg.n_layers)
+    nodes = lens_nodes(Arch.of(model).n_layers)
     chunks: list[Tensor] = []
     slices = list(batches(p.tokens.shape[0], batch_size))
     for sl in tqdm(slices, desc="lens: residuals", disable=not progress or len(slices) == 1, leave=False):
@@ -195,15 +196,18 @@ def residual_stack(
 
 
 class Decoder:
-    """The model's final norm + unembedding as a function of a residual, with detached parameters.
+    """The model's final norm + unembedding (+ its output soft cap, Gemma 2) as a function of a
+    residual, with detached parameters.
 
     With ``dtype=None`` this computes exactly what the model computes (its own dtype); with a
     dtype (e.g. float32 for a bf16 model) the parameters are cast once and the residual is
-    decoded in that precision.
+    decoded in that precision. Either model kind: the norm and unembedding modules are called
+    as they are (a TransformerBridge's wrap the Hugging Face modules).
     """
 
-    def __init__(self, model: HookedTransformer, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Model, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
+        self.softcap = Arch.of(model).softcap
         self.norm = getattr(model, "ln_final", None)
         self.unembed = model.unembed
 
@@ -223,6 +227,8 @@ class Decoder:
             if self.dtype is not None:
                 x = x.to(self.dtype)  # TL norms cast back to the model's dtype
         out = functional_call(self.unembed, self.unembed_params, (x,))
+        if self.softcap is not None:
+            out = self.softcap * torch.tanh(out / self.softcap)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 

@@ -36,8 +36,8 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model, dtype_of
 from interp.atomic import write_json_atomic, write_tensors_atomic
 from interp.configs import from_dict
 from interp.lens.logit import LensResult, logit_lens, run_lens, summarise
@@ -160,15 +160,16 @@ class TunedLens(torch.nn.Module):
         return self.delta + torch.eye(self.d_model, device=self.delta.device, dtype=self.delta.dtype)
 
     @staticmethod
-    def for_model(model: HookedTransformer, *, name: str | None = None) -> TunedLens:
+    def for_model(model: Model, *, name: str | None = None) -> TunedLens:
         """Identity translators (== the logit lens) for `model`, on its device."""
-        return TunedLens(model_name=name or model_name(model), n_layers=model.cfg.n_layers,
-                         d_model=model.cfg.d_model, d_vocab=model.cfg.d_vocab_out,
-                         device=model_device(model), dtype=compute_dtype(model.cfg.dtype))
+        arch = Arch.of(model)
+        return TunedLens(model_name=name or model_name(model), n_layers=arch.n_layers,
+                         d_model=arch.d_model, d_vocab=arch.d_vocab,
+                         device=model_device(model), dtype=compute_dtype(dtype_of(model)))
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise if `model` does not have the shape this lens was trained for."""
-        got = (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab_out)
+        got = (Arch.of(model).n_layers, Arch.of(model).d_model, Arch.of(model).d_vocab)
         want = (self.n_layers, self.d_model, self.d_vocab)
         if got != want:
             raise ValueError(f"tuned lens for {self.model_name!r}: expected a model with (n_layers, "
@@ -191,7 +192,7 @@ class TunedLens(torch.nn.Module):
 
     @staticmethod
     def fit(
-        model: HookedTransformer,
+        model: Model,
         data: Int[Tensor, "batch pos"] | Batch | Prompts | Float[Tensor, "layer n d_model"],
         config: TunedLensConfig = TunedLensConfig(),
         *,
@@ -242,7 +243,7 @@ class TunedLens(torch.nn.Module):
         return lens
 
     @staticmethod
-    def _training_acts(model: HookedTransformer, data: Tensor | Batch, batch_size: int | None,
+    def _training_acts(model: Model, data: Tensor | Batch, batch_size: int | None,
                        progress: bool) -> Tensor:
         if isinstance(data, Batch):  # padded prompts: every real position, no pads
             p = as_prompts(data).right()
@@ -252,7 +253,7 @@ class TunedLens(torch.nn.Module):
             raise TypeError(f"tuned lens data: expected a token tensor (batch, pos) or residuals "
                             f"(layer, n, d_model), got {type(data).__name__}")
         if data.dtype.is_floating_point:
-            want = (model.cfg.n_layers + 1, model.cfg.d_model)
+            want = (Arch.of(model).n_layers + 1, Arch.of(model).d_model)
             if data.ndim != 3 or (data.shape[0], data.shape[2]) != want:
                 raise ValueError(f"tuned lens residuals: expected (layer={want[0]}, n, d_model={want[1]}) "
                                  f"in the lens-grid layout (resid_pre of each block, then the final "
@@ -357,7 +358,7 @@ class TunedLens(torch.nn.Module):
 
     def run(
         self,
-        model: HookedTransformer,
+        model: Model,
         prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
         *,
         at: str = "last",
@@ -377,7 +378,7 @@ class TunedLens(torch.nn.Module):
 
     def compare(
         self,
-        model: HookedTransformer,
+        model: Model,
         prompts: Int[Tensor, "batch pos"] | Batch | Prompts,
         *,
         at: str = "last",

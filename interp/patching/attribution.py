@@ -16,9 +16,8 @@ NaN there.
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import Node, Site, parse_site
 from interp.hooks import Map, run
 from interp.metrics import as_metric, check_per_example
@@ -35,7 +34,7 @@ from interp.patching.sweep import SWEEP_SITES, CorruptLike, MetricArg, PromptsLi
 
 
 def attribute(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,

@@ -47,14 +47,22 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from interp.arch import Arch
+from interp.arch import (
+    Arch,
+    BlockInputs,
+    Model,
+    block_inputs,
+    can_skip_prefix,
+    can_start_mid,
+    device_of,
+    is_bridge,
+    unembed,
+)
+from interp.arch import forward_from as arch_forward_from
 from interp.graph import Node, Site, parse_site
 from interp.hooks import Intervention, run
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
@@ -177,13 +185,13 @@ def positions_mask(pos: PosSpec, prompts: Prompts, width: int, what: str = "posi
 
 # ------------------------------------------------------------------------------ prompts, runs
 
-def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
+def check_prompts(model: Model, prompts: Prompts | Batch | Tensor,
                   corrupt: Prompts | Batch | Tensor | None, *, cross: bool = False) -> tuple[Prompts, Prompts]:
     """The clean and corrupted prompts, right-padded, each trimmed to its longest prompt, on the
     model's device; the clean prompts carry the corrupted ones as their partner (for metrics such
     as `interp.metrics.logit_diff`). Each example's two prompts must have the same length unless
     `cross` (every patched position is a name, read at each run's own index of it)."""
-    if model.cfg.positional_embedding_type == "shortformer":
+    if not can_start_mid(model):
         raise ValueError("model: expected a positional scheme other than 'shortformer', got "
                          "'shortformer'; starting a forward pass mid-model needs its position "
                          "embeddings, which interp.patching does not thread through")
@@ -212,7 +220,7 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
             f"{int(bad.lengths[i])} ({len(diff)} rows differ); patching pairs position p with position "
             f"p, so build same-length corruptions (symmetric token replacement), or patch named positions "
             f"only (span names such as 'last': read at each prompt's own index of the name)")
-    device = model.cfg.device
+    device = device_of(model)
 
     def fix(p: Prompts, name: str) -> Prompts:
         r = p.right()
@@ -225,12 +233,12 @@ def check_prompts(model: HookedTransformer, prompts: Prompts | Batch | Tensor,
     return clean, bad
 
 
-def check_single(model: HookedTransformer, prompts: Prompts | Batch | Tensor) -> Prompts:
+def check_single(model: Model, prompts: Prompts | Batch | Tensor) -> Prompts:
     """One run's prompts, right-padded, trimmed to the longest prompt, on the model's device."""
 
     p = as_prompts(prompts).right()
     width = int(p.lengths.max())
-    return replace(p, tokens=check_model_tokens(model, p.tokens[:, :width]).to(model.cfg.device))
+    return replace(p, tokens=check_model_tokens(model, p.tokens[:, :width]).to(device_of(model)))
 
 
 def check_finite(x: Tensor, what: str) -> Tensor:
@@ -254,14 +262,22 @@ def resid_pre_name(layer: int) -> str:
     return Node(layer, Site.RESID_PRE).hook_name
 
 
-def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str],
-               edits: Sequence[Intervention] = ()) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+def cached_run(model: Model, tokens: Int[Tensor, "batch pos"], names: set[str],
+               inputs: BlockInputs | None = None, kv: bool = False,
+               edits: Sequence[Intervention] = ()
+               ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """One forward pass returning the logits and the activations at `names`: the toolkit's one
-    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit), with `edits`
-    applied (e.g. a rollout's continuous inputs at hook_embed). Finiteness is checked by the
-    callers on the logits (a NaN activation reaches them)."""
-    with torch.inference_mode():
+    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit). Finiteness is
+    checked by the callers on the logits (a NaN activation reaches them). `inputs`, when given,
+    is filled with the blocks' inputs (`interp.arch.block_inputs`: what a Bridge's partial
+    forwards replay; with `kv`, also each layer's keys/values, which let a Bridge's replays skip
+    unchanged positions). `edits` are applied (e.g. a rollout's continuous inputs at
+    hook_embed)."""
+    with torch.inference_mode(), block_inputs(model, kv=kv) as rec:
         out = run(model, tokens, edits=edits, captures=sorted(names), check_finite=False)
+    if inputs is not None:
+        inputs.batch, inputs.kwargs, inputs.width, inputs.kv = rec.batch, rec.kwargs, rec.width, rec.kv
+        inputs.chained, inputs.tokens = rec.chained, tokens
     return out.logits, out.acts  # type: ignore[return-value]
 
 
@@ -294,6 +310,8 @@ class Runs:
     # cross-position runs (prompts of different lengths, named positions): each run's own prompts
     base_prompts: Prompts | None = None
     source_prompts: Prompts | None = None
+    # the base run's block inputs (what a Bridge's partial forwards replay; empty on a HookedTransformer)
+    base_inputs: BlockInputs | None = None
 
     @property
     def clean_metric(self) -> float:
@@ -311,6 +329,12 @@ class Runs:
     def base_logits(self) -> Tensor:
         return self.corrupt_logits if self.direction == "denoising" else self.clean_logits
 
+    @property
+    def path(self) -> str:
+        """How patched copies run from the patched layer: ``"partial"`` (blocks l.. only) or
+        ``"hooks"`` (a Bridge whose HF loop acts between blocks: the whole forward under hooks)."""
+        return "partial" if self.base_inputs is None else self.base_inputs.path
+
 
 def read_as(run: Prompts, answers_of: Prompts) -> Prompts | None:
     """`run`'s tokens and named positions carrying `answers_of`'s answers, with `run` (its own
@@ -325,7 +349,7 @@ def read_as(run: Prompts, answers_of: Prompts) -> Prompts | None:
         return None
 
 
-def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
+def prepare(model: Model, clean: Prompts, corrupt: Prompts, metric: Metric | None,
             names: set[str], direction: Direction, kv: bool = True, cross: bool = False,
             clean_edits: Sequence[Intervention] = (), corrupt_edits: Sequence[Intervention] = ()) -> Runs:
     """Run clean and corrupted once each (prompts from `check_prompts`), caching `names` plus every
@@ -343,9 +367,8 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     if cross:
         return _prepare_cross(model, clean, corrupt, metric, names, direction, kv, clean_edits=clean_edits,
                               corrupt_edits=corrupt_edits)
-    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
-                                                                          clean_edits=clean_edits,
-                                                                          corrupt_edits=corrupt_edits)
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache, inputs = _both_runs(
+        model, clean, corrupt, names, kv, direction, clean_edits=clean_edits, corrupt_edits=corrupt_edits)
     if metric is None:
         m_clean = m_corrupt = torch.full((len(clean),), float("nan"), dtype=torch.float64)
     else:
@@ -355,30 +378,36 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
         base_tokens, base, source = corrupt.tokens, corrupt_cache, clean_cache
     else:
         base_tokens, base, source = clean.tokens, clean_cache, corrupt_cache
-    return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
+    return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits,
+                base_inputs=inputs)
 
 
-def _both_runs(model: HookedTransformer, clean: Prompts, corrupt: Prompts, names: set[str], kv: bool,
+def _both_runs(model: Model, clean: Prompts, corrupt: Prompts, names: set[str], kv: bool, direction: Direction,
                clean_edits: Sequence[Intervention] = (), corrupt_edits: Sequence[Intervention] = ()
-               ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+               ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor], BlockInputs]:
     """The clean and corrupted caching runs (logits checked finite at real positions), caching
-    `names`, every resid_pre and, with `kv` where the prefix can be skipped, every layer's K/V."""
-    names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
+    `names`, every resid_pre and, with `kv` where the prefix can be skipped, every layer's K/V;
+    and the base run's block inputs."""
+    n_layers = Arch.of(model).n_layers
+    names = set(names) | {resid_pre_name(layer) for layer in range(n_layers)}
     if kv and can_skip_prefix(model):
-        names |= kv_names(model.cfg.n_layers)
-    clean_logits, clean_cache = cached_run(model, clean.tokens, names, edits=clean_edits)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, edits=corrupt_edits)
+        names |= kv_names(n_layers)
+    clean_in, corrupt_in = BlockInputs(), BlockInputs()
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names, clean_in, kv and direction == "noising",
+                                           edits=clean_edits)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, corrupt_in, kv and direction == "denoising",
+                                               edits=corrupt_edits)
     check_finite(real_logits(clean_logits, clean), "clean run logits")
     check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
-    return clean_logits, clean_cache, corrupt_logits, corrupt_cache
+    base_in = corrupt_in if direction == "denoising" else clean_in
+    return clean_logits, clean_cache, corrupt_logits, corrupt_cache, base_in
 
 
-def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
+def _prepare_cross(model: Model, clean: Prompts, corrupt: Prompts, metric: Metric | None,
                    names: set[str], direction: Direction, kv: bool, clean_edits: Sequence[Intervention] = (),
                    corrupt_edits: Sequence[Intervention] = ()) -> Runs:
-    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
-                                                                          clean_edits=clean_edits,
-                                                                          corrupt_edits=corrupt_edits)
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache, inputs = _both_runs(
+        model, clean, corrupt, names, kv, direction, clean_edits=clean_edits, corrupt_edits=corrupt_edits)
     aligned = tuple(clean.tokens.shape) == tuple(corrupt.tokens.shape) and torch.equal(clean.lengths, corrupt.lengths)
     read_bad = read_as(corrupt, clean)
     if read_bad is None and aligned:
@@ -401,9 +430,9 @@ def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, m
                              "multi-token answers that differ; patch in the other direction (direction="
                              "'noising' with the partner as the prompts)")
         return Runs(direction, read_bad, corrupt.tokens, corrupt_cache, clean_cache, m_clean, m_corrupt,
-                    clean_logits, corrupt_logits, base_prompts=corrupt, source_prompts=clean)
+                    clean_logits, corrupt_logits, base_prompts=corrupt, source_prompts=clean, base_inputs=inputs)
     return Runs(direction, clean, clean.tokens, clean_cache, corrupt_cache, m_clean, m_corrupt,
-                clean_logits, corrupt_logits, base_prompts=clean, source_prompts=corrupt)
+                clean_logits, corrupt_logits, base_prompts=clean, source_prompts=corrupt, base_inputs=inputs)
 
 
 def named_only(positions: object) -> bool:
@@ -467,19 +496,17 @@ class EdgeEdit:
 AnyEdit = Edit | EdgeEdit
 
 
-def heads_at(model: HookedTransformer, site: Site) -> int:
+def heads_at(model: Model, site: Site) -> int:
     """Size of the head axis of a per-head hook (KV groups for K/V unless ungrouped)."""
     arch = Arch.of(model)
-    if site.per_kv_group and not getattr(model.cfg, "ungroup_grouped_query_attention", False):
-        return arch.n_kv_heads
-    return arch.n_heads
+    return arch.kv_hook_heads if site.per_kv_group else arch.n_heads
 
 
-def validate_node(model: HookedTransformer, node: Place, seq_len: int) -> Place:
+def validate_node(model: Model, node: Place, seq_len: int) -> Place:
     """`Node.validate` against this model (int positions against the longest prompt), knowing that
     ungrouped GQA models index K/V by head."""
     arch = Arch.of(model)
-    if getattr(model.cfg, "ungroup_grouped_query_attention", False):
+    if arch.kv_per_head:
         arch = replace(arch, n_kv_heads=arch.n_heads)
     a = as_at(node)
     int_pos = a.pos if isinstance(a.pos, int) else None
@@ -487,14 +514,14 @@ def validate_node(model: HookedTransformer, node: Place, seq_len: int) -> Place:
     return node
 
 
-def place_mask(model: HookedTransformer, place: Place, prompts: Prompts, width: int
+def place_mask(model: Model, place: Place, prompts: Prompts, width: int
                ) -> tuple[Tensor, Tensor]:
     """The entries a node selects in each example ([batch, pos] or [batch, pos, head] booleans, on
     the model's device) and the examples that have its position ([batch], CPU)."""
     a = as_at(place)
     site: Site = a.site  # type: ignore[assignment]
     mask, valid = positions_mask(a.pos, prompts, width, f"{a} position")
-    mask = mask.to(model.cfg.device)
+    mask = mask.to(device_of(model))
     if site.per_head:
         n_h = heads_at(model, site)
         heads = torch.zeros(n_h, dtype=torch.bool, device=mask.device)
@@ -503,7 +530,7 @@ def place_mask(model: HookedTransformer, place: Place, prompts: Prompts, width: 
     return mask, valid
 
 
-def node_edit(model: HookedTransformer, place: Place, source: dict[str, Tensor], prompts: Prompts) -> Edit:
+def node_edit(model: Model, place: Place, source: dict[str, Tensor], prompts: Prompts) -> Edit:
     """An Edit that writes the source run's value of `place` (a Node or At)."""
     width = prompts.tokens.shape[1]
     validate_node(model, place, width)
@@ -516,7 +543,7 @@ def node_edit(model: HookedTransformer, place: Place, source: dict[str, Tensor],
     return Edit(a.layer, a.hook_name, mask, source[a.hook_name], valid)
 
 
-def cross_edit(model: HookedTransformer, place: Place, runs: Runs) -> Edit:
+def cross_edit(model: Model, place: Place, runs: Runs) -> Edit:
     """An Edit of a cross-position run: the source run's value of `place`'s span, read at the
     source prompt's own span of that name, written at the base prompt's (aligned token by token;
     both spans of one example must have the same number of tokens)."""
@@ -718,41 +745,20 @@ def edge_hooks(layer: int, slots: Sequence[EdgeEdit | None], batch: int, p0: int
 
 # ------------------------------------------------------------------------------ forward passes
 
-def final_logits(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"],
+def final_logits(model: Model, resid: Float[Tensor, "rows pos d_model"],
                  index: Int[Tensor, "rows k"] | None = None) -> Float[Tensor, "rows k d_vocab"]:
-    """ln_final + unembedding (+ soft cap) of the final residual, at each row's `index` only."""
-    if index is not None:
-        resid = resid.gather(1, index.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    # TransformerLens's Unembed copies W_U.T into a contiguous tensor on every call (d_model x
-    # d_vocab: 154 MB for GPT-2, about a third of a small sweep's time); a transposed view is free
-    logits = F.linear(resid, model.unembed.W_U.T, model.unembed.b_U)
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+    """Final norm + unembedding (+ soft cap) of the final residual, at each row's `index` only
+    (`interp.arch.unembed`)."""
+    return unembed(model, resid, index)
 
 
-def forward_from(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], start: int,
-                 index: Tensor | None, hooks: list, past_kv: object = None
-                 ) -> Float[Tensor, "rows k d_vocab"]:
-    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all)."""
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        out = model(resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv)
-        return final_logits(model, out, index)
-
-
-def can_skip_prefix(model: HookedTransformer) -> bool:
-    """Whether positions before every patch can be fed from a K/V cache of the base run.
-
-    Needs the cached keys to be exactly the hook_k/hook_v values (no QK-norm or clipping between
-    them and the cache) and causal attention whose positions come from the residual or rotary.
-    """
-    cfg = model.cfg
-    return (cfg.positional_embedding_type in ("standard", "rotary")
-            and cfg.attention_dir == "causal"
-            and not getattr(cfg, "use_qk_norm", False)
-            and getattr(cfg, "clip_qkv", None) is None
-            and not getattr(cfg, "use_logn_attn", False)
-            and cfg.n_devices == 1)
+def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int,
+                 index: Tensor | None, hooks: list, past_kv: object = None, inputs: BlockInputs | None = None,
+                 p0: int = 0) -> Float[Tensor, "rows k d_vocab"]:
+    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all).
+    A Bridge replays the base run's block `inputs` (`interp.arch.forward_from`; from position
+    `p0` on, the earlier keys/values recorded)."""
+    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0)
 
 
 def kv_names(n_layers: int) -> set[str]:
@@ -840,7 +846,7 @@ def read_index(metric: Metric, prompts: Prompts) -> Tensor | None:
     return idx
 
 
-def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[AnyEdit]], metric: Metric,
+def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], metric: Metric,
                *, rows: int = DEFAULT_ROWS, progress: bool = False, desc: str = "patching",
                labels: Sequence[object] | None = None) -> Float[Tensor, "copies batch"]:
     """The metric of each patched copy of the base run, per example ([copies, batch], float64, CPU).
@@ -858,8 +864,9 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[A
     batch, seq_len = runs.base_tokens.shape
     index = read_index(metric, prompts)
     merged = [merge_edits(c) for c in copies]
-    n_layers = model.cfg.n_layers
-    skip = Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model)
+    n_layers = Arch.of(model).n_layers
+    bridge_skip = is_bridge(model) and can_skip_prefix(model, runs.base_inputs)
+    skip = bridge_skip or (Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model))
     starts = [min((e.layer for e in c), default=n_layers) for c in merged]
     firsts = [_first_pos(c) if skip else 0 for c in merged]
     if index is not None and skip:
@@ -885,9 +892,10 @@ def run_copies(model: HookedTransformer, runs: Runs, copies: Sequence[Sequence[A
                     p0 = min(firsts[i] for i in chunk)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
-                    past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 else None
+                    past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 and not bridge_skip else None
                     rel = None if index is None else (index - p0).repeat(k, 1)
-                    logits = forward_from(model, resid, start, rel, hooks, past)
+                    logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs,
+                                          p0 if bridge_skip else 0)
                     if index is None and p0 > 0:  # unchanged logits of the skipped prefix
                         logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
                 logits = logits.reshape(k, batch, *logits.shape[1:])

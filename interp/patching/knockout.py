@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, BlockInputs, Model, device_of
 from interp.graph import Node, Site
 from interp.metrics import as_metric, check_per_example
 from interp.patching.engine import (
@@ -117,7 +116,7 @@ def _label(x: object) -> str:
 
 
 def knockout(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Int[Tensor, "batch pos"],
     metric: Callable,
     *,
@@ -162,13 +161,14 @@ def knockout(
             if not isinstance(h, int) or not 0 <= h < arch.n_heads:
                 raise ValueError(f"heads: expected head indices in [0, {arch.n_heads}), got {h!r}")
 
-    device = model.cfg.device
+    device = device_of(model)
     head_on = torch.zeros(arch.n_heads, dtype=torch.bool)
     head_on[list(range(arch.n_heads)) if heads is None else list(heads)] = True
     edge = (head_on[None, :, None, None] & q_on[:, None, :, None] & src[:, None, None, :]).to(device)
 
     names = {resid_pre_name(layer) for layer in range(arch.n_layers)}
-    base_logits, base = cached_run(model, p.tokens, names)
+    inputs = BlockInputs()
+    base_logits, base = cached_run(model, p.tokens, names, inputs)
     check_finite(real_logits(base_logits, p), "base run logits")
     base_values = metric_values(metric, base_logits, p, "base run")
     index = read_index(metric, p)
@@ -202,7 +202,8 @@ def knockout(
 
             hooks.append((Node(layer, Site.ATTN_SCORES).hook_name, hook))
         resid = base[resid_pre_name(first)].repeat(k, 1, 1)
-        logits = forward_from(model, resid, first, None if read is None else read.repeat(k, 1), hooks)
+        logits = forward_from(model, resid, first, None if read is None else read.repeat(k, 1), hooks,
+                              inputs=inputs)
         logits = logits.reshape(k, batch, *logits.shape[1:])
         for j, i in enumerate(chunk):
             out = logits[j]
@@ -217,4 +218,5 @@ def knockout(
     values = values.masked_fill(~valid[None], float("nan"))
     kls = kls.masked_fill(~valid[None], float("nan"))
     return KnockoutResult(detach(values), detach(kls), starts, end, _label(at), _label(sources),
-                          None if heads is None else tuple(heads), base_values, alpha=alpha, n_boot=n_boot)
+                          None if heads is None else tuple(heads), base_values, alpha=alpha, n_boot=n_boot,
+                          path=inputs.path)

@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from transformer_lens import HookedTransformer
-
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import Node, Site
 from interp.patching.engine import (
     DEFAULT_ROWS,
@@ -42,7 +40,7 @@ Which = Literal["k", "v", "kv"]
 
 
 def kv_patch(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
@@ -118,4 +116,5 @@ def kv_patch(
         axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
     shape = (*(len(c) for c in coords), len(clean))
     return PatchResult(detach(values).reshape(shape), axes, coords, which, direction,
-                       runs.clean_values, runs.corrupt_values, method="K/V patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="K/V patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)

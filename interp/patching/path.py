@@ -40,10 +40,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities.attention import simple_attn_linear
 
-from interp.arch import Arch
+from interp.arch import W_O, Arch, Model, attn_input, device_of, heads_out, post_attn_norm
 from interp.graph import Node, Site
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.patching.engine import (
@@ -102,7 +100,7 @@ def _sender_groups(senders: Senders) -> list[tuple[At, ...]]:
     return groups
 
 
-def _delta(model: HookedTransformer, node: At, base: dict[str, Tensor], source: dict[str, Tensor],
+def _delta(model: Model, node: At, base: dict[str, Tensor], source: dict[str, Tensor],
            prompts: Prompts) -> tuple[Tensor, Tensor]:
     """The sender's change of the residual stream [batch pos d_model], and the examples that have
     its position."""
@@ -113,19 +111,15 @@ def _delta(model: HookedTransformer, node: At, base: dict[str, Tensor], source: 
     mask, valid = place_mask(model, node, prompts, width)
     mask = mask.to(diff.dtype)
     if site == Site.HEAD:
-        w_o = model.blocks[node.layer].attn.W_O  # [head d_head d_model]
+        if post_attn_norm(model, node.layer) is not None:
+            # a norm after the attention (Gemma 2) makes a head's contribution depend on the other
+            # heads: the change is that of the whole attention output with only the sender's entries swapped
+            base_z = base[name]
+            mixed = torch.where(mask.bool()[..., None], source[name], base_z)
+            return heads_out(model, node.layer, mixed) - heads_out(model, node.layer, base_z), valid
+        w_o = W_O(model, node.layer)  # [head d_head d_model]
         return torch.einsum("bphd,bph,hdm->bpm", diff, mask, w_o.to(diff.dtype)), valid
     return diff * mask[..., None], valid
-
-
-def _projection(model: HookedTransformer, layer: int, site: Site) -> tuple[Tensor, Tensor]:
-    attn = model.blocks[layer].attn
-    if site == Site.Q:
-        return attn.W_Q, attn.b_Q
-    grouped = hasattr(attn, "_W_K") and not getattr(model.cfg, "ungroup_grouped_query_attention", False)
-    if site == Site.K:
-        return (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
-    return (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
 
 
 def _reader_mask(reader: Reader, prompts: Prompts, width: int) -> tuple[Tensor, Tensor] | None:
@@ -173,7 +167,7 @@ class _Plan:
     site_label: str
 
 
-def _plan(model: HookedTransformer, width: int, spec: Path) -> _Plan:
+def _plan(model: Model, width: int, spec: Path) -> _Plan:
     """Validate one request against the model and name the hooks its runs must cache."""
     arch = Arch.of(model)
     stream, reader, receivers = spec.stream, spec.reader, spec.receivers
@@ -248,7 +242,7 @@ def _plan(model: HookedTransformer, width: int, spec: Path) -> _Plan:
                  spec.label or f"path -> {route} ({stream})")
 
 
-def _deltas(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[tuple[dict[int, Tensor], Tensor]]:
+def _deltas(model: Model, runs: Runs, plan: _Plan) -> list[tuple[dict[int, Tensor], Tensor]]:
     """Per sender group: its change of the residual by the layer it enters, and its valid examples."""
     out = []
     with torch.inference_mode():
@@ -268,7 +262,7 @@ def _total(by_layer: dict[int, Tensor], layer: int) -> Tensor | int:
     return sum((d for w, d in by_layer.items() if w <= layer), 0)
 
 
-def _logits_values(model: HookedTransformer, runs: Runs, plan: _Plan, metric: Metric, rows: int) -> Tensor:
+def _logits_values(model: Model, runs: Runs, plan: _Plan, metric: Metric, rows: int) -> Tensor:
     """[groups, batch]: the metric with each group's change added to the final residual."""
     arch = Arch.of(model)
     clean = runs.prompts
@@ -293,7 +287,7 @@ def _logits_values(model: HookedTransformer, runs: Runs, plan: _Plan, metric: Me
     return values.masked_fill(~valid, float("nan"))
 
 
-def _copies(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[list[Edit | EdgeEdit]]:
+def _copies(model: Model, runs: Runs, plan: _Plan) -> list[list[Edit | EdgeEdit]]:
     """One copy per sender group: the receivers' q/k/v computed from the patched residual (and,
     when the readers are restricted, the per-(query, key) choice at the receiver layer)."""
     clean = runs.prompts
@@ -311,9 +305,7 @@ def _copies(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[list[Edit
                 key = (r.layer, site)
                 if key not in cache:
                     resid = runs.base[resid_pre_name(r.layer)] + _total(by_layer, r.layer)
-                    x = model.blocks[r.layer].ln1(resid)
-                    w, b = _projection(model, r.layer, site)
-                    cache[key] = simple_attn_linear(x, w, b)
+                    cache[key] = attn_input(model, r.layer, resid, site.value)
                 edits.append(Edit(r.layer, r.hook_name, mask, cache[key], ok & r_ok & reader_ok))
             copies.append(edits)
     if plan.restrict:
@@ -328,7 +320,7 @@ def _copies(model: HookedTransformer, runs: Runs, plan: _Plan) -> list[list[Edit
     return copies
 
 
-def _run(model: HookedTransformer, prompts: PromptsLike, metric: Metric, specs: Sequence[Path],
+def _run(model: Model, prompts: PromptsLike, metric: Metric, specs: Sequence[Path],
          corrupt: CorruptLike | None, direction: Direction, rows: int
          ) -> tuple[Runs, list[_Plan], list[Tensor]]:
     """Plan every request, run clean and corrupted once, then every copy of every request in one
@@ -361,7 +353,7 @@ def _run(model: HookedTransformer, prompts: PromptsLike, metric: Metric, specs: 
 
 
 def path_patch(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
@@ -398,11 +390,12 @@ def path_patch(
                                     corrupt, direction, rows)
     labels = tuple(" + ".join(str(n) for n in g) for g in plan.groups)
     return PatchResult(detach(values), ("sender",), (labels,), plan.site_label, direction,
-                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)
 
 
 def path_patch_many(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     paths: Sequence[Path],
@@ -424,10 +417,11 @@ def path_patch_many(
     runs, plans, values = _run(model, prompts, metric, specs, corrupt, direction, rows)
     labels = tuple(f"{plan.site_label}: " + " + ".join(str(n) for n in g) for plan in plans for g in plan.groups)
     return PatchResult(detach(torch.cat(values)), ("path",), (labels,), "path", direction,
-                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, method="path patching", alpha=alpha, n_boot=n_boot,
+                       path=runs.path)
 
 
-def _edges(model: HookedTransformer, recv: list[At], stream: Stream, reader: Tensor | None,
+def _edges(model: Model, recv: list[At], stream: Stream, reader: Tensor | None,
            prompts: Prompts, width: int) -> tuple[Tensor | None, Tensor | None]:
     """[batch head q_pos k_pos] masks of the (query, key) edges that read the patched keys and the
     patched values (None: no K, resp. V, receiver). Each receiver adds, in each example, the
@@ -460,6 +454,6 @@ def _edges(model: HookedTransformer, recv: list[At], stream: Stream, reader: Ten
             edges = key & (q_ix > k_ix) & real_q
         mask = masks.setdefault(site, torch.zeros((b, arch.n_heads, width, width), dtype=torch.bool))
         mask[:, heads] |= edges[:, None]
-    device = model.cfg.device
+    device = device_of(model)
     out = [masks.get(s) for s in (Site.K, Site.V)]
     return tuple(None if m is None else m.to(device) for m in out)  # type: ignore[return-value]

@@ -170,6 +170,9 @@ class PatchResult(PairedCells):
     method: str = "activation patching"
     alpha: float = 0.05
     n_boot: int = 1000
+    # how the patched copies ran: "partial" (from the patched layer on) or "hooks" (a Bridge whose
+    # HF model acts between its blocks: each copy's whole forward under hooks; the same values)
+    path: str = "partial"
 
     def __post_init__(self) -> None:
         _check_cells(type(self).__name__, self.per_example, self.coords, self.axes, self.clean_values.shape[0],
@@ -228,6 +231,7 @@ class KnockoutResult(PairedCells):
     base_values: Tensor
     alpha: float = 0.05
     n_boot: int = 1000
+    path: str = "partial"  # as PatchResult.path
 
     def __post_init__(self) -> None:
         _check_cells("KnockoutResult", self.per_example, (self.start_layers,), ("start_layer",),

@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import Node, Site, parse_site
 from interp.patching.engine import (
     DEFAULT_ROWS,
@@ -105,7 +104,7 @@ def position_axis(positions: Sequence[int | str] | str | None, prompts: Prompts,
 
 
 def sweep(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
@@ -182,7 +181,7 @@ def sweep(
         axes, coords = ("layer", "pos"), (layer_ix, pos_ix)
     shape = (*(len(c) for c in coords), len(clean))
     return PatchResult(detach(values).reshape(shape), axes, coords, site.value, direction,
-                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot, path=runs.path)
 
 
 def as_places(nodes: Place | Sequence[Place], what: str = "nodes") -> list[Place]:
@@ -193,7 +192,7 @@ def as_places(nodes: Place | Sequence[Place], what: str = "nodes") -> list[Place
 
 
 def patch(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     metric: MetricArg,
     *args: object,
@@ -226,11 +225,11 @@ def patch(
     label = " + ".join(str(n) for n in node_list)
     sites = ",".join(sorted({n.site.value for n in node_list}))  # type: ignore[union-attr]
     return PatchResult(detach(values), ("patch",), ((label,),), sites, direction,
-                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot)
+                       runs.clean_values, runs.corrupt_values, alpha=alpha, n_boot=n_boot, path=runs.path)
 
 
 def patched_logits(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     nodes: Place | Sequence[Place] | Tensor | Batch,
     *old: Place | Sequence[Place],
@@ -255,7 +254,8 @@ def patched_logits(
     edits = [node_edit(model, n, runs.source, clean) for n in node_list]
     hooks = chunk_hooks([merge_edits(edits)], len(clean))
     start = min(e.layer for e in edits)
-    logits = forward_from(model, runs.base[resid_pre_name(start)].clone(), start, None, hooks)
+    logits = forward_from(model, runs.base[resid_pre_name(start)].clone(), start, None, hooks,
+                          inputs=runs.base_inputs)
     if isinstance(prompts, Batch) and (prompts.side == "left" or prompts.tokens.shape[1] != width):
         out = logits.new_zeros((len(clean), prompts.tokens.shape[1], logits.shape[-1]))
         out[:, :width] = logits

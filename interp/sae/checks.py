@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
 
-from interp.arch import Arch
+from interp.arch import Arch, Model, config_of, dtype_of
+from interp.arch import model_name as name_of
 from interp.graph import FINAL_NORM_OUT, HOOK_EMBED, HOOK_POS_EMBED, RESIDUAL_WRITERS, Node, Site, site_of
 from interp.hooks import HookError, resolve_hook, run
 from interp.models import weights_fingerprint
@@ -44,7 +44,7 @@ _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
 _PER_HEAD_SITES = (Site.Q, Site.K, Site.V, Site.HEAD)
 
 
-def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
+def _activation_width(model: Model, sae: SAE, name: str) -> int:
     """The width the SAE would read at hook `name`: from the architecture for the usual hooks, else
     from a one-token forward pass (a probe that would also run any hooks the caller has attached)."""
     arch = Arch.of(model)
@@ -52,7 +52,7 @@ def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
     if site in RESIDUAL_WRITERS or name in _D_MODEL_HOOKS:
         return arch.d_model
     if name.endswith(_D_MLP_HOOKS):
-        return int(model.cfg.d_mlp)  # Arch has no d_mlp
+        return int(config_of(model).d_mlp)  # Arch has no d_mlp; both kinds' configs have it
     if site in _PER_HEAD_SITES:
         # sae-lens flattens the heads of a hook_z SAE; other per-head SAEs read one head's vector
         flat = site == Site.HEAD and getattr(sae.cfg, "reshape_activations", "none") == "hook_z"
@@ -66,7 +66,7 @@ def _activation_width(model: HookedTransformer, sae: SAE, name: str) -> int:
     return act.shape[-1]
 
 
-def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *,
+def check_sae(model: Model, sae: SAE, hook: str | Node | None = None, *,
               allow_mismatch: bool = False) -> str:
     """The hook name at which `sae` reads `model`, after checking hook, model and width.
 
@@ -93,8 +93,8 @@ def check_sae(model: HookedTransformer, sae: SAE, hook: str | Node | None = None
             trained_on = sae.cfg.metadata.model_name
             raise SAEMismatchError(
                 f"SAE model: expected weights with fingerprint {want[:12]}... (the model the SAE was trained on"
-                + (f", {trained_on}" if trained_on else "") + f"), got {got[:12]}... ({model.cfg.model_name}, "
-                f"{model.cfg.dtype}); another model, retrained weights or another dtype make the SAE's numbers "
+                + (f", {trained_on}" if trained_on else "") + f"), got {got[:12]}... ({name_of(model)}, "
+                f"{dtype_of(model)}); another model, retrained weights or another dtype make the SAE's numbers "
                 f"meaningless: load the model it was trained on, retrain the SAE, or pass allow_mismatch=True")
     width = _activation_width(model, sae, name)
     if width != sae.cfg.d_in:

@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.graph import Node, Site, node_from_hook_name
 from interp.hooks import Capture, Map, Zero, run
 from interp.prompts import Prompts
@@ -47,11 +47,11 @@ def _order(name: str) -> tuple[int, int]:
     return node.layer, stage[node.site]  # type: ignore[index]
 
 
-def heads_between(model: HookedTransformer, up: str, down: str) -> list[int]:
+def heads_between(model: Model, up: str, down: str) -> list[int]:
     """Layers whose attention heads run after hook `up` and before hook `down`."""
     (lu, su), (ld, sd) = _order(up), _order(down)
     layers = []
-    for layer in range(model.cfg.n_layers):
+    for layer in range(Arch.of(model).n_layers):
         after = layer > lu or (layer == lu and su == 0)
         before = layer < ld or (layer == ld and sd >= 1)
         if after and before:
@@ -84,7 +84,7 @@ def _head_node(layer: int) -> Node:
 
 
 def attribute_sources(
-    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
+    model: Model, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
     pos: int | Tensor | str = -1, *, allow_mismatch: bool = False,
 ) -> Sources:
     """Activation x gradient of downstream `feature` (at `pos`: an int, a [batch] tensor or a
@@ -95,7 +95,7 @@ def attribute_sources(
         raise ValueError(f"cross-layer tracing: expected the upstream SAE's hook before the downstream one's, "
                          f"got {up} and {down}")
     layers = heads_between(model, up, down)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     p = _target_positions(batch, pos)
     saved: dict[str, Tensor] = {}
 
@@ -122,11 +122,11 @@ def attribute_sources(
         head_scores.append((z.detach() * g).sum((1, 3)).float().cpu() if g is not None
                            else torch.zeros(z.shape[0], z.shape[2]))
     n = len(batch)
-    head_t = torch.stack(head_scores, dim=1) if head_scores else torch.zeros(n, 0, model.cfg.n_heads)
+    head_t = torch.stack(head_scores, dim=1) if head_scores else torch.zeros(n, 0, Arch.of(model).n_heads)
     return Sources(feat, head_t, tuple(layers), target.detach().float().cpu())
 
 
-def _target_value(model: HookedTransformer, downstream: SAE, down: str, feature: int, batch: Prompts,
+def _target_value(model: Model, downstream: SAE, down: str, feature: int, batch: Prompts,
                   p: Tensor, edits: Sequence[Any] = ()) -> Tensor:
     x = run(model, batch, edits=edits, captures=[Capture(down, p[:, None])], logits=False).acts[down][:, 0]
     with torch.no_grad():
@@ -134,7 +134,7 @@ def _target_value(model: HookedTransformer, downstream: SAE, down: str, feature:
 
 
 def exact_source_effects(
-    model: HookedTransformer, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
+    model: Model, upstream: SAE, downstream: SAE, feature: int, prompts: Tensor | Batch | Prompts,
     *, features: Sequence[int] = (), heads: Sequence[tuple[int, int]] = (), pos: int | Tensor | str = -1,
     allow_mismatch: bool = False,
 ) -> tuple[Float[Tensor, "batch n_feat"], Float[Tensor, "batch n_head"]]:
@@ -142,7 +142,7 @@ def exact_source_effects(
     term kept) and each head (its hook_z zeroed), per example."""
     up = check_sae(model, upstream, allow_mismatch=allow_mismatch)
     down = check_sae(model, downstream, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     p = _target_positions(batch, pos)
     clean = _target_value(model, downstream, down, feature, batch, p)
     fe = [clean - _target_value(model, downstream, down, feature, batch, p,
@@ -196,7 +196,7 @@ class FeatureGraph:
 
 
 def feature_graph(
-    model: HookedTransformer, saes: Sequence[SAE], feature: int, prompts: Tensor | Batch | Prompts, *,
+    model: Model, saes: Sequence[SAE], feature: int, prompts: Tensor | Batch | Prompts, *,
     pos: int | Tensor | str = -1, top_k: int = 5, check: bool = True, allow_mismatch: bool = False,
 ) -> FeatureGraph:
     """Trace `feature` of the last SAE in `saes` (ordered by depth) back through the others.

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.cache import collect
 from interp.graph import Node
 from interp.hooks import resolve_hook
@@ -29,7 +29,7 @@ ChunkSource = Callable[[], Iterable[Tensor]]
 Positions = str | list[int] | Tensor
 
 
-def hook_name_of(model: HookedTransformer, hook: str | Node) -> str:
+def hook_name_of(model: Model, hook: str | Node) -> str:
     """The TransformerLens hook name of `hook`, validated against `model` (closest names on error)."""
     return resolve_hook(model, hook)
 
@@ -92,7 +92,7 @@ def position_mask(batch: Batch, positions: Positions = "all") -> Bool[Tensor, "b
 
 
 def collect_activations(
-    model: HookedTransformer,
+    model: Model,
     prompts: Tensor | Batch | Prompts,
     hook: str | Node,
     *,
@@ -105,7 +105,7 @@ def collect_activations(
     position order.
     """
     name = hook_name_of(model, hook)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     cache = collect(model, batch, hooks=[name], positions="all", batch_size=batch_size, progress=False)
     act = cache[name]

@@ -25,8 +25,8 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import Arch, Model
 from interp.graph import Node
 from interp.hooks import Map, intervene, run
 from interp.prompts import Prompts
@@ -81,9 +81,9 @@ def masked_zero(name: str, mask: Tensor) -> Map:
 
 
 @contextlib.contextmanager
-def splice(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *, error_term: bool = False,
+def splice(model: Model, sae: SAE, hook: str | Node | None = None, *, error_term: bool = False,
            edit: FeatureEdit | None = None, mask: Tensor | None = None,
-           allow_mismatch: bool = False) -> Iterator[HookedTransformer]:
+           allow_mismatch: bool = False) -> Iterator[Model]:
     """Within the block, the activation at the SAE's hook is replaced by its SAE reconstruction.
 
     `edit` maps the feature activations [.., d_sae] before decoding (ablation, steering);
@@ -97,8 +97,8 @@ def splice(model: HookedTransformer, sae: SAE, hook: str | Node | None = None, *
 
 
 @contextlib.contextmanager
-def spliced_at(model: HookedTransformer, sae: SAE, name: str, *, error_term: bool = False,
-               edit: FeatureEdit | None = None, mask: Tensor | None = None) -> Iterator[HookedTransformer]:
+def spliced_at(model: Model, sae: SAE, name: str, *, error_term: bool = False,
+               edit: FeatureEdit | None = None, mask: Tensor | None = None) -> Iterator[Model]:
     """`splice` at an already checked hook name (for callers that ran `check_sae` once)."""
     with intervene(model, [splice_edit(sae, name, error_term=error_term, edit=edit, mask=mask)], strict=False):
         yield model
@@ -254,7 +254,7 @@ def _target_sets(batch: Batch, targets: Tensor | Mapping[str, Tensor] | None) ->
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     sae: SAE,
     prompts: Tensor | Batch | Prompts,
     hook: str | Node | None = None,
@@ -278,7 +278,7 @@ def evaluate(
     if not 0 < dense_threshold < 1:
         raise ValueError(f"evaluate.dense_threshold: expected in (0, 1), got {dense_threshold}")
     name = check_sae(model, sae, hook, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     sets = _target_sets(batch, targets)
     n_fire = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)

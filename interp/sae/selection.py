@@ -20,8 +20,8 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Model
 from interp.hooks import run
 from interp.sae.checks import check_sae
 from interp.stats import Estimate, bootstrap
@@ -115,8 +115,8 @@ def select_features(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"], *,
 
 
 @contextlib.contextmanager
-def steer_label(model: HookedTransformer, sae: SAE, selection: FeatureSelection, new_labels: Int[Tensor, "batch"],
-                *, mask: Tensor | None = None, allow_mismatch: bool = False) -> Iterator[HookedTransformer]:
+def steer_label(model: Model, sae: SAE, selection: FeatureSelection, new_labels: Int[Tensor, "batch"],
+                *, mask: Tensor | None = None, allow_mismatch: bool = False) -> Iterator[Model]:
     """Within the block, rewrite the label the selected features carry (an interchange done in
     feature space): the selected features are zeroed and those whose preferred label is
     ``new_labels[b]`` are set to their mean activation, at the positions in `mask` (bool
@@ -197,7 +197,7 @@ class LabelFeatureTest:
 
 
 def label_feature_test(
-    model: HookedTransformer, sae: SAE, tokens: Int[Tensor, "n pos"], labels: Int[Tensor, "n"],
+    model: Model, sae: SAE, tokens: Int[Tensor, "n pos"], labels: Int[Tensor, "n"],
     answers: Int[Tensor, "n"], *, k: int | None = None, pos: int = -1, train_fraction: float = 0.5,
     n_random: int = 5, min_frequency: float = 0.0, per_label: bool = True, seed: int = 0, n_boot: int = 1000,
     allow_mismatch: bool = False,

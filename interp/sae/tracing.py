@@ -38,8 +38,8 @@ from plotly.subplots import make_subplots
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from interp.arch import W_U, Arch, Model
 from interp.graph import FINAL_NORM_SCALE, RESIDUAL_WRITERS, Node, site_of
 from interp.hooks import Map, intervene, run
 from interp.metrics import Metric, as_metric
@@ -67,7 +67,7 @@ def _features_index(sae: SAE, features: Sequence[int] | Tensor | None) -> Tensor
 # ------------------------------------------------------------------------------ direct logit effect
 
 def direct_logit_effect(
-    model: HookedTransformer, sae: SAE, features: Sequence[int] | Tensor | None = None, *,
+    model: Model, sae: SAE, features: Sequence[int] | Tensor | None = None, *,
     scale: float | Tensor = 1.0, allow_mismatch: bool = False,
 ) -> Float[Tensor, "feature d_vocab"]:
     """Each feature's decoder direction through the final norm (linearised) and the unembedding.
@@ -80,27 +80,28 @@ def direct_logit_effect(
                                 scale=scale)
 
 
-def _direct_logit_effect(model: HookedTransformer, sae: SAE, name: str, features: Sequence[int] | Tensor | None,
+def _direct_logit_effect(model: Model, sae: SAE, name: str, features: Sequence[int] | Tensor | None,
                          *, scale: float | Tensor) -> Tensor:
     if not _writes_residual(name):
         raise ValueError(f"direct logit effect of an SAE at {name}: expected a hook that writes to the residual "
                          f"stream (sites {', '.join(s.value for s in RESIDUAL_WRITERS)}), got {name}")
     idx = _features_index(sae, features)
-    d = sae.W_dec.detach()[idx.to(sae.W_dec.device)].to(model.W_U.device, model.W_U.dtype)
-    norm = model.cfg.normalization_type
+    w_u = W_U(model).detach()
+    d = sae.W_dec.detach()[idx.to(sae.W_dec.device)].to(w_u.device, w_u.dtype)
+    norm = Arch.of(model).normalization
     if norm in ("LN", "LNPre"):
         d = d - d.mean(-1, keepdim=True)
     w = getattr(getattr(model, "ln_final", None), "w", None)
     if w is not None and norm is not None:
         d = d * w.detach()
-    return (d @ model.W_U.detach()) / torch.as_tensor(scale, device=d.device, dtype=d.dtype)
+    return (d @ w_u) / torch.as_tensor(scale, device=d.device, dtype=d.dtype)
 
 
-def final_norm_scale(model: HookedTransformer, prompts: Tensor | Batch | Prompts, *, batch_size: int = 64) -> float:
+def final_norm_scale(model: Model, prompts: Tensor | Batch | Prompts, *, batch_size: int = 64) -> float:
     """Mean scale of the final norm over the real tokens of `prompts` (1.0 without a final norm)."""
     if FINAL_NORM_SCALE not in model.hook_dict:
         return 1.0
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     total, count = 0.0, 0
     for sl, part in chunks(batch, batch_size):
         s = run(model, part, captures=[FINAL_NORM_SCALE], logits=False).acts[FINAL_NORM_SCALE][..., 0]
@@ -225,7 +226,7 @@ def _decode_tokens(tokenizer: Tokenizer | None, ids: list[int]) -> tuple[str, ..
 
 
 def trace(
-    model: HookedTransformer,
+    model: Model,
     sae: SAE,
     prompts: Tensor | Batch | Prompts,
     features: Sequence[int] | Tensor | None = None,
@@ -246,7 +247,7 @@ def trace(
     The SAE's recorded hook and model are checked (`check_sae`; `allow_mismatch` skips that).
     """
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     idx = _features_index(sae, features)
     nf = idx.numel()
@@ -300,10 +301,10 @@ def trace(
         contexts.append(tuple(row))
     scale = scale_sum / scale_n if scale_n else 1.0
     effect = (_direct_logit_effect(model, sae, name, idx, scale=scale).float().cpu()
-              if _writes_residual(name) else torch.zeros(nf, model.cfg.d_vocab))
+              if _writes_residual(name) else torch.zeros(nf, Arch.of(model).d_vocab))
     vocab = getattr(tokenizer, "vocab", None)
     if vocab is None and tokenizer is not None:
-        vocab = tuple(tokenizer.decode([t]) for t in range(model.cfg.d_vocab))
+        vocab = tuple(tokenizer.decode([t]) for t in range(Arch.of(model).d_vocab))
     top_ex = torch.where(top_flat >= 0, top_flat // width, -1)
     top_pos = torch.where(top_flat >= 0, top_flat % width, -1)
     return FeatureTrace(
@@ -315,13 +316,13 @@ def trace(
 
 
 def feature_activations(
-    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, *,
+    model: Model, sae: SAE, prompts: Tensor | Batch | Prompts, *,
     positions: Positions = "last", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> Float[Tensor, "n_act d_sae"]:
     """All feature activations at the selected positions (one row per selected token, in prompt
     order then position order; "last" and other names read each prompt's own positions)."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     out = []
     for sl, part in chunks(batch, batch_size):
@@ -345,7 +346,7 @@ def zero_features(features: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def ablate(
-    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, features: Sequence[int] | Tensor,
+    model: Model, sae: SAE, prompts: Tensor | Batch | Prompts, features: Sequence[int] | Tensor,
     metric: Metric | Callable[[Tensor], Tensor] | None = None, *, positions: Positions = "all", batch_size: int = 64,
     allow_mismatch: bool = False,
 ) -> Tensor:
@@ -354,7 +355,7 @@ def ablate(
     layout) without a metric."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
     idx = _features_index(sae, features)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     fn = as_metric(metric) if metric is not None else None
     outs = []
@@ -382,9 +383,9 @@ def steering_edit(sae: SAE, name: str, feature: int, coefficient: float, mask: T
 
 @contextlib.contextmanager
 def steer(
-    model: HookedTransformer, sae: SAE, feature: int, coefficient: float, *,
+    model: Model, sae: SAE, feature: int, coefficient: float, *,
     mask: Tensor | None = None, hook: str | Node | None = None, allow_mismatch: bool = False,
-) -> Iterator[HookedTransformer]:
+) -> Iterator[Model]:
     """Within the block, `coefficient` x the feature's decoder row is added at the SAE's hook.
 
     The decoder row is used as stored (sae-lens inference SAEs usually have unit-norm rows), so
@@ -436,7 +437,7 @@ class FeatureAttribution:
 
 
 def feature_attribution(
-    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor], *,
+    model: Model, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor], *,
     positions: Positions = "all", batch_size: int = 32, allow_mismatch: bool = False,
 ) -> FeatureAttribution:
     """Attribute `metric` (per example, ``metric(logits, prompts)``) to the SAE's features:
@@ -446,7 +447,7 @@ def feature_attribution(
     the model's own); feature activations are leaves of the gradient computation.
     """
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     mask = position_mask(batch, positions)
     fn_metric = as_metric(metric)
     scores, acts, metrics = [], [], []
@@ -506,7 +507,7 @@ class AttributionCheck:
 
 
 def check_attribution(
-    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor],
+    model: Model, sae: SAE, prompts: Tensor | Batch | Prompts, metric: Metric | Callable[[Tensor], Tensor],
     attribution: FeatureAttribution, features: Sequence[int] | Tensor | None = None, *, n: int = 20,
     positions: Positions = "all", batch_size: int = 64, allow_mismatch: bool = False,
 ) -> AttributionCheck:
@@ -548,13 +549,13 @@ class Steering:
 
 
 def steering_curve(
-    model: HookedTransformer, sae: SAE, prompts: Tensor | Batch | Prompts, feature: int, coefficients: Sequence[float],
+    model: Model, sae: SAE, prompts: Tensor | Batch | Prompts, feature: int, coefficients: Sequence[float],
     metric: Metric | Callable[[Tensor], Tensor], *, mask: Tensor | None = None, allow_mismatch: bool = False,
 ) -> Steering:
     """The metric (per example) when steering `feature` by each coefficient (`mask`: bool
     [batch, pos] positions to steer, right-padded layout; default every position)."""
     name = check_sae(model, sae, allow_mismatch=allow_mismatch)
-    batch = as_batch(prompts, model.cfg.d_vocab)
+    batch = as_batch(prompts, Arch.of(model).d_vocab)
     fn = as_metric(metric)
     rows = []
     for c in coefficients:

@@ -29,8 +29,9 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, get_sae_training_clas
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from interp.arch import Model, device_of, dtype_of
+from interp.arch import model_name as name_of
 from interp.configs import from_dict
 from interp.graph import Node
 from interp.models import weights_fingerprint
@@ -106,7 +107,7 @@ class TrainResult:
 
 
 def train(
-    model: HookedTransformer | None,
+    model: Model | None,
     data: Tensor | Batch | Any,
     hook: str | Node | None = None,
     config: TrainConfig | None = None,
@@ -130,8 +131,10 @@ def train(
         name: str | None = hook_name_of(model, hook)
         acts = collect_activations(model, data, name, positions=positions, batch_size=model_batch_size)
         chunk_source: ChunkSource = source_of(acts, batch_size=config.batch_size)
-        device, dtype = model.cfg.device, model.cfg.dtype
-        model_name = model_name or model.cfg.model_name
+        # the SAE trains in at least float32 whatever the model's dtype (bf16 Adam steps lose the
+        # small updates); it casts activations on the way in and its output back where spliced
+        device, dtype = device_of(model), torch.promote_types(dtype_of(model), torch.float32)
+        model_name = model_name or name_of(model)
         model_weights: str | None = weights_fingerprint(model)
     else:
         name = hook.hook_name if isinstance(hook, Node) else hook
@@ -142,7 +145,7 @@ def train(
     first = next(batches)
     d_in = int(first.shape[-1])
     device = device or first.device
-    dtype = dtype or first.dtype
+    dtype = dtype or torch.promote_types(first.dtype, torch.float32)
     return train_on_batches(_prepend(first, batches), d_in, config, hook_name=name, model_name=model_name,
                             model_weights=model_weights, device=device, dtype=dtype)
 
@@ -160,13 +163,19 @@ def train_on_batches(
     hook_name: str | None = None,
     model_name: str | None = None,
     model_weights: str | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train an SAE with sae-lens's `SAETrainer` on an iterator of [batch_size, d_in] batches.
 
     `model_weights` (`interp.models.weights_fingerprint` of the model the batches come from) is
     recorded in the SAE's metadata, so using the SAE with another model raises."""
+    if device is None:  # follow the batches
+        first = next(batches)
+        device, batches = first.device, _prepend(first, batches)
+    # every statistic (the norm estimate, the loss) in the SAE's dtype: bf16/fp16 activations are
+    # cast on the way in, so training on them equals training on their float32 copies
+    batches = (b.to(dtype) for b in batches)
     sae_cls, cfg_cls = get_sae_training_class(config.architecture)
     metadata = SAEMetadata(hook_name=hook_name, model_name=model_name)
     if model_weights is not None:
@@ -215,7 +224,7 @@ def train_on_batches(
 def _step_input(trainer: SAETrainer, batch: Tensor) -> Any:
     from sae_lens.saes.sae import TrainStepInput
 
-    return TrainStepInput(sae_in=batch.to(trainer.sae.device), coefficients=trainer.get_coefficients(),
+    return TrainStepInput(sae_in=batch.to(trainer.sae.device, trainer.sae.dtype), coefficients=trainer.get_coefficients(),
                           dead_neuron_mask=None, n_training_steps=trainer.n_training_steps,
                           is_logging_step=False)
 
