@@ -166,6 +166,24 @@ def test_logit_lens_equals_hf_hidden_states_through_hf_norm_and_head(family, bri
     torch.testing.assert_close(r.kl[-1], torch.zeros_like(r.kl[-1]), rtol=0, atol=1e-5)
 
 
+def test_future_lens_reads_the_hf_hidden_states(family, bridge_model, hf_folder):
+    """The future lens's inputs (`residual_stack`: resid_pre of each block) are HF's own
+    hidden_states; on period-2 sequences (x_(t+2) = x_t) the lens decodes x_(t+2) from the
+    embedding layer on every held-out token, as the (x_t -> x_(t+2)) table does."""
+    from interp.lens import FutureLensConfig, future_lens, residual_stack
+
+    bridge, hf = bridge_model(family), hf_zoo.hf_model(hf_folder(family))
+    g = torch.Generator().manual_seed(6)
+    pairs = torch.randint(10, 18, (80, 2), generator=g)
+    tokens = pairs.repeat(1, 5)  # a b a b ...: 10 tokens
+    stack = residual_stack(bridge, tokens, progress=False)
+    with torch.inference_mode():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(stack[:-1], torch.stack(hidden[:-1]), rtol=1e-5, atol=1e-5)
+    r = future_lens(bridge, tokens, config=FutureLensConfig(offsets=(2,), layers=(0,)), progress=False)
+    assert float(r.accuracy[0, 0]) == 1.0 and float(r.baselines[0, 0, 0]) == 1.0
+
+
 def test_tuned_lens_on_each_family(family, bridge_model):
     """Untrained translators are the logit lens; trained ones are closer to the final
     distribution on held-out prompts at every layer but the last; the model is untouched."""
