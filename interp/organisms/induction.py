@@ -30,6 +30,7 @@ its OV circuit. The manifest's `circuit` records the edges and the ablations tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from interp.graph import Node, Site
 from interp.organisms.base import CircuitPrompts, Criterion, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
 from interp.tokens import VocabTokenizer
@@ -162,18 +164,25 @@ def textbook(n: int, seed: int, period: int) -> InductionData:
                          length=torch.full((n,), period, dtype=torch.long))
 
 
+def sampler(batch: int = BATCH) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    """The training batches: `dataset(batch, seed)` with a fresh seed drawn from the generator at
+    every step (so the data of step k depends only on the training seed), next-token targets."""
+
+    def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)))
+        targets = torch.full_like(data.tokens, IGNORE)
+        targets[:, :-1] = data.tokens[:, 1:]
+        return data.tokens, targets
+
+    return sample
+
+
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
           threads: int | None = 1, n_layers: int = 2) -> tuple[HookedTransformer, TrainLog]:
     """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, no gradient clipping),
     batch 64, next-token loss at every position, nothing else."""
     model = init_model(config(n_layers), seed)
-
-    def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
-        targets = torch.full_like(data.tokens, IGNORE)
-        targets[:, :-1] = data.tokens[:, 1:]
-        return data.tokens, targets
-
+    sample = sampler(BATCH)
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
                      seed=seed, threads=threads)
     log = fit(model, sample, tc, progress=progress, desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
@@ -208,7 +217,7 @@ def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
 def head_scores(model: HookedTransformer, data: InductionData
                 ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, "layer head"]]:
     """(induction, previous-token) score of every head, averaged over `data.scored` positions."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    names = [Node(layer, Site.PATTERN).hook_name for layer in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(data.tokens.to(model.cfg.device), names_filter=names)
     mask = data.scored  # [n, q]
     n_idx, q_idx = mask.nonzero(as_tuple=True)
@@ -236,8 +245,9 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
     (pl, ph), il = prev_head, heads[0][0]
     ih = [h for _, h in heads]
     tokens = data.tokens.to(model.cfg.device)
-    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{pl}.attn.hook_z")
-    prev_out = cache[f"blocks.{pl}.attn.hook_z"][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
+    z_name = Node(pl, Site.HEAD).hook_name
+    _, cache = model.run_with_cache(tokens, names_filter=z_name)
+    prev_out = cache[z_name][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
 
     def remove(x: Tensor, hook: object) -> Tensor:
         x = x.clone()
@@ -248,8 +258,8 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
     was = model.cfg.use_split_qkv_input
     model.set_use_split_qkv_input(True)
     try:
-        for site in ("q", "k", "v"):
-            with model.hooks(fwd_hooks=[(f"blocks.{il}.hook_{site}_input", remove)]):
+        for site, node_site in (("q", Site.Q_INPUT), ("k", Site.K_INPUT), ("v", Site.V_INPUT)):
+            with model.hooks(fwd_hooks=[(Node(il, node_site).hook_name, remove)]):
                 loss = token_loss(model(tokens), tokens).cpu()
             out[site] = masked_mean(loss, data.scored)
     finally:
