@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def run_one(name: str, seed: int) -> dict[str, object]:
     metrics = evaluate(model, name=name)
     failed = failures(org.ACCEPTANCE, metrics)
     row: dict[str, object] = {"organism": name, "seed": seed, "steps": log.steps, "train_seconds": round(train_s, 1),
+                              **({"training": log.extra} if log.extra else {}),
                               "accepted": not failed, "failures": failed,
                               "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
     if name in C.CIRCUIT_ORGANISMS:
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--organisms", nargs="+", default=list(ORGANISMS))
     ap.add_argument("--out", type=Path, default=Path("bench/seeds.json"))
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # early-stopping checks
     done: list[dict[str, object]] = json.loads(args.out.read_text()) if args.out.is_file() else []
     have = {(r["organism"], r["seed"]) for r in done}
     for name in args.organisms:

@@ -383,3 +383,27 @@ def test_cli_list_and_eval():
         assert "yes" in res.output
     res = runner.invoke(app, ["eval", "nosuch"])
     assert res.exit_code == 1 and "expected one of" in res.output
+
+
+def test_fit_stop_ends_training_and_keeps_the_prefix_of_a_longer_run():
+    """`fit(stop=...)` ends after the step it returns True on, and (constant lr after warm-up,
+    as in the induction recipe) the stopped model is bit-identical to a run with that budget:
+    the early-stopping recipe never changes what the first k steps do."""
+    from interp.organisms.training import TrainConfig, fit
+
+    def cfg(steps):
+        return TrainConfig(steps=steps, lr=1e-3, warmup=3, final_lr_frac=1.0, grad_clip=0.0, seed=4)
+
+    seen = []
+
+    def stop(model, done):
+        seen.append((done, model.training, torch.is_inference_mode_enabled()))
+        return done == 7
+
+    a, b = init_model(induction.config(), 2), init_model(induction.config(), 2)
+    log_a = fit(a, induction.sampler(8), cfg(40), progress=False, stop=stop)
+    log_b = fit(b, induction.sampler(8), cfg(7), progress=False)
+    assert log_a.steps == 7 and len(log_a.loss) == 7 and seen[-1] == (7, False, True) and len(seen) == 7
+    assert log_a.loss == log_b.loss
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), n

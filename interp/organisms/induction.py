@@ -30,8 +30,9 @@ its OV circuit. The manifest's `circuit` records the edges and the ablations tha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -39,9 +40,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.graph import Node, Site
-from interp.organisms.base import CircuitPrompts, Criterion, masked_mean, token_loss
+from interp.organisms.base import CircuitPrompts, Criterion, failures, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
 from interp.tokens import VocabTokenizer
+
+logger = logging.getLogger(__name__)
 
 NAME = "induction"
 TASK = ("next-token prediction on uniform random tokens with a repeated span (period 4-27, random start; "
@@ -53,7 +56,9 @@ SEQ_LEN = 56
 MIN_REPEAT, MAX_REPEAT = 4, 27
 TEXTBOOK_PERIODS = tuple(range(5, 25))
 BATCH = 64
-DEFAULT_STEPS = 8000
+DEFAULT_STEPS = 16000  # the budget; training stops earlier once the textbook test passes (see `train`)
+STOP_FROM, STOP_EVERY = 8000, 1000
+STOP_EVAL_SEED, STOP_EVAL_N = 500, 64  # textbook seeds 500 + 1000k: disjoint from evaluate's 1 + 1000k
 WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
 PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
 
@@ -177,16 +182,48 @@ def sampler(batch: int = BATCH) -> Callable[[int, torch.Generator], tuple[Tensor
     return sample
 
 
+def textbook_acceptance(model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, float]:
+    """The four acceptance numbers of the textbook test (best induction / previous-token score,
+    repeated-half loss, and its ratio to the first half), periods TEXTBOOK_PERIODS, `n` each."""
+    t = textbook_scores(model, n, seed)
+    first, rep = float(t["loss_first_half"].mean()), float(t["loss_repeated_half"].mean())
+    return {"best_induction_score": float(t["induction"].mean(0).max()),
+            "best_prev_token_score": float(t["prev_token"].mean(0).max()),
+            "loss_first_half": first, "loss_repeated_half": rep, "loss_ratio": rep / first}
+
+
 def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
-          threads: int | None = 1, n_layers: int = 2) -> tuple[HookedTransformer, TrainLog]:
-    """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, no gradient clipping),
-    batch 64, next-token loss at every position, nothing else."""
+          threads: int | None = 1, n_layers: int = 2, acceptance: tuple[Criterion, ...] | None = None
+          ) -> tuple[HookedTransformer, TrainLog]:
+    """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, weight decay 0.01, no
+    gradient clipping), batch 64, next-token loss at every position, nothing else; `steps` is the
+    budget. Early stopping: from STOP_FROM steps on, every STOP_EVERY steps, the textbook test
+    on the stopping eval seed STOP_EVAL_SEED (disjoint from the reporting seed of `evaluate`)
+    is checked against `acceptance` (default: ACCEPTANCE for two or more layers, the control's
+    CONTROL_ACCEPTANCE for one), and training ends at the first pass. The lr does not depend on
+    the budget, so a run's first k steps are the same for every budget >= k."""
+    if acceptance is None:
+        acceptance = ACCEPTANCE if n_layers >= 2 else CONTROL_ACCEPTANCE
     model = init_model(config(n_layers), seed)
-    sample = sampler(BATCH)
+    checks: list[tuple[int, bool]] = []
+
+    def stop(m: HookedTransformer, done: int) -> bool:
+        if done < STOP_FROM or done % STOP_EVERY:
+            return False
+        metrics = textbook_acceptance(m, STOP_EVAL_N, STOP_EVAL_SEED)
+        passed = not failures(acceptance, metrics)
+        logger.info("%s seed %d step %d (stopping eval seed %d): %s -> %s", NAME, seed, done, STOP_EVAL_SEED,
+                    {k: round(v, 4) for k, v in metrics.items()}, "stop" if passed else "continue")
+        checks.append((done, passed))
+        return passed
+
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
                      seed=seed, threads=threads)
-    log = fit(model, sample, tc, progress=progress, desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
-    return model, log
+    log = fit(model, sampler(BATCH), tc, progress=progress, stop=stop,
+              desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
+    extra = {"budget_steps": float(steps), "stop_from": float(STOP_FROM), "stop_every": float(STOP_EVERY),
+             "stop_eval_seed": float(STOP_EVAL_SEED), "stopped_early": float(bool(checks and checks[-1][1]))}
+    return model, replace(log, extra={**log.extra, **extra})
 
 
 ROUTE_LENGTH, ROUTE_START, ROUTE_J = 8, 6, 3
@@ -349,7 +386,7 @@ class Variant:
 
     def train(self, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
               threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
-        return train(steps, seed, progress, threads, n_layers=self.n_layers)
+        return train(steps, seed, progress, threads, n_layers=self.n_layers, acceptance=self.ACCEPTANCE)
 
     def evaluate(self, model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, object]:
         return evaluate(model, n, seed)
