@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.organisms import induction as I
+from interp.organisms.base import failures
 from interp.organisms.training import IGNORE, fast_forward, init_model
 
 
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--wd-after", type=float, default=None)
     ap.add_argument("--decay-from", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--stop-from", type=int, default=None, help="stop at the first check from here that passes")
+    ap.add_argument("--late-from", type=int, default=None, help="phase 2 (late-start repeats) from this step")
+    ap.add_argument("--late-share", type=float, default=I.LATE_SHARE)
     ap.add_argument("--resume", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -68,7 +72,7 @@ def main() -> None:
             return 1e-3 * 0.5 * (1 + math.cos(math.pi * frac))
         return 1e-3
 
-    sample = I.sampler(I.BATCH)
+    sample = I.sampler(I.BATCH, late_from=args.late_from, late_share=args.late_share)
     t0 = time.perf_counter()
     model.train()
     for step in range(start, args.max_steps):
@@ -99,6 +103,10 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": done},
                    args.out / f"state_{done}.pt")
+        metrics = {"best_induction_score": float(ind.max()), "best_prev_token_score": float(prev.max()),
+                   "loss_repeated_half": rep, "loss_ratio": rep / first}
+        if args.stop_from is not None and done >= args.stop_from and not failures(I.ACCEPTANCE, metrics):
+            break  # the early-stopping rule of `induction.train` (same seed, n and checks)
 
 
 if __name__ == "__main__":

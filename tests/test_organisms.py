@@ -407,3 +407,28 @@ def test_fit_stop_ends_training_and_keeps_the_prefix_of_a_longer_run():
     assert log_a.loss == log_b.loss
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_induction_phase_two_data_adds_late_repeats_and_leaves_phase_one_unchanged():
+    """Phase 2 of the recipe (from STOP_FROM) adds repeats whose second copy ends the context, so
+    that late positions are induction keys too (the failing seeds had previous-token heads only at
+    early positions); `late_share=0` reproduces phase 1's sequences exactly, and the sampler
+    switches at `late_from` without changing the generator stream."""
+    base, late = induction.dataset(200, 9), induction.dataset(200, 9, late_share=0.6)
+    assert torch.equal(base.tokens[:, 0], late.tokens[:, 0]) and torch.equal(base.length, late.length)
+    assert torch.equal(induction.dataset(200, 9, late_share=0.0).tokens, base.tokens)
+    ends = (late.start + 2 * late.length).tolist()
+    n_late = sum(e == induction.SEQ_LEN for e in ends)
+    n_whole = int((late.start == 1).sum())
+    assert 0.2 * 200 < n_late < 0.45 * 200 and n_whole > 0.35 * 200  # 0.6 of the non-whole half
+    for i in range(200):
+        s, t = int(late.start[i]), int(late.length[i])
+        row = late.tokens[i].tolist()
+        assert row[0] == induction.BOS and s >= 1 and s + 2 * t <= induction.SEQ_LEN
+        assert row[s:s + t] == row[s + t:s + 2 * t]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    switch = induction.sampler(8, late_from=1, late_share=1.0)
+    plain = induction.sampler(8)
+    assert torch.equal(switch(0, g1)[0], plain(0, g2)[0])  # before late_from: phase 1
+    t_late, t_plain = switch(1, g1)[0], plain(1, g2)[0]
+    assert not torch.equal(t_late, t_plain) and torch.equal(g1.get_state(), g2.get_state())

@@ -61,6 +61,7 @@ STOP_FROM, STOP_EVERY = 8000, 1000
 STOP_EVAL_SEED, STOP_EVAL_N = 500, 64  # textbook seeds 500 + 1000k: disjoint from evaluate's 1 + 1000k
 WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
 PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
+LATE_SHARE = 0.6  # phase 2 (after STOP_FROM): non-whole repeats that end the context (late keys)
 
 ACCEPTANCE = (
     Criterion(metric="best_induction_score", op=">=", threshold=0.85,
@@ -142,10 +143,13 @@ def _repeat(tokens: Tensor, start: Tensor, length: Tensor, periodic: Tensor) -> 
     return torch.where(copy, tokens.gather(1, src), tokens)
 
 
-def dataset(n: int, seed: int) -> InductionData:
+def dataset(n: int, seed: int, late_share: float = 0.0) -> InductionData:
     """`n` training-distribution sequences, deterministic in `seed`: period T uniform in
     MIN_REPEAT..MAX_REPEAT; a share WHOLE_SHARE whole-sequence repeats (start 1), the rest at a
-    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end."""
+    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end.
+    `late_share` of the non-whole sequences start as late as possible (SEQ_LEN - 2T: the second
+    copy ends the context), so that late positions are keys of the induction head too; the
+    draws for it come last, so `late_share=0` gives the same sequences as before it existed."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
@@ -154,6 +158,9 @@ def dataset(n: int, seed: int) -> InductionData:
     whole = torch.rand(n, generator=g) < WHOLE_SHARE
     start = torch.where(whole, torch.ones_like(start), start)
     periodic = torch.rand(n, generator=g) < PERIODIC_SHARE
+    if late_share > 0:
+        late = (torch.rand(n, generator=g) < late_share) & ~whole
+        start = torch.where(late, SEQ_LEN - 2 * length, start)
     return InductionData(tokens=_repeat(tokens, start, length, periodic), start=start, length=length)
 
 
@@ -169,12 +176,15 @@ def textbook(n: int, seed: int, period: int) -> InductionData:
                          length=torch.full((n,), period, dtype=torch.long))
 
 
-def sampler(batch: int = BATCH) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE
+            ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
     """The training batches: `dataset(batch, seed)` with a fresh seed drawn from the generator at
-    every step (so the data of step k depends only on the training seed), next-token targets."""
+    every step (so the data of step k depends only on the training seed), next-token targets;
+    from step `late_from` on (phase 2), with `late_share` late-start repeats."""
 
     def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)))
+        late = late_share if late_from is not None and step >= late_from else 0.0
+        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)), late)
         targets = torch.full_like(data.tokens, IGNORE)
         targets[:, :-1] = data.tokens[:, 1:]
         return data.tokens, targets
@@ -219,7 +229,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
 
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
                      seed=seed, threads=threads)
-    log = fit(model, sampler(BATCH), tc, progress=progress, stop=stop,
+    log = fit(model, sampler(BATCH, late_from=STOP_FROM), tc, progress=progress, stop=stop,
               desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
     extra = {"budget_steps": float(steps), "stop_from": float(STOP_FROM), "stop_every": float(STOP_EVERY),
              "stop_eval_seed": float(STOP_EVAL_SEED), "stopped_early": float(bool(checks and checks[-1][1]))}
