@@ -234,6 +234,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
     if acceptance is None:
         acceptance = ACCEPTANCE if n_layers >= 2 else CONTROL_ACCEPTANCE
     model = init_model(config(n_layers), seed)
+    name = NAME if n_layers == 2 else f"{NAME}-{n_layers}layer"
     checks: list[tuple[int, bool]] = []
 
     def stop(m: HookedTransformer, done: int) -> bool:
@@ -241,7 +242,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
             return False
         metrics = textbook_acceptance(m, STOP_EVAL_N, STOP_EVAL_SEED)
         passed = not failures(acceptance, metrics)
-        logger.info("%s seed %d step %d (stopping eval seed %d): %s -> %s", NAME, seed, done, STOP_EVAL_SEED,
+        logger.info("%s seed %d step %d (stopping eval seed %d): %s -> %s", name, seed, done, STOP_EVAL_SEED,
                     {k: round(v, 4) for k, v in metrics.items()}, "stop" if passed else "continue")
         checks.append((done, passed))
         return passed
@@ -249,7 +250,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
                      seed=seed, threads=threads)
     log = fit(model, sampler(BATCH, late_from=STOP_FROM), tc, progress=progress, stop=stop,
-              desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
+              desc=name)
     extra = {"budget_steps": float(steps), "stop_from": float(STOP_FROM), "stop_every": float(STOP_EVERY),
              "stop_eval_seed": float(STOP_EVAL_SEED), "stopped_early": float(bool(checks and checks[-1][1]))}
     return model, replace(log, extra={**log.extra, **extra})
