@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
 
 from interp import circuits as C
 from interp.organisms import evaluate, get, train
 from interp.organisms.base import failures
+from interp.organisms.training import TrainLog, init_model
 
 ORGANISMS = ("induction", "induction-1layer", "multihop", "retrieval-learned", "retrieval-rotary",
              "retrieval-nope", "planning")
@@ -32,14 +37,28 @@ def roles(c: C.Circuit) -> set[tuple[int, str, str]]:
     return {(e.layer, e.query, e.key) for e in c.edges}
 
 
-def run_one(name: str, seed: int) -> dict[str, object]:
+def from_state(name: str, path: Path) -> tuple[HookedTransformer, int]:
+    """A model trained by bench/induction_recipe.py (a `state_STEP.pt` it saved) and its step."""
+    state = torch.load(path, weights_only=False)
+    model = init_model(get(name).config(), 0)
+    model.load_state_dict(state["model"])
+    return model.eval(), int(state["step"])
+
+
+def run_one(name: str, seed: int, state: Path | None = None, state_seconds: float = 0.0) -> dict[str, object]:
     org = get(name)
     t0 = time.perf_counter()
-    model, log = train(name, seed=seed, progress=False)
-    train_s = time.perf_counter() - t0
+    if state is None:
+        model, log = train(name, seed=seed, progress=False)
+        train_s = time.perf_counter() - t0
+    else:  # trained elsewhere (resumable, same steps as `train`); its wall time is given
+        model, steps = from_state(name, state)
+        log = TrainLog(loss=(), seconds=state_seconds, steps=steps, seed=seed, extra={"state": str(state)})
+        train_s = state_seconds
     metrics = evaluate(model, name=name)
     failed = failures(org.ACCEPTANCE, metrics)
     row: dict[str, object] = {"organism": name, "seed": seed, "steps": log.steps, "train_seconds": round(train_s, 1),
+                              **({"training": log.extra} if log.extra else {}),
                               "accepted": not failed, "failures": failed,
                               "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
     if name in C.CIRCUIT_ORGANISMS:
@@ -66,14 +85,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--organisms", nargs="+", default=list(ORGANISMS))
     ap.add_argument("--out", type=Path, default=Path("bench/seeds.json"))
+    ap.add_argument("--state", type=Path, default=None,
+                    help="evaluate this bench/induction_recipe.py state instead of training (one organism and seed)")
+    ap.add_argument("--state-seconds", type=float, default=0.0, help="the wall time that state took to train")
     args = ap.parse_args()
+    if args.state is not None and (len(args.organisms) != 1 or len(args.seeds) != 1):
+        ap.error(f"--state: expected one organism and one seed, got {args.organisms} and {args.seeds}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # early-stopping checks
     done: list[dict[str, object]] = json.loads(args.out.read_text()) if args.out.is_file() else []
     have = {(r["organism"], r["seed"]) for r in done}
     for name in args.organisms:
         for seed in args.seeds:
             if (name, seed) in have:
                 continue
-            row = run_one(name, seed)
+            row = run_one(name, seed, args.state, args.state_seconds)
             done.append(row)
             args.out.write_text(json.dumps(done, indent=1, default=float))
             print(json.dumps({k: row[k] for k in row if k not in ("circuit", "metrics")}, default=float), flush=True)

@@ -383,3 +383,52 @@ def test_cli_list_and_eval():
         assert "yes" in res.output
     res = runner.invoke(app, ["eval", "nosuch"])
     assert res.exit_code == 1 and "expected one of" in res.output
+
+
+def test_fit_stop_ends_training_and_keeps_the_prefix_of_a_longer_run():
+    """`fit(stop=...)` ends after the step it returns True on, and (constant lr after warm-up,
+    as in the induction recipe) the stopped model is bit-identical to a run with that budget:
+    the early-stopping recipe never changes what the first k steps do."""
+    from interp.organisms.training import TrainConfig, fit
+
+    def cfg(steps):
+        return TrainConfig(steps=steps, lr=1e-3, warmup=3, final_lr_frac=1.0, grad_clip=0.0, seed=4)
+
+    seen = []
+
+    def stop(model, done):
+        seen.append((done, model.training, torch.is_inference_mode_enabled()))
+        return done == 7
+
+    a, b = init_model(induction.config(), 2), init_model(induction.config(), 2)
+    log_a = fit(a, induction.sampler(8), cfg(40), progress=False, stop=stop)
+    log_b = fit(b, induction.sampler(8), cfg(7), progress=False)
+    assert log_a.steps == 7 and len(log_a.loss) == 7 and seen[-1] == (7, False, True) and len(seen) == 7
+    assert log_a.loss == log_b.loss
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_induction_phase_two_data_adds_late_repeats_and_leaves_phase_one_unchanged():
+    """Phase 2 of the recipe (from STOP_FROM) adds repeats whose second copy ends the context, so
+    that late positions are induction keys too (the failing seeds had previous-token heads only at
+    early positions); `late_share=0` reproduces phase 1's sequences exactly, and the sampler
+    switches at `late_from` without changing the generator stream."""
+    base, late = induction.dataset(200, 9), induction.dataset(200, 9, late_share=0.6)
+    assert torch.equal(base.tokens[:, 0], late.tokens[:, 0]) and torch.equal(base.length, late.length)
+    assert torch.equal(induction.dataset(200, 9, late_share=0.0).tokens, base.tokens)
+    ends = (late.start + 2 * late.length).tolist()
+    n_late = sum(e == induction.SEQ_LEN for e in ends)
+    n_whole = int((late.start == 1).sum())
+    assert 0.2 * 200 < n_late < 0.45 * 200 and n_whole > 0.35 * 200  # 0.6 of the non-whole half
+    for i in range(200):
+        s, t = int(late.start[i]), int(late.length[i])
+        row = late.tokens[i].tolist()
+        assert row[0] == induction.BOS and s >= 1 and s + 2 * t <= induction.SEQ_LEN
+        assert row[s:s + t] == row[s + t:s + 2 * t]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    switch = induction.sampler(8, late_from=1, late_share=1.0)
+    plain = induction.sampler(8)
+    assert torch.equal(switch(0, g1)[0], plain(0, g2)[0])  # before late_from: phase 1
+    t_late, t_plain = switch(1, g1)[0], plain(1, g2)[0]
+    assert not torch.equal(t_late, t_plain) and torch.equal(g1.get_state(), g2.get_state())

@@ -22,6 +22,25 @@ weight.
 `induction-1layer` is the one-layer control, trained the same way; it cannot compose heads, so
 it must fail the test (its acceptance: best induction score < 0.2).
 
+Recipe and seeds (`train`; measured on a 2-core machine shared with six other jobs, numbers on
+the held-out textbook test). AdamW 1e-3 constant after a 100-step warm-up, weight decay 0.01,
+batch 64, budget DEFAULT_STEPS = 16,000; from step 8,000, every 1,000 steps, the acceptance is
+checked on a separate stopping eval seed (STOP_EVAL_SEED, never the reporting seed) and training
+stops at the first pass; from step 8,000 the data also holds late-start repeats (LATE_SHARE).
+The lr does not depend on the budget, so seed 0 (shipped) stops at step 8,000 with the same
+weights as the former 8,000-step recipe (induction 0.977, previous-token 0.991, repeated-half
+loss 0.086 nats, 2.1% of the first half). Seeds 1 and 2 do not pass (bench/seeds.json): both
+form induction heads at the phase change (steps 1,000-2,000) and then stay flat through step
+12,000 — seed 1 at induction 0.60, previous-token 0.10, loss 0.45-0.50; seed 2 at 0.89 / 0.43 /
+0.45-0.52 — stuck in another solution, not slow. Their layer-0 previous-token heads work only at
+early positions (seed 2: L0H0 and L0H3 attend to i - 1 with 0.95 / 0.85 at positions 7-12, 0.00
+at positions 21-40; seed 1: 0.59 at 7-12, 0.00 later, where its layer-0 heads look 9-18 tokens
+back), while seed 0's L0H3 attends to i - 1 with 0.99 at every position. The training data put
+most induction keys (the first copy) early, so nothing forces a translation-invariant
+previous-token head; the textbook test reads the score at the second copy's (later) positions.
+4,000 steps of late-start repeats after step 8,000 did not move either seed: the next thing to
+try is that data (or a relative positional scheme) from step 0, which means a new seed-0 checkpoint.
+
 Known mechanism: a previous-token head in layer 0 writes "my previous token was x" at each
 position; an induction head in layer 1 reads it through K-composition (the key at the source
 position i - T + 1 carries the previous-token information) and copies the attended token through
@@ -30,16 +49,21 @@ its OV circuit. The manifest's `circuit` records the edges and the ablations tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from interp.organisms.base import CircuitPrompts, Criterion, masked_mean, token_loss
+from interp.graph import Node, Site
+from interp.organisms.base import CircuitPrompts, Criterion, failures, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
 from interp.tokens import VocabTokenizer
+
+logger = logging.getLogger(__name__)
 
 NAME = "induction"
 TASK = ("next-token prediction on uniform random tokens with a repeated span (period 4-27, random start; "
@@ -51,9 +75,12 @@ SEQ_LEN = 56
 MIN_REPEAT, MAX_REPEAT = 4, 27
 TEXTBOOK_PERIODS = tuple(range(5, 25))
 BATCH = 64
-DEFAULT_STEPS = 8000
+DEFAULT_STEPS = 16000  # the budget; training stops earlier once the textbook test passes (see `train`)
+STOP_FROM, STOP_EVERY = 8000, 1000
+STOP_EVAL_SEED, STOP_EVAL_N = 500, 64  # textbook seeds 500 + 1000k: disjoint from evaluate's 1 + 1000k
 WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
 PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
+LATE_SHARE = 0.6  # phase 2 (after STOP_FROM): non-whole repeats that end the context (late keys)
 
 ACCEPTANCE = (
     Criterion(metric="best_induction_score", op=">=", threshold=0.85,
@@ -135,10 +162,13 @@ def _repeat(tokens: Tensor, start: Tensor, length: Tensor, periodic: Tensor) -> 
     return torch.where(copy, tokens.gather(1, src), tokens)
 
 
-def dataset(n: int, seed: int) -> InductionData:
+def dataset(n: int, seed: int, late_share: float = 0.0) -> InductionData:
     """`n` training-distribution sequences, deterministic in `seed`: period T uniform in
     MIN_REPEAT..MAX_REPEAT; a share WHOLE_SHARE whole-sequence repeats (start 1), the rest at a
-    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end."""
+    uniform start in [1, SEQ_LEN - 2T]; a share PERIODIC_SHARE continues periodically to the end.
+    `late_share` of the non-whole sequences start as late as possible (SEQ_LEN - 2T: the second
+    copy ends the context), so that late positions are keys of the induction head too; the
+    draws for it come last, so `late_share=0` gives the same sequences as before it existed."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, N_RANDOM + 1, (n, SEQ_LEN), generator=g)
     tokens[:, 0] = BOS
@@ -147,6 +177,9 @@ def dataset(n: int, seed: int) -> InductionData:
     whole = torch.rand(n, generator=g) < WHOLE_SHARE
     start = torch.where(whole, torch.ones_like(start), start)
     periodic = torch.rand(n, generator=g) < PERIODIC_SHARE
+    if late_share > 0:
+        late = (torch.rand(n, generator=g) < late_share) & ~whole
+        start = torch.where(late, SEQ_LEN - 2 * length, start)
     return InductionData(tokens=_repeat(tokens, start, length, periodic), start=start, length=length)
 
 
@@ -162,22 +195,65 @@ def textbook(n: int, seed: int, period: int) -> InductionData:
                          length=torch.full((n,), period, dtype=torch.long))
 
 
-def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
-          threads: int | None = 1, n_layers: int = 2) -> tuple[HookedTransformer, TrainLog]:
-    """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, no gradient clipping),
-    batch 64, next-token loss at every position, nothing else."""
-    model = init_model(config(n_layers), seed)
+def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE
+            ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    """The training batches: `dataset(batch, seed)` with a fresh seed drawn from the generator at
+    every step (so the data of step k depends only on the training seed), next-token targets;
+    from step `late_from` on (phase 2), with `late_share` late-start repeats."""
 
     def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        data = dataset(BATCH, int(torch.randint(0, 2**62, (1,), generator=g)))
+        late = late_share if late_from is not None and step >= late_from else 0.0
+        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)), late)
         targets = torch.full_like(data.tokens, IGNORE)
         targets[:, :-1] = data.tokens[:, 1:]
         return data.tokens, targets
 
+    return sample
+
+
+def textbook_acceptance(model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, float]:
+    """The four acceptance numbers of the textbook test (best induction / previous-token score,
+    repeated-half loss, and its ratio to the first half), periods TEXTBOOK_PERIODS, `n` each."""
+    t = textbook_scores(model, n, seed)
+    first, rep = float(t["loss_first_half"].mean()), float(t["loss_repeated_half"].mean())
+    return {"best_induction_score": float(t["induction"].mean(0).max()),
+            "best_prev_token_score": float(t["prev_token"].mean(0).max()),
+            "loss_first_half": first, "loss_repeated_half": rep, "loss_ratio": rep / first}
+
+
+def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
+          threads: int | None = 1, n_layers: int = 2, acceptance: tuple[Criterion, ...] | None = None
+          ) -> tuple[HookedTransformer, TrainLog]:
+    """Train from scratch: AdamW 1e-3 (constant after a 100-step warm-up, weight decay 0.01, no
+    gradient clipping), batch 64, next-token loss at every position, nothing else; `steps` is the
+    budget. Early stopping: from STOP_FROM steps on, every STOP_EVERY steps, the textbook test
+    on the stopping eval seed STOP_EVAL_SEED (disjoint from the reporting seed of `evaluate`)
+    is checked against `acceptance` (default: ACCEPTANCE for two or more layers, the control's
+    CONTROL_ACCEPTANCE for one), and training ends at the first pass. The lr does not depend on
+    the budget, so a run's first k steps are the same for every budget >= k."""
+    if acceptance is None:
+        acceptance = ACCEPTANCE if n_layers >= 2 else CONTROL_ACCEPTANCE
+    model = init_model(config(n_layers), seed)
+    name = NAME if n_layers == 2 else f"{NAME}-{n_layers}layer"
+    checks: list[tuple[int, bool]] = []
+
+    def stop(m: HookedTransformer, done: int) -> bool:
+        if done < STOP_FROM or done % STOP_EVERY:
+            return False
+        metrics = textbook_acceptance(m, STOP_EVAL_N, STOP_EVAL_SEED)
+        passed = not failures(acceptance, metrics)
+        logger.info("%s seed %d step %d (stopping eval seed %d): %s -> %s", name, seed, done, STOP_EVAL_SEED,
+                    {k: round(v, 4) for k, v in metrics.items()}, "stop" if passed else "continue")
+        checks.append((done, passed))
+        return passed
+
     tc = TrainConfig(steps=steps, lr=1e-3, warmup=100, final_lr_frac=1.0, betas=(0.9, 0.999), grad_clip=0.0,
                      seed=seed, threads=threads)
-    log = fit(model, sample, tc, progress=progress, desc=NAME if n_layers == 2 else f"{NAME}-{n_layers}layer")
-    return model, log
+    log = fit(model, sampler(BATCH, late_from=STOP_FROM), tc, progress=progress, stop=stop,
+              desc=name)
+    extra = {"budget_steps": float(steps), "stop_from": float(STOP_FROM), "stop_every": float(STOP_EVERY),
+             "stop_eval_seed": float(STOP_EVAL_SEED), "stopped_early": float(bool(checks and checks[-1][1]))}
+    return model, replace(log, extra={**log.extra, **extra})
 
 
 ROUTE_LENGTH, ROUTE_START, ROUTE_J = 8, 6, 3
@@ -208,7 +284,7 @@ def circuit_prompts(n: int = 48, seed: int = 0) -> CircuitPrompts:
 def head_scores(model: HookedTransformer, data: InductionData
                 ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, "layer head"]]:
     """(induction, previous-token) score of every head, averaged over `data.scored` positions."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    names = [Node(layer, Site.PATTERN).hook_name for layer in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(data.tokens.to(model.cfg.device), names_filter=names)
     mask = data.scored  # [n, q]
     n_idx, q_idx = mask.nonzero(as_tuple=True)
@@ -236,8 +312,9 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
     (pl, ph), il = prev_head, heads[0][0]
     ih = [h for _, h in heads]
     tokens = data.tokens.to(model.cfg.device)
-    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{pl}.attn.hook_z")
-    prev_out = cache[f"blocks.{pl}.attn.hook_z"][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
+    z_name = Node(pl, Site.HEAD).hook_name
+    _, cache = model.run_with_cache(tokens, names_filter=z_name)
+    prev_out = cache[z_name][:, :, ph] @ model.W_O[pl, ph]  # [batch pos d_model]
 
     def remove(x: Tensor, hook: object) -> Tensor:
         x = x.clone()
@@ -248,8 +325,8 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
     was = model.cfg.use_split_qkv_input
     model.set_use_split_qkv_input(True)
     try:
-        for site in ("q", "k", "v"):
-            with model.hooks(fwd_hooks=[(f"blocks.{il}.hook_{site}_input", remove)]):
+        for site, node_site in (("q", Site.Q_INPUT), ("k", Site.K_INPUT), ("v", Site.V_INPUT)):
+            with model.hooks(fwd_hooks=[(Node(il, node_site).hook_name, remove)]):
                 loss = token_loss(model(tokens), tokens).cpu()
             out[site] = masked_mean(loss, data.scored)
     finally:
@@ -339,7 +416,7 @@ class Variant:
 
     def train(self, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
               threads: int | None = 1) -> tuple[HookedTransformer, TrainLog]:
-        return train(steps, seed, progress, threads, n_layers=self.n_layers)
+        return train(steps, seed, progress, threads, n_layers=self.n_layers, acceptance=self.ACCEPTANCE)
 
     def evaluate(self, model: HookedTransformer, n: int = 64, seed: int = 1) -> dict[str, object]:
         return evaluate(model, n, seed)

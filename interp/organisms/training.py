@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from interp.graph import Node, Site
 from interp.models import new_model
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ def fit(
     aux: Callable[[HookedTransformer, Tensor, int], Tensor] | None = None,
     progress: bool = True,
     desc: str = "train",
+    stop: Callable[[HookedTransformer, int], bool] | None = None,
 ) -> TrainLog:
     """Train `model` in place on batches from `sample` with the fused forward; returns the loss log.
 
@@ -250,6 +252,8 @@ def fit(
     `embedding` = (build, params): train `params` instead of ``W_E``, with the table given by
     ``build()``; at the end ``W_E`` is overwritten with ``build()``, so the model is exact.
     `aux(model, tokens, step)` adds an auxiliary loss term (not included in the logged loss).
+    `stop(model, steps_done)` is called after every step; returning True ends training there
+    (early stopping: keep it cheap or check only every k steps; it runs under inference mode).
     Deterministic given the model's initial weights, `config.seed` and the thread count.
     """
     names = dict(model.named_parameters())
@@ -295,6 +299,13 @@ def fit(
             if step % 50 == 0 or step == config.steps - 1:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
                 log.debug("%s step %d loss %.4f", desc, step, losses[-1])
+            if stop is not None:
+                model.eval()
+                with torch.inference_mode():
+                    done = stop(model, step + 1)
+                model.train()
+                if done:
+                    break
     seconds = time.perf_counter() - start
     if embedding is not None:
         with torch.no_grad():
@@ -302,7 +313,7 @@ def fit(
     model.eval()
     for n, p in names.items():
         p.requires_grad_(was[n])
-    return TrainLog(loss=tuple(losses), seconds=seconds, steps=config.steps, seed=config.seed)
+    return TrainLog(loss=tuple(losses), seconds=seconds, steps=len(losses), seed=config.seed)
 
 
 @torch.inference_mode()
@@ -313,7 +324,7 @@ def last_logits(model: HookedTransformer, tokens: Int[Tensor, "n pos"], *, batch
     out = []
     for i in range(0, tokens.shape[0], batch_size):
         chunk = tokens[i:i + batch_size].to(model.cfg.device)
-        name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        name = Node(model.cfg.n_layers - 1, Site.RESID_POST).hook_name
         _, cache = model.run_with_cache(chunk, names_filter=name)
         resid = cache[name][:, -1:]
         if model.cfg.normalization_type is not None:
