@@ -12,6 +12,9 @@ a CPU training recipe (deterministic from a seed) and acceptance criteria.
   controlled distance, three positional schemes (Haviv et al. 2022; Kazemnejad et al. 2023).
 - ``planning``: a cue determines a multi-token word before it is emitted (Pal et al. 2023;
   Wu, Morris & Levine 2024).
+- ``reach-direct`` / ``reach-cot`` / ``reach-continuous``: in-context graph reachability answered
+  directly, after a token chain of thought, or after continuous thoughts (Hao et al. 2024 Coconut;
+  Zhu et al. 2025).
 
 Every organism module offers ``config()``, ``tokenizer()``, ``dataset(n, seed)``,
 ``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``; those with a
@@ -40,10 +43,12 @@ if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not imp
 log = logging.getLogger(__name__)
 
 NAMES: tuple[str, ...] = ("induction", "induction-1layer", "multihop", "retrieval-learned",
-                          "retrieval-rotary", "retrieval-nope", "planning")
+                          "retrieval-rotary", "retrieval-nope", "planning",
+                          "reach-direct", "reach-cot", "reach-continuous")
 
 _MODULES = {"induction": "induction", "induction-1layer": "induction", "multihop": "multihop", "retrieval-learned": "retrieval",
-            "retrieval-rotary": "retrieval", "retrieval-nope": "retrieval", "planning": "planning"}
+            "retrieval-rotary": "retrieval", "retrieval-nope": "retrieval", "planning": "planning",
+            "reach-direct": "reach", "reach-cot": "reach", "reach-continuous": "reach"}
 
 
 @runtime_checkable
@@ -75,7 +80,7 @@ def get(name: str) -> Organism:
         raise ValueError(f"organism {name!r}: expected one of {list(NAMES)}, got an unknown name"
                          + (f"; did you mean {close}?" if close else ""))
     module: ModuleType = importlib.import_module(f"interp.organisms.{_MODULES[name]}")
-    if _MODULES[name] in ("retrieval", "induction"):
+    if _MODULES[name] in ("retrieval", "induction", "reach"):
         return module.variant(name)  # type: ignore[no-any-return]
     return module  # type: ignore[return-value]
 
