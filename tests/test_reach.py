@@ -106,8 +106,7 @@ def three_way():
         mode = name.removeprefix("reach-")
         model = load_model(f"organism:{name}")
         if mode == "direct":
-            short = torch.cat([task.tokens[:, :task.think_pos], task.tokens[:, -1:]], 1)
-            pred = model(short)[:, -1].argmax(-1)
+            pred = model(task.tokens[:, :task.think_pos + 1])[:, -1].argmax(-1)
         else:
             pred = rollout_thoughts(model, task.tokens, task.think_pos, R.STEPS,
                                     "hidden" if mode == "continuous" else "token").answer_logits.argmax(-1)

@@ -53,8 +53,8 @@ from interp.stats import Estimate, bootstrap
 class ThoughtTask:
     """Fixed-layout inputs with a known search frontier (all tensors on CPU).
 
-    `tokens`: the prompt through ``think_pos``, then `n_thoughts` placeholder slots and the answer
-    read-out position (the last); the token model writes its steps into the same slots.
+    `tokens`: the prompt through ``think_pos``, then `n_thoughts` placeholder slots; the answer is
+    read at the last slot; the token model writes its steps into the same slots.
     `frontier[:, i, j]`: node `node_ids[j]` is reachable in exactly i steps (i = 0..n_thoughts + 1).
     `partner_tokens` / `partner_answer`: the counterfactual whose thoughts are patched in;
     `control_tokens`: the same example written differently (same frontier and answer).
@@ -72,9 +72,9 @@ class ThoughtTask:
 
     def __post_init__(self) -> None:
         n, length = self.tokens.shape
-        if self.think_pos + self.n_thoughts + 1 != length - 1:
-            raise ValueError(f"ThoughtTask layout: expected think_pos + n_thoughts + 1 = last position "
-                             f"{length - 1}, got {self.think_pos} + {self.n_thoughts} + 1")
+        if self.think_pos + self.n_thoughts != length - 1:
+            raise ValueError(f"ThoughtTask layout: expected think_pos + n_thoughts = last position "
+                             f"{length - 1}, got {self.think_pos} + {self.n_thoughts}")
         for name in ("partner_tokens", "control_tokens"):
             if getattr(self, name).shape != self.tokens.shape:
                 raise ValueError(f"ThoughtTask.{name}: expected shape {tuple(self.tokens.shape)}, got "
@@ -280,7 +280,7 @@ def continuous_thought(models: dict[str, HookedTransformer], task: ThoughtTask, 
                        ) -> ContinuousResult:
     """Run the measurements on ``models["continuous"]`` (required; hidden rollouts) and, when
     given, ``models["cot"]`` (greedy token rollouts, probed at the same positions) and
-    ``models["direct"]`` (no steps: the prompt up to ``think_pos``, then the read-out token)."""
+    ``models["direct"]`` (no steps: the prompt through ``think_pos``, read there)."""
     if "continuous" not in models:
         raise ValueError(f"continuous_thought models: expected a 'continuous' entry, got {sorted(models)}")
     k = task.n_thoughts
@@ -294,8 +294,7 @@ def continuous_thought(models: dict[str, HookedTransformer], task: ThoughtTask, 
         per[f"{kind}_correct"] = (r.answer_logits.argmax(-1) == task.answer).double()
         accuracy[kind] = _est(per[f"{kind}_correct"], seed)
     if "direct" in models:
-        short = torch.cat([task.tokens[:, :task.think_pos], task.tokens[:, -1:]], 1)
-        logits = _logits(run(models["direct"], short))
+        logits = _logits(run(models["direct"], task.tokens[:, :task.think_pos + 1]))
         per["direct_correct"] = (logits[:, -1].argmax(-1).cpu() == task.answer).double()
         accuracy["direct"] = _est(per["direct_correct"], seed)
 

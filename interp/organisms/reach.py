@@ -7,14 +7,14 @@ of a random directed graph on 12 of 16 node labels, one token ``u>v`` per edge, 
 size 1, 2, 2, 1 (out-degree 0-2); ``s`` is the root of one, the other root is a distractor. The
 candidates are the two depth-3 leaves; the answer is the one reachable from ``s`` (3 hops).
 
-    <bos> u>v u>v ... u>v  ?  s c1 c2  :  [step 1] [step 2]  =  -> answer
+    <bos> u>v u>v ... u>v  ?  s c1 c2  :  [step 1] [step 2]  -> answer (read at the last step)
 
 An edge token's embedding is trained as first[u] + second[v] (`training.PairEmbedding`; the shipped
 table is ordinary), so "find the edge leaving u and read its head" is one attention step.
 
 Three ways to fill the steps (same architecture, data, optimiser and number of steps):
 
-- ``reach-direct``: no steps: ``... c2 =`` -> answer.
+- ``reach-direct``: no steps: ``... c2 :`` -> answer.
 - ``reach-cot``: token chain of thought: the steps are the path nodes a1, a2 (s -> a1 -> a2 -> answer).
 - ``reach-continuous``: continuous thoughts (Coconut): the input at step i is the model's own last
   hidden state (the final-norm output, what the unembedding reads) at the previous position, in
@@ -68,15 +68,14 @@ STEPS = HOPS - 1  # written / continuous steps before the answer
 N_EDGES = 10
 LEVELS = (1, 2, 2, 1)
 BATCH = 64
-DEFAULT_STEPS = 3000
-STAGE_FRACTIONS = (0.5, 0.25, 0.25)  # continuous curriculum: share of steps per stage 0..STEPS
+DEFAULT_STEPS = 5000
+STAGE_FRACTIONS = (0.3, 0.3, 0.4)  # continuous curriculum: share of steps per stage 0..STEPS
 
 BOS = 0
 NODE0 = 1
 Q = NODE0 + N_NODES
 THINK = Q + 1  # ":" (Coconut's <bot>)
-ANS = THINK + 1  # "=" (Coconut's <eot>): the answer is predicted here
-THOUGHT = ANS + 1  # placeholder: its embedding is replaced by a continuous thought
+THOUGHT = THINK + 1  # placeholder: its embedding is replaced by a continuous thought
 EDGE0 = THOUGHT + 1  # edge u -> v is token EDGE0 + N_NODES * (u - NODE0) + (v - NODE0)
 D_VOCAB = EDGE0 + N_NODES * N_NODES
 
@@ -84,7 +83,7 @@ Q_POS = 1 + N_EDGES  # 11
 START_POS = Q_POS + 1
 CAND_POS = (START_POS + 1, START_POS + 2)
 THINK_POS = START_POS + 3  # 15
-SEQ_LEN = THINK_POS + 1 + STEPS + 1  # 19: ... ":" step step "="
+SEQ_LEN = THINK_POS + 1 + STEPS  # 18: ... ":" step step; the answer is predicted at the last step
 
 # The baselines must have learned the task's form (a candidate as the answer; a chain along the
 # graph's edges); their accuracy is the measurement, not a bar. The continuous model must solve it.
@@ -101,8 +100,8 @@ TASK_ACCEPTANCE = {
 
 
 def tokenizer() -> VocabTokenizer:
-    """``<bos>``, nodes ``n0``..``n15``, ``?``, ``:``, ``=``, ``<thought>``, edges ``n{u}>n{v}``."""
-    return VocabTokenizer(("<bos>",) + tuple(f"n{i}" for i in range(N_NODES)) + ("?", ":", "=", "<thought>")
+    """``<bos>``, nodes ``n0``..``n15``, ``?``, ``:``, ``<thought>``, edges ``n{u}>n{v}``."""
+    return VocabTokenizer(("<bos>",) + tuple(f"n{i}" for i in range(N_NODES)) + ("?", ":", "<thought>")
                           + tuple(f"n{u}>n{v}" for u in range(N_NODES) for v in range(N_NODES)))
 
 
@@ -156,19 +155,20 @@ class ReachData:
         return self.tokens_for("cot")
 
     def tokens_for(self, mode: Mode = "cot", stage: int = STEPS) -> Int[Tensor, "n pos"]:
-        """The model input: the prompt, then (``cot``/``continuous``) ``:``, the steps, ``=``; in
-        ``continuous`` mode the first `stage` steps are `THOUGHT` placeholders, the rest the path."""
+        """The model input: the prompt, ``:``, then (``cot``/``continuous``) the steps, the answer being
+        predicted at the last position; in ``continuous`` mode the first `stage` steps are `THOUGHT`
+        placeholders, the rest the path."""
         n = self.n
         head = torch.cat([torch.full((n, 1), BOS), edge_tokens(self.edges), torch.full((n, 1), Q),
                           self.start[:, None], self.candidates], 1)
         if mode == "direct":
-            return torch.cat([head, torch.full((n, 1), ANS)], 1)
+            return torch.cat([head, torch.full((n, 1), THINK)], 1)
         steps = self.path[:, 1:HOPS].clone()
         if mode == "continuous":
             steps[:, :stage] = THOUGHT
         elif mode != "cot":
             raise ValueError(f"ReachData.tokens mode: expected one of {MODES}, got {mode!r}")
-        return torch.cat([head, torch.full((n, 1), THINK), steps, torch.full((n, 1), ANS)], 1)
+        return torch.cat([head, torch.full((n, 1), THINK), steps], 1)
 
     def rows(self, index: Int[Tensor, "m"]) -> ReachData:
         return ReachData(**{f: getattr(self, f)[index] for f in self.__dataclass_fields__})
@@ -374,7 +374,7 @@ def train(mode: Mode, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool 
 @dataclass(frozen=True)
 class Rollout:
     """One model's answers on `data`: per-example `correct`, the `steps` it wrote (token CoT; -1
-    where it thought), the answer `logits` at ``=``, the step distributions `step_logits` [n, step,
+    where it thought), the answer `logits` at the last position, the step distributions `step_logits` [n, step,
     d_vocab] (what the position before step i predicts) and the continuous `thoughts`."""
 
     correct: Bool[Tensor, "n"]
@@ -386,7 +386,7 @@ class Rollout:
 
 @torch.inference_mode()
 def rollout(model: HookedTransformer, data: ReachData, mode: Mode, *, batch_size: int = 500) -> Rollout:
-    """Greedy answers: ``direct`` reads ``=`` at once; ``cot`` writes each step greedily; ``continuous``
+    """Greedy answers: ``direct`` reads ``:`` at once; ``cot`` writes each step greedily; ``continuous``
     feeds both thoughts. Uses the fused forward (equal to the HookedTransformer's to float error)."""
     outs = []
     for i in range(0, data.n, batch_size):
@@ -412,7 +412,7 @@ def rollout(model: HookedTransformer, data: ReachData, mode: Mode, *, batch_size
 
 
 def evaluate(model: HookedTransformer, n: int = 1000, seed: int = 1, mode: Mode | None = None) -> dict[str, object]:
-    """Held-out answer accuracy (argmax over the whole vocabulary at ``=``) with a bootstrap CI; for
+    """Held-out answer accuracy (argmax over the whole vocabulary at the last position) with a bootstrap CI; for
     token CoT also the share of chains that chose the right first / second step."""
     from interp.stats import bootstrap
 
