@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interp.hypotheses.continuous import (
-    _top_hits,
+    top_hits,
     continuous_thought,
     entropy_bits,
     probe_frontier,
@@ -24,7 +24,7 @@ from interp.organisms import reach as R
 def test_top_hits_counts_frontier_nodes_among_the_top_scores():
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.9, 0.1, 0.8, 0.0], [0.0, 0.1, 0.8, 0.9]])
     frontier = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    assert _top_hits(scores, frontier).tolist() == [2.0, 1.0, 0.0]
+    assert top_hits(scores, frontier).tolist() == [2.0, 1.0, 0.0]
 
 
 def test_entropy_bits_matches_torch_distributions():
@@ -120,3 +120,22 @@ def test_patching_a_thought_from_the_other_root_moves_the_answer(result):
     assert result.patch_follow[0].low > result.patch_control_follow[0].high
     assert result.patch_follow[0].value > 0.5
     assert result.control_keep[0].value > 0.8
+
+
+def test_report_section_and_cli_run(result, tmp_path):
+    from typer.testing import CliRunner
+
+    from interp.cli_run import app
+    from interp.report import continuous_section
+
+    s = continuous_section(result)
+    assert s.supported and "superposition" in s.verdict
+    probe_cells = s.summary[s.summary.model == "continuous"]["probe (nodes)"].tolist()
+    cont = [x for x in result.steps if x.model == "continuous"]
+    assert f"{cont[0].probe.value:.3f}" in probe_cells[0]  # the table shows the measured numbers
+    out = tmp_path / "continuous.html"
+    res = CliRunner().invoke(app, ["continuous", "--n", "200", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "What a continuous thought holds" in html or "continuous" in html
+    assert "superposition" in html

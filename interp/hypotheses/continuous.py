@@ -167,7 +167,7 @@ def rollout_thoughts(model: HookedTransformer, tokens: Int[Tensor, "n pos"], thi
 # ----------------------------------------------------------------------------- measurements
 
 
-def _top_hits(scores: Float[Tensor, "n node"], frontier: Bool[Tensor, "n node"]) -> Float[Tensor, "n"]:
+def top_hits(scores: Float[Tensor, "n node"], frontier: Bool[Tensor, "n node"]) -> Float[Tensor, "n"]:
     """Per example: how many frontier nodes are among the |frontier| highest-scoring nodes."""
     k = int(frontier.sum(1).max())
     top = scores.topk(k, dim=1).indices
@@ -196,7 +196,7 @@ def probe_frontier(states: Float[Tensor, "n d_model"], frontier: Bool[Tensor, "n
             if k == 0:
                 acc[j] = res.value[0]
     truth = frontier[test]
-    return _top_hits(scores[0], truth), _top_hits(scores[1], truth), acc
+    return top_hits(scores[0], truth), top_hits(scores[1], truth), acc
 
 
 def entropy_bits(logits: Float[Tensor, "n d_vocab"]) -> Float[Tensor, "n"]:
@@ -304,7 +304,7 @@ def continuous_thought(models: dict[str, HookedTransformer], task: ThoughtTask, 
             fr = task.frontier[:, i + 1]
             probe, shuf, _ = probe_frontier(r.states[:, i], fr, seed=seed)
             lens_scores = (_unembed(models[kind], r.states[:, i]))[:, node_ids]
-            lens = _top_hits(lens_scores, fr)
+            lens = top_hits(lens_scores, fr)
             step_probs = r.step_logits[:, i].double().softmax(-1)
             mass = (step_probs[:, node_ids] * fr.double()).sum(1)
             if kind == "cot":
