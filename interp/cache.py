@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +31,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.graph import Node
-from interp.hooks import Capture, check_finite_acts, gather_positions, pos_dim, resolve_hooks, run
+from interp.hooks import (
+    Capture,
+    Intervention,
+    check_finite_acts,
+    gather_positions,
+    pos_dim,
+    resolve_hooks,
+    run,
+)
 from interp.models import config_fingerprint, weights_fingerprint
 from interp.prompts import Prompts, as_prompts
 from interp.store import Store, StoreWriter
@@ -260,6 +268,7 @@ def collect(
     progress: bool = True,
     resume: bool = True,
     overwrite: bool = False,
+    edits: Sequence[Intervention] | Callable[[slice], Sequence[Intervention]] = (),
 ) -> Cache | Store:
     """Cache the requested activations over `prompts`; in memory, or streamed to `out`.
 
@@ -276,8 +285,16 @@ def collect(
     An existing store at `out` is resumed (or, when complete, reopened) only if it was built from
     the same weights, config, tokens, hooks, positions and dtype; otherwise the error names the
     field that differs. `overwrite=True` replaces it instead.
+
+    `edits`: interventions applied in every batch's run (`interp.hooks.run`), or a function of
+    the batch's rows (a slice of `prompts`) returning that batch's edits, for per-example edits
+    such as a rollout's continuous inputs (`interp.rollout.Rollout.edits_for`). In memory only:
+    a store does not record edits, so `out` with edits is refused.
     """
     names = resolve_hooks(model, hooks, layers)
+    if out is not None and (callable(edits) or len(edits)):
+        raise ValueError("collect: expected no edits when streaming to a store (out=...), got edits; a store's "
+                         "identity records no edits, so collect edited runs in memory")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     positions = check_position_spec(positions)
@@ -310,7 +327,9 @@ def collect(
         for batch, idx in batches:
             check_model_tokens(model, batch.tokens)
             gather = None if idx is None else idx.clamp_min(0)  # -1: a cell this prompt lacks (NaN below)
-            res = run(model, batch, captures=[Capture(n, gather) for n in names], logits=False, row_offset=done)
+            batch_edits = edits(slice(done, done + batch.tokens.shape[0])) if callable(edits) else edits
+            res = run(model, batch, edits=batch_edits, captures=[Capture(n, gather) for n in names], logits=False,
+                      row_offset=done)
             got = {n: (res.acts[n].to(dtype) if dtype is not None else res.acts[n].clone()) for n in names}
             if dtype is not None:
                 check_finite_acts(got, done, dtype)

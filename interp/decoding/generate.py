@@ -190,6 +190,13 @@ def _uniforms(rows: Int[Tensor, "batch"], steps: int, seed: int) -> Float[Tensor
                                    dtype=torch.float64) for r in rows])
 
 
+def uniforms(rows: Int[Tensor, "batch"], steps: int, seed: int) -> Float[Tensor, "batch steps"]:
+    """The per-row random streams sampling reads (row stream ``r`` seeded with ``(seed, r)``), in
+    [0, 1), float64: so a prompt samples the same tokens alone as in any batch. Shared with
+    `interp.rollout`."""
+    return _uniforms(rows, steps, seed)
+
+
 def _forced(force: Force | None, b: int, steps: int, d_vocab: int) -> Int[Tensor, "batch steps"]:
     out = torch.full((b, steps), -1, dtype=torch.long)
     for s, tok in (force or {}).items():

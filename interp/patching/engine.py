@@ -56,7 +56,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
-from interp.hooks import run
+from interp.hooks import Intervention, run
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
@@ -254,13 +254,14 @@ def resid_pre_name(layer: int) -> str:
     return Node(layer, Site.RESID_PRE).hook_name
 
 
-def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str]
-               ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+def cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str],
+               edits: Sequence[Intervention] = ()) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
     """One forward pass returning the logits and the activations at `names`: the toolkit's one
-    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit). Finiteness is
-    checked by the callers on the logits (a NaN activation reaches them)."""
+    run path (`interp.hooks.run`; every hook must fire, hooks removed on exit), with `edits`
+    applied (e.g. a rollout's continuous inputs at hook_embed). Finiteness is checked by the
+    callers on the logits (a NaN activation reaches them)."""
     with torch.inference_mode():
-        out = run(model, tokens, captures=sorted(names), check_finite=False)
+        out = run(model, tokens, edits=edits, captures=sorted(names), check_finite=False)
     return out.logits, out.acts  # type: ignore[return-value]
 
 
@@ -325,18 +326,24 @@ def read_as(run: Prompts, answers_of: Prompts) -> Prompts | None:
 
 
 def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
-            names: set[str], direction: Direction, kv: bool = True, cross: bool = False) -> Runs:
+            names: set[str], direction: Direction, kv: bool = True, cross: bool = False,
+            clean_edits: Sequence[Intervention] = (), corrupt_edits: Sequence[Intervention] = ()) -> Runs:
     """Run clean and corrupted once each (prompts from `check_prompts`), caching `names` plus every
     layer's resid_pre (and, with `kv`, every layer's keys and values, which let patched runs skip
     unchanged positions).
 
     `cross` (named positions only; the two prompts of an example may differ in length): the
     metric reads every run at that run's own positions (`read_as`: the corrupted prompts'
-    positions with the clean prompts' answers), and edits come from `cross_edit`."""
+    positions with the clean prompts' answers), and edits come from `cross_edit`.
+
+    `clean_edits` / `corrupt_edits`: interventions each caching run is computed under (e.g. a
+    rollout's continuous inputs at hook_embed, `interp.rollout`); patched copies start from
+    these runs' cached residuals and K/V, so they inherit them."""
     check_direction(direction)
     if cross:
-        return _prepare_cross(model, clean, corrupt, metric, names, direction, kv)
-    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv)
+        return _prepare_cross(model, clean, corrupt, metric, names, direction, kv, clean_edits, corrupt_edits)
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
+                                                                          clean_edits, corrupt_edits)
     if metric is None:
         m_clean = m_corrupt = torch.full((len(clean),), float("nan"), dtype=torch.float64)
     else:
@@ -349,23 +356,26 @@ def prepare(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: 
     return Runs(direction, clean, base_tokens, base, source, m_clean, m_corrupt, clean_logits, corrupt_logits)
 
 
-def _both_runs(model: HookedTransformer, clean: Prompts, corrupt: Prompts, names: set[str], kv: bool
+def _both_runs(model: HookedTransformer, clean: Prompts, corrupt: Prompts, names: set[str], kv: bool,
+               clean_edits: Sequence[Intervention] = (), corrupt_edits: Sequence[Intervention] = ()
                ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
     """The clean and corrupted caching runs (logits checked finite at real positions), caching
     `names`, every resid_pre and, with `kv` where the prefix can be skipped, every layer's K/V."""
     names = set(names) | {resid_pre_name(layer) for layer in range(model.cfg.n_layers)}
     if kv and can_skip_prefix(model):
         names |= kv_names(model.cfg.n_layers)
-    clean_logits, clean_cache = cached_run(model, clean.tokens, names)
-    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names)
+    clean_logits, clean_cache = cached_run(model, clean.tokens, names, clean_edits)
+    corrupt_logits, corrupt_cache = cached_run(model, corrupt.tokens, names, corrupt_edits)
     check_finite(real_logits(clean_logits, clean), "clean run logits")
     check_finite(real_logits(corrupt_logits, corrupt), "corrupted run logits")
     return clean_logits, clean_cache, corrupt_logits, corrupt_cache
 
 
 def _prepare_cross(model: HookedTransformer, clean: Prompts, corrupt: Prompts, metric: Metric | None,
-                   names: set[str], direction: Direction, kv: bool) -> Runs:
-    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv)
+                   names: set[str], direction: Direction, kv: bool, clean_edits: Sequence[Intervention] = (),
+                   corrupt_edits: Sequence[Intervention] = ()) -> Runs:
+    clean_logits, clean_cache, corrupt_logits, corrupt_cache = _both_runs(model, clean, corrupt, names, kv,
+                                                                          clean_edits, corrupt_edits)
     aligned = tuple(clean.tokens.shape) == tuple(corrupt.tokens.shape) and torch.equal(clean.lengths, corrupt.lengths)
     read_bad = read_as(corrupt, clean)
     if read_bad is None and aligned:
