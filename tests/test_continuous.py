@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from interp.hypotheses.continuous import (
-    top_hits,
     continuous_thought,
     entropy_bits,
     probe_frontier,
     reach_inputs,
     rollout_thoughts,
+    top_hits,
 )
 from interp.models import load_model, organisms_dir
 from interp.organisms import reach as R
@@ -139,3 +139,21 @@ def test_report_section_and_cli_run(result, tmp_path):
     html = out.read_text()
     assert "What a continuous thought holds" in html or "continuous" in html
     assert "superposition" in html
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_rollout_equals_interp_rollout(family, gpt2_model, llama_model):
+    """The investigation's rollouts against the toolkit's generic `interp.rollout.rollout` (KV-cached):
+    the same thoughts fed at the same positions give the same answer logits, tokens the same chain."""
+    from interp.rollout import rollout
+
+    model = gpt2_model if family == "gpt2" else llama_model
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 11), generator=torch.Generator().manual_seed(3))
+    think_pos, k = 8, 2
+    ours = rollout_thoughts(model, tokens, think_pos, k, "hidden")
+    ref = rollout(model, tokens[:, :think_pos + 1], k, mode="hidden")
+    torch.testing.assert_close(ours.states, ref.inputs.float().cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.answer_logits, ref.final_logits.float().cpu(), atol=1e-4, rtol=1e-4)
+    tok = rollout_thoughts(model, tokens, think_pos, k, "token")
+    ref_tok = rollout(model, tokens[:, :think_pos + 1], k, mode="token")
+    assert torch.equal(tok.written, ref_tok.tokens.cpu())

@@ -378,8 +378,15 @@ def run_continuous(spec: str = "organism:reach-continuous", n: int = 1000, seed:
         models = {"continuous": load_model(spec)}
         if spec == "organism:reach-continuous":
             models |= {"cot": load_model("organism:reach-cot"), "direct": load_model("organism:reach-direct")}
-    return continuous_thought(models, reach_inputs(n, seed), seed=seed)
+    task = reach_inputs(n, seed)
+    for kind, m in models.items():
+        if m.cfg.d_vocab <= int(task.tokens.max()) or m.cfg.n_ctx < task.tokens.shape[1]:
+            raise ValueError(f"continuous ({kind} model {spec!r}): expected a reach-* organism's vocabulary and context "
+                             f"(d_vocab > {int(task.tokens.max())}, n_ctx >= {task.tokens.shape[1]}), got d_vocab "
+                             f"{m.cfg.d_vocab}, n_ctx {m.cfg.n_ctx}; the investigation needs a task with a known "
+                             f"frontier (build a ThoughtTask and call continuous_thought)")
+    return continuous_thought(models, task, seed=seed)
 
 
 __all__ = ["ContinuousResult", "StepFinding", "ThoughtTask", "Thoughts", "continuous_thought", "entropy_bits",
-           "probe_frontier", "reach_inputs", "rollout_thoughts", "run_continuous"]
+           "probe_frontier", "reach_inputs", "rollout_thoughts", "run_continuous", "top_hits"]
