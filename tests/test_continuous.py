@@ -126,7 +126,7 @@ def test_report_section_and_cli_run(result, tmp_path):
     from typer.testing import CliRunner
 
     from interp.cli_run import app
-    from interp.report import continuous_section
+    from interp.report import QUESTIONS, continuous_section
 
     s = continuous_section(result)
     assert s.supported and "superposition" in s.verdict
@@ -134,11 +134,10 @@ def test_report_section_and_cli_run(result, tmp_path):
     cont = [x for x in result.steps if x.model == "continuous"]
     assert f"{cont[0].probe.value:.3f}" in probe_cells[0]  # the table shows the measured numbers
     out = tmp_path / "continuous.html"
-    res = CliRunner().invoke(app, ["continuous", "--n", "200", "--out", str(out)])
+    question = QUESTIONS["continuous"].split("(")[0]
+    res = CliRunner().invoke(app, ["continuous", "--n", "120", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    html = out.read_text()
-    assert "What a continuous thought holds" in html or "continuous" in html
-    assert "superposition" in html
+    assert question in out.read_text()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
