@@ -148,16 +148,21 @@ def course_correction_cmd(model: str = typer.Option("organism:planning", "--mode
 
 
 @app.command("continuous")
-def continuous_cmd(model: str = typer.Option("organism:reach-continuous", "--model"), n: int = 1000,
+def continuous_cmd(model: str = typer.Option("organism:reach-cot", "--model", help="a reach model; "
+                                             "organism:reach-cot is read as a token model, others as continuous"),
+                   n: int = 1000,
                    seed: int = typer.Option(1, help="held-out dataset and probe seed"), out: Path | None = OUT,
                    overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
     """What does a continuous thought hold: several frontier nodes at once (superposition), vs a token chain?"""
     def investigate(r: Any, m: dict[str, Any]) -> Any:
         from interp.hypotheses.continuous import run_continuous
+        from interp.models import list_organisms
 
-        models = {"continuous": m[model]}
-        if model == "organism:reach-continuous":
-            models |= {"cot": r.load("organism:reach-cot"), "direct": r.load("organism:reach-direct")}
+        kind = "cot" if model == "organism:reach-cot" else "continuous"
+        models = {kind: m[model]}
+        if model in ("organism:reach-cot", "organism:reach-continuous"):
+            models |= {k: r.load(f"organism:reach-{k}") for k in ("cot", "direct")
+                       if k not in models and f"reach-{k}" in list_organisms()}
         return run_continuous(model, n, seed, models=models)
 
     _run("continuous", model, out, overwrite, investigate, seed, shared_js=shared_js)

@@ -10,15 +10,13 @@ import pytest
 import torch
 
 from interp.hypotheses.continuous import (
-    continuous_thought,
     entropy_bits,
     probe_frontier,
-    reach_inputs,
     rollout_thoughts,
+    run_continuous,
     top_hits,
 )
-from interp.models import load_model, organisms_dir
-from interp.organisms import reach as R
+from interp.models import organisms_dir
 
 
 def test_top_hits_counts_frontier_nodes_among_the_top_scores():
@@ -89,37 +87,26 @@ def test_rollouts_on_both_families_equal_plain_forwards(family, gpt2_model, llam
     torch.testing.assert_close(same.answer_logits, hid.answer_logits)
 
 
-def _shipped() -> bool:
-    return all((organisms_dir() / n / "model.safetensors").is_file() for n in R.NAMES)
-
-
 @pytest.fixture(scope="module")
 def result():
-    if not _shipped():
-        pytest.fail("reach organisms not shipped; train them with `interp organisms train reach-continuous` etc.")
-    models = {n.removeprefix("reach-"): load_model(f"organism:{n}") for n in R.NAMES}
-    return continuous_thought(models, reach_inputs(400, seed=11), seed=0)
+    missing = [n for n in ("reach-cot", "reach-direct") if not (organisms_dir() / n / "model.safetensors").is_file()]
+    if missing:
+        pytest.fail(f"reach organisms not shipped: {missing}; train them with `interp organisms train NAME`")
+    return run_continuous("organism:reach-cot", n=400, seed=11)
 
 
-def test_continuous_thoughts_hold_several_frontier_nodes_above_shuffled(result):
-    cont = {s.step: s for s in result.steps if s.model == "continuous"}
-    cot = {s.step: s for s in result.steps if s.model == "cot"}
-    for step in (1, 2):
-        s = cont[step]
-        assert s.frontier_size == 2
-        assert s.probe.low > s.shuffled.high, s
-        assert s.probe.low > 1.0, s  # more than one node at once: superposition
-        assert cot[step].written.high <= 1.0  # a written token holds at most one node
+def test_token_state_holds_the_frontier_its_written_token_drops(result):
+    """What a sampled token discards: before writing step 1 the token model's state holds both
+    depth-1 frontier nodes (probe, above shuffled labels) and its distribution spreads over them;
+    the token it writes keeps one."""
+    s = {x.step: x for x in result.steps if x.model == "cot"}
+    assert s[1].frontier_size == 2
+    assert s[1].probe.low > s[1].shuffled.high and s[1].probe.low > 1.5, s[1]
+    assert s[1].written.high <= 1.0 and s[1].written.low > 0.95  # a written node, from the frontier
+    assert s[1].entropy.low > 0.3 and s[1].frontier_mass.low > 0.95  # the choice is spread over the frontier
+    assert s[2].probe.low > s[2].shuffled.high
     assert result.verdict.supported
-
-
-def test_patching_a_thought_from_the_other_root_moves_the_answer(result):
-    """Ground truth: thought 1 of the partner (same graph, other root) holds the other tree's
-    frontier, so the answer should become the other candidate; the same example with its edges
-    reordered (same frontier) keeps the answer."""
-    assert result.patch_follow[0].low > result.patch_control_follow[0].high
-    assert result.patch_follow[0].value > 0.5
-    assert result.control_keep[0].value > 0.8
+    assert result.accuracy["cot"].low > result.accuracy["direct"].high
 
 
 def test_report_section_and_cli_run(result, tmp_path):
@@ -129,9 +116,9 @@ def test_report_section_and_cli_run(result, tmp_path):
     from interp.report import QUESTIONS, continuous_section
 
     s = continuous_section(result)
-    assert s.supported and "superposition" in s.verdict
-    probe_cells = s.summary[s.summary.model == "continuous"]["probe (nodes)"].tolist()
-    cont = [x for x in result.steps if x.model == "continuous"]
+    assert s.supported and "whole frontier" in s.verdict
+    probe_cells = s.summary[s.summary.model == "cot"]["probe (nodes)"].tolist()
+    cont = [x for x in result.steps if x.model == "cot"]
     assert f"{cont[0].probe.value:.3f}" in probe_cells[0]  # the table shows the measured numbers
     out = tmp_path / "continuous.html"
     question = QUESTIONS["continuous"].split("(")[0]

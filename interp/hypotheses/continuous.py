@@ -278,14 +278,16 @@ def _est(v: Tensor, seed: int) -> Estimate:
 
 def continuous_thought(models: dict[str, HookedTransformer], task: ThoughtTask, *, seed: int = 0
                        ) -> ContinuousResult:
-    """Run the measurements on ``models["continuous"]`` (required; hidden rollouts) and, when
-    given, ``models["cot"]`` (greedy token rollouts, probed at the same positions) and
+    """Run the measurements on ``models["continuous"]`` (hidden rollouts; patching) and/or
+    ``models["cot"]`` (greedy token rollouts, probed at the same positions), and on
     ``models["direct"]`` (no steps: the prompt through ``think_pos``, read there)."""
-    if "continuous" not in models:
-        raise ValueError(f"continuous_thought models: expected a 'continuous' entry, got {sorted(models)}")
+    if not {"continuous", "cot"} & set(models):
+        raise ValueError(f"continuous_thought models: expected a 'continuous' and/or a 'cot' entry, got {sorted(models)}")
     k = task.n_thoughts
     node_ids = task.node_ids
-    rolls = {"continuous": rollout_thoughts(models["continuous"], task.tokens, task.think_pos, k, "hidden")}
+    rolls = {}
+    if "continuous" in models:
+        rolls["continuous"] = rollout_thoughts(models["continuous"], task.tokens, task.think_pos, k, "hidden")
     if "cot" in models:
         rolls["cot"] = rollout_thoughts(models["cot"], task.tokens, task.think_pos, k, "token")
     per: dict[str, Tensor] = {}
@@ -320,11 +322,12 @@ def continuous_thought(models: dict[str, HookedTransformer], task: ThoughtTask, 
                                      probe=_est(probe, seed), shuffled=_est(shuf, seed), lens=_est(lens, seed),
                                      written=written, entropy=_est(ent, seed), frontier_mass=_est(mass, seed)))
 
-    cont = models["continuous"]
-    partner = rollout_thoughts(cont, task.partner_tokens, task.think_pos, k, "hidden")
-    control = rollout_thoughts(cont, task.control_tokens, task.think_pos, k, "hidden")
     follow, control_follow, keep = [], [], []
-    for i in range(k):
+    cont = models.get("continuous")
+    if cont is not None:
+        partner = rollout_thoughts(cont, task.partner_tokens, task.think_pos, k, "hidden")
+        control = rollout_thoughts(cont, task.control_tokens, task.think_pos, k, "hidden")
+    for i in range(k if cont is not None else 0):
         p = rollout_thoughts(cont, task.tokens, task.think_pos, k, "hidden", replace={i: partner.states[:, i]})
         c = rollout_thoughts(cont, task.tokens, task.think_pos, k, "hidden", replace={i: control.states[:, i]})
         f = (p.answer_logits.argmax(-1) == task.partner_answer).double()
@@ -349,35 +352,45 @@ def _unembed(model: HookedTransformer, state: Tensor) -> Tensor:
 
 def _verdict(steps: list[StepFinding], follow: list[Estimate], control_follow: list[Estimate],
              accuracy: dict[str, Estimate]) -> Verdict:
-    cont = [s for s in steps if s.model == "continuous"]
-    held = [s for s in cont if s.probe.low > s.shuffled.high and s.probe.low > 1.0]
+    acc = ", ".join(f"{kk} {e.value:.2f}" for kk, e in accuracy.items())
+    kind = "continuous" if any(s.model == "continuous" for s in steps) else "cot"
+    mine = [s for s in steps if s.model == kind]
+    held = [s for s in mine if s.probe.low > s.shuffled.high and s.probe.low > 1.0]
     causal = [i for i, (f, c) in enumerate(zip(follow, control_follow, strict=True)) if f.low > c.high]
+    what = "continuous thought" if kind == "continuous" else "token model's state before it writes a step"
     if not held:
-        best = max(cont, key=lambda s: s.probe.value)
-        return Verdict(False, f"no continuous step holds more than one frontier node above the shuffled baseline "
-                              f"(best: step {best.step}, {best.probe} vs shuffled {best.shuffled})")
+        best = max(mine, key=lambda s: s.probe.value)
+        return Verdict(False, f"no {what} holds more than one frontier node above the shuffled baseline "
+                              f"(best: step {best.step}, {best.probe} vs shuffled {best.shuffled}); accuracy {acc}")
     parts = [f"step {s.step}: {s.probe.value:.2f} of {s.frontier_size:.0f} frontier nodes decodable "
-             f"(CI {s.probe.low:.2f}-{s.probe.high:.2f}; shuffled {s.shuffled.value:.2f})" for s in held]
+             f"(CI {s.probe.low:.2f}-{s.probe.high:.2f}; shuffled {s.shuffled.value:.2f}"
+             + (f"; the written token keeps {s.written.value:.2f})" if kind == "cot" else ")") for s in held]
     tail = ""
     if causal:
         tail = "; patching thought " + ", ".join(str(i + 1) for i in causal) + " from the other root moves the " \
                "answer to the other candidate in " + ", ".join(f"{follow[i].value:.0%}" for i in causal) + \
                " of examples (control " + ", ".join(f"{control_follow[i].value:.0%}" for i in causal) + ")"
-    acc = ", ".join(f"{kk} {e.value:.2f}" for kk, e in accuracy.items())
-    return Verdict(True, f"continuous thoughts hold the search frontier in superposition ({'; '.join(parts)})"
-                         f"{tail}; accuracy {acc}")
+    claim = ("continuous thoughts hold the search frontier in superposition" if kind == "continuous" else
+             "the token model's state holds the whole frontier where its written token keeps one node")
+    return Verdict(True, f"{claim} ({'; '.join(parts)}){tail}; accuracy {acc}")
 
 
-def run_continuous(spec: str = "organism:reach-continuous", n: int = 1000, seed: int = 1, *,
+SHIPPED = ("organism:reach-continuous", "organism:reach-cot")
+
+
+def run_continuous(spec: str = "organism:reach-cot", n: int = 1000, seed: int = 1, *,
                    models: dict[str, HookedTransformer] | None = None) -> ContinuousResult:
-    """`continuous_thought` on the reach organisms: `spec` is the continuous model; the token-CoT and
-    no-CoT organisms are loaded next to it when `spec` is the shipped one (``organism:reach-continuous``)."""
-    from interp.models import load_model
+    """`continuous_thought` on the reach organisms. `spec` is read as a continuous model unless it
+    is ``organism:reach-cot`` (a token model); with a shipped reach spec the other shipped reach
+    organisms (token CoT, no CoT) are loaded next to it."""
+    from interp.models import list_organisms, load_model
 
     if models is None:
-        models = {"continuous": load_model(spec)}
-        if spec == "organism:reach-continuous":
-            models |= {"cot": load_model("organism:reach-cot"), "direct": load_model("organism:reach-direct")}
+        models = {"cot" if spec == "organism:reach-cot" else "continuous": load_model(spec)}
+        if spec in SHIPPED:
+            have = set(list_organisms())
+            models |= {k: load_model(f"organism:reach-{k}") for k in ("cot", "direct")
+                       if k not in models and f"reach-{k}" in have}
     task = reach_inputs(n, seed)
     for kind, m in models.items():
         if m.cfg.d_vocab <= int(task.tokens.max()) or m.cfg.n_ctx < task.tokens.shape[1]:
