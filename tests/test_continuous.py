@@ -89,10 +89,34 @@ def test_rollouts_on_both_families_equal_plain_forwards(family, gpt2_model, llam
 
 @pytest.fixture(scope="module")
 def result():
-    missing = [n for n in ("reach-cot", "reach-direct") if not (organisms_dir() / n / "model.safetensors").is_file()]
+    missing = [n for n in ("reach-continuous", "reach-cot", "reach-direct")
+               if not (organisms_dir() / n / "model.safetensors").is_file()]
     if missing:
         pytest.fail(f"reach organisms not shipped: {missing}; train them with `interp organisms train NAME`")
-    return run_continuous("organism:reach-cot", n=400, seed=11)
+    return run_continuous("organism:reach-continuous", n=400, seed=11)
+
+
+def test_continuous_thoughts_hold_several_frontier_nodes_above_shuffled(result):
+    """Superposition (Zhu et al. 2025): each thought holds more than one node of its frontier (probe
+    above shuffled labels), more than the token model's state after it committed to one node."""
+    cont = {s.step: s for s in result.steps if s.model == "continuous"}
+    cot = {s.step: s for s in result.steps if s.model == "cot"}
+    for step in (1, 2):
+        s = cont[step]
+        assert s.frontier_size == 2
+        assert s.probe.low > s.shuffled.high and s.probe.low > 1.5, s
+        assert s.lens.low > 1.5  # the logit lens of the thought ranks the frontier on top too
+    assert cont[2].probe.low > cot[2].probe.high  # after a written step the token state keeps less
+    assert result.verdict.supported and "superposition" in result.verdict.sentence
+
+
+def test_patching_a_thought_from_the_other_root_moves_the_answer(result):
+    """Ground truth: thought i of the partner (same graph, other root) holds the other tree's
+    frontier, so the answer becomes the other candidate; the same example with its edges
+    reordered (same frontier) keeps its answer."""
+    for i in range(2):
+        assert result.patch_follow[i].low > result.patch_control_follow[i].high
+        assert result.patch_follow[i].value > 0.9 and result.control_keep[i].value > 0.9
 
 
 def test_token_state_holds_the_frontier_its_written_token_drops(result):
@@ -116,9 +140,9 @@ def test_report_section_and_cli_run(result, tmp_path):
     from interp.report import QUESTIONS, continuous_section
 
     s = continuous_section(result)
-    assert s.supported and "whole frontier" in s.verdict
-    probe_cells = s.summary[s.summary.model == "cot"]["probe (nodes)"].tolist()
-    cont = [x for x in result.steps if x.model == "cot"]
+    assert s.supported and "superposition" in s.verdict
+    probe_cells = s.summary[s.summary.model == "continuous"]["probe (nodes)"].tolist()
+    cont = [x for x in result.steps if x.model == "continuous"]
     assert f"{cont[0].probe.value:.3f}" in probe_cells[0]  # the table shows the measured numbers
     out = tmp_path / "continuous.html"
     question = QUESTIONS["continuous"].split("(")[0]

@@ -93,7 +93,7 @@ def test_fused_rollout_equals_the_hook_path(mode):
         assert torch.equal(ours.steps, ref.written)
 
 
-SHIPPED = tuple(n for n in R.NAMES if n in NAMES)  # reach-continuous has not passed acceptance yet
+SHIPPED = tuple(n for n in R.NAMES if n in NAMES)
 
 
 def test_continuous_curriculum_runs_every_stage():
@@ -130,7 +130,7 @@ def three_way():
 
 def test_three_way_table_matches_held_out_ground_truth(three_way):
     """Accuracies recomputed through the hook path on the ground-truth answers equal the manifests'
-    (the organisms' own evaluate, fused forward); matched steps; token CoT beats no CoT."""
+    (the organisms' own evaluate, fused forward); matched steps; continuous > token CoT > no CoT."""
     est = {m: bootstrap(v, seed=1) for m, v in three_way.items()}
     for name in SHIPPED:
         mode = name.removeprefix("reach-")
@@ -140,5 +140,5 @@ def test_three_way_table_matches_held_out_ground_truth(three_way):
         assert m["steps"] == R.DEFAULT_STEPS and m["accepted"]
     assert est["cot"].low > est["direct"].high
     assert est["direct"].low < 0.5 < est["direct"].high  # no CoT: chance between the two candidates
-    if "continuous" in est:
-        assert est["continuous"].low > est["direct"].high
+    assert est["continuous"].low > est["direct"].high  # the acceptance: continuous beats no CoT
+    assert est["continuous"].low > est["cot"].high  # and token CoT, at the same 2 steps

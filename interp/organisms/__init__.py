@@ -12,9 +12,9 @@ a CPU training recipe (deterministic from a seed) and acceptance criteria.
   controlled distance, three positional schemes (Haviv et al. 2022; Kazemnejad et al. 2023).
 - ``planning``: a cue determines a multi-token word before it is emitted (Pal et al. 2023;
   Wu, Morris & Levine 2024).
-- ``reach-direct`` / ``reach-cot``: in-context graph reachability answered directly or after a
-  token chain of thought; ``reach-continuous`` (continuous thoughts, Hao et al. 2024 Coconut;
-  Zhu et al. 2025) trains but has not yet passed its acceptance (not shipped).
+- ``reach-direct`` / ``reach-cot`` / ``reach-continuous``: in-context graph reachability answered
+  directly, after a token chain of thought, or after continuous thoughts (Hao et al. 2024 Coconut;
+  Zhu et al. 2025).
 
 Every organism module offers ``config()``, ``tokenizer()``, ``dataset(n, seed)``,
 ``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``; those with a
@@ -44,9 +44,7 @@ log = logging.getLogger(__name__)
 
 NAMES: tuple[str, ...] = ("induction", "induction-1layer", "multihop", "retrieval-learned",
                           "retrieval-rotary", "retrieval-nope", "planning",
-                          "reach-direct", "reach-cot")
-# reach-continuous trains (`interp organisms train reach-continuous`) but no checkpoint has passed
-# its acceptance yet, so it is not among the shipped NAMES (see interp/organisms/reach.py).
+                          "reach-direct", "reach-cot", "reach-continuous")
 
 _MODULES = {"induction": "induction", "induction-1layer": "induction", "multihop": "multihop", "retrieval-learned": "retrieval",
             "retrieval-rotary": "retrieval", "retrieval-nope": "retrieval", "planning": "planning",

@@ -69,8 +69,8 @@ N_EDGES = 10
 LEVELS = (1, 2, 2, 1)
 BATCH = 64
 DEFAULT_STEPS = 5000
-STAGE_FRACTIONS = (0.3, 0.3, 0.4)
-REPLAY = False  # continuous curriculum: replay earlier stages within a stage  # continuous curriculum: share of steps per stage 0..STEPS
+STAGE_FRACTIONS = (0.3, 0.3, 0.4)  # continuous curriculum: share of steps per stage 0..STEPS
+REPLAY = True  # each step of stage j trains a stage drawn from 0..j (without replay: chance, see attempts)
 
 BOS = 0
 NODE0 = 1
