@@ -148,7 +148,7 @@ def course_correction_cmd(model: str = typer.Option("organism:planning", "--mode
 
 
 @app.command("continuous")
-def continuous_cmd(model: str = typer.Option("organism:reach-cot", "--model", help="a reach model; "
+def continuous_cmd(model: str = typer.Option("organism:reach-continuous", "--model", help="a reach model; "
                                              "organism:reach-cot is read as a token model, others as continuous"),
                    n: int = 1000,
                    seed: int = typer.Option(1, help="held-out dataset and probe seed"), out: Path | None = OUT,

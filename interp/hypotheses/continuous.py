@@ -378,7 +378,7 @@ def _verdict(steps: list[StepFinding], follow: list[Estimate], control_follow: l
 SHIPPED = ("organism:reach-continuous", "organism:reach-cot")
 
 
-def run_continuous(spec: str = "organism:reach-cot", n: int = 1000, seed: int = 1, *,
+def run_continuous(spec: str = "organism:reach-continuous", n: int = 1000, seed: int = 1, *,
                    models: dict[str, HookedTransformer] | None = None) -> ContinuousResult:
     """`continuous_thought` on the reach organisms. `spec` is read as a continuous model unless it
     is ``organism:reach-cot`` (a token model); with a shipped reach spec the other shipped reach
