@@ -107,8 +107,8 @@ def evaluate(name_or_model: str | HookedTransformer, n: int | None = None, seed:
             name = arch.removeprefix("interp-organism-") if arch.startswith("interp-organism-") else None
             if name is None and arch == "interp-NoPE":
                 name = "retrieval-nope"
-        if name not in _MODULES:
-            raise ValueError(f"evaluate(model): expected `name=` one of {list(_MODULES)} for a model "
+        if name not in NAMES:
+            raise ValueError(f"evaluate(model): expected `name=` one of {list(NAMES)} for a model "
                              f"that is not a shipped organism, got {name!r}")
     org = get(name)
     return org.evaluate(model, **({"n": n} if n else {}), seed=seed)

@@ -20,7 +20,12 @@ Three ways to fill the steps (same architecture, data, optimiser and number of s
   hidden state (the final-norm output, what the unembedding reads) at the previous position, in
   place of a token embedding (the position embedding is still added). Coconut's curriculum: stage
   j writes the first j steps as thoughts and the rest as tokens (stage 0 = token CoT), stage by
-  stage; the final stage thinks both steps.
+  stage; the final stage thinks both steps. With replay (`REPLAY`): each step of stage j trains a
+  stage drawn from 0..j. Without replay the model stayed at chance after 3,000 and 5,000 steps
+  (data/organisms/reach-continuous-attempts/); with it, 0.997 held out at the same 5,000 steps.
+
+Measured (n = 1000 held out, 5,000 steps each, batch 64): no CoT 0.494 (chance), token CoT 0.776
+(its first node needs a two-step look-ahead), continuous 0.997.
 
 Ground truth per example (`ReachData`): the edges, the start, candidates, the path, the answer and
 the frontier: the nodes reachable from ``s`` in exactly i steps (always two nodes at i = 1, 2).
