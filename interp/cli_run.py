@@ -1,4 +1,4 @@
-"""`interp run multihop|plan-ahead|decay|last-token|routes|course-correction --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
+"""`interp run multihop|plan-ahead|decay|last-token|routes|course-correction|continuous --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
 
 Each run writes its own report: by default `reports/run-NAME-MODEL.html` (a free name: `-2`, `-3`
 … are appended rather than replace an earlier run's report); an explicit `--out` that exists is
@@ -149,3 +149,24 @@ def course_correction_cmd(model: str = typer.Option("organism:planning", "--mode
     _run("course-correction", model, out, overwrite,
          lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model], prompts=prompts, steps=steps),
          seed, shared_js=shared_js)
+
+
+@app.command("continuous")
+def continuous_cmd(model: str = typer.Option("organism:reach-continuous", "--model", help="a reach model; "
+                                             "organism:reach-cot is read as a token model, others as continuous"),
+                   n: int = 1000,
+                   seed: int = typer.Option(1, help="held-out dataset and probe seed"), out: Path | None = OUT,
+                   overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
+    """What does a continuous thought hold: several frontier nodes at once (superposition), vs a token chain?"""
+    def investigate(r: Any, m: dict[str, Any]) -> Any:
+        from interp.hypotheses.continuous import run_continuous
+        from interp.models import list_organisms
+
+        kind = "cot" if model == "organism:reach-cot" else "continuous"
+        models = {kind: m[model]}
+        if model in ("organism:reach-cot", "organism:reach-continuous"):
+            models |= {k: r.load(f"organism:reach-{k}") for k in ("cot", "direct")
+                       if k not in models and f"reach-{k}" in list_organisms()}
+        return run_continuous(model, n, seed, models=models)
+
+    _run("continuous", model, out, overwrite, investigate, seed, shared_js=shared_js)

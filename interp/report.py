@@ -457,3 +457,34 @@ def report_for(name: str, result: Any, provenance: Provenance | None = None) -> 
     r = Report(f"interp run {name}", provenance=provenance)
     r.sections.append(section(name, result, question=QUESTIONS.get(name, ""), key=name))
     return r
+
+
+# ------------------------------------------------------------------------ continuous thought
+
+
+def _summ_continuous(r: Any) -> Summary:
+    """Per thought step: frontier nodes recovered by the probe (vs shuffled), the lens and the
+    written token, for the continuous and the token-CoT model; then the patching result."""
+    rows = []
+    for s in r.steps:
+        rows.append({"step": s.step, "model": s.model, "frontier size": fmt(s.frontier_size, 1),
+                     "probe (nodes)": fmt(s.probe), "shuffled": fmt(s.shuffled), "logit lens": fmt(s.lens),
+                     "written token": fmt(s.written) if s.written.value == s.written.value else "— (a thought)",
+                     "entropy (bits)": fmt(s.entropy, 2)})
+    for i, (f, c) in enumerate(zip(r.patch_follow, r.patch_control_follow, strict=True)):
+        rows.append({"step": i + 1, "model": "continuous", "frontier size": "",
+                     "probe (nodes)": f"patch from other root: follows {fmt(f)}",
+                     "shuffled": f"control: {fmt(c)}", "logit lens": "", "written token": "", "entropy (bits)": ""})
+    acc = "; ".join(f"{k} accuracy {fmt(e)}" for k, e in r.accuracy.items())
+    return Summary(pd.DataFrame(rows), _measured(r.n, f"probes on shuffled labels; for patching, the same "
+                                                      f"example with its edges reordered. {acc}"))
+
+
+SUMMARIES["ContinuousResult"] = _summ_continuous
+QUESTIONS["continuous"] = ("Does the i-th continuous thought hold the whole search frontier at depth i "
+                           "(several nodes at once), where a token chain commits to one node?")
+
+
+def continuous_section(result: Any) -> Section:
+    """The report section of `interp.hypotheses.continuous.continuous_thought`."""
+    return section("What a continuous thought holds", result, question=QUESTIONS["continuous"], key="continuous")

@@ -20,7 +20,8 @@ from interp.organisms.training import fast_forward, init_model
 
 # held-out evaluation sizes small enough for a fast test, large enough for the thresholds
 EVAL_N = {"induction": 24, "induction-1layer": 24, "multihop": 300, "planning": 300, "retrieval-learned": 25,
-          "retrieval-rotary": 25, "retrieval-nope": 25, "retry": 300, "retry-clean": 300}
+          "retrieval-rotary": 25, "retrieval-nope": 25, "retry": 300, "retry-clean": 300,
+          "reach-direct": 500, "reach-cot": 500, "reach-continuous": 500}
 
 
 def _shipped(name: str) -> bool:

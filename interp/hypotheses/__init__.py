@@ -5,11 +5,12 @@ or several tokens and partners; a plain token tensor still works) and returns a 
 (no layer, threshold or effect is reported when it is False), `.to_frame()` and `.plot()`."""
 
 from interp.hypotheses.base import Outcome, Verdict
+from interp.hypotheses.continuous import ContinuousResult, ThoughtTask, continuous_thought
 from interp.hypotheses.last_token import LastTokenResult, last_token_sufficiency
 from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop, plan_ahead
 from interp.hypotheses.positional_decay import DecayFit, DecayResult, distance_groups, positional_decay
 from interp.hypotheses.routes import RoutesResult, routes
 
-__all__ = ["DecayFit", "DecayResult", "LastTokenResult", "MultihopResult", "Outcome", "PlanAheadResult",
+__all__ = ["ContinuousResult", "ThoughtTask", "continuous_thought", "DecayFit", "DecayResult", "LastTokenResult", "MultihopResult", "Outcome", "PlanAheadResult",
            "RoutesResult", "Verdict", "distance_groups", "last_token_sufficiency", "multihop", "plan_ahead", "positional_decay",
            "routes"]

@@ -14,6 +14,9 @@ a CPU training recipe (deterministic from a seed) and acceptance criteria.
   Wu, Morris & Levine 2024).
 - ``retry`` / ``retry-clean``: a step chain with wrong steps, a back-off marker and the correct
   step, and its error-free control (Ye et al. 2024, Physics of Language Models 2.2).
+- ``reach-direct`` / ``reach-cot`` / ``reach-continuous``: in-context graph reachability answered
+  directly, after a token chain of thought, or after continuous thoughts (Hao et al. 2024 Coconut;
+  Zhu et al. 2025).
 
 Every organism module offers ``config()``, ``tokenizer()``, ``dataset(n, seed)``,
 ``train(steps, seed, progress)``, ``evaluate(model, n, seed)`` and ``ACCEPTANCE``; those with a
@@ -42,11 +45,13 @@ if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not imp
 log = logging.getLogger(__name__)
 
 NAMES: tuple[str, ...] = ("induction", "induction-1layer", "multihop", "retrieval-learned",
-                          "retrieval-rotary", "retrieval-nope", "planning", "retry", "retry-clean")
+                          "retrieval-rotary", "retrieval-nope", "planning", "retry", "retry-clean",
+                          "reach-direct", "reach-cot", "reach-continuous")
 
 _MODULES = {"induction": "induction", "induction-1layer": "induction", "multihop": "multihop", "retrieval-learned": "retrieval",
             "retrieval-rotary": "retrieval", "retrieval-nope": "retrieval", "planning": "planning",
-            "retry": "retry", "retry-clean": "retry"}
+            "retry": "retry", "retry-clean": "retry",
+            "reach-direct": "reach", "reach-cot": "reach", "reach-continuous": "reach"}
 
 
 @runtime_checkable
@@ -78,7 +83,7 @@ def get(name: str) -> Organism:
         raise ValueError(f"organism {name!r}: expected one of {list(NAMES)}, got an unknown name"
                          + (f"; did you mean {close}?" if close else ""))
     module: ModuleType = importlib.import_module(f"interp.organisms.{_MODULES[name]}")
-    if _MODULES[name] in ("retrieval", "induction", "retry"):
+    if _MODULES[name] in ("retrieval", "induction", "retry", "reach"):
         return module.variant(name)  # type: ignore[no-any-return]
     return module  # type: ignore[return-value]
 
