@@ -120,3 +120,23 @@ def demo_run(tmp_path_factory) -> DemoRun:
     out = tmp_path_factory.mktemp("demo") / "demo.html"
     run_demo(out, fast=True, results=results)
     return DemoRun(results, out, json.loads(out.with_suffix(".json").read_text()))
+
+
+# ------------------------------------------- the SAE tests (sae-lens pins transformer-lens < 4)
+
+def _is_sae_test(item) -> bool:
+    return item.path.name == "test_sae.py" or "sae" in item.name.lower()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the SAE tests `sae` (deselect with ``-m "not sae"``) and skip them where sae_lens is
+    not installed: the TransformerLens 4 environment of `make test-tl4` has no sae-lens."""
+    import importlib.util
+
+    missing = importlib.util.find_spec("sae_lens") is None
+    for item in items:
+        if _is_sae_test(item):
+            item.add_marker(pytest.mark.sae)
+            if missing:
+                item.add_marker(pytest.mark.skip(reason="sae_lens is not installed (sae-lens pins "
+                                                        "transformer-lens < 4; the TL4 environment has none)"))

@@ -1,0 +1,222 @@
+"""The one module that knows which TransformerLens is installed (3.x or 4.x).
+
+Every TransformerLens import of the toolkit outside `interp.sae` goes through here, so the rest
+of interp runs unchanged on both. What TransformerLens 4 changed (read from its 4.3 source):
+
+- removed: ``HookedTransformer``, ``HookedTransformerConfig`` (and the HookedEncoder family),
+  ``transformer_lens.utils`` (now ``transformer_lens.utilities``, same names),
+  ``loading_from_pretrained`` (names: ``transformer_lens.supported_models``), ``components``,
+  ``past_key_value_caching``, ``train`` (now ``tools.training``);
+- moved: ``HookedRootModule`` is imported from ``transformer_lens`` (no longer from
+  ``hook_points``);
+- kept: ``TransformerBridge`` (``boot_transformers`` for Hugging Face folders, ``boot_native``
+  for a TL-style config), ``TransformerBridgeConfig``, ``HookPoint``, ``ActivationCache``,
+  ``TransformerLensKeyValueCache`` (+ ``Entry``), ``transformer_lens.patching``,
+  ``utilities.get_act_name``, ``apply_softcap``, ``simple_attn_linear``.
+
+The organisms and `save_model` folders are HookedTransformer checkpoints (property-style keys
+``blocks.0.attn.W_Q`` with per-head shapes, a HookedTransformerConfig). On TL 4 they load as a
+``TransformerBridge.boot_native`` model (TL's own minimal transformer behind the Bridge): the
+config maps field by field (`native_config`) and the weights are reshaped to ``nn.Linear``
+layout (`native_state_dict`, the conversion of TL 4's ``convert_tl_checkpoint``, written here
+so it also runs, and is tested, on TL 3.9, which has ``boot_native`` too). One difference is
+handled exactly: the native rotary embedding rotates adjacent pairs (GPT-J layout) where
+HookedTransformer rotates the two halves (GPT-NeoX layout) — the Q/K weights are permuted
+within each head so the rotated dot products are unchanged (``hook_q``/``hook_k`` then hold
+the same values in that permuted d_head order; ``cfg.rotary_adjacent_pairs`` says so).
+Unsupported on the native model (refused by name): parallel attention/MLP, local attention,
+QK norm, positional schemes other than learned and rotary (shortformer, alibi); the NoPE
+organism is a learned table frozen at zero, so it loads. On TL 3.9 the native attention fires
+``hook_pattern`` after the value product (an edit there does not change the output); TL 4
+applies it before.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor
+from transformer_lens import ActivationCache, TransformerBridgeConfig, patching  # noqa: F401
+from transformer_lens.hook_points import HookPoint  # noqa: F401
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name  # noqa: F401
+from transformer_lens.utilities.activation_functions import apply_softcap  # noqa: F401
+from transformer_lens.utilities.attention import simple_attn_linear  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+TL_VERSION: str = importlib.metadata.version("transformer-lens")
+TL_MAJOR: int = int(TL_VERSION.split(".")[0])
+
+try:  # TL 3.x; removed in 4.0
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    HAS_HOOKED_TRANSFORMER = True
+except ImportError:
+    HAS_HOOKED_TRANSFORMER = False
+
+    class HookedTransformer(torch.nn.Module):  # type: ignore[no-redef]
+        """Stand-in on TransformerLens 4, where HookedTransformer is gone: no model is one, so
+        every `isinstance` check takes the TransformerBridge path; building one says why not."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(f"HookedTransformer: expected TransformerLens 3.x, got {TL_VERSION}; on "
+                              f"TransformerLens 4 use interp.models.new_model / load_model, which return a "
+                              f"TransformerBridge (boot_native for organisms and saved models)")
+
+    class HookedTransformerConfig:  # type: ignore[no-redef]
+        """Stand-in on TransformerLens 4: builds the `TransformerBridgeConfig` of the same fields."""
+
+        def __new__(cls, **fields: Any) -> Any:  # type: ignore[misc]
+            return native_config(fields)
+
+try:
+    from transformer_lens import HookedRootModule  # noqa: F401  (TL 4: the top level only)
+except ImportError:  # pragma: no cover - older 3.x
+    from transformer_lens.hook_points import HookedRootModule  # noqa: F401
+
+try:
+    from transformer_lens import TransformerLensKeyValueCache as KVCache
+    from transformer_lens import TransformerLensKeyValueCacheEntry as KVCacheEntry
+except ImportError:  # 3.x spells the module path only
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache  # noqa: F401
+    from transformer_lens.cache.key_value_cache_entry import (  # noqa: F401
+        TransformerLensKeyValueCacheEntry as KVCacheEntry,
+    )
+
+# Either kind of model the toolkit accepts (for annotations and isinstance checks).
+AnyModel = HookedTransformer | TransformerBridge
+
+
+def official_model_names() -> list[str]:
+    """TransformerLens's list of pretrained names (moved to ``supported_models`` in TL 4)."""
+    try:
+        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+    except ImportError:  # pragma: no cover - 3.x keeps it in loading_from_pretrained
+        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
+    return list(OFFICIAL_MODEL_NAMES)
+
+
+# ------------------------------------------------------------ HookedTransformer checkpoint -> native
+
+_UNSUPPORTED = {"parallel_attn_mlp": True, "use_local_attn": True, "post_embedding_ln": True,
+                "use_normalization_before_and_after": True, "use_qk_norm": True}
+
+
+def native_config(fields: Mapping[str, Any]) -> TransformerBridgeConfig:
+    """The `TransformerBridgeConfig` of a HookedTransformerConfig's fields (a dict or a config),
+    for ``TransformerBridge.boot_native``; features the native model lacks are refused by name."""
+    d = dict(fields if isinstance(fields, Mapping) else vars(fields))
+    bad = sorted(k for k, v in _UNSUPPORTED.items() if d.get(k) == v)
+    pos = d.get("positional_embedding_type", "standard")
+    if pos not in ("standard", "rotary"):
+        bad.append(f"positional_embedding_type={pos!r}")
+    if bad:
+        raise ValueError(f"native TransformerBridge config: expected features TransformerLens's native model "
+                         f"implements, got {bad}; this model needs a HookedTransformer (TransformerLens 3.x)")
+    if isinstance(d.get("dtype"), str):
+        d["dtype"] = getattr(torch, d["dtype"])
+    d.pop("device", None)
+    d["architecture"] = "TransformerLensNative"
+    cfg = TransformerBridgeConfig.from_dict(d)
+    # from_dict keeps only __init__ parameters; these TL-config fields are plain attributes here
+    for k in ("d_mlp", "positional_embedding_type", "rotary_dim", "n_key_value_heads", "act_fn"):
+        if d.get(k) is not None:
+            setattr(cfg, k, d[k])
+    if d.get("d_mlp") is None and not d.get("attn_only"):
+        cfg.d_mlp = 4 * cfg.d_model
+    if pos == "rotary":
+        cfg.rotary_dim = d.get("rotary_dim") or cfg.d_head
+        cfg.rotary_adjacent_pairs = True  # the native model's layout (see `native_state_dict`)
+    if d.get("act_fn") is None:  # attn-only organisms carry none; the native MLP is never built then
+        cfg.act_fn = "relu"
+    return cfg
+
+
+def _halves_to_pairs(d_head: int, rotary_dim: int) -> Tensor:
+    """Index map j -> source dim: adjacent pair (2i, 2i+1) takes the halves pair (i, i + rd/2)."""
+    half = rotary_dim // 2
+    rot = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return torch.cat([rot, torch.arange(rotary_dim, d_head)])
+
+
+_KEYS = [  # (HookedTransformer suffix, native suffix, kind)
+    (".W_Q", ".q.weight", "wq"), ("._W_K", ".k.weight", "wk"), ("._W_V", ".v.weight", "wv"),
+    (".W_K", ".k.weight", "wk"), (".W_V", ".v.weight", "wv"), (".W_O", ".o.weight", "wo"),
+    (".b_Q", ".q.bias", "bq"), ("._b_K", ".k.bias", "bk"), ("._b_V", ".v.bias", "bv"),
+    (".b_K", ".k.bias", "bk"), (".b_V", ".v.bias", "bv"), (".b_O", ".o.bias", "id"),
+    (".W_in", ".in.weight", "t"), (".b_in", ".in.bias", "id"), (".W_out", ".out.weight", "t"),
+    (".b_out", ".out.bias", "id"), (".W_gate", ".gate.weight", "t"), (".W_U", ".weight", "t"),
+    (".b_U", ".bias", "id"), (".W_E", ".weight", "id"), (".W_pos", ".weight", "id"),
+    (".w", ".weight", "id"), (".b", ".bias", "id"),
+]
+_DROPPED = (".mask", ".IGNORE", ".rotary_sin", ".rotary_cos")
+
+
+def native_state_dict(state: Mapping[str, Tensor], cfg: TransformerBridgeConfig) -> dict[str, Tensor]:
+    """HookedTransformer weights (property keys, per-head shapes) in the bridge's key/tensor layout.
+
+    Rotary models: Q/K dims are permuted within each head from the halves layout to adjacent
+    pairs (`_halves_to_pairs`), which leaves every rotated q.k product, and so the model, unchanged.
+    """
+    rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
+    perm = _halves_to_pairs(cfg.d_head, cfg.rotary_dim or cfg.d_head) if rotary else None
+    out: dict[str, Tensor] = {}
+    for key, t in state.items():
+        if key.endswith(_DROPPED):
+            continue
+        match = next(((old, new, kind) for old, new, kind in _KEYS if key.endswith(old)), None)
+        if match is None:
+            raise ValueError(f"HookedTransformer checkpoint key {key!r}: expected a parameter of "
+                             f"{[k for k, _, _ in _KEYS]}, got an unknown suffix")
+        old, new, kind = match
+        if perm is not None and kind in ("wq", "wk", "bq", "bk"):
+            t = t[..., perm]
+        if kind in ("wq", "wk", "wv"):
+            t = einops.rearrange(t, "h m d -> (h d) m")
+        elif kind == "wo":
+            t = einops.rearrange(t, "h d m -> m (h d)")
+        elif kind in ("bq", "bk", "bv"):
+            t = einops.rearrange(t, "h d -> (h d)")
+        elif kind == "t":
+            t = t.T
+        out[key[: -len(old)] + new] = t.contiguous()
+    return out
+
+
+def boot_native(cfg: Mapping[str, Any] | TransformerBridgeConfig, *, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> TransformerBridge:
+    """A random-initialised TransformerBridge on TL's native model, from HookedTransformerConfig fields."""
+    bcfg = cfg if isinstance(cfg, TransformerBridgeConfig) else native_config(cfg)
+    return TransformerBridge.boot_native(copy.deepcopy(bcfg), device=device, dtype=dtype).eval()
+
+
+def native_from_hooked(cfg: Mapping[str, Any], state: Mapping[str, Tensor], *,
+                       device: str | torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> TransformerBridge:
+    """A HookedTransformer checkpoint (config fields + state dict) as a TransformerBridge.
+
+    Equal logits to the HookedTransformer of the same weights (tested to float rounding).
+    """
+    model = boot_native(native_config(cfg), device=device, dtype=dtype)
+    sd = native_state_dict(state, model.cfg)
+    if model.cfg.gated_mlp:  # the native gated MLP has no biases (Llama's has none either)
+        biases = [k for k in sd if ".mlp." in k and k.endswith(".bias")]
+        nonzero = [k for k in biases if bool(sd[k].ne(0).any())]
+        if nonzero:
+            raise ValueError(f"native TransformerBridge weights: expected zero gated-MLP biases (the native "
+                             f"gated MLP has none), got nonzero {nonzero[:3]}; this model needs a "
+                             f"HookedTransformer (TransformerLens 3.x)")
+        for k in biases:
+            del sd[k]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"native TransformerBridge weights: expected the checkpoint to fill every parameter, "
+                         f"got missing {list(missing)[:5]} and unexpected {list(unexpected)[:5]}")
+    return model.eval()
