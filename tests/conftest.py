@@ -140,3 +140,16 @@ def pytest_collection_modifyitems(config, items):
             if missing:
                 item.add_marker(pytest.mark.skip(reason="sae_lens is not installed (sae-lens pins "
                                                         "transformer-lens < 4; the TL4 environment has none)"))
+
+
+# ------------------------------------------------- one local Ray instance for the Ray-backend tests
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with one CPU, started once for the suite (its start is the slow part)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install 'interp[ray]')")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

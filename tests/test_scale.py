@@ -3,7 +3,6 @@ cell by cell, on the local, process and Ray backends; numbers equal the library 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pandas as pd
@@ -107,25 +106,17 @@ def test_worker_processes_give_the_same_table(tmp_path):
     pd.testing.assert_frame_equal(serial.frame, par.frame)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                    reason="ray is not installed (optional extra: pip install 'interp[ray]')")
-def test_ray_backend_interrupted_then_resumed_on_a_local_instance(tmp_path):
-    import ray
-
+def test_ray_backend_interrupted_then_resumed_on_a_local_instance(tmp_path, ray_local):
     methods = [{"name": f"p-{site}", "method": "patch", "params": {"site": site, "positions": ["last"]}}
                for site in ("resid_pre", "attn_out", "v")]
     cfg = _config(tmp_path / "ray", models=["organism:multihop"], methods=methods)
     local = grid(_config(tmp_path / "local", models=["organism:multihop"], methods=methods))
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        with pytest.raises(Interrupt):
-            grid(cfg, backend="ray", on_cell=_stop_after(1))
-        # the interrupted map cancelled and settled its other tasks before returning
-        written = len(list((tmp_path / "ray" / "cells").glob("*.parquet")))
-        assert 1 <= written < 3
-        resumed = grid(cfg, backend="ray")
-    finally:
-        ray.shutdown()
+    with pytest.raises(Interrupt):
+        grid(cfg, backend="ray", on_cell=_stop_after(1))
+    # the interrupted map cancelled and settled its other tasks before returning
+    written = len(list((tmp_path / "ray" / "cells").glob("*.parquet")))
+    assert 1 <= written < 3
+    resumed = grid(cfg, backend="ray")
     assert (resumed.n_computed, resumed.n_skipped) == (3 - written, written)
     again = grid(cfg)
     assert (again.n_computed, again.n_skipped) == (0, 3)
