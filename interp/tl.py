@@ -37,14 +37,17 @@ import copy
 import importlib.metadata
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import einops
 import torch
+from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import ActivationCache, TransformerBridgeConfig, patching  # noqa: F401
 from transformer_lens.hook_points import HookPoint  # noqa: F401
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES  # noqa: F401
 from transformer_lens.utilities import get_act_name  # noqa: F401
 from transformer_lens.utilities.activation_functions import apply_softcap  # noqa: F401
 from transformer_lens.utilities.attention import simple_attn_linear  # noqa: F401
@@ -94,13 +97,78 @@ except ImportError:  # 3.x spells the module path only
 AnyModel = HookedTransformer | TransformerBridge
 
 
-def official_model_names() -> list[str]:
-    """TransformerLens's list of pretrained names (moved to ``supported_models`` in TL 4)."""
+def official_model_name(name: str) -> str:
+    """TransformerLens's official name for a pretrained alias; ValueError for an unknown one."""
     try:
-        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
-    except ImportError:  # pragma: no cover - 3.x keeps it in loading_from_pretrained
-        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
-    return list(OFFICIAL_MODEL_NAMES)
+        from transformer_lens.supported_models import get_official_model_name
+    except ImportError:  # 3.x keeps it in loading_from_pretrained
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    return get_official_model_name(name)  # type: ignore[no-any-return]
+
+
+# The init fields of TransformerLens 3.9's HookedTransformerConfig: what a saved model's config.json
+# may hold, on either version (tests/test_tl.py checks the list against TL 3).
+HOOKED_CONFIG_FIELDS: tuple[str, ...] = (
+    'd_model', 'd_head', 'n_layers', 'n_ctx', 'n_heads', 'd_mlp', 'd_vocab', 'device', 'use_attn_result',
+    'use_split_qkv_input', 'default_prepend_bos', 'positional_embedding_type', 'n_key_value_heads',
+    'attn_only', 'gated_mlp', 'uses_rms_norm', 'eps', 'layer_norm_folding', 'act_fn', 'normalization_type',
+    'num_experts', 'experts_per_token', 'final_rms', 'dtype', 'model_name', 'use_attn_scale', 'attn_scale',
+    'use_hook_mlp_in', 'use_attn_in', 'use_qk_norm', 'clip_qkv', 'use_logn_attn', 'train_seq_length',
+    'use_dynamic_ntk_rope', 'use_local_attn', 'ungroup_grouped_query_attention', 'original_architecture',
+    'from_checkpoint', 'checkpoint_index', 'checkpoint_label_type', 'checkpoint_value', 'tokenizer_name',
+    'window_size', 'attn_types', 'init_mode', 'n_devices', 'attention_dir', 'seed', 'initializer_range',
+    'init_weights', 'scale_attn_by_inverse_layer_idx', 'd_vocab_out', 'parallel_attn_mlp', 'rotary_dim',
+    'n_params', 'use_hook_tokens', 'tokenizer_prepends_bos', 'post_embedding_ln', 'rotary_base',
+    'rotary_base_local', 'rotary_scaling_factor', 'trust_remote_code', 'rotary_adjacent_pairs',
+    'load_in_4bit', 'quantization_method', 'relative_attention_max_distance',
+    'relative_attention_num_buckets', 'decoder_start_token_id', 'tie_word_embeddings',
+    'use_normalization_before_and_after', 'attn_scores_soft_cap', 'output_logits_soft_cap',
+    'use_NTK_by_parts_rope', 'NTK_by_parts_low_freq_factor', 'NTK_by_parts_high_freq_factor',
+    'NTK_by_parts_factor', 'NTK_original_ctx_len', 'use_yarn_rope', 'yarn_factor', 'yarn_attention_factor',
+    'yarn_beta_fast', 'yarn_beta_slow', 'yarn_original_max_position_embeddings', 'yarn_truncate',
+    'yarn_global_attn_only', 'use_attention_sinks', 'norm_topk_prob'
+)
+
+
+def unknown_config_keys(d: Mapping[str, Any]) -> list[str]:
+    """Keys of a model config dict that are not HookedTransformerConfig fields, sorted."""
+    return sorted(set(d) - set(HOOKED_CONFIG_FIELDS))
+
+
+def config_fields(cfg: Any) -> dict[str, Any]:
+    """The HookedTransformerConfig fields of a model's config (either kind) that it has, by name."""
+    return {k: getattr(cfg, k) for k in HOOKED_CONFIG_FIELDS if hasattr(cfg, k)}
+
+
+def build_model(cfg: Any) -> Any:
+    """A random-initialised model of a HookedTransformerConfig: a HookedTransformer on TL 3, a
+    TransformerBridge on TL's native model on TL 4 (where HookedTransformer is gone)."""
+    if HAS_HOOKED_TRANSFORMER:
+        return HookedTransformer(cfg)
+    fields = cfg if isinstance(cfg, Mapping) else config_fields(cfg)
+    device = fields.get("device")
+    return boot_native(native_config(fields) if not isinstance(cfg, TransformerBridgeConfig) else cfg,
+                       device=device)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torch.device | None = None
+                 ) -> tuple[list[str], list[str]]:
+    """Load a safetensors checkpoint into `model` (not strict); (missing, unexpected) keys.
+
+    A HookedTransformer checkpoint loaded into a native TransformerBridge (TL 4) is converted
+    first (`native_state_dict`); one saved from a bridge is loaded as it is.
+    """
+    from safetensors.torch import load_file
+    from safetensors.torch import load_model as st_load_model
+
+    if not isinstance(model, TransformerBridge):
+        missing, unexpected = st_load_model(model, str(path), strict=False, device=str(device or "cpu"))
+        return list(missing), list(unexpected)
+    state = load_file(str(path), device=str(device or "cpu"))
+    if any(k.endswith((".W_Q", ".W_E")) for k in state):
+        state = native_state_dict(state, model.cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    return list(missing), list(unexpected)
 
 
 # ------------------------------------------------------------ HookedTransformer checkpoint -> native
@@ -139,7 +207,7 @@ def native_config(fields: Mapping[str, Any]) -> TransformerBridgeConfig:
     return cfg
 
 
-def _halves_to_pairs(d_head: int, rotary_dim: int) -> Tensor:
+def rotary_pairs_permutation(d_head: int, rotary_dim: int) -> Int[Tensor, "d_head"]:
     """Index map j -> source dim: adjacent pair (2i, 2i+1) takes the halves pair (i, i + rd/2)."""
     half = rotary_dim // 2
     rot = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
@@ -163,10 +231,10 @@ def native_state_dict(state: Mapping[str, Tensor], cfg: TransformerBridgeConfig)
     """HookedTransformer weights (property keys, per-head shapes) in the bridge's key/tensor layout.
 
     Rotary models: Q/K dims are permuted within each head from the halves layout to adjacent
-    pairs (`_halves_to_pairs`), which leaves every rotated q.k product, and so the model, unchanged.
+    pairs (`rotary_pairs_permutation`), which leaves every rotated q.k product, and so the model, unchanged.
     """
     rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
-    perm = _halves_to_pairs(cfg.d_head, cfg.rotary_dim or cfg.d_head) if rotary else None
+    perm = rotary_pairs_permutation(cfg.d_head, cfg.rotary_dim or cfg.d_head) if rotary else None
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if key.endswith(_DROPPED):
@@ -187,6 +255,15 @@ def native_state_dict(state: Mapping[str, Tensor], cfg: TransformerBridgeConfig)
         elif kind == "t":
             t = t.T
         out[key[: -len(old)] + new] = t.contiguous()
+    if cfg.gated_mlp:  # the native gated MLP has no biases (Llama's has none either)
+        biases = [k for k in out if ".mlp." in k and k.endswith(".bias")]
+        nonzero = [k for k in biases if bool(out[k].ne(0).any())]
+        if nonzero:
+            raise ValueError(f"native TransformerBridge weights: expected zero gated-MLP biases (the native "
+                             f"gated MLP has none), got nonzero {nonzero[:3]}; this model needs a "
+                             f"HookedTransformer (TransformerLens 3.x)")
+        for k in biases:
+            del out[k]
     return out
 
 
@@ -194,6 +271,7 @@ def boot_native(cfg: Mapping[str, Any] | TransformerBridgeConfig, *, device: str
                 dtype: torch.dtype | None = None) -> TransformerBridge:
     """A random-initialised TransformerBridge on TL's native model, from HookedTransformerConfig fields."""
     bcfg = cfg if isinstance(cfg, TransformerBridgeConfig) else native_config(cfg)
+    dtype = dtype if dtype is not None else getattr(bcfg, "dtype", None)
     return TransformerBridge.boot_native(copy.deepcopy(bcfg), device=device, dtype=dtype).eval()
 
 
@@ -205,17 +283,7 @@ def native_from_hooked(cfg: Mapping[str, Any], state: Mapping[str, Tensor], *,
     Equal logits to the HookedTransformer of the same weights (tested to float rounding).
     """
     model = boot_native(native_config(cfg), device=device, dtype=dtype)
-    sd = native_state_dict(state, model.cfg)
-    if model.cfg.gated_mlp:  # the native gated MLP has no biases (Llama's has none either)
-        biases = [k for k in sd if ".mlp." in k and k.endswith(".bias")]
-        nonzero = [k for k in biases if bool(sd[k].ne(0).any())]
-        if nonzero:
-            raise ValueError(f"native TransformerBridge weights: expected zero gated-MLP biases (the native "
-                             f"gated MLP has none), got nonzero {nonzero[:3]}; this model needs a "
-                             f"HookedTransformer (TransformerLens 3.x)")
-        for k in biases:
-            del sd[k]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(native_state_dict(state, model.cfg), strict=False)
     if missing or unexpected:
         raise ValueError(f"native TransformerBridge weights: expected the checkpoint to fill every parameter, "
                          f"got missing {list(missing)[:5]} and unexpected {list(unexpected)[:5]}")

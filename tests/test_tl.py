@@ -43,7 +43,7 @@ def test_organism_on_the_native_bridge_equals_its_hooked_transformer(name):
                  "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern"]:
         torch.testing.assert_close(got[hook], want[hook], atol=1e-4, rtol=1e-4, msg=hook)
     if cfg["positional_embedding_type"] == "rotary":  # keys in the native adjacent-pair order
-        perm = tl._halves_to_pairs(ref.cfg.d_head, ref.cfg.rotary_dim)
+        perm = tl.rotary_pairs_permutation(ref.cfg.d_head, ref.cfg.rotary_dim)
         assert bridge.cfg.rotary_adjacent_pairs
         torch.testing.assert_close(got["blocks.0.attn.hook_k"], want["blocks.0.attn.hook_k"][..., perm])
         assert not torch.allclose(got["blocks.0.attn.hook_k"], want["blocks.0.attn.hook_k"])
@@ -80,7 +80,7 @@ def test_conversion_equals_transformer_lens_4s_converter(name):
     ours = tl.native_state_dict(state, bcfg)
     theirs = convert_tl_checkpoint({k: v for k, v in state.items() if "rotary" not in k}, bcfg)
     assert sorted(ours) == sorted(theirs)
-    perm = tl._halves_to_pairs(bcfg.d_head, bcfg.rotary_dim or bcfg.d_head)
+    perm = tl.rotary_pairs_permutation(bcfg.d_head, bcfg.rotary_dim or bcfg.d_head)
     for key, t in theirs.items():
         if cfg["positional_embedding_type"] == "rotary" and key.endswith(("q.weight", "k.weight", "q.bias", "k.bias")):
             h = t.reshape(-1, bcfg.d_head, *t.shape[1:])  # their dims are the halves layout
@@ -103,3 +103,12 @@ def test_unsupported_features_are_refused_by_name():
         tl.native_config(cfg | {"parallel_attn_mlp": True})
     with pytest.raises(ValueError, match=r"positional_embedding_type='alibi'"):
         tl.native_config(cfg | {"positional_embedding_type": "alibi"})
+
+
+@needs_hooked
+def test_the_config_field_list_is_transformer_lens_3s():
+    import dataclasses
+
+    from transformer_lens import HookedTransformerConfig
+
+    assert tl.HOOKED_CONFIG_FIELDS == tuple(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init)
