@@ -73,11 +73,15 @@ except ImportError:
                               f"TransformerLens 4 use interp.models.new_model / load_model, which return a "
                               f"TransformerBridge (boot_native for organisms and saved models)")
 
-    class HookedTransformerConfig:  # type: ignore[no-redef]
-        """Stand-in on TransformerLens 4: builds the `TransformerBridgeConfig` of the same fields."""
+    class HookedTransformerConfig(TransformerBridgeConfig):  # type: ignore[no-redef]
+        """Stand-in on TransformerLens 4: the `TransformerBridgeConfig` of HookedTransformerConfig
+        fields (for TL's native model; `native_config`)."""
 
-        def __new__(cls, **fields: Any) -> Any:  # type: ignore[misc]
-            return native_config(fields)
+        def __init__(self, **fields: Any) -> None:
+            kw, extras = _native_fields(fields)
+            super().__init__(**kw)
+            for k, v in extras.items():
+                setattr(self, k, v)
 
 try:
     from transformer_lens import HookedRootModule  # noqa: F401  (TL 4: the top level only)
@@ -146,9 +150,8 @@ def build_model(cfg: Any) -> Any:
     if HAS_HOOKED_TRANSFORMER:
         return HookedTransformer(cfg)
     fields = cfg if isinstance(cfg, Mapping) else config_fields(cfg)
-    device = fields.get("device")
-    return boot_native(native_config(fields) if not isinstance(cfg, TransformerBridgeConfig) else cfg,
-                       device=device)
+    bcfg = cfg if isinstance(cfg, TransformerBridgeConfig) else native_config(fields)
+    return boot_native(bcfg, device=fields.get("device"))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torch.device | None = None
@@ -177,10 +180,13 @@ _UNSUPPORTED = {"parallel_attn_mlp": True, "use_local_attn": True, "post_embeddi
                 "use_normalization_before_and_after": True, "use_qk_norm": True}
 
 
-def native_config(fields: Mapping[str, Any]) -> TransformerBridgeConfig:
-    """The `TransformerBridgeConfig` of a HookedTransformerConfig's fields (a dict or a config),
-    for ``TransformerBridge.boot_native``; features the native model lacks are refused by name."""
-    d = dict(fields if isinstance(fields, Mapping) else vars(fields))
+def _native_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TransformerBridgeConfig init arguments, attributes to set after) of HookedTransformerConfig
+    fields; features the native model lacks are refused by name."""
+    import dataclasses
+    import inspect
+
+    d = dict(fields)
     bad = sorted(k for k, v in _UNSUPPORTED.items() if d.get(k) == v)
     pos = d.get("positional_embedding_type", "standard")
     if pos not in ("standard", "rotary"):
@@ -192,19 +198,31 @@ def native_config(fields: Mapping[str, Any]) -> TransformerBridgeConfig:
         d["dtype"] = getattr(torch, d["dtype"])
     d.pop("device", None)
     d["architecture"] = "TransformerLensNative"
-    cfg = TransformerBridgeConfig.from_dict(d)
-    # from_dict keeps only __init__ parameters; these TL-config fields are plain attributes here
-    for k in ("d_mlp", "positional_embedding_type", "rotary_dim", "n_key_value_heads", "act_fn"):
-        if d.get(k) is not None:
-            setattr(cfg, k, d[k])
-    if d.get("d_mlp") is None and not d.get("attn_only"):
-        cfg.d_mlp = 4 * cfg.d_model
-    if pos == "rotary":
-        cfg.rotary_dim = d.get("rotary_dim") or cfg.d_head
-        cfg.rotary_adjacent_pairs = True  # the native model's layout (see `native_state_dict`)
     if d.get("act_fn") is None:  # attn-only organisms carry none; the native MLP is never built then
-        cfg.act_fn = "relu"
+        d["act_fn"] = "relu"
+    valid = set(inspect.signature(TransformerBridgeConfig.__init__).parameters) - {"self", "kwargs"}
+    valid |= {f.name for f in dataclasses.fields(TransformerBridgeConfig) if f.init} - {"device"}
+    kw = {k: v for k, v in d.items() if k in valid and v is not None}
+    extras: dict[str, Any] = {}
+    if pos == "rotary":
+        extras["rotary_dim"] = d.get("rotary_dim") or d["d_head"]
+        extras["rotary_adjacent_pairs"] = True  # the native model's layout (see `native_state_dict`)
+    return kw, extras
+
+
+def _bridge_config(cls: type, fields: Mapping[str, Any]) -> Any:
+    kw, extras = _native_fields(fields)
+    cfg = cls(**kw)
+    for k, v in extras.items():
+        setattr(cfg, k, v)
     return cfg
+
+
+def native_config(fields: Mapping[str, Any] | Any) -> TransformerBridgeConfig:
+    """The `TransformerBridgeConfig` of a HookedTransformerConfig's fields (a dict or a config),
+    for ``TransformerBridge.boot_native`` (on TL 4: the `HookedTransformerConfig` stand-in)."""
+    d = dict(fields) if isinstance(fields, Mapping) else config_fields(fields)
+    return _bridge_config(TransformerBridgeConfig if HAS_HOOKED_TRANSFORMER else HookedTransformerConfig, d)
 
 
 def rotary_pairs_permutation(d_head: int, rotary_dim: int) -> Int[Tensor, "d_head"]:

@@ -1,0 +1,100 @@
+"""Route every TransformerLens import of interp/, probes/, tests/ and bench/ through `interp.tl`.
+
+A mechanical, idempotent rewrite (re-run it after a merge brings new imports):
+
+    python tools/rewrite_tl_imports.py            # rewrite in place, list the files changed
+    python tools/rewrite_tl_imports.py --check    # exit 1 if anything is left to rewrite
+
+Then `ruff check --fix --select I interp probes tests bench` re-sorts the import blocks.
+Left alone: interp/tl.py itself, and imports of TL-4-only names inside tests that check TL 4
+(`transformer_lens.utilities.tl_checkpoint_conversion`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOTS = ("interp", "probes", "tests", "bench")
+SKIP = {Path("interp/tl.py"), Path("tools/rewrite_tl_imports.py")}
+
+# (pattern, replacement), applied in order to each line (multi-line patterns carry re.M / re.S)
+RULES: list[tuple[re.Pattern[str], str]] = [
+    # the TL 3 model and config (TL 4: stand-ins, see interp.tl)
+    (re.compile(r"^(\s*)from transformer_lens import (HookedTransformer(?:, HookedTransformerConfig)?|"
+                r"HookedTransformerConfig)[ \t]*$", re.M), r"\1from interp.tl import \2"),
+    (re.compile(r"^(\s*)from transformer_lens import (ActivationCache|HookedRootModule|TransformerBridgeConfig)[ \t]*$",
+                re.M), r"\1from interp.tl import \2"),
+    (re.compile(r"^(\s*)from transformer_lens\.hook_points import (HookPoint|HookedRootModule)[ \t]*$", re.M),
+     r"\1from interp.tl import \2"),
+    (re.compile(r"^(\s*)from transformer_lens\.model_bridge import TransformerBridge[ \t]*$", re.M),
+     r"\1from interp.tl import TransformerBridge"),
+    # utilities (transformer_lens.utils is gone in TL 4)
+    (re.compile(r"^(\s*)from transformer_lens\.(?:utilities|utils) import get_act_name[ \t]*$", re.M),
+     r"\1from interp.tl import get_act_name"),
+    (re.compile(r"^(\s*)from transformer_lens\.utilities\.attention import simple_attn_linear[ \t]*$", re.M),
+     r"\1from interp.tl import simple_attn_linear"),
+    (re.compile(r"^(\s*)from transformer_lens\.utilities\.activation_functions import apply_softcap[ \t]*$", re.M),
+     r"\1from interp.tl import apply_softcap"),
+    (re.compile(r"^(\s*)from transformer_lens import patching as (\w+)[ \t]*$", re.M),
+     r"\1from interp.tl import patching as \2"),
+    # the K/V cache (TL 3.x spelled it by module path; TL 4 also at the top level)
+    (re.compile(r"^(\s*)try:[^\n]*\n\s*from transformer_lens\.cache\.key_value_cache import "
+                r"TransformerLensKeyValueCache as KVCache\n\s*except ImportError:[^\n]*\n\s*from "
+                r"transformer_lens\.past_key_value_caching import [^\n]*\n", re.M),
+     r"\1from interp.tl import KVCache\n"),
+    (re.compile(r"^(\s*)from transformer_lens\.cache\.key_value_cache import TransformerLensKeyValueCache as (\w+)[ \t]*$",
+                re.M), r"\1from interp.tl import KVCache as \2"),
+    (re.compile(r"^(\s*)from transformer_lens\.cache\.key_value_cache import TransformerLensKeyValueCache[ \t]*$", re.M),
+     r"\1from interp.tl import KVCache as TransformerLensKeyValueCache"),
+    (re.compile(r"^(\s*)from transformer_lens\.cache\.key_value_cache_entry import "
+                r"TransformerLensKeyValueCacheEntry[ \t]*$", re.M),
+     r"\1from interp.tl import KVCacheEntry as TransformerLensKeyValueCacheEntry"),
+    # pretrained names (loading_from_pretrained is gone in TL 4)
+    (re.compile(r"^(\s*)from transformer_lens\.loading_from_pretrained import get_official_model_name[ \t]*$", re.M),
+     r"\1from interp.tl import official_model_name as get_official_model_name"),
+    (re.compile(r"^(\s*)from transformer_lens\.loading_from_pretrained import OFFICIAL_MODEL_NAMES[ \t]*$", re.M),
+     r"\1from interp.tl import OFFICIAL_MODEL_NAMES"),
+]
+
+# what must not be left after the rewrite (outside SKIP): any other TL import is reported
+LEFT = re.compile(r"^\s*(?:from transformer_lens[\w.]* import|import transformer_lens)", re.M)
+ALLOWED_LEFT = ("transformer_lens.utilities.tl_checkpoint_conversion",)
+
+
+def rewrite(text: str) -> str:
+    for pattern, repl in RULES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    args = ap.parse_args(argv)
+    changed, left = [], []
+    for root in ROOTS:
+        for path in sorted(Path(root).rglob("*.py")):
+            if path in SKIP:
+                continue
+            text = path.read_text()
+            new = rewrite(text)
+            if new != text:
+                changed.append(path)
+                if not args.check:
+                    path.write_text(new)
+            for m in LEFT.finditer(new):
+                line = new[m.start():new.index("\n", m.start())].strip()
+                if not any(a in line for a in ALLOWED_LEFT):
+                    left.append(f"{path}: {line}")
+    for p in changed:
+        print(("would rewrite " if args.check else "rewrote ") + str(p))
+    for line in left:
+        print(f"left (rewrite by hand): {line}", file=sys.stderr)
+    return 1 if (args.check and changed) or left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
