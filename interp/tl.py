@@ -64,11 +64,20 @@ try:  # TL 3.x; removed in 4.0
 except ImportError:
     HAS_HOOKED_TRANSFORMER = False
 
-    class HookedTransformer(torch.nn.Module):  # type: ignore[no-redef]
-        """Stand-in on TransformerLens 4, where HookedTransformer is gone: no model is one, so
-        every `isinstance` check takes the TransformerBridge path; building one says why not."""
+    class _EveryModel(type):
+        def __instancecheck__(cls, obj: object) -> bool:
+            return isinstance(obj, TransformerBridge)
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __subclasscheck__(cls, sub: type) -> bool:
+            return issubclass(sub, TransformerBridge)
+
+    class HookedTransformer(metaclass=_EveryModel):  # type: ignore[no-redef]
+        """Stand-in on TransformerLens 4, where HookedTransformer is gone and every model is a
+        TransformerBridge: the name stays a type that every model satisfies (annotations such as
+        ``model: HookedTransformer`` accept the bridges; test `is_bridge` first to tell the kinds
+        apart), and building one says what to do instead."""
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
             raise ImportError(f"HookedTransformer: expected TransformerLens 3.x, got {TL_VERSION}; on "
                               f"TransformerLens 4 use interp.models.new_model / load_model, which return a "
                               f"TransformerBridge (boot_native for organisms and saved models)")

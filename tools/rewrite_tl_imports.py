@@ -5,7 +5,14 @@ A mechanical, idempotent rewrite (re-run it after a merge brings new imports):
     python tools/rewrite_tl_imports.py            # rewrite in place, list the files changed
     python tools/rewrite_tl_imports.py --check    # exit 1 if anything is left to rewrite
 
-Then `ruff check --fix --select I interp probes tests bench` re-sorts the import blocks.
+Then `ruff check --fix interp probes tests bench` re-sorts the import blocks (and drops imports
+the edits left unused).
+
+Besides the imports, four exact edits in interp/models.py give it the TL 4 path (HookedTransformer
+checkpoints on TL's native TransformerBridge): `HookedTransformer(cfg)` -> `tl.build_model(cfg)`,
+the config field list and unknown-key check from `interp.tl`, `random_like` without
+`dataclasses.replace`, and the weights through `tl.load_weights`. An edit whose source line is not
+found (the file changed) is reported, to be made by hand.
 Left alone: interp/tl.py itself, and imports of TL-4-only names inside tests that check TL 4
 (`transformer_lens.utilities.tl_checkpoint_conversion`).
 """
@@ -59,14 +66,44 @@ RULES: list[tuple[re.Pattern[str], str]] = [
      r"\1from interp.tl import OFFICIAL_MODEL_NAMES"),
 ]
 
+# exact (old, new) edits of interp/models.py: the TL 4 path of new_model / random_like / configs / load_local
+MODEL_EDITS: list[tuple[str, str]] = [
+    ("        model = HookedTransformer(cfg)\n", "        model = tl.build_model(cfg)\n"),
+    ("    return new_model(dataclasses.replace(model.cfg, seed=10_000 + seed))\n",
+     "    if not tl.HAS_HOOKED_TRANSFORMER:  # TL 4: a bridge config is rebuilt from its fields\n"
+     "        return new_model(config_to_dict(model.cfg) | {\"seed\": 10_000 + seed})\n"
+     "    return new_model(dataclasses.replace(model.cfg, seed=10_000 + seed))\n"),
+    ("    for f in dataclasses.fields(cfg):\n        if not f.init or f.name == \"device\":\n            continue\n"
+     "        value = getattr(cfg, f.name)\n",
+     "    for name, value in tl.config_fields(cfg).items():\n        if name == \"device\":\n            continue\n"),
+    ("        out[f.name] = value\n", "        out[name] = value\n"),
+    ("    unknown = unknown_keys(HookedTransformerConfig, d)\n", "    unknown = tl.unknown_config_keys(d)\n"),
+    ("        missing_keys, unexpected = _st_load_model(model, str(d / WEIGHTS), strict=False,\n"
+     "                                                  device=str(cfg.device or \"cpu\"))\n",
+     "        missing_keys, unexpected = tl.load_weights(model, d / WEIGHTS, device=cfg.device)\n"),
+    ("from interp.tl import HookedTransformer, HookedTransformerConfig\n",
+     "from interp import tl\nfrom interp.tl import HookedTransformer, HookedTransformerConfig\n"),
+]
+MODELS = Path("interp/models.py")
+
 # what must not be left after the rewrite (outside SKIP): any other TL import is reported
 LEFT = re.compile(r"^\s*(?:from transformer_lens[\w.]* import|import transformer_lens)", re.M)
 ALLOWED_LEFT = ("transformer_lens.utilities.tl_checkpoint_conversion",)
 
 
-def rewrite(text: str) -> str:
+def rewrite(text: str, path: Path | None = None, missed: list[str] | None = None) -> str:
     for pattern, repl in RULES:
         text = pattern.sub(repl, text)
+    if path == MODELS:
+        for old, new in MODEL_EDITS:
+            done = "\nfrom interp import tl\n" if new.startswith("from interp import tl") else new
+            if done in text:
+                continue  # applied before (idempotent; ruff may have moved the import)
+            if old not in text:
+                if missed is not None:
+                    missed.append(f"{path}: {old.strip().splitlines()[0]}")
+                continue
+            text = text.replace(old, new, 1)
     return text
 
 
@@ -74,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
     args = ap.parse_args(argv)
-    changed, left = [], []
+    changed: list[Path] = []
+    left: list[str] = []
+    missed: list[str] = []
     for root in ROOTS:
         for path in sorted(Path(root).rglob("*.py")):
             if path in SKIP:
                 continue
             text = path.read_text()
-            new = rewrite(text)
+            new = rewrite(text, path, missed)
             if new != text:
                 changed.append(path)
                 if not args.check:
@@ -93,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(("would rewrite " if args.check else "rewrote ") + str(p))
     for line in left:
         print(f"left (rewrite by hand): {line}", file=sys.stderr)
-    return 1 if (args.check and changed) or left else 0
+    for line in missed:
+        print(f"models.py edit not applied (source line not found; edit by hand): {line}", file=sys.stderr)
+    return 1 if (args.check and changed) or left or missed else 0
 
 
 if __name__ == "__main__":
