@@ -106,6 +106,22 @@ except ImportError:  # 3.x spells the module path only
         TransformerLensKeyValueCacheEntry as KVCacheEntry,
     )
 
+try:  # TL 3.x: HookedTransformer's config derivation (converting a Hugging Face model to one)
+    from transformer_lens import loading_from_pretrained
+except ImportError:
+
+    class _Removed:
+        """Stand-in for a module TransformerLens 4 removed: any use says so."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            raise ImportError(f"transformer_lens.{self._name}.{attr}: expected TransformerLens 3.x, got "
+                              f"{TL_VERSION} (removed in 4.0); a HookedTransformer conversion needs TL 3")
+
+    loading_from_pretrained = _Removed("loading_from_pretrained")  # type: ignore[assignment]
+
 # Either kind of model the toolkit accepts (for annotations and isinstance checks).
 AnyModel = HookedTransformer | TransformerBridge
 

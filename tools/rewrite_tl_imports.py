@@ -64,6 +64,8 @@ RULES: list[tuple[re.Pattern[str], str]] = [
      r"\1from interp.tl import official_model_name as get_official_model_name"),
     (re.compile(r"^(\s*)from transformer_lens\.loading_from_pretrained import OFFICIAL_MODEL_NAMES[ \t]*$", re.M),
      r"\1from interp.tl import OFFICIAL_MODEL_NAMES"),
+    (re.compile(r"^(\s*)from transformer_lens import loading_from_pretrained as (\w+)[ \t]*$", re.M),
+     r"\1from interp.tl import loading_from_pretrained as \2"),
 ]
 
 # exact (old, new) edits of interp/models.py: the TL 4 path of new_model / random_like / configs / load_local
@@ -87,7 +89,7 @@ MODEL_EDITS: list[tuple[str, str]] = [
 MODELS = Path("interp/models.py")
 
 # what must not be left after the rewrite (outside SKIP): any other TL import is reported
-LEFT = re.compile(r"^\s*(?:from transformer_lens[\w.]* import|import transformer_lens)", re.M)
+LEFT = re.compile(r"^[ \t]*(?:from transformer_lens[\w.]* import|import transformer_lens)", re.M)
 ALLOWED_LEFT = ("transformer_lens.utilities.tl_checkpoint_conversion",)
 
 
