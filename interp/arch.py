@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 Positional = Literal["learned", "rotary", "none", "shortformer", "alibi"]
 

@@ -28,13 +28,13 @@ import torch
 from jaxtyping import Bool, Int
 from rich.progress import Progress
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.graph import Node
 from interp.hooks import Capture, check_finite_acts, gather_positions, pos_dim, resolve_hooks, run
 from interp.models import config_fingerprint, weights_fingerprint
 from interp.prompts import Prompts, as_prompts
 from interp.store import Store, StoreWriter
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_model_tokens, check_tokens
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Cache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
-            from transformer_lens.utilities import get_act_name
+            from interp.tl import get_act_name
 
             key = get_act_name(*key)
         if key not in self.acts:

@@ -33,11 +33,11 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import EMBED_HOOKS, Node, Site, site_of
 from interp.prompts import Prompts, as_prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_model_tokens
 
 

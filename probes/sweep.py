@@ -38,12 +38,12 @@ import plotly.graph_objects as go
 import torch
 from rich.progress import Progress
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.atomic import atomic_file, write_json_atomic
 from interp.graph import Node, Site
 from interp.models import load_model, new_model
 from interp.probing import fit, plot_frame, save_frame
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from probes.backends import get_backend
 from probes.config import PositionEntry, SweepConfig, load_config

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.models import new_model
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 # Tiny models: one thread is faster than two, and the suite shares the machine with itself.
 torch.set_num_threads(1)

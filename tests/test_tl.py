@@ -109,6 +109,6 @@ def test_unsupported_features_are_refused_by_name():
 def test_the_config_field_list_is_transformer_lens_3s():
     import dataclasses
 
-    from transformer_lens import HookedTransformerConfig
+    from interp.tl import HookedTransformerConfig
 
     assert tl.HOOKED_CONFIG_FIELDS == tuple(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init)

@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.hooks import Intervention, intervene
@@ -33,6 +32,7 @@ from interp.metrics import answer_logprob, top1
 from interp.models import random_like  # noqa: F401  (the one random baseline; re-exported for the investigations)
 from interp.prompts import LAST, Prompts, as_prompts
 from interp.stats import Estimate, bootstrap_many
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_tokens
 
 

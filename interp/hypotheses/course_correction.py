@@ -43,7 +43,6 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.decoding import generate
@@ -53,6 +52,7 @@ from interp.hypotheses.base import Verdict, estimate_n, prompts_of
 from interp.models import random_like
 from interp.prompts import Prompts
 from interp.stats import bootstrap
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 

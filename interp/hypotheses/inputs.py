@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.models import ORGANISM_PREFIX
 from interp.prompts import LAST, Prompts, read_prompts
+from interp.tl import HookedTransformer
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ import torch
 from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Site
@@ -60,6 +59,7 @@ from interp.metrics import answer_logprob, kl_to, top1
 from interp.patching import knockout, kv_patch, sweep
 from interp.prompts import ANSWER, LAST, Prompts
 from interp.stats import Estimate, bootstrap
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 

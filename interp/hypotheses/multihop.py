@@ -28,7 +28,6 @@ import torch
 from jaxtyping import Bool, Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Site
@@ -53,6 +52,7 @@ from interp.patching import sweep
 from interp.probing import ProbeResult, fit
 from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 

@@ -39,7 +39,6 @@ import torch
 from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.hypotheses.base import (
@@ -55,6 +54,7 @@ from interp.patching import knockout
 from interp.probing import ProbeResult, fit
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
 from interp.stats import Estimate
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_tokens
 
 

@@ -30,7 +30,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
@@ -39,6 +38,7 @@ from interp.metrics import answer_logprob
 from interp.patching import At, Path, path_patch, path_patch_many
 from interp.prompts import LAST, Prompts
 from interp.stats import Estimate
+from interp.tl import HookedTransformer
 
 
 @dataclass(frozen=True)

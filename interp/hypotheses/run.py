@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformer_lens import HookedTransformer
-
 from interp.hypotheses import inputs
 from interp.hypotheses.course_correction import CourseCorrectionResult, course_correction, planning_inputs
 from interp.hypotheses.last_token import LastTokenResult, last_token_sufficiency
@@ -20,6 +18,7 @@ from interp.hypotheses.multihop import MultihopResult, PlanAheadResult, multihop
 from interp.hypotheses.positional_decay import DecayResult, positional_decay
 from interp.hypotheses.routes import RoutesResult, routes
 from interp.models import load_model
+from interp.tl import HookedTransformer
 
 INVESTIGATIONS = ("multihop", "plan-ahead", "decay", "last-token", "routes", "course-correction")
 

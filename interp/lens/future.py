@@ -40,12 +40,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.configs import from_dict
 from interp.lens.residual import layer_labels, model_name, residual_stack
 from interp.probing import multinomial_lbfgs
 from interp.stats import Estimate, bootstrap
+from interp.tl import HookedTransformer
 from interp.tokens import check_model_tokens
 from interp.viz import curves
 

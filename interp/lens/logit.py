@@ -28,7 +28,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.lens.residual import (
     UNSET,
@@ -42,6 +41,7 @@ from interp.lens.residual import (
 )
 from interp.prompts import Prompts
 from interp.stats import bootstrap_many
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, Tokenizer
 from interp.viz import curves, heatmap
 

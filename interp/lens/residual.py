@@ -21,11 +21,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.graph import Node, Site
 from interp.hooks import Capture, run
 from interp.prompts import Prompts, as_prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)

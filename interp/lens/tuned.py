@@ -36,7 +36,6 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.atomic import write_json_atomic, write_tensors_atomic
 from interp.configs import from_dict
@@ -53,6 +52,7 @@ from interp.lens.residual import (
     residual_stack,
 )
 from interp.prompts import Prompts, as_prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import CircuitPrompts, Criterion, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 NAME = "induction"

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.models import new_model
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 log = logging.getLogger(__name__)
 

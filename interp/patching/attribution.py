@@ -16,7 +16,6 @@ NaN there.
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
@@ -32,6 +31,7 @@ from interp.patching.engine import (
 )
 from interp.patching.results import AttributionResult, PatchResult, cell_mean, detach, pearson
 from interp.patching.sweep import SWEEP_SITES, CorruptLike, MetricArg, PromptsLike, corrupt_arg
+from interp.tl import HookedTransformer
 
 
 def attribute(

@@ -51,14 +51,13 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
 from interp.hooks import run
 from interp.metrics import Metric, ReadMetric, as_metric, check_per_example
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
+from interp.tl import HookedTransformer, apply_softcap
 from interp.tokens import Batch, check_model_tokens
 
 log = logging.getLogger(__name__)
@@ -763,8 +762,8 @@ def _first_pos(edits: Sequence[AnyEdit]) -> int:
 
 def _past_kv(runs: Runs, start: int, n_layers: int, p0: int, k: int):
     """A frozen TransformerLens K/V cache holding the base run's keys/values of positions < p0."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from interp.tl import KVCache as TransformerLensKeyValueCache
+    from interp.tl import KVCacheEntry as TransformerLensKeyValueCacheEntry
 
     entries = []
     for layer in range(n_layers):

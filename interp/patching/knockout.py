@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site
@@ -41,6 +40,7 @@ from interp.patching.engine import (
 )
 from interp.patching.results import KnockoutResult, detach
 from interp.prompts import Prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 

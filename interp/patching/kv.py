@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from transformer_lens import HookedTransformer
-
 from interp.arch import Arch
 from interp.graph import Node, Site
 from interp.patching.engine import (
@@ -37,6 +35,7 @@ from interp.patching.engine import (
 )
 from interp.patching.results import PatchResult, detach
 from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, corrupt_arg, index_axis, position_axis
+from interp.tl import HookedTransformer
 
 Which = Literal["k", "v", "kv"]
 

@@ -40,8 +40,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities.attention import simple_attn_linear
 
 from interp.arch import Arch
 from interp.graph import Node, Site
@@ -73,6 +71,7 @@ from interp.patching.engine import (
 from interp.patching.results import PatchResult, detach
 from interp.patching.sweep import CorruptLike, MetricArg, PromptsLike, corrupt_arg
 from interp.prompts import Prompts
+from interp.tl import HookedTransformer, simple_attn_linear
 
 Stream = Literal["any", "residual", "kv"]
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node, Site, parse_site
@@ -50,6 +49,7 @@ from interp.patching.engine import (
 )
 from interp.patching.results import PatchResult, detach
 from interp.prompts import Prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 SWEEP_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.MLP_OUT,

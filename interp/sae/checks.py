@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import FINAL_NORM_OUT, HOOK_EMBED, HOOK_POS_EMBED, RESIDUAL_WRITERS, Node, Site, site_of
 from interp.hooks import HookError, resolve_hook, run
 from interp.models import weights_fingerprint
+from interp.tl import HookedTransformer
 
 # the metadata / manifest key holding the fingerprint of the model an SAE was trained on
 MODEL_KEY = "model_weights"

@@ -24,7 +24,6 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.graph import Node, Site, node_from_hook_name
 from interp.hooks import Capture, Map, Zero, run
@@ -34,6 +33,7 @@ from interp.sae.data import as_batch
 from interp.sae.evaluation import splice_edit
 from interp.sae.tracing import zero_features
 from interp.stats import pearson
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 

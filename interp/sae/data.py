@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.cache import collect
 from interp.graph import Node
 from interp.hooks import resolve_hook
 from interp.prompts import Prompts, as_prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, check_tokens
 
 ChunkSource = Callable[[], Iterable[Tensor]]

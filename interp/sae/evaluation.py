@@ -25,7 +25,6 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.graph import Node
 from interp.hooks import Map, intervene, run
@@ -33,6 +32,7 @@ from interp.prompts import Prompts
 from interp.sae.checks import check_sae
 from interp.sae.data import Positions, as_batch, chunks, position_mask
 from interp.stats import normalised_effect
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 FeatureEdit = Callable[[Tensor], Tensor]

@@ -20,11 +20,11 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.hooks import run
 from interp.sae.checks import check_sae
 from interp.stats import Estimate, bootstrap
+from interp.tl import HookedTransformer
 
 
 def firing_mutual_information(acts: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"]) -> Float[Tensor, "d_sae"]:

@@ -38,7 +38,6 @@ from plotly.subplots import make_subplots
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from interp.graph import FINAL_NORM_SCALE, RESIDUAL_WRITERS, Node, site_of
 from interp.hooks import Map, intervene, run
@@ -48,6 +47,7 @@ from interp.sae.checks import check_sae
 from interp.sae.data import Positions, as_batch, chunks, position_mask
 from interp.sae.evaluation import splice_edit
 from interp.stats import pearson
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, Tokenizer
 
 

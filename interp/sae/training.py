@@ -29,12 +29,12 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, get_sae_training_clas
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.configs import from_dict
 from interp.graph import Node
 from interp.models import weights_fingerprint
 from interp.sae.data import ActivationBatches, ChunkSource, collect_activations, hook_name_of, source_of
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 
 log = logging.getLogger(__name__)
