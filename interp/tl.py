@@ -126,6 +126,13 @@ except ImportError:
 AnyModel = HookedTransformer | TransformerBridge
 
 
+def is_native(model: object) -> bool:
+    """Whether `model` is a TransformerBridge around TransformerLens's own native model (what the
+    organisms and HookedTransformer checkpoints load as on TL 4): a bridge without a Hugging Face
+    model, so no ``original_model.config``; rebuild it from `config_fields(model.cfg)` instead."""
+    return isinstance(model, TransformerBridge) and getattr(model.cfg, "architecture", None) == "TransformerLensNative"
+
+
 def official_model_name(name: str) -> str:
     """TransformerLens's official name for a pretrained alias; ValueError for an unknown one."""
     try:
@@ -315,7 +322,8 @@ def boot_native(cfg: Mapping[str, Any] | TransformerBridgeConfig, *, device: str
     """A random-initialised TransformerBridge on TL's native model, from HookedTransformerConfig fields."""
     bcfg = cfg if isinstance(cfg, TransformerBridgeConfig) else native_config(cfg)
     dtype = dtype if dtype is not None else getattr(bcfg, "dtype", None)
-    return TransformerBridge.boot_native(copy.deepcopy(bcfg), device=device, dtype=dtype).eval()
+    return TransformerBridge.boot_native(copy.deepcopy(bcfg), device=device, dtype=dtype,
+                                         model_name=getattr(bcfg, "model_name", None) or "custom").eval()
 
 
 def native_from_hooked(cfg: Mapping[str, Any], state: Mapping[str, Tensor], *,

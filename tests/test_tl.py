@@ -34,6 +34,7 @@ def test_organism_on_the_native_bridge_equals_its_hooked_transformer(name):
     ref = load_model(f"organism:{name}")
     cfg, state = _checkpoint(name)
     bridge = tl.native_from_hooked(cfg, state)
+    assert tl.is_native(bridge) and not tl.is_native(ref)
     tokens = torch.randint(0, ref.cfg.d_vocab, (3, min(ref.cfg.n_ctx, 24)), generator=torch.Generator().manual_seed(0))
     want_logits, want = ref.run_with_cache(tokens)
     got_logits, got = bridge.run_with_cache(tokens)

@@ -88,6 +88,23 @@ MODEL_EDITS: list[tuple[str, str]] = [
 ]
 MODELS = Path("interp/models.py")
 
+# after the merge with the Bridge adapter (branch anycore): on TL 4 the organisms are *native* bridges
+# (no Hugging Face model): their random baseline and their save are the HookedTransformer-checkpoint
+# ones. Applied where the source line exists; a tree without those lines is left alone.
+POST_MERGE_EDITS: dict[Path, list[tuple[str, str]]] = {
+    Path("interp/hypotheses/base.py"): [
+        ('    if Arch.of(model).kind == "hooked":\n        return models.random_like(model, seed)\n',
+         '    from interp.tl import is_native\n\n'
+         '    if Arch.of(model).kind == "hooked" or is_native(model):  # TL 4: organisms are native bridges\n'
+         '        return models.random_like(model, seed)\n'),
+    ],
+    MODELS: [
+        ("    bridge = is_bridge(model)\n    tok = tokenizer_of(model)\n",
+         "    bridge = is_bridge(model) and not tl.is_native(model)  # a native bridge (TL 4) saves as a TL checkpoint\n"
+         "    tok = tokenizer_of(model)\n"),
+    ],
+}
+
 # what must not be left after the rewrite (outside SKIP): any other TL import is reported
 LEFT = re.compile(r"^[ \t]*(?:from transformer_lens[\w.]* import|import transformer_lens)", re.M)
 ALLOWED_LEFT = ("transformer_lens.utilities.tl_checkpoint_conversion",)
@@ -105,6 +122,9 @@ def rewrite(text: str, path: Path | None = None, missed: list[str] | None = None
                 if missed is not None:
                     missed.append(f"{path}: {old.strip().splitlines()[0]}")
                 continue
+            text = text.replace(old, new, 1)
+    for old, new in POST_MERGE_EDITS.get(path, []) if path is not None else []:
+        if new not in text and old in text:
             text = text.replace(old, new, 1)
     return text
 
