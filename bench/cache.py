@@ -18,10 +18,10 @@ import warnings
 
 import torch
 from timing import best_of, gpt2_shaped
-from transformer_lens import HookedTransformerConfig
 
 from interp.cache import collect
 from interp.models import new_model
+from interp.tl import HookedTransformerConfig
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -20,10 +20,10 @@ import warnings
 
 import torch
 from timing import best_of, gpt2_shaped
-from transformer_lens import HookedTransformerConfig
 
 from interp.lens import TunedLens, TunedLensConfig, logit_lens, residual_stack, softmax_regression
 from interp.models import new_model
+from interp.tl import HookedTransformerConfig
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

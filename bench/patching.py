@@ -35,13 +35,13 @@ from collections.abc import Callable
 
 import torch
 from timing import best_of
-from transformer_lens import HookedTransformerConfig
-from transformer_lens import patching as tl_patching
 
 from interp.arch import Arch
 from interp.models import load_model, new_model
 from interp.patching import logit_diff, sweep
 from interp.patching.engine import _past_kv, check_prompts, forward_from, prepare, resid_pre_name
+from interp.tl import HookedTransformerConfig
+from interp.tl import patching as tl_patching
 
 
 def floor_fns(model, clean, corrupt, metric) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -25,11 +25,11 @@ import argparse
 
 import torch
 from timing import best_of
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from interp.rollout import new_kv_cache, rollout
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 
 def models(n_ctx: int) -> tuple[GPT2LMHeadModel, HookedTransformer]:

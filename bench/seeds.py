@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 from interp import circuits as C
 from interp.organisms import evaluate, get, train
 from interp.organisms.base import failures
 from interp.organisms.training import TrainLog, init_model
+from interp.tl import HookedTransformer
 
 ORGANISMS = ("induction", "induction-1layer", "multihop", "retrieval-learned", "retrieval-rotary",
              "retrieval-nope", "planning")

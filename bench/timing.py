@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from transformer_lens import HookedTransformerConfig
+from interp.tl import HookedTransformerConfig
 
 
 def gpt2_shaped(n_ctx: int) -> HookedTransformerConfig:

@@ -41,11 +41,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 try:  # TransformerLens 4 has no HookedTransformer
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from interp.tl import HookedTransformer, HookedTransformerConfig
 except ImportError:  # pragma: no cover - TL4 environment
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[assignment,misc]
 try:
-    from transformer_lens.model_bridge import TransformerBridge
+    from interp.tl import TransformerBridge
 except ImportError:  # pragma: no cover - very old TransformerLens
     TransformerBridge = None  # type: ignore[assignment,misc]
 
@@ -275,7 +275,7 @@ def unembed(model: Model, resid: Float[Tensor, "rows pos d_model"],
         resid = resid.gather(1, index.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
     if is_bridge(model):
         return model.adapter.apply_output_logits_transform(model.unembed(model.ln_final(resid)))
-    from transformer_lens.utilities.activation_functions import apply_softcap
+    from interp.tl import apply_softcap
 
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)

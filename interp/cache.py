@@ -68,7 +68,7 @@ class Cache(Mapping[str, Tensor]):
 
     def _key(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
-            from transformer_lens.utilities import get_act_name
+            from interp.tl import get_act_name
 
             key = get_act_name(*key)
         if key not in self.acts:

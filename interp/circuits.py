@@ -57,9 +57,8 @@ from interp.graph import Node, Site
 from interp.metrics import ReadMetric
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
     from interp.organisms.base import CircuitPrompts
+    from interp.tl import HookedTransformer
 
 log = logging.getLogger(__name__)
 

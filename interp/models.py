@@ -47,13 +47,12 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
-from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from interp import tl
 from interp.arch import Arch, Model, is_bridge, kind_of, model_name, tokenizer_of
 from interp.atomic import Artefact, atomic_dir, write_json_atomic
-from interp.configs import unknown_keys
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +99,15 @@ def new_model(cfg: HookedTransformerConfig | dict[str, Any]) -> HookedTransforme
     cfg = config_from_dict(cfg) if isinstance(cfg, dict) else copy.deepcopy(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        model = HookedTransformer(cfg)
+        model = tl.build_model(cfg)
     return model.eval()
 
 
 def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
     """A random-initialised model of the same shape (the baseline no effect should survive): the
     toolkit's one random baseline. Its seed is 10_000 + `seed`, never the seed a model was trained with."""
+    if not tl.HAS_HOOKED_TRANSFORMER:  # TL 4: a bridge config is rebuilt from its fields
+        return new_model(config_to_dict(model.cfg) | {"seed": 10_000 + seed})
     return new_model(dataclasses.replace(model.cfg, seed=10_000 + seed))
 
 
@@ -115,22 +116,21 @@ def random_like(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
 def config_to_dict(cfg: Any) -> dict[str, Any]:  # a HookedTransformerConfig or TransformerBridgeConfig
     """The init fields of a config as JSON-safe values (dtype as a string, no device)."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if not f.init or f.name == "device":
+    for name, value in tl.config_fields(cfg).items():
+        if name == "device":
             continue
-        value = getattr(cfg, f.name)
         if isinstance(value, torch.dtype):
             value = str(value).removeprefix("torch.")
         try:
             json.dumps(value)
         except TypeError:
             continue
-        out[f.name] = value
+        out[name] = value
     return out
 
 
 def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
-    unknown = unknown_keys(HookedTransformerConfig, d)
+    unknown = tl.unknown_config_keys(d)
     if unknown:
         raise ModelLoadError(
             f"model config: expected HookedTransformerConfig fields, got unknown keys {unknown}"
@@ -231,7 +231,7 @@ def save_model(
     interrupted save never leaves a half-written model where a complete one is expected.
     """
     path = Path(path)
-    bridge = is_bridge(model)
+    bridge = is_bridge(model) and not tl.is_native(model)  # a native bridge (TL 4) saves as a TL checkpoint
     tok = tokenizer_of(model)
     if vocab is not None and bridge:
         raise ValueError("save_model vocab: expected None for a TransformerBridge (its Hugging Face tokenizer "
@@ -411,7 +411,7 @@ def load_hf(path: str | Path, *, kind: ModelKind = "bridge", device: str | torch
     if tok is None and ((d / TOKENIZER).is_file() or (d / "tokenizer_config.json").is_file()):
         tok = load_tokenizer(d)
     if kind == "bridge":
-        from transformer_lens.model_bridge import TransformerBridge
+        from interp.tl import TransformerBridge
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -431,8 +431,9 @@ def load_hf(path: str | Path, *, kind: ModelKind = "bridge", device: str | torch
 def _hf_as_hooked(d: Path, *, device: str | torch.device | None, dtype: torch.dtype, tokenizer: Any) -> Model:
     import tempfile
 
-    from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM
+
+    from interp.tl import loading_from_pretrained as tl_loading
 
     cfg = json.loads((d / CONFIG).read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -517,8 +518,7 @@ def load_local(path: str | Path, *, device: str | torch.device | None = None,
         cfg.device = str(device)
     model = new_model(cfg)
     try:
-        missing_keys, unexpected = _st_load_model(model, str(d / WEIGHTS), strict=False,
-                                                  device=str(cfg.device or "cpu"))
+        missing_keys, unexpected = tl.load_weights(model, d / WEIGHTS, device=cfg.device)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ModelLoadError(
             f"checkpoint {d / WEIGHTS}: expected a readable safetensors file, got {type(e).__name__}: {e}"
@@ -554,12 +554,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _load_pretrained(name: str, *, device: str | torch.device | None, dtype: torch.dtype | None,
                      **kwargs: Any) -> HookedTransformer:
     from huggingface_hub import try_to_load_from_cache
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    from interp.tl import official_model_name as get_official_model_name
 
     try:
         official = get_official_model_name(name)
     except ValueError:
-        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
+        from interp.tl import OFFICIAL_MODEL_NAMES
 
         short = [n.split("/")[-1] for n in OFFICIAL_MODEL_NAMES]
         close = difflib.get_close_matches(name, short + [ORGANISM_PREFIX + o for o in list_organisms()],
@@ -646,7 +647,7 @@ def load_model(spec: str | Path, *, device: str | torch.device | None = None,
 
 
 def _is_tl_name(name: str) -> bool:
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from interp.tl import official_model_name as get_official_model_name
 
     try:
         get_official_model_name(name)
@@ -658,7 +659,7 @@ def _is_tl_name(name: str) -> bool:
 def _boot_pretrained(name: str, *, device: str | torch.device | None, dtype: torch.dtype | None,
                      tokenizer: Any) -> Model:
     """A TransformerLens name booted as a TransformerBridge from the local HF cache (or the hub)."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from interp.tl import official_model_name as get_official_model_name
 
     official = get_official_model_name(name) if _is_tl_name(name) else name
     cached = hf_cache_dir(official)
@@ -670,7 +671,7 @@ def _boot_pretrained(name: str, *, device: str | torch.device | None, dtype: tor
             f"or a reachable hub, got neither (offline). Pre-download it on a connected machine "
             f"(`huggingface-cli download {official}`) and copy the cache here, or save it once with "
             f"interp.save_model and load that directory.")
-    from transformer_lens.model_bridge import TransformerBridge
+    from interp.tl import TransformerBridge
 
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     return TransformerBridge.boot_transformers(official, device=device, dtype=dtype or torch.float32,

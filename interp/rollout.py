@@ -64,7 +64,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.cache import Cache, collect
@@ -91,6 +90,7 @@ from interp.patching.engine import (
 from interp.patching.results import PatchResult, detach
 from interp.patching.sweep import as_places, index_axis, position_axis
 from interp.prompts import ANSWER, LAST, Prompts, as_prompts
+from interp.tl import HookedTransformer
 from interp.tokens import Batch, Tokenizer, check_model_tokens
 
 try:  # the model adapter's alias (HookedTransformer | TransformerBridge), where it exists
@@ -98,10 +98,7 @@ try:  # the model adapter's alias (HookedTransformer | TransformerBridge), where
 except ImportError:  # pragma: no cover - before the TransformerBridge adapter
     Model = HookedTransformer  # type: ignore[misc]
 
-try:  # TransformerLens 3 renamed HookedTransformerKeyValueCache
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
-except ImportError:  # pragma: no cover - older TransformerLens
-    from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KVCache  # type: ignore
+from interp.tl import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -333,7 +333,7 @@ class Store:
 
     def _key(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
-            from transformer_lens.utilities import get_act_name
+            from interp.tl import get_act_name
 
             key = get_act_name(*key)
         if key not in self.manifest["hooks"] and key != LENGTHS:

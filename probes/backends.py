@@ -60,11 +60,14 @@ class ProcessBackend:
         if not payloads:
             return
         ctx = multiprocessing.get_context(self.start_method)
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(self.threads,)) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)), mp_context=ctx,
+                                   initializer=_init_worker, initargs=(self.threads,))
+        try:
             futures = [pool.submit(fn, p) for p in payloads]
             for fut in as_completed(futures):
                 yield fut.result()
+        finally:  # interrupted: cells not yet started are cancelled, running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayBackend:
@@ -72,16 +75,19 @@ class RayBackend:
 
     Uses the Ray instance this process is already connected to; otherwise starts a local one
     (`address=None`) or connects to `address` ("auto" or "ray://host:port"), and shuts down only
-    what it started.
+    what it started. `gpus`: GPUs reserved per task (fractions share one), for cells that put
+    their model on ``cuda``.
     """
 
-    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+    def __init__(self, workers: int | None = None, address: str | None = None, gpus: float = 0.0) -> None:
         try:
             import ray  # noqa: F401
         except ImportError as e:
             raise ImportError("Ray backend: expected the `ray` package, got ImportError; install the "
                               "optional extra with `pip install 'interp[ray]'`") from e
-        self.workers, self.address = workers, address
+        if gpus < 0:
+            raise ValueError(f"gpus: expected >= 0 GPUs per task, got {gpus}")
+        self.workers, self.address, self.gpus = workers, address, gpus
 
     def map(self, fn: Callable[[Any], Any], payloads: Sequence[Any]) -> Iterator[Any]:
         import ray
@@ -95,23 +101,31 @@ class RayBackend:
                 kwargs["num_cpus"] = self.workers
             ray.init(**kwargs)
             started = True
+        pending: list[Any] = []
         try:
-            remote = ray.remote(num_cpus=1)(fn)
+            remote = ray.remote(num_cpus=1, num_gpus=self.gpus)(fn)
             pending = [remote.remote(p) for p in payloads]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 yield ray.get(done[0])
         finally:
+            # interrupted (an error, or the caller stopped iterating): cancel what is left and wait until
+            # it has settled, so no task of this map still writes a cell after it returns
+            if pending:
+                for ref in pending:
+                    ray.cancel(ref)
+                ray.wait(pending, num_returns=len(pending), timeout=60)
             if started:
                 ray.shutdown()
 
 
-def get_backend(name: str, workers: int = 1, address: str | None = None) -> Backend:
-    """`auto`: local for one worker, processes for more; `ray` needs the optional extra."""
+def get_backend(name: str, workers: int = 1, address: str | None = None, gpus: float = 0.0) -> Backend:
+    """`auto`: local for one worker, processes for more; `ray` needs the optional extra (`gpus`
+    per task applies to Ray only)."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
     if name == "ray":
-        return RayBackend(workers=workers if workers > 1 else None, address=address)
+        return RayBackend(workers=workers if workers > 1 else None, address=address, gpus=gpus)
     if name == "process" or (name == "auto" and workers > 1):
         return ProcessBackend(workers)
     return LocalBackend()

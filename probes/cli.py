@@ -3,6 +3,8 @@
     probes sweep probes/configs/multihop_bridge.yaml --workers 2
     probes sweep CONFIG.yaml --backend ray --address auto
     probes plan CONFIG.yaml            # list the cells and which are done
+    probes grid GRID.yaml --backend ray --address auto   # patching / investigation sweeps (probes.grid)
+    probes grid-plan GRID.yaml
 """
 
 from __future__ import annotations
@@ -72,6 +74,52 @@ def plan_cmd(config: Path = typer.Argument(..., help="sweep config (YAML)"),
     try:
         cfg = load_config(config)
         text = summary(plan(cfg), cfg)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    console.print(text, highlight=False)
+
+
+@app.command("grid")
+def grid_cmd(
+    config: Path = typer.Argument(..., help="grid config (YAML or JSON): models x prompt sets x methods"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="local worker processes (or Ray CPUs)"),
+    backend: str = typer.Option("auto", help=f"one of {list(BACKENDS)}"),
+    address: str | None = typer.Option(None, help="Ray cluster address (backend ray)"),
+    gpus: float = typer.Option(0.0, min=0.0, help="GPUs per Ray task (with `device: cuda` in the config)"),
+    out: Path | None = typer.Option(None, help="output folder (overrides the config's `out`)"),
+    quiet: bool = typer.Option(False, help="log only warnings"),
+    debug: bool = typer.Option(False, help="show the full traceback of an error"),
+) -> None:
+    """Run every unfinished cell of a patching / investigation grid and write grid.parquet/.csv.
+
+    Each cell is keyed on its content (model fingerprint, prompt set, method, parameters, seed):
+    an interrupted run resumes, a rerun computes nothing, a changed input makes new cells."""
+    from probes.grid import grid, load_grid_config
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    try:
+        cfg = load_grid_config(config)
+        if out is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, out=str(out))
+        res = grid(cfg, workers=workers, backend=backend, address=address, gpus=gpus)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    console.print(f"grid {cfg.name}: computed {res.n_computed} cells, skipped {res.n_skipped} finished cells")
+    for kind, path in res.paths.items():
+        console.print(f"  {kind}: {path}")
+
+
+@app.command("grid-plan")
+def grid_plan_cmd(config: Path = typer.Argument(..., help="grid config (YAML or JSON)"),
+                  debug: bool = typer.Option(False, help="show the full traceback of an error")) -> None:
+    """List the cells of a grid config and whether each is done (for this exact content)."""
+    from probes.grid import load_grid_config
+    from probes.grid import summary as grid_summary
+
+    try:
+        text = grid_summary(load_grid_config(config))
     except USER_ERRORS as e:
         _fail(e, debug)
     console.print(text, highlight=False)

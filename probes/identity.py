@@ -14,8 +14,11 @@ config finds its outputs again (resume).
   target's list of positions, which decides which cells exist, not what one holds), `probe` and
   `seed`.
 
+- grid cell (`probes.grid`): model, prompt set (a JSONL file's sha256, or the organism builder's
+  name, n, seed and keyword arguments), method and its parameters, `seed`, and for patching cells `n_boot` and `alpha`.
+
 Not part of any identity (they do not change a number beyond float rounding): `name`, `out`,
-`batch_size`, the backend and worker count. Not detected: a change in an organism's dataset
+`batch_size`, `device`, the backend and worker count. Not detected: a change in an organism's dataset
 code or in a pretrained checkpoint published under the same name.
 """
 
@@ -36,6 +39,7 @@ from interp.models import (
     ModelLoadError,
     _resolve_dir,
     organisms_dir,
+    sha256_file,
 )
 from probes.config import SweepConfig
 
@@ -149,3 +153,21 @@ def n_layers(spec: str) -> int | None:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"model config {d / CONFIG}: expected JSON with an integer n_layers (or a Hugging Face "
                              f"num_hidden_layers), got {e!r}") from e
+
+
+def prompts_identity(source: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of a grid prompt source: a JSONL file's content hash, or the organism builder's call."""
+    if source.get("path") is not None:
+        path = Path(source["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts {path}: expected a JSONL prompt set, got no such file")
+        return {"file_sha256": sha256_file(path)}
+    return {"organism": source["organism"], "n": source["n"], "seed": source["seed"],
+            "kwargs": dict(source.get("kwargs") or {})}
+
+
+def grid_cell_spec(model: Mapping[str, Any], prompts: Mapping[str, Any], method: Mapping[str, Any], *,
+                   seed: int, n_boot: int | None, alpha: float | None) -> dict[str, Any]:
+    """Everything that determines one grid cell's rows (the method's label `name` included: it is a column)."""
+    return {"model": dict(model), "prompts": dict(prompts), "method": dict(method), "seed": seed,
+            "n_boot": n_boot, "alpha": alpha}

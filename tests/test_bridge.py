@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from test_patching_padded import _alone, _check_cells, _city
-from transformer_lens import patching as tlp
 
 from interp.arch import (
     Arch,
@@ -28,6 +27,7 @@ from interp.hooks import Add, Zero, run
 from interp.metrics import answer_logprob
 from interp.models import load_model, read_manifest, save_model
 from interp.patching import At, attribute, knockout, kv_patch, logit_diff, patch, path_patch, sweep
+from interp.tl import patching as tlp
 
 TOL = 1e-5
 VOCAB = 60

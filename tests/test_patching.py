@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import patching as tlp
 
 from interp.graph import Node
 from interp.models import new_model
 from interp.patching import PatchResult, kv_patch, logit_diff, patch, patched_logits, sweep
 from interp.patching.engine import check_direction
+from interp.tl import patching as tlp
 
 ATOL = 1e-4
 
@@ -157,7 +157,7 @@ def _expanded_mha(gqa_model):
     """The same network with K/V weights repeated per query head (no grouped-query attention)."""
     cfg = dict(gqa_model.cfg.to_dict())  # a copy: never touch the shared fixture's config
     cfg["n_key_value_heads"] = None
-    from transformer_lens import HookedTransformerConfig
+    from interp.tl import HookedTransformerConfig
     keep = {k: v for k, v in cfg.items() if k in HookedTransformerConfig.__dataclass_fields__
             and HookedTransformerConfig.__dataclass_fields__[k].init}
     mha = new_model(HookedTransformerConfig(**keep))

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_zoo import VOCAB
-from transformer_lens import patching as tlp
 
 from interp.arch import Arch, block_inputs, can_skip_prefix, forward_from
 from interp.graph import Node
 from interp.patching import attribute, knockout, kv_patch, logit_diff, path_patch, sweep
+from interp.tl import patching as tlp
 
 ATOL = 1e-4
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
-from transformer_lens import HookedTransformerConfig
 
 from interp.models import new_model
 from interp.patching import attribute, knockout, logit_diff, sweep
+from interp.tl import HookedTransformerConfig
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.graph import GridPoint, Node, count_routes, routes
 from interp.models import new_model
 from interp.patching import logit_diff, path_patch
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pandas as pd
@@ -114,18 +113,10 @@ def test_worker_processes_give_the_same_table(model_dir, tmp_path):
     pd.testing.assert_frame_equal(serial.frame, again.frame)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                    reason="ray is not installed (optional extra: pip install 'interp[ray]')")
-def test_ray_backend_on_a_local_instance(model_dir, tmp_path):
-    import ray
-
+def test_ray_backend_on_a_local_instance(model_dir, tmp_path, ray_local):
     serial = sweep(_config(model_dir, tmp_path / "a", hooks=["resid_post"], positions=["last"]), progress=False)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        res = sweep(_config(model_dir, tmp_path / "b", hooks=["resid_post"], positions=["last"]),
-                    backend="ray", progress=False)
-    finally:
-        ray.shutdown()
+    res = sweep(_config(model_dir, tmp_path / "b", hooks=["resid_post"], positions=["last"]),
+                backend="ray", progress=False)
     assert res.n_fitted == 2
     pd.testing.assert_frame_equal(serial.frame, res.frame)
 

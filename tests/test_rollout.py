@@ -354,8 +354,9 @@ def test_probe_on_thought_positions(gpt2_model):
 def _hf_pair(family: str):
     """A tiny random HF model and the same weights as a HookedTransformer (TransformerLens's own
     weight conversion; fold_ln off, so the final norm's output is the HF last hidden state)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from interp.tl import HookedTransformer, HookedTransformerConfig
 
     common = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=32, d_vocab=50, device="cpu")
     if family == "gpt2":
@@ -412,8 +413,9 @@ def test_rollouts_on_a_transformer_bridge(tmp_path):
     if not hasattr(interp.arch, "is_bridge"):
         pytest.skip("interp.arch has no TransformerBridge adapter on this branch")
     from tokenizers import Tokenizer, models
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerFast
+
+    from interp.tl import TransformerBridge
 
     hf, hooked = _hf_pair("llama")
     hf.save_pretrained(str(tmp_path))

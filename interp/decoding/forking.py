@@ -24,9 +24,9 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.decoding.generate import generate
+from interp.tl import HookedTransformer
 from interp.viz import curves
 
 Outcome = Callable[[Int[Tensor, "n steps"]], Int[Tensor, "n"]]

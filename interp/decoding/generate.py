@@ -49,7 +49,6 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import Node
@@ -65,12 +64,8 @@ from interp.hooks import (
 )
 from interp.lens.residual import Decoder, compute_dtype, lens_nodes
 from interp.prompts import Prompts, as_prompts
+from interp.tl import HookedTransformer, KVCache
 from interp.tokens import Batch, Tokenizer, check_model_tokens
-
-try:  # TransformerLens 3 renamed HookedTransformerKeyValueCache
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
-except ImportError:  # pragma: no cover - older TransformerLens
-    from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KVCache  # type: ignore
 
 Mode = Literal["greedy", "sample"]
 Where = Literal["new", "all"]

@@ -28,12 +28,12 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.lens.logit import logit_lens
 from interp.models import random_like
 from interp.prompts import Prompts
 from interp.stats import bootstrap
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 

@@ -41,12 +41,15 @@ def random_like(model: Model, seed: int = 0, *, offset: int = 10_000) -> Model:
     TransformerBridge the Hugging Face class's own initialisation from the same config, seeded
     with `offset` + `seed` in a private RNG stream). Investigations build it only where they use
     it, unless the caller passes its own `baseline`."""
-    if Arch.of(model).kind == "hooked":
+    from interp.tl import is_native
+
+    if Arch.of(model).kind == "hooked" or is_native(model):  # TL 4: organisms are native bridges
         return models.random_like(model, seed)
     import copy
 
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
+
+    from interp.tl import TransformerBridge
 
     dev, dt = device_of(model), dtype_of(model)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):

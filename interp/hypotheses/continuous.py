@@ -39,7 +39,6 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.graph import HOOK_EMBED, Node
@@ -47,6 +46,7 @@ from interp.hooks import Capture, RunOutput, SetAt, run
 from interp.hypotheses.base import Verdict
 from interp.probing import fit, shuffled_labels, split_by_group
 from interp.stats import Estimate, bootstrap
+from interp.tl import HookedTransformer
 
 
 @dataclass(frozen=True)

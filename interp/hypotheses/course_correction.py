@@ -61,7 +61,6 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from interp.arch import Arch
 from interp.decoding import generate
@@ -72,6 +71,7 @@ from interp.models import random_like
 from interp.probing import ProbeResult
 from interp.prompts import Prompts, as_prompts
 from interp.stats import bootstrap
+from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 

@@ -36,10 +36,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # imported where used: `interp organisms --help` must not import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     from interp.organisms.base import Criterion
     from interp.organisms.training import TrainLog
+    from interp.tl import HookedTransformer, HookedTransformerConfig
     from interp.tokens import VocabTokenizer
 
 log = logging.getLogger(__name__)

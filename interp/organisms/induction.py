@@ -56,11 +56,11 @@ from dataclasses import dataclass, replace
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.graph import Node, Site
 from interp.organisms.base import CircuitPrompts, Criterion, failures, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, replace
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import CircuitPrompts, Criterion
 from interp.organisms.training import (
@@ -51,6 +50,7 @@ from interp.organisms.training import (
     init_model,
     last_logits,
 )
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 NAME = "multihop"

@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import Criterion
 from interp.organisms.training import (
@@ -58,6 +57,7 @@ from interp.organisms.training import (
     init_model,
     num_threads,
 )
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 Mode = Literal["direct", "cot", "continuous"]

@@ -47,7 +47,6 @@ from typing import Literal
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import CircuitPrompts, Criterion
 from interp.organisms.training import (
@@ -59,6 +58,7 @@ from interp.organisms.training import (
     init_model,
     last_logits,
 )
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 Scheme = Literal["learned", "rotary", "none"]

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.organisms.base import Criterion
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
+from interp.tl import HookedTransformer, HookedTransformerConfig
 from interp.tokens import VocabTokenizer
 
 NAME = "retry"

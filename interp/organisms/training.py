@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp.graph import Node, Site
 from interp.models import new_model
+from interp.tl import HookedTransformer, HookedTransformerConfig
 
 log = logging.getLogger(__name__)
 

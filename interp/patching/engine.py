@@ -782,8 +782,8 @@ def _first_pos(edits: Sequence[AnyEdit]) -> int:
 
 def _past_kv(runs: Runs, start: int, n_layers: int, p0: int, k: int):
     """A frozen TransformerLens K/V cache holding the base run's keys/values of positions < p0."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from interp.tl import KVCache as TransformerLensKeyValueCache
+    from interp.tl import KVCacheEntry as TransformerLensKeyValueCacheEntry
 
     entries = []
     for layer in range(n_layers):
