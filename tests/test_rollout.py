@@ -407,11 +407,7 @@ def test_hidden_and_soft_rollouts_equal_the_hf_inputs_embeds_loop(family):
 def test_rollouts_on_a_transformer_bridge(tmp_path):
     """On a TransformerBridge (HF weights, no TransformerLens K/V cache: every step recomputed)
     the three rollouts, the one-pass re-run and the thought lens equal the HookedTransformer's
-    (K/V-cached) on the same weights. Needs the model adapter for bridges (interp.arch.is_bridge)."""
-    import interp.arch
-
-    if not hasattr(interp.arch, "is_bridge"):
-        pytest.skip("interp.arch has no TransformerBridge adapter on this branch")
+    (K/V-cached) on the same weights."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
