@@ -40,19 +40,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-try:  # TransformerLens 4 has no HookedTransformer
-    from interp.tl import HookedTransformer, HookedTransformerConfig
-except ImportError:  # pragma: no cover - TL4 environment
-    HookedTransformer = HookedTransformerConfig = None  # type: ignore[assignment,misc]
-try:
-    from interp.tl import TransformerBridge
-except ImportError:  # pragma: no cover - very old TransformerLens
-    TransformerBridge = None  # type: ignore[assignment,misc]
+# interp.tl gives both names on every TransformerLens version (on TL 4 `HookedTransformer` is the
+# stand-in type every TransformerBridge passes).
+from interp.tl import HookedTransformer, TransformerBridge
 
-if HookedTransformer is not None and TransformerBridge is not None:
-    Model: TypeAlias = HookedTransformer | TransformerBridge  # type: ignore[valid-type]
-else:  # pragma: no cover - TL4 (no HookedTransformer)
-    Model: TypeAlias = TransformerBridge if TransformerBridge is not None else HookedTransformer  # type: ignore[no-redef,valid-type]
+Model: TypeAlias = HookedTransformer | TransformerBridge  # type: ignore[valid-type]
 # Either model kind: public signatures take a `Model`.
 
 Positional = Literal["learned", "rotary", "none", "shortformer", "alibi"]
@@ -61,14 +53,14 @@ Kind = Literal["hooked", "bridge"]
 
 def is_bridge(model: object) -> bool:
     """Whether `model` is a TransformerBridge (the Hugging Face wrapper)."""
-    return TransformerBridge is not None and isinstance(model, TransformerBridge)
+    return isinstance(model, TransformerBridge)
 
 
 def kind_of(model: object) -> Kind:
     """``"bridge"`` for a TransformerBridge, ``"hooked"`` for a HookedTransformer."""
     if is_bridge(model):
         return "bridge"
-    if HookedTransformer is not None and isinstance(model, HookedTransformer):
+    if isinstance(model, HookedTransformer):
         return "hooked"
     raise TypeError(f"model: expected a transformer_lens HookedTransformer or TransformerBridge, got "
                     f"{type(model).__name__}; load one with interp.load_model")
