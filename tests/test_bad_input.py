@@ -300,3 +300,24 @@ def test_collect_to_a_store_writes_nothing_on_bad_input(gpt2_model, tmp_path):
         collect(gpt2_model, bad, hooks="blocks.0.hook_resid_post", out=tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
 
+
+
+def test_logit_finiteness_check_reads_real_positions_only_and_survives_a_sum_overflow():
+    """The engine's one-pass check (`check_finite_logits`): an Inf or NaN at a real position
+    raises naming the row, a NaN at a pad position does not, and finite logits whose sum
+    overflows float32 pass (the exact element-wise check decides)."""
+    from interp.patching.engine import check_finite_logits
+    from interp.prompts import Prompts
+
+    p = Prompts.from_tokens([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], side="right")
+    logits = torch.zeros(2, 3, 4)
+    logits[1, 2] = float("nan")  # row 1's pad position
+    assert check_finite_logits(logits, p, "x") is logits
+    huge = torch.full((2, 3, 4), 3e38)  # finite; every position's sum is inf in float32
+    assert check_finite_logits(huge, p, "x") is huge
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x = logits.clone()
+        x[0, 1, 3] = bad
+        x[1, 2] = float("inf")  # row 1's pad: not counted
+        with pytest.raises(ValueError, match=r"x: expected finite values, got (NaN|Inf) in rows \[0\]"):
+            check_finite_logits(x, p, "x")

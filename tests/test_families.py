@@ -475,7 +475,8 @@ def test_bridge_and_hookedtransformer_agree_on_lenses_and_investigations(family_
 
 def _families_covered(path, name: str) -> set[str]:
     """The families a test runs on, read from its source: the `family` fixture (all of them), a
-    `parametrize("family_", [...])` list, or test_dtype's FAMILIES."""
+    `parametrize("family_", [...])` or `parametrize("family_,x", [(family, x), ...])` list, or
+    test_dtype's FAMILIES."""
     import ast
 
     tree = ast.parse(path.read_text())
@@ -487,8 +488,9 @@ def _families_covered(path, name: str) -> set[str]:
                 return set(hf_zoo.FAMILIES)
             for dec in node.decorator_list:
                 if (isinstance(dec, ast.Call) and ast.unparse(dec.func).endswith("parametrize")
-                        and ast.literal_eval(dec.args[0]) == "family_"):
-                    return set(ast.literal_eval(dec.args[1]))
+                        and ast.literal_eval(dec.args[0]).split(",")[0] == "family_"):
+                    values = dec.args[1].elts  # "family_": names; "family_,other": tuples
+                    return {ast.literal_eval(v.elts[0] if isinstance(v, ast.Tuple) else v) for v in values}
                 if isinstance(dec, ast.Name) and dec.id == "FAMILY":
                     return set(consts["FAMILIES"])
             return set()

@@ -28,14 +28,13 @@ from interp.patching.engine import (
     DEFAULT_ROWS,
     PosSpec,
     cached_run,
-    check_finite,
+    check_finite_logits,
     check_rows,
     check_single,
     forward_from,
     metric_values,
     positions_mask,
     read_index,
-    real_logits,
     resid_pre_name,
 )
 from interp.patching.results import KnockoutResult, detach
@@ -169,7 +168,7 @@ def knockout(
     names = {resid_pre_name(layer) for layer in range(arch.n_layers)}
     inputs = BlockInputs()
     base_logits, base = cached_run(model, p.tokens, names, inputs)
-    check_finite(real_logits(base_logits, p), "base run logits")
+    check_finite_logits(base_logits, p, "base run logits")
     base_values = metric_values(metric, base_logits, p, "base run")
     index = read_index(metric, p)
     read = None if index is None else torch.cat([index, at_ix[:, None]], dim=1)
