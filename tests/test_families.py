@@ -352,6 +352,56 @@ def test_multihop_and_positional_decay_end_to_end(family, bridge_model, hf_folde
     assert set(d.models) == {family}
 
 
+def hf_greedy(hf, toks: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """HF's own greedy continuation of one unpadded prompt, recomputed from scratch at every step
+    (no EOS stop): the tokens and each step's last-position logits [steps, d_vocab]."""
+    seq, logits = toks, []
+    with torch.inference_mode():
+        for _ in range(steps):
+            z = hf(seq).logits[0, -1].double()
+            logits.append(z)
+            seq = torch.cat([seq, z.argmax()[None, None]], 1)
+    return seq[0, toks.shape[1]:].tolist(), torch.stack(logits)
+
+
+def test_generate_and_course_correction_on_text_prompts(family, bridge_model, hf_folder):
+    """Greedy `generate` on a left-padded batch is HF's greedy continuation of each prompt alone
+    (tokens and logits), with and without the K/V cache (a Bridge recomputes: a regression, its
+    cached steps read the new token alone); course-correction's unforced and forced
+    continuations are HF's, its log p(recovery token) at the surprise is HF's, and cutting the
+    surprise's attention to the context equals reading the surprise alone (relative-position
+    families; GPT-2's learned positions differ)."""
+    from interp.decoding import generate
+    from interp.hypotheses.course_correction import course_correction, prompt_inputs
+
+    bridge, hf = bridge_model(family), hf_zoo.hf_model(hf_folder(family))
+    p = city(tokenizer(hf_folder, family), side="left").select([0, 1, 2])
+    ctx = prompt_inputs(p).prompts  # the prompts without their answers
+    steps = 3
+    want = [hf_greedy(hf, alone(ctx, i), steps) for i in range(len(ctx))]
+    for cache in (True, False):
+        g = generate(bridge, ctx.to_side("left"), steps, cache=cache)
+        assert not g.cached
+        for i, (toks, logits) in enumerate(want):
+            assert g.tokens[i].tolist() == toks, (cache, i)
+            torch.testing.assert_close(g.logits[i].double(), logits, rtol=0, atol=1e-4)
+    surprise = torch.tensor([int(lg[0].argmin()) for _, lg in want])  # each prompt's least likely token
+    r = course_correction(bridge, prompt_inputs(p, surprise=surprise), steps=2, baseline=False, n_boot=10)
+    m = r.model
+    for i in range(len(ctx)):
+        toks = alone(ctx, i)
+        assert m.unforced[i].tolist() == want[i][0]
+        forced = torch.cat([toks, surprise[i].view(1, 1)], 1)
+        cont, lg = hf_greedy(hf, forced, 2)
+        assert m.forced[i].tolist() == [int(surprise[i])] + cont
+        u1 = int(m.target[i])
+        assert u1 == want[i][0][1]
+        assert m.m_forced[i].item() == pytest.approx(float(lg[0].log_softmax(-1)[u1]), abs=1e-4)
+        if family != "gpt2":
+            cut = hf_greedy(hf, surprise[i].view(1, 1), 1)[1][0].log_softmax(-1)[u1]
+            assert m.drop_kv[i].item() == pytest.approx(m.m_forced[i].item() - float(cut), abs=1e-4)
+
+
 # ------------------------------------------------------------------------------ probes, SAEs
 
 
