@@ -31,7 +31,7 @@ closures. Masked attention scores hold the dtype's minimum, not -inf.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -355,6 +355,14 @@ class BlockInputs:
         return True
 
 
+    def can_pack(self, n_layers: int) -> bool:
+        """Whether copies that start at different positions can share one replay (`forward_from`
+        with `firsts`): `can_skip`, and every layer's attention mask recorded as a 4D tensor
+        (the packed replay rewrites it; a block that builds its own mask cannot be packed)."""
+        return self.can_skip(n_layers) and all(
+            isinstance(self.kwargs[layer].get("attention_mask"), Tensor) for layer in range(n_layers))
+
+
 def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
     """Block inputs for query positions p0.. (keys still cover every position)."""
     out = dict(kwargs)
@@ -366,6 +374,81 @@ def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
         elif name in _POS_AXIS:
             out[name] = x[..., p0:]
     return out
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Copies laid end to end along the position axis: copy c computes positions firsts[c]..
+    (the earlier ones are the base run's, read from its recorded keys and values). `pos` [n]
+    is each packed row's position in the prompt and `copy` [n] its copy."""
+
+    firsts: tuple[int, ...]
+    width: int
+    pos: Tensor
+    copy: Tensor
+
+    @staticmethod
+    def of(firsts: Sequence[int], width: int, device: torch.device | str = "cpu") -> Packing:
+        bad = [f for f in firsts if not 0 <= f < width]
+        if not firsts or bad:
+            raise ValueError(f"packed copies: expected first positions in [0, {width}), got {list(firsts)}")
+        pos = torch.cat([torch.arange(f, width) for f in firsts])
+        copy = torch.cat([torch.full((width - f,), c) for c, f in enumerate(firsts)])
+        return Packing(tuple(int(f) for f in firsts), width, pos.to(device), copy.to(device))
+
+    @property
+    def n(self) -> int:
+        """Packed rows (positions computed, over all copies)."""
+        return int(self.pos.shape[0])
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each copy's rows begin."""
+        out, o = [], 0
+        for f in self.firsts:
+            out.append(o)
+            o += self.width - f
+        return out
+
+    def pack(self, x: Tensor, copy_axis: bool = False) -> Tensor:
+        """[batch, width, ...] (or, with `copy_axis`, [copies or 1, batch, width, ...]) -> [batch, n, ...]."""
+        if not copy_axis:
+            return x.index_select(1, self.pos.to(x.device))
+        if x.shape[0] == 1:
+            return x[0].index_select(1, self.pos.to(x.device))
+        return torch.cat([x[c, :, f:] for c, f in enumerate(self.firsts)], dim=1)
+
+    def rows(self, index: Int[Tensor, "batch k"]) -> Int[Tensor, "copies batch k"]:
+        """The packed rows of each copy's positions `index` (prompt coordinates, >= its first)."""
+        off = torch.tensor([o - f for o, f in zip(self.offsets, self.firsts, strict=True)], device=index.device)
+        return index[None] + off[:, None, None]
+
+    def mask(self, rec: Tensor) -> Tensor:
+        """The packed attention mask from the recorded one ([b, 1, width, width], additive or
+        boolean): packed query (c, q) sees the base run's key j < firsts[c] and its own copy's
+        keys j >= firsts[c], each where the recorded mask lets q see j; keys are [the base run's
+        width positions, then the n packed ones] ([b, 1, n, width + n])."""
+        pos, copy = self.pos.to(rec.device), self.copy.to(rec.device)
+        first = torch.tensor(self.firsts, device=rec.device)[copy]  # [n]
+        rows = rec.index_select(-2, pos)  # [b, 1, n, width]
+        base_ok = torch.arange(self.width, device=rec.device)[None] < first[:, None]  # [n, width]
+        own_ok = copy[:, None] == copy[None]  # [n, n]
+        off = False if rec.dtype == torch.bool else torch.finfo(rec.dtype).min
+        base = rows.masked_fill(~base_ok, off)
+        own = rows.index_select(-1, pos).masked_fill(~own_ok, off)
+        return torch.cat([base, own], dim=-1)
+
+    def inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A block's recorded inputs for the packed rows (positional inputs gathered, mask packed)."""
+        out = dict(kwargs)
+        for name, x in kwargs.items():
+            if name == "position_embeddings":
+                out[name] = tuple(t.index_select(1, self.pos.to(t.device)) for t in x)
+            elif name == "attention_mask":
+                out[name] = self.mask(x)
+            elif name in _POS_AXIS:
+                out[name] = x.index_select(x.ndim - 1, self.pos.to(x.device))
+        return out
 
 
 @contextmanager
@@ -464,6 +547,40 @@ def can_skip_prefix(model: Model, inputs: BlockInputs | None = None) -> bool:
             and cfg.n_devices == 1)
 
 
+def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start: int, packing: Packing,
+                   index: Int[Tensor, "batch k"], *, inputs: BlockInputs, hooks: Sequence[tuple[str, Any]] = (),
+                   ) -> Float[Tensor, "rows k d_vocab"]:
+    """Run blocks start.. of a Bridge on several copies of the recorded batch laid end to end
+    (`packing`: copy c holds positions firsts[c]..; `resid` is layer `start`'s resid_pre in that
+    layout, hooks see that layout) and unembed each copy's positions `index` (prompt coordinates);
+    rows of the result are copy-major (copy c, example b at c * batch + b), as in `forward_from`.
+
+    One pass computes what `forward_from(..., p0=firsts[c])` computes per copy, and nothing
+    more: each packed query reads the base run's recorded keys/values before its copy's first
+    position and its own copy's after (a packed attention mask, `Packing.mask`). Needs
+    `inputs.can_pack`."""
+    arch = Arch.of(model)
+    if not inputs.can_pack(arch.n_layers):
+        raise ValueError("forward_packed: expected block inputs recorded with kv=True and a 4D attention mask at "
+                         "every layer (BlockInputs.can_pack), got inputs that cannot be packed")
+    if tuple(resid.shape[:2]) != (inputs.batch, packing.n):
+        raise ValueError(f"forward_packed: expected resid of shape (batch={inputs.batch}, n={packing.n}, d_model), "
+                         f"got {tuple(resid.shape)}")
+    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
+    with torch.inference_mode(), ctx:
+        x = resid
+        for layer in range(start, arch.n_layers):
+            kw = packing.inputs(inputs.kwargs[layer])
+            kw["layer_past"] = _KV({layer: inputs.kv[layer]})
+            out = model.blocks[layer](x, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+        rows = packing.rows(index.to(x.device))  # [copies, batch, k]
+        k = rows.shape[0]
+        picked = x.gather(1, rows.permute(1, 0, 2).reshape(x.shape[0], -1)[..., None].expand(-1, -1, x.shape[-1]))
+        picked = picked.reshape(x.shape[0], k, index.shape[1], -1).transpose(0, 1).reshape(k * x.shape[0], index.shape[1], -1)
+        return unembed(model, picked)
+
+
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int, *,
                  index: Int[Tensor, "rows k"] | None = None, hooks: Sequence[tuple[str, Any]] = (),
                  inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0,
@@ -478,7 +595,9 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     TransformerLens K/V cache in `past_kv`).
     """
     arch = Arch.of(model)
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+    # a Bridge builds its hook dictionary (aliases included) on entering `hooks`: skip it when empty
+    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
+    with torch.inference_mode(), ctx:
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
             return unembed(model, out, index)

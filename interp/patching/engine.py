@@ -30,7 +30,10 @@ How it is made fast, exactly:
   the first position the metric reads are unchanged too: they are fed from a frozen K/V cache of
   the base run and not recomputed;
 - when the metric declares the positions it reads (`interp.metrics.ReadMetric`), only those rows
-  of each example are normalised and unembedded.
+  of each example are normalised and unembedded;
+- a copy whose every edit writes, bit for bit, the base run's own values (in a denoising sweep
+  after a one-token corruption at t: every patch before t, and at layer 0 every patch but t's)
+  is the base run: its value is read from the base run's logits, with no forward pass.
 
 Plan, then apply: callers turn nodes into `Edit`s (which entries of which hook take which
 values, per example) and, to restrict who reads patched keys/values, `EdgeEdit`s (which
@@ -55,10 +58,12 @@ from interp.arch import (
     Arch,
     BlockInputs,
     Model,
+    Packing,
     block_inputs,
     can_skip_prefix,
     can_start_mid,
     device_of,
+    forward_packed,
     is_bridge,
     unembed,
 )
@@ -611,12 +616,15 @@ def copy_valid(edits: Sequence[AnyEdit], batch: int) -> Tensor:
     return v
 
 
-def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
+def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0,
+                packing: Packing | None = None) -> list[tuple[str, object]]:
     """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch).
 
     With `p0 > 0` the forward pass computes positions p0.. only (earlier ones come from a K/V
     cache), so masks and sources are cut to those positions. `EdgeEdit` hooks come after the
-    `Edit` hooks, so they see the keys/values those write.
+    `Edit` hooks, so they see the keys/values those write. With `packing` (a Bridge's packed
+    replay, `interp.arch.forward_packed`) activations are [batch, packed positions, ...]: copy c's
+    edits apply to its positions firsts[c].. there (no EdgeEdit then).
     """
     k = len(copies)
     per_hook: dict[str, list[list[Edit]]] = {}
@@ -647,15 +655,20 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
             else:
                 src = torch.stack([e.source[:, p0:] if e is not None else template.source[:, p0:]
                                    for e in chosen])
+            if packing is not None:  # p0 is 0 then: [k or 1, batch, pos, ...] -> [batch, packed, ...]
+                mask, src = packing.pack(mask, copy_axis=True), packing.pack(src, copy_axis=True)
             stages.append((mask.unsqueeze(-1), src))  # broadcast over the feature axis
 
         def hook(act: Tensor, hook, stages=stages) -> Tensor:
-            v = act.reshape(k, batch, *act.shape[1:])
+            v = act if packing is not None else act.reshape(k, batch, *act.shape[1:])
             for mask, src in stages:
                 v = torch.where(mask, src.to(v.dtype), v)
             return v.reshape(act.shape)
 
         hooks.append((name, hook))
+    if packing is not None and per_layer:
+        raise ValueError("chunk_hooks: expected no EdgeEdit in a packed chunk, got one at layer "
+                         f"{min(per_layer)}; run EdgeEdits unpacked")
     for layer, slots in per_layer.items():
         v_cols = sorted({int(p) for c, edits in enumerate(copies) if slots[c] is not None for e in edits
                          if isinstance(e, Edit) and e.hook == Node(layer, Site.V).hook_name
@@ -830,6 +843,65 @@ def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, s
     return chunks[::-1]
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def writes_base(edits: Sequence[AnyEdit], base: dict[str, Tensor], same: dict[tuple[str, int], Tensor]) -> bool:
+    """Whether every edit of a copy writes, at every entry it selects, bit for bit the base run's
+    own value there: then the copy is the base run (no forward needed). In a denoising sweep
+    after a symmetric token replacement at position t, this holds for every patch at a position
+    before t (and at layer 0 for every position but t): the two runs agree there bit for bit.
+    An `EdgeEdit` never counts as one. `same` caches, per (hook, source), where source and base agree."""
+    if not edits:
+        return False
+    for e in edits:
+        if isinstance(e, EdgeEdit):
+            return False
+        b = base.get(e.hook)
+        src = e.source
+        if (b is None or b.shape != src.shape or b.dtype != src.dtype or b.device != src.device
+                or src.element_size() not in _BITS or e.mask.ndim != src.ndim - 1):
+            return False
+        key = (e.hook, id(src))
+        if key not in same:
+            bits = _BITS[src.element_size()]  # bits, not values: -0.0 and 0.0 differ, NaN never matches
+            same[key] = (src.view(bits) == b.view(bits)).all(-1)  # [batch, pos(, head)]
+        if e.mask.shape[1:] != same[key].shape[1:] or bool((e.mask & ~same[key]).any()):
+            return False
+    return True
+
+
+def input_edits(hooks: list[tuple[str, object]], resid: Tensor, start: int) -> tuple[list[tuple[str, object]], Tensor]:
+    """Apply the hooks at layer `start`'s resid_pre to `resid` itself (a partial forward's input
+    is that activation), returning the other hooks and the edited input: a forward with no hook
+    left skips attaching any (on a Bridge, rebuilding its hook dictionary)."""
+    name = resid_pre_name(start)
+    for hook_name, fn in hooks:
+        if hook_name == name:
+            resid = fn(resid, None)  # type: ignore[operator]
+    return [(n, fn) for n, fn in hooks if n != name], resid
+
+
+def block_macs(model: Model, layer: int) -> int:
+    """Multiply-adds per position of block `layer`'s weight matrices (its parameters of rank >= 2)."""
+    return sum(p.numel() for p in model.blocks[layer].parameters() if p.ndim >= 2)
+
+
+def pack_pays(model: Model, start: int, firsts: Sequence[int], batch: int, width: int,
+              copies: Sequence[Sequence[AnyEdit]]) -> bool:
+    """Whether one packed pass (`interp.arch.forward_packed`) over these copies costs fewer
+    multiply-adds than one pass of them padded to the earliest first position. Per position
+    and block: the weight matrices, plus 2 x heads x d_head per key attended (a packed query
+    is scored against the base run's `width` keys and every packed key; most are masked)."""
+    if any(isinstance(e, EdgeEdit) for c in copies for e in c):
+        return False
+    arch = Arch.of(model)
+    lin, att = block_macs(model, start), 2 * arch.n_heads * arch.d_head
+    n = sum(width - f for f in firsts)
+    padded = len(firsts) * (width - min(firsts)) * (lin + att * width)
+    return n * (lin + att * (width + n)) < padded
+
+
 def read_index(metric: Metric, prompts: Prompts) -> Tensor | None:
     """[batch, k] positions a `ReadMetric` reads (right-padded layout), or None (full logits)."""
     if not isinstance(metric, ReadMetric):
@@ -865,9 +937,18 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
     index = read_index(metric, prompts)
     merged = [merge_edits(c) for c in copies]
     n_layers = Arch.of(model).n_layers
+    same: dict[tuple[str, int], Tensor] = {}
+    noop = [writes_base(c, runs.base, same) for c in merged]
+    if any(noop):
+        log.debug("%s: %d of %d copies write the base run's own values (answered from the base run)",
+                  desc, sum(noop), len(merged))
     bridge_skip = is_bridge(model) and can_skip_prefix(model, runs.base_inputs)
+    # a Bridge whose blocks take a recorded 4D mask: copies of different first positions share a pass
+    packable = (bridge_skip and index is not None and runs.base_inputs is not None
+                and runs.base_inputs.can_pack(n_layers))
+    direct = runs.path == "partial"  # resid_pre edits at the start layer go into the input itself
     skip = bridge_skip or (Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model))
-    starts = [min((e.layer for e in c), default=n_layers) for c in merged]
+    starts = [n_layers if nop else min((e.layer for e in c), default=n_layers) for c, nop in zip(merged, noop, strict=True)]
     firsts = [_first_pos(c) if skip else 0 for c in merged]
     if index is not None and skip:
         lowest = int(index.min())
@@ -888,10 +969,20 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                     if index is not None:
                         logits = logits.gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
                     logits = logits.repeat(k, 1, 1)
+                elif packable and index is not None and pack_pays(model, start, [firsts[i] for i in chunk], batch,
+                                                                   seq_len, [merged[i] for i in chunk]):
+                    packing = Packing.of([firsts[i] for i in chunk], seq_len, device_of(model))
+                    hooks = chunk_hooks([merged[i] for i in chunk], batch, packing=packing)
+                    resid = packing.pack(runs.base[resid_pre_name(start)])
+                    hooks, resid = input_edits(hooks, resid, start)
+                    logits = forward_packed(model, resid, start, packing, index, inputs=runs.base_inputs,  # type: ignore[arg-type]
+                                            hooks=hooks)
                 else:
                     p0 = min(firsts[i] for i in chunk)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
+                    if direct:
+                        hooks, resid = input_edits(hooks, resid, start)
                     past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 and not bridge_skip else None
                     rel = None if index is None else (index - p0).repeat(k, 1)
                     logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs,
