@@ -549,7 +549,7 @@ def can_skip_prefix(model: Model, inputs: BlockInputs | None = None) -> bool:
 
 def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start: int, packing: Packing,
                    index: Int[Tensor, "batch k"], *, inputs: BlockInputs, hooks: Sequence[tuple[str, Any]] = (),
-                   ) -> Float[Tensor, "rows k d_vocab"]:
+                   logits: bool = True) -> Float[Tensor, "rows k d_vocab"] | Float[Tensor, "rows k d_model"]:
     """Run blocks start.. of a Bridge on several copies of the recorded batch laid end to end
     (`packing`: copy c holds positions firsts[c]..; `resid` is layer `start`'s resid_pre in that
     layout, hooks see that layout) and unembed each copy's positions `index` (prompt coordinates);
@@ -558,7 +558,8 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
     One pass computes what `forward_from(..., p0=firsts[c])` computes per copy, and nothing
     more: each packed query reads the base run's recorded keys/values before its copy's first
     position and its own copy's after (a packed attention mask, `Packing.mask`). Needs
-    `inputs.can_pack`."""
+    `inputs.can_pack`. ``logits=False``: the final residual at those positions instead (to
+    unembed later, several passes' rows at once)."""
     arch = Arch.of(model)
     if not inputs.can_pack(arch.n_layers):
         raise ValueError("forward_packed: expected block inputs recorded with kv=True and a 4D attention mask at "
@@ -578,15 +579,16 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
         k = rows.shape[0]
         picked = x.gather(1, rows.permute(1, 0, 2).reshape(x.shape[0], -1)[..., None].expand(-1, -1, x.shape[-1]))
         picked = picked.reshape(x.shape[0], k, index.shape[1], -1).transpose(0, 1).reshape(k * x.shape[0], index.shape[1], -1)
-        return unembed(model, picked)
+        return unembed(model, picked) if logits else picked
 
 
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int, *,
                  index: Int[Tensor, "rows k"] | None = None, hooks: Sequence[tuple[str, Any]] = (),
-                 inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0,
-                 ) -> Float[Tensor, "rows k d_vocab"]:
+                 inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0, logits: bool = True,
+                 ) -> Float[Tensor, "rows k d_vocab"] | Float[Tensor, "rows k d_model"]:
     """Run blocks start.. on `resid` (layer `start`'s resid_pre) under `hooks` and unembed at
-    each row's `index` (None: every position; positions count from p0).
+    each row's `index` (None: every position; positions count from p0). ``logits=False``: the
+    final residual at those positions, not unembedded (not on a Bridge whose blocks are not chained).
 
     A Bridge needs `inputs` (recorded by `block_inputs` on a forward of `inputs.batch` prompts of
     the same width); `resid` may stack several copies of that batch (rows = copies x batch).
@@ -600,7 +602,7 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     with torch.inference_mode(), ctx:
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
-            return unembed(model, out, index)
+            return unembed(model, out, index) if logits else _gather(out, index)
         if past_kv is not None:
             raise ValueError("forward_from: expected no K/V cache on a TransformerBridge, got one")
         if inputs is None or inputs.batch < 1:
@@ -614,9 +616,10 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             # the HF model does something between its blocks: rerun the whole forward on the
             # recorded tokens under the same hooks (edits sit at layers >= start, so the layers
             # below recompute the recorded resid exactly)
-            if inputs.tokens is None or p0:
+            if inputs.tokens is None or p0 or not logits:
                 raise ValueError("forward_from on a TransformerBridge whose blocks are not chained: expected the "
-                                 "recorded tokens and p0=0, got " + (f"p0={p0}" if p0 else "no tokens"))
+                                 "recorded tokens, p0=0 and logits, got " + (f"p0={p0}" if p0 else "logits=False"
+                                                                              if inputs.tokens is not None else "no tokens"))
             out = model(inputs.tokens.repeat(k, 1))
             if index is not None:
                 out = out.gather(1, index.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
@@ -633,4 +636,11 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
                     pk[..., :p0, :].repeat(k, 1, 1, 1), pv[..., :p0, :].repeat(k, 1, 1, 1))})}
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
-        return unembed(model, x, index)
+        return unembed(model, x, index) if logits else _gather(x, index)
+
+
+def _gather(x: Tensor, index: Tensor | None) -> Tensor:
+    """Each row's positions `index` of `x` [rows, pos, d] (None: all)."""
+    if index is None:
+        return x
+    return x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))

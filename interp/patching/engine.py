@@ -767,11 +767,12 @@ def final_logits(model: Model, resid: Float[Tensor, "rows pos d_model"],
 
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int,
                  index: Tensor | None, hooks: list, past_kv: object = None, inputs: BlockInputs | None = None,
-                 p0: int = 0) -> Float[Tensor, "rows k d_vocab"]:
-    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all).
-    A Bridge replays the base run's block `inputs` (`interp.arch.forward_from`; from position
-    `p0` on, the earlier keys/values recorded)."""
-    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0)
+                 p0: int = 0, logits: bool = True) -> Float[Tensor, "rows k d_vocab"]:
+    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all;
+    ``logits=False``: the final residual there). A Bridge replays the base run's block `inputs`
+    (`interp.arch.forward_from`; from position `p0` on, the earlier keys/values recorded)."""
+    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0,
+                             logits=logits)
 
 
 def kv_names(n_layers: int) -> set[str]:
@@ -959,6 +960,28 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
         order.setdefault(s, []).append(i)
     out = torch.empty(len(copies), batch, dtype=torch.float64)
     bar = tqdm(total=len(copies), desc=desc, disable=not progress, leave=False)
+    # A metric reading a few positions: passes return final residuals, unembedded together once
+    # `rows` of them wait (one d_model x d_vocab product over many rows instead of one per pass:
+    # with few rows per pass that product is bound by reading W_U, not by its arithmetic)
+    defer = index is not None and runs.path == "partial"
+    pending: list[tuple[list[int], Tensor]] = []
+
+    def record(chunk: list[int], logits: Tensor) -> None:
+        k = len(chunk)
+        logits = logits.reshape(k, batch, *logits.shape[1:])
+        for j, i in enumerate(chunk):
+            v = metric.read(logits[j], prompts) if index is not None else metric(logits[j], prompts)
+            out[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
+        bar.update(k)
+
+    def flush() -> None:
+        if pending:
+            logits, o = final_logits(model, torch.cat([x for _, x in pending])), 0
+            for chunk, x in pending:
+                record(chunk, logits[o:o + x.shape[0]])
+                o += x.shape[0]
+            pending.clear()
+
     try:
         for start in sorted(order):
             idx = sorted(order[start], key=lambda i: -firsts[i])
@@ -976,7 +999,7 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                     resid = packing.pack(runs.base[resid_pre_name(start)])
                     hooks, resid = input_edits(hooks, resid, start)
                     logits = forward_packed(model, resid, start, packing, index, inputs=runs.base_inputs,  # type: ignore[arg-type]
-                                            hooks=hooks)
+                                            hooks=hooks, logits=not defer)
                 else:
                     p0 = min(firsts[i] for i in chunk)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
@@ -986,14 +1009,16 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                     past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 and not bridge_skip else None
                     rel = None if index is None else (index - p0).repeat(k, 1)
                     logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs,
-                                          p0 if bridge_skip else 0)
+                                          p0 if bridge_skip else 0, logits=not defer)
                     if index is None and p0 > 0:  # unchanged logits of the skipped prefix
                         logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
-                logits = logits.reshape(k, batch, *logits.shape[1:])
-                for j, i in enumerate(chunk):
-                    v = metric.read(logits[j], prompts) if index is not None else metric(logits[j], prompts)
-                    out[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
-                bar.update(k)
+                if defer and start < n_layers:
+                    pending.append((chunk, logits))
+                    if sum(x.shape[0] for _, x in pending) >= rows:
+                        flush()
+                else:
+                    record(chunk, logits)
+        flush()
     finally:
         bar.close()
     valid = torch.stack([copy_valid(c, batch) for c in merged]) if merged else torch.ones(0, batch, dtype=torch.bool)
