@@ -30,6 +30,7 @@ closures. Masked attention scores hold the dtype's minimum, not -inf.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -355,12 +356,29 @@ class BlockInputs:
         return True
 
 
-    def can_pack(self, n_layers: int) -> bool:
-        """Whether copies that start at different positions can share one replay (`forward_from`
-        with `firsts`): `can_skip`, and every layer's attention mask recorded as a 4D tensor
-        (the packed replay rewrites it; a block that builds its own mask cannot be packed)."""
-        return self.can_skip(n_layers) and all(
-            isinstance(self.kwargs[layer].get("attention_mask"), Tensor) for layer in range(n_layers))
+
+
+def can_pack(model: Model, inputs: BlockInputs | None) -> bool:
+    """Whether copies of a Bridge that start at different positions can share one replay
+    (`forward_packed`, which rewrites each block's attention mask): `can_skip_prefix`, and at
+    every layer the attention mask recorded as a 4D tensor, or none recorded where the HF block
+    takes an ``attention_mask`` argument and its attention is causal (the Bridge's attention then
+    builds a plain causal mask itself, which the packed replay passes explicitly instead)."""
+    if inputs is None or not is_bridge(model) or not can_skip_prefix(model, inputs):
+        return False
+    for layer, blk in enumerate(model.blocks):
+        mask = inputs.kwargs[layer].get("attention_mask")
+        if isinstance(mask, Tensor):
+            continue
+        hf = getattr(blk, "original_component", None)
+        attn = getattr(blk, "attn", None)
+        try:
+            takes = "attention_mask" in inspect.signature(hf.forward).parameters  # type: ignore[union-attr]
+        except (TypeError, ValueError, AttributeError):
+            takes = False
+        if mask is not None or not takes or not getattr(attn, "is_causal", False) or getattr(attn, "is_cross_attention", False):
+            return False
+    return True
 
 
 def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
@@ -439,8 +457,12 @@ class Packing:
         return torch.cat([base, own], dim=-1)
 
     def inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A block's recorded inputs for the packed rows (positional inputs gathered, mask packed)."""
+        """A block's recorded inputs for the packed rows (positional inputs gathered, mask packed;
+        with no mask recorded, the plain causal one packed: see `can_pack`)."""
         out = dict(kwargs)
+        if kwargs.get("attention_mask") is None:
+            causal = torch.ones(self.width, self.width, dtype=torch.bool, device=self.pos.device).tril()
+            out["attention_mask"] = self.mask(causal[None, None])
         for name, x in kwargs.items():
             if name == "position_embeddings":
                 out[name] = tuple(t.index_select(1, self.pos.to(t.device)) for t in x)
@@ -558,12 +580,12 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
     One pass computes what `forward_from(..., p0=firsts[c])` computes per copy, and nothing
     more: each packed query reads the base run's recorded keys/values before its copy's first
     position and its own copy's after (a packed attention mask, `Packing.mask`). Needs
-    `inputs.can_pack`. ``logits=False``: the final residual at those positions instead (to
+    `can_pack(model, inputs)`. ``logits=False``: the final residual at those positions instead (to
     unembed later, several passes' rows at once)."""
     arch = Arch.of(model)
-    if not inputs.can_pack(arch.n_layers):
-        raise ValueError("forward_packed: expected block inputs recorded with kv=True and a 4D attention mask at "
-                         "every layer (BlockInputs.can_pack), got inputs that cannot be packed")
+    if not can_pack(model, inputs):
+        raise ValueError("forward_packed: expected a Bridge's block inputs recorded with kv=True and an attention "
+                         "mask every block can take (interp.arch.can_pack), got inputs that cannot be packed")
     if tuple(resid.shape[:2]) != (inputs.batch, packing.n):
         raise ValueError(f"forward_packed: expected resid of shape (batch={inputs.batch}, n={packing.n}, d_model), "
                          f"got {tuple(resid.shape)}")

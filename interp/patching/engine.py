@@ -60,6 +60,7 @@ from interp.arch import (
     Model,
     Packing,
     block_inputs,
+    can_pack,
     can_skip_prefix,
     can_start_mid,
     device_of,
@@ -945,8 +946,7 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                   desc, sum(noop), len(merged))
     bridge_skip = is_bridge(model) and can_skip_prefix(model, runs.base_inputs)
     # a Bridge whose blocks take a recorded 4D mask: copies of different first positions share a pass
-    packable = (bridge_skip and index is not None and runs.base_inputs is not None
-                and runs.base_inputs.can_pack(n_layers))
+    packable = bridge_skip and index is not None and can_pack(model, runs.base_inputs)
     direct = runs.path == "partial"  # resid_pre edits at the start layer go into the input itself
     skip = bridge_skip or (Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model))
     starts = [n_layers if nop else min((e.layer for e in c), default=n_layers) for c, nop in zip(merged, noop, strict=True)]
