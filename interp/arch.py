@@ -18,10 +18,14 @@ same inputs as in the full forward (checked bit for bit in tests/test_bridge.py)
 ``block_inputs(model, kv=True)`` each layer's keys and values are recorded as the attention used
 them (after rotary and any QK-norm; through a recording ``layer_past`` that returns them
 unchanged), and `forward_from(..., p0=p)` computes positions p.. only, the earlier ones read from
-that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache). Where the
-HF model acts between its blocks (a block's input is not the previous block's output), replaying
-blocks is not exact: `BlockInputs.chained` is False and `forward_from` reruns the recorded tokens
-whole under the same hooks (``path="hooks"`` in the patching results).
+that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache).
+`forward_packed` runs several copies that start at different positions in one pass, laid end
+to end along the position axis: each packed query reads the recorded keys before its copy's
+first position and its own copy's after, through a packed attention mask (`Packing.mask`, built
+from each block's recorded mask; `can_pack`). Where the HF model acts between its blocks (a
+block's input is not the previous block's output), replaying blocks is not exact:
+`BlockInputs.chained` is False and `forward_from` reruns the recorded tokens whole under the
+same hooks (``path="hooks"`` in the patching results).
 
 On a Bridge the legacy hook names (``blocks.0.attn.hook_z``) are aliases: the `hook.name` a hook
 function receives is the canonical one (``blocks.0.attn.o.hook_in``), so hooks here bind names in
@@ -356,8 +360,6 @@ class BlockInputs:
         return True
 
 
-
-
 def can_pack(model: Model, inputs: BlockInputs | None) -> bool:
     """Whether copies of a Bridge that start at different positions can share one replay
     (`forward_packed`, which rewrites each block's attention mask): `can_skip_prefix`, and at
@@ -589,6 +591,11 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
     if tuple(resid.shape[:2]) != (inputs.batch, packing.n):
         raise ValueError(f"forward_packed: expected resid of shape (batch={inputs.batch}, n={packing.n}, d_model), "
                          f"got {tuple(resid.shape)}")
+    if index.ndim != 2 or index.shape[0] != inputs.batch or index.numel() == 0 or not (
+            max(packing.firsts) <= int(index.min()) and int(index.max()) < packing.width):
+        raise ValueError(f"forward_packed: expected a [batch={inputs.batch}, k] index of positions in "
+                         f"[{max(packing.firsts)}, {packing.width}) (every copy computes them), got "
+                         f"{index.tolist() if index.numel() <= 16 else tuple(index.shape)}")
     ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
     with torch.inference_mode(), ctx:
         x = resid

@@ -87,6 +87,9 @@ def test_packed_replay_equals_each_copy_replayed_from_its_first_position(bridge_
         for c, f in enumerate(firsts):
             want = forward_from(model, copies[c][:, f:], start, index=index - f, inputs=rec, p0=f)
             torch.testing.assert_close(got[c * 2:(c + 1) * 2], want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"index of positions in \[5, 7\)"):  # copy 2 does not compute position 3
+        forward_packed(model, packing.pack(torch.stack(copies), copy_axis=True), 0, packing, torch.tensor([[3, 6], [6, 6]]),
+                       inputs=rec)
 
 
 @pytest.mark.parametrize("site,tl_fn", [("resid_pre", tlp.get_act_patch_resid_pre),

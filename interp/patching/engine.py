@@ -28,9 +28,11 @@ How it is made fast, exactly:
   computed once, in the caching run;
 - positions before the first patched position (over the chunk's copies and examples) and before
   the first position the metric reads are unchanged too: they are fed from a frozen K/V cache of
-  the base run and not recomputed;
+  the base run and not recomputed; on a TransformerBridge a chunk's copies may instead be packed
+  end to end, each from its own first position (`interp.arch.forward_packed`), where that costs
+  fewer multiply-adds (`pack_pays`);
 - when the metric declares the positions it reads (`interp.metrics.ReadMetric`), only those rows
-  of each example are normalised and unembedded;
+  of each example are normalised and unembedded, several passes' rows in one product;
 - a copy whose every edit writes, bit for bit, the base run's own values (in a denoising sweep
   after a one-token corruption at t: every patch before t, and at layer 0 every patch but t's)
   is the base run: its value is read from the base run's logits, with no forward pass.
@@ -894,14 +896,16 @@ def pack_pays(model: Model, start: int, firsts: Sequence[int], batch: int, width
     """Whether one packed pass (`interp.arch.forward_packed`) over these copies costs fewer
     multiply-adds than one pass of them padded to the earliest first position. Per position
     and block: the weight matrices, plus 2 x heads x d_head per key attended (a packed query
-    is scored against the base run's `width` keys and every packed key; most are masked)."""
+    is scored against the base run's `width` keys and every packed key; most are masked). And
+    the attention must stay under a quarter of the weight matrices' work per position: it grows
+    with the packed length squared (time and the [heads, n, width + n] scores' memory)."""
     if any(isinstance(e, EdgeEdit) for c in copies for e in c):
         return False
     arch = Arch.of(model)
     lin, att = block_macs(model, start), 2 * arch.n_heads * arch.d_head
     n = sum(width - f for f in firsts)
     padded = len(firsts) * (width - min(firsts)) * (lin + att * width)
-    return n * (lin + att * (width + n)) < padded
+    return 4 * att * (width + n) <= lin and n * (lin + att * (width + n)) < padded
 
 
 def read_index(metric: Metric, prompts: Prompts) -> Tensor | None:
