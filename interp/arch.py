@@ -328,6 +328,8 @@ class BlockInputs:
     # blocks): only then is replaying blocks l.. exact; else `forward_from` reruns `tokens` whole
     chained: bool = True
     tokens: Tensor | None = None
+    # each block's input hidden state in the recorded forward (its resid_pre, before any hook on it)
+    hidden: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def path(self) -> Literal["partial", "hooks"]:
@@ -520,6 +522,7 @@ def block_inputs(model: Model, *, kv: bool = False) -> Iterator[BlockInputs]:
     if recorder is not None:
         rec.kv = dict(recorder.seen)
     rec.chained = _chained(ins, outs)
+    rec.hidden = dict(ins)
 
 
 def _chained(ins: dict[int, Tensor], outs: dict[int, Tensor]) -> bool:

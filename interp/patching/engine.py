@@ -281,12 +281,20 @@ def cached_run(model: Model, tokens: Int[Tensor, "batch pos"], names: set[str],
     forwards replay; with `kv`, also each layer's keys/values, which let a Bridge's replays skip
     unchanged positions). `edits` are applied (e.g. a rollout's continuous inputs at
     hook_embed)."""
+    # On a Bridge, a block's recorded input is its resid_pre: read it there rather than through a
+    # capture hook (TransformerLens's Bridge rebuilds its hook dictionary for every hook attached,
+    # ~2.5 ms each). Not under edits: one could target a resid_pre hook, which the record precedes.
+    pre = {resid_pre_name(layer): layer for layer in range(Arch.of(model).n_layers)} if is_bridge(model) and not edits else {}
     with torch.inference_mode(), block_inputs(model, kv=kv) as rec:
-        out = run(model, tokens, edits=edits, captures=sorted(names), check_finite=False)
+        out = run(model, tokens, edits=edits, captures=sorted(n for n in names if n not in pre), check_finite=False)
+    acts = dict(out.acts)
+    for name in names:
+        if name in pre:
+            acts[name] = rec.hidden[pre[name]]
     if inputs is not None:
         inputs.batch, inputs.kwargs, inputs.width, inputs.kv = rec.batch, rec.kwargs, rec.width, rec.kv
-        inputs.chained, inputs.tokens = rec.chained, tokens
-    return out.logits, out.acts  # type: ignore[return-value]
+        inputs.chained, inputs.tokens, inputs.hidden = rec.chained, tokens, rec.hidden
+    return out.logits, acts  # type: ignore[return-value]
 
 
 def metric_values(metric: Metric, logits: Tensor, prompts: Prompts, what: str) -> Float[Tensor, "batch"]:
