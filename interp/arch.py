@@ -18,10 +18,14 @@ same inputs as in the full forward (checked bit for bit in tests/test_bridge.py)
 ``block_inputs(model, kv=True)`` each layer's keys and values are recorded as the attention used
 them (after rotary and any QK-norm; through a recording ``layer_past`` that returns them
 unchanged), and `forward_from(..., p0=p)` computes positions p.. only, the earlier ones read from
-that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache). Where the
-HF model acts between its blocks (a block's input is not the previous block's output), replaying
-blocks is not exact: `BlockInputs.chained` is False and `forward_from` reruns the recorded tokens
-whole under the same hooks (``path="hooks"`` in the patching results).
+that record (the engine's prefix skipping, as on a HookedTransformer with its K/V cache).
+`forward_packed` runs several copies that start at different positions in one pass, laid end
+to end along the position axis: each packed query reads the recorded keys before its copy's
+first position and its own copy's after, through a packed attention mask (`Packing.mask`, built
+from each block's recorded mask; `can_pack`). Where the HF model acts between its blocks (a
+block's input is not the previous block's output), replaying blocks is not exact:
+`BlockInputs.chained` is False and `forward_from` reruns the recorded tokens whole under the
+same hooks (``path="hooks"`` in the patching results).
 
 On a Bridge the legacy hook names (``blocks.0.attn.hook_z``) are aliases: the `hook.name` a hook
 function receives is the canonical one (``blocks.0.attn.o.hook_in``), so hooks here bind names in
@@ -30,8 +34,9 @@ closures. Masked attention scores hold the dtype's minimum, not -inf.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -323,6 +328,8 @@ class BlockInputs:
     # blocks): only then is replaying blocks l.. exact; else `forward_from` reruns `tokens` whole
     chained: bool = True
     tokens: Tensor | None = None
+    # each block's input hidden state in the recorded forward (its resid_pre, before any hook on it)
+    hidden: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def path(self) -> Literal["partial", "hooks"]:
@@ -355,6 +362,29 @@ class BlockInputs:
         return True
 
 
+def can_pack(model: Model, inputs: BlockInputs | None) -> bool:
+    """Whether copies of a Bridge that start at different positions can share one replay
+    (`forward_packed`, which rewrites each block's attention mask): `can_skip_prefix`, and at
+    every layer the attention mask recorded as a 4D tensor, or none recorded where the HF block
+    takes an ``attention_mask`` argument and its attention is causal (the Bridge's attention then
+    builds a plain causal mask itself, which the packed replay passes explicitly instead)."""
+    if inputs is None or not is_bridge(model) or not can_skip_prefix(model, inputs):
+        return False
+    for layer, blk in enumerate(model.blocks):
+        mask = inputs.kwargs[layer].get("attention_mask")
+        if isinstance(mask, Tensor):
+            continue
+        hf = getattr(blk, "original_component", None)
+        attn = getattr(blk, "attn", None)
+        try:
+            takes = "attention_mask" in inspect.signature(hf.forward).parameters  # type: ignore[union-attr]
+        except (TypeError, ValueError, AttributeError):
+            takes = False
+        if mask is not None or not takes or not getattr(attn, "is_causal", False) or getattr(attn, "is_cross_attention", False):
+            return False
+    return True
+
+
 def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
     """Block inputs for query positions p0.. (keys still cover every position)."""
     out = dict(kwargs)
@@ -366,6 +396,85 @@ def _slice_inputs(kwargs: dict[str, Any], p0: int) -> dict[str, Any]:
         elif name in _POS_AXIS:
             out[name] = x[..., p0:]
     return out
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Copies laid end to end along the position axis: copy c computes positions firsts[c]..
+    (the earlier ones are the base run's, read from its recorded keys and values). `pos` [n]
+    is each packed row's position in the prompt and `copy` [n] its copy."""
+
+    firsts: tuple[int, ...]
+    width: int
+    pos: Tensor
+    copy: Tensor
+
+    @staticmethod
+    def of(firsts: Sequence[int], width: int, device: torch.device | str = "cpu") -> Packing:
+        bad = [f for f in firsts if not 0 <= f < width]
+        if not firsts or bad:
+            raise ValueError(f"packed copies: expected first positions in [0, {width}), got {list(firsts)}")
+        pos = torch.cat([torch.arange(f, width) for f in firsts])
+        copy = torch.cat([torch.full((width - f,), c) for c, f in enumerate(firsts)])
+        return Packing(tuple(int(f) for f in firsts), width, pos.to(device), copy.to(device))
+
+    @property
+    def n(self) -> int:
+        """Packed rows (positions computed, over all copies)."""
+        return int(self.pos.shape[0])
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each copy's rows begin."""
+        out, o = [], 0
+        for f in self.firsts:
+            out.append(o)
+            o += self.width - f
+        return out
+
+    def pack(self, x: Tensor, copy_axis: bool = False) -> Tensor:
+        """[batch, width, ...] (or, with `copy_axis`, [copies or 1, batch, width, ...]) -> [batch, n, ...]."""
+        if not copy_axis:
+            return x.index_select(1, self.pos.to(x.device))
+        if x.shape[0] == 1:
+            return x[0].index_select(1, self.pos.to(x.device))
+        return torch.cat([x[c, :, f:] for c, f in enumerate(self.firsts)], dim=1)
+
+    def rows(self, index: Int[Tensor, "batch k"]) -> Int[Tensor, "copies batch k"]:
+        """The packed rows of each copy's positions `index` (prompt coordinates, >= its first)."""
+        off = torch.tensor([o - f for o, f in zip(self.offsets, self.firsts, strict=True)], device=index.device)
+        return index[None] + off[:, None, None]
+
+    def mask(self, rec: Tensor) -> Tensor:
+        """The packed attention mask from the recorded one ([b, 1, width, width], additive or
+        boolean): packed query (c, q) sees the base run's key j < firsts[c] and its own copy's
+        keys j >= firsts[c], each where the recorded mask lets q see j; keys are [the base run's
+        width positions, then the n packed ones] ([b, 1, n, width + n])."""
+        pos, copy = self.pos.to(rec.device), self.copy.to(rec.device)
+        first = torch.tensor(self.firsts, device=rec.device)[copy]  # [n]
+        rows = rec.index_select(-2, pos)  # [b, 1, n, width]
+        base_ok = torch.arange(self.width, device=rec.device)[None] < first[:, None]  # [n, width]
+        own_ok = copy[:, None] == copy[None]  # [n, n]
+        off = False if rec.dtype == torch.bool else torch.finfo(rec.dtype).min
+        base = rows.masked_fill(~base_ok, off)
+        own = rows.index_select(-1, pos).masked_fill(~own_ok, off)
+        return torch.cat([base, own], dim=-1)
+
+    def inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A block's recorded inputs for the packed rows (positional inputs gathered, mask packed;
+        with no mask recorded, the plain causal one packed: see `can_pack`)."""
+        out = dict(kwargs)
+        if kwargs.get("attention_mask") is None:
+            causal = torch.ones(self.width, self.width, dtype=torch.bool, device=self.pos.device).tril()
+            out["attention_mask"] = self.mask(causal[None, None])
+        for name, x in kwargs.items():
+            if name == "position_embeddings":
+                out[name] = tuple(t.index_select(1, self.pos.to(t.device)) for t in x)
+            elif name == "attention_mask":
+                out[name] = self.mask(x)
+            elif name in _POS_AXIS:
+                out[name] = x.index_select(x.ndim - 1, self.pos.to(x.device))
+        return out
 
 
 @contextmanager
@@ -413,6 +522,7 @@ def block_inputs(model: Model, *, kv: bool = False) -> Iterator[BlockInputs]:
     if recorder is not None:
         rec.kv = dict(recorder.seen)
     rec.chained = _chained(ins, outs)
+    rec.hidden = dict(ins)
 
 
 def _chained(ins: dict[int, Tensor], outs: dict[int, Tensor]) -> bool:
@@ -464,12 +574,53 @@ def can_skip_prefix(model: Model, inputs: BlockInputs | None = None) -> bool:
             and cfg.n_devices == 1)
 
 
+def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start: int, packing: Packing,
+                   index: Int[Tensor, "batch k"], *, inputs: BlockInputs, hooks: Sequence[tuple[str, Any]] = (),
+                   logits: bool = True) -> Float[Tensor, "rows k d_vocab"] | Float[Tensor, "rows k d_model"]:
+    """Run blocks start.. of a Bridge on several copies of the recorded batch laid end to end
+    (`packing`: copy c holds positions firsts[c]..; `resid` is layer `start`'s resid_pre in that
+    layout, hooks see that layout) and unembed each copy's positions `index` (prompt coordinates);
+    rows of the result are copy-major (copy c, example b at c * batch + b), as in `forward_from`.
+
+    One pass computes what `forward_from(..., p0=firsts[c])` computes per copy, and nothing
+    more: each packed query reads the base run's recorded keys/values before its copy's first
+    position and its own copy's after (a packed attention mask, `Packing.mask`). Needs
+    `can_pack(model, inputs)`. ``logits=False``: the final residual at those positions instead (to
+    unembed later, several passes' rows at once)."""
+    arch = Arch.of(model)
+    if not can_pack(model, inputs):
+        raise ValueError("forward_packed: expected a Bridge's block inputs recorded with kv=True and an attention "
+                         "mask every block can take (interp.arch.can_pack), got inputs that cannot be packed")
+    if tuple(resid.shape[:2]) != (inputs.batch, packing.n):
+        raise ValueError(f"forward_packed: expected resid of shape (batch={inputs.batch}, n={packing.n}, d_model), "
+                         f"got {tuple(resid.shape)}")
+    if index.ndim != 2 or index.shape[0] != inputs.batch or index.numel() == 0 or not (
+            max(packing.firsts) <= int(index.min()) and int(index.max()) < packing.width):
+        raise ValueError(f"forward_packed: expected a [batch={inputs.batch}, k] index of positions in "
+                         f"[{max(packing.firsts)}, {packing.width}) (every copy computes them), got "
+                         f"{index.tolist() if index.numel() <= 16 else tuple(index.shape)}")
+    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
+    with torch.inference_mode(), ctx:
+        x = resid
+        for layer in range(start, arch.n_layers):
+            kw = packing.inputs(inputs.kwargs[layer])
+            kw["layer_past"] = _KV({layer: inputs.kv[layer]})
+            out = model.blocks[layer](x, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+        rows = packing.rows(index.to(x.device))  # [copies, batch, k]
+        k = rows.shape[0]
+        picked = x.gather(1, rows.permute(1, 0, 2).reshape(x.shape[0], -1)[..., None].expand(-1, -1, x.shape[-1]))
+        picked = picked.reshape(x.shape[0], k, index.shape[1], -1).transpose(0, 1).reshape(k * x.shape[0], index.shape[1], -1)
+        return unembed(model, picked) if logits else picked
+
+
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int, *,
                  index: Int[Tensor, "rows k"] | None = None, hooks: Sequence[tuple[str, Any]] = (),
-                 inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0,
-                 ) -> Float[Tensor, "rows k d_vocab"]:
+                 inputs: BlockInputs | None = None, past_kv: object = None, p0: int = 0, logits: bool = True,
+                 ) -> Float[Tensor, "rows k d_vocab"] | Float[Tensor, "rows k d_model"]:
     """Run blocks start.. on `resid` (layer `start`'s resid_pre) under `hooks` and unembed at
-    each row's `index` (None: every position; positions count from p0).
+    each row's `index` (None: every position; positions count from p0). ``logits=False``: the
+    final residual at those positions, not unembedded (not on a Bridge whose blocks are not chained).
 
     A Bridge needs `inputs` (recorded by `block_inputs` on a forward of `inputs.batch` prompts of
     the same width); `resid` may stack several copies of that batch (rows = copies x batch).
@@ -478,10 +629,12 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     TransformerLens K/V cache in `past_kv`).
     """
     arch = Arch.of(model)
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+    # a Bridge builds its hook dictionary (aliases included) on entering `hooks`: skip it when empty
+    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
+    with torch.inference_mode(), ctx:
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
-            return unembed(model, out, index)
+            return unembed(model, out, index) if logits else _gather(out, index)
         if past_kv is not None:
             raise ValueError("forward_from: expected no K/V cache on a TransformerBridge, got one")
         if inputs is None or inputs.batch < 1:
@@ -495,9 +648,10 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
             # the HF model does something between its blocks: rerun the whole forward on the
             # recorded tokens under the same hooks (edits sit at layers >= start, so the layers
             # below recompute the recorded resid exactly)
-            if inputs.tokens is None or p0:
+            if inputs.tokens is None or p0 or not logits:
                 raise ValueError("forward_from on a TransformerBridge whose blocks are not chained: expected the "
-                                 "recorded tokens and p0=0, got " + (f"p0={p0}" if p0 else "no tokens"))
+                                 "recorded tokens, p0=0 and logits, got " + (f"p0={p0}" if p0 else "logits=False"
+                                                                              if inputs.tokens is not None else "no tokens"))
             out = model(inputs.tokens.repeat(k, 1))
             if index is not None:
                 out = out.gather(1, index.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
@@ -514,4 +668,11 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
                     pk[..., :p0, :].repeat(k, 1, 1, 1), pv[..., :p0, :].repeat(k, 1, 1, 1))})}
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
-        return unembed(model, x, index)
+        return unembed(model, x, index) if logits else _gather(x, index)
+
+
+def _gather(x: Tensor, index: Tensor | None) -> Tensor:
+    """Each row's positions `index` of `x` [rows, pos, d] (None: all)."""
+    if index is None:
+        return x
+    return x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))

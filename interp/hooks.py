@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -55,39 +55,45 @@ def hook_names(model: Model) -> list[str]:
     return list(model.hook_dict.keys())
 
 
-def resolve_hook(model: Model, target: str | Node) -> str:
-    """The validated TransformerLens hook name of `target` (a Node or a raw hook name)."""
+def resolve_hook(model: Model, target: str | Node, known: Collection[str] | None = None) -> str:
+    """The validated TransformerLens hook name of `target` (a Node or a raw hook name).
+
+    `known`: the model's hook names, when the caller already has them (a TransformerBridge
+    rebuilds `hook_dict`, with its aliases, on every access: milliseconds each)."""
+    if known is None:
+        known = model.hook_dict.keys()
     if isinstance(target, Node):
         try:
             target.validate(Arch.of(model))
         except ValueError as e:
             raise HookError(str(e)) from None
         name = target.hook_name
-        if name not in model.hook_dict:
+        if name not in known:
             hint = ("; set model.set_use_split_qkv_input(True) for q/k/v_input sites"
                     if target.site in (Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT) else "")
             raise HookError(f"{target}: expected hook {name!r} in the model, got no such hook point{hint}")
         return name
     if not isinstance(target, str):
         raise HookError(f"hook target: expected a Node or a hook-name string, got {type(target).__name__}")
-    if target not in model.hook_dict:
-        close = difflib.get_close_matches(target, hook_names(model), n=5, cutoff=0.5)
-        raise HookError(f"hook name: expected one of the model's {len(model.hook_dict)} hook points, "
+    if target not in known:
+        close = difflib.get_close_matches(target, list(known), n=5, cutoff=0.5)
+        raise HookError(f"hook name: expected one of the model's {len(known)} hook points, "
                         f"got {target!r}" + (f"; closest: {close}" if close else ""))
     return target
 
 
 def resolve_hooks(model: Model, targets: Sequence[str | Node] | str | Node,
-                  layers: Sequence[int] | None = None) -> list[str]:
+                  layers: Sequence[int] | None = None, known: Collection[str] | None = None) -> list[str]:
     """Expand names, glob patterns (``blocks.*.hook_resid_post``) and Nodes into hook names.
 
     `layers` keeps only per-layer hooks of those layers. A pattern or filter that matches
-    nothing raises: it is never a silent empty result.
+    nothing raises: it is never a silent empty result. `known`: as in `resolve_hook`.
     """
     if isinstance(targets, (str, Node)):
         targets = [targets]
     names: list[str] = []
-    all_names = hook_names(model)
+    all_names = list(known) if known is not None else hook_names(model)
+    known = dict.fromkeys(all_names)
     for t in targets:
         if isinstance(t, str) and any(ch in t for ch in "*?["):
             hits = [n for n in all_names if fnmatch.fnmatchcase(n, t)]
@@ -96,7 +102,7 @@ def resolve_hooks(model: Model, targets: Sequence[str | Node] | str | Node,
                                 f"points, got no match; e.g. {all_names[:4]}")
             names.extend(hits)
         else:
-            names.append(resolve_hook(model, t))
+            names.append(resolve_hook(model, t, known))
     if layers is not None:
         n_layers = Arch.of(model).n_layers
         bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -145,15 +151,16 @@ class Target:
     head: int | None = None
 
 
-def _target(model: Model, where: str | Node, pos: object, head: object) -> Target:
+def _target(model: Model, where: str | Node, pos: object, head: object,
+            known: Collection[str] | None = None) -> Target:
     if isinstance(where, Node):
-        name = resolve_hook(model, where)
+        name = resolve_hook(model, where, known)
         if pos is None:
             pos = where.pos
         if head is None:
             head = where.head
     else:
-        name = resolve_hook(model, where)
+        name = resolve_hook(model, where, known)
     n_ctx = Arch.of(model).n_ctx
     pos = _check_pos(pos, name, n_ctx)
     if head is not None and (isinstance(head, bool) or not isinstance(head, int)):
@@ -486,17 +493,19 @@ def intervene(
     """
     run = Run()
     fwd: list[tuple[str, Callable]] = []
+    known = dict.fromkeys(model.hook_dict) if interventions or capture else None  # one snapshot
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise HookError(f"interventions: expected Intervention objects (Set, Add, Scale, Zero, Map, "
                             f"MeanAblate, ResampleAblate, Patch, BlockAttention), got {type(iv).__name__}")
-        target = _target(model, iv.where, iv.pos, iv.head)
+        target = _target(model, iv.where, iv.pos, iv.head, known)
         _check_values(iv, target.name)
         fwd.append((target.name, _make_hook(iv, target, run.fired)))
     caps: dict[str, Capture] = {}
     for c in capture:
         spec = c if isinstance(c, Capture) else Capture(c, grad=capture_grad)
-        names = resolve_hooks(model, spec.where) if not isinstance(spec.where, Node) else [resolve_hook(model, spec.where)]
+        names = (resolve_hooks(model, spec.where, known=known) if not isinstance(spec.where, Node)
+                 else [resolve_hook(model, spec.where, known)])
         for name in names:
             caps[name] = spec
     for name, spec in caps.items():

@@ -110,6 +110,27 @@ def test_chunking_and_prefix_skipping_do_not_change_results(any_model, pair, met
     torch.testing.assert_close(kv_one.values, kv_many.values, atol=1e-5, rtol=0)
 
 
+def test_copies_that_write_the_base_values_run_no_forward(any_model, pair):
+    """Denoising after a one-token corruption at position 2: a patch before position 2 (and, at
+    layer 0, anywhere but 2) writes the corrupted run's own residual, bit for bit, so the engine
+    answers it from the corrupted run; the sweep still equals TransformerLens's per-cell patching."""
+    clean, corrupt = pair
+    metric = _metric()
+    n_layers, seq = any_model.cfg.n_layers, clean.shape[1]
+    rows = []
+    handle = any_model.blocks[-1].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        ours = sweep(any_model, clean, corrupt, metric, site="resid_pre")
+    finally:
+        handle.remove()
+    computed = (n_layers - 1) * (seq - 2) + 1  # layers >= 1 at positions >= 2; layer 0 at 2 only
+    assert sum(rows) == len(clean) * (2 + computed)  # the clean and corrupted runs, and those copies
+    ref = tlp.get_act_patch_resid_pre(any_model, corrupt, _clean_cache(any_model, clean), metric)
+    torch.testing.assert_close(ours.values, ref.double(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.values[:, :2], torch.full((n_layers, 2), ours.corrupt_metric, dtype=torch.float64),
+                               atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ invariants
 
 def test_patching_clean_into_clean_changes_nothing(any_model, pair):

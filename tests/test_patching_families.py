@@ -9,7 +9,7 @@ import pytest
 import torch
 from hf_zoo import VOCAB
 
-from interp.arch import Arch, block_inputs, can_skip_prefix, forward_from
+from interp.arch import Arch, Packing, block_inputs, can_pack, can_skip_prefix, forward_from, forward_packed
 from interp.graph import Node
 from interp.patching import attribute, knockout, kv_patch, logit_diff, path_patch, sweep
 from interp.tl import patching as tlp
@@ -59,6 +59,37 @@ def test_partial_forward_on_later_positions_reads_the_recorded_keys(bridge_model
             resid = cache[Node(start, "resid_pre").hook_name][:, p0:].repeat(3, 1, 1)
             got = forward_from(model, resid, start, inputs=rec, p0=p0)
             torch.testing.assert_close(got, full[:, p0:].repeat(3, 1, 1), atol=1e-5, rtol=0)
+
+
+def test_packed_replay_equals_each_copy_replayed_from_its_first_position(bridge_model, family, pair):
+    """Copies that start at different positions, laid end to end in one pass (`forward_packed`:
+    a packed attention mask over the recorded keys and each copy's own), give what each copy's
+    replay from its own first position gives; each copy's input is changed at its first position."""
+    model = bridge_model(family)
+    clean, _ = pair
+    with torch.inference_mode(), block_inputs(model, kv=True) as rec:
+        _, cache = model.run_with_cache(clean)
+    n_layers = Arch.of(model).n_layers
+    assert can_pack(model, rec)  # (GPT-2 records no mask: its attention builds a causal one, passed explicitly here)
+    firsts, width = [4, 0, 5, 1], clean.shape[1]
+    index = torch.tensor([[6, 5], [5, 6]])  # per example, the positions read (>= every first)
+    g = torch.Generator().manual_seed(0)
+    for start in range(n_layers):
+        base = cache[Node(start, "resid_pre").hook_name]
+        copies = []
+        for f in firsts:
+            x = base.clone()
+            x[:, f] += torch.randn(x.shape[0], x.shape[-1], generator=g)
+            copies.append(x)
+        packing = Packing.of(firsts, width)
+        got = forward_packed(model, packing.pack(torch.stack(copies), copy_axis=True), start, packing, index,
+                             inputs=rec)
+        for c, f in enumerate(firsts):
+            want = forward_from(model, copies[c][:, f:], start, index=index - f, inputs=rec, p0=f)
+            torch.testing.assert_close(got[c * 2:(c + 1) * 2], want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"index of positions in \[5, 7\)"):  # copy 2 does not compute position 3
+        forward_packed(model, packing.pack(torch.stack(copies), copy_axis=True), 0, packing, torch.tensor([[3, 6], [6, 6]]),
+                       inputs=rec)
 
 
 @pytest.mark.parametrize("site,tl_fn", [("resid_pre", tlp.get_act_patch_resid_pre),

@@ -28,9 +28,14 @@ How it is made fast, exactly:
   computed once, in the caching run;
 - positions before the first patched position (over the chunk's copies and examples) and before
   the first position the metric reads are unchanged too: they are fed from a frozen K/V cache of
-  the base run and not recomputed;
+  the base run and not recomputed; on a TransformerBridge a chunk's copies may instead be packed
+  end to end, each from its own first position (`interp.arch.forward_packed`), where that costs
+  fewer multiply-adds (`pack_pays`);
 - when the metric declares the positions it reads (`interp.metrics.ReadMetric`), only those rows
-  of each example are normalised and unembedded.
+  of each example are normalised and unembedded, several passes' rows in one product;
+- a copy whose every edit writes, bit for bit, the base run's own values (in a denoising sweep
+  after a one-token corruption at t: every patch before t, and at layer 0 every patch but t's)
+  is the base run: its value is read from the base run's logits, with no forward pass.
 
 Plan, then apply: callers turn nodes into `Edit`s (which entries of which hook take which
 values, per example) and, to restrict who reads patched keys/values, `EdgeEdit`s (which
@@ -55,10 +60,13 @@ from interp.arch import (
     Arch,
     BlockInputs,
     Model,
+    Packing,
     block_inputs,
+    can_pack,
     can_skip_prefix,
     can_start_mid,
     device_of,
+    forward_packed,
     is_bridge,
     unembed,
 )
@@ -288,12 +296,20 @@ def cached_run(model: Model, tokens: Int[Tensor, "batch pos"], names: set[str],
     forwards replay; with `kv`, also each layer's keys/values, which let a Bridge's replays skip
     unchanged positions). `edits` are applied (e.g. a rollout's continuous inputs at
     hook_embed)."""
+    # On a Bridge, a block's recorded input is its resid_pre: read it there rather than through a
+    # capture hook (TransformerLens's Bridge rebuilds its hook dictionary for every hook attached,
+    # ~2.5 ms each). Not under edits: one could target a resid_pre hook, which the record precedes.
+    pre = {resid_pre_name(layer): layer for layer in range(Arch.of(model).n_layers)} if is_bridge(model) and not edits else {}
     with torch.inference_mode(), block_inputs(model, kv=kv) as rec:
-        out = run(model, tokens, edits=edits, captures=sorted(names), check_finite=False)
+        out = run(model, tokens, edits=edits, captures=sorted(n for n in names if n not in pre), check_finite=False)
+    acts = dict(out.acts)
+    for name in names:
+        if name in pre:
+            acts[name] = rec.hidden[pre[name]]
     if inputs is not None:
         inputs.batch, inputs.kwargs, inputs.width, inputs.kv = rec.batch, rec.kwargs, rec.width, rec.kv
-        inputs.chained, inputs.tokens = rec.chained, tokens
-    return out.logits, out.acts  # type: ignore[return-value]
+        inputs.chained, inputs.tokens, inputs.hidden = rec.chained, tokens, rec.hidden
+    return out.logits, acts  # type: ignore[return-value]
 
 
 def metric_values(metric: Metric, logits: Tensor, prompts: Prompts, what: str) -> Float[Tensor, "batch"]:
@@ -626,12 +642,15 @@ def copy_valid(edits: Sequence[AnyEdit], batch: int) -> Tensor:
     return v
 
 
-def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) -> list[tuple[str, object]]:
+def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0,
+                packing: Packing | None = None) -> list[tuple[str, object]]:
     """TransformerLens hooks applying copy c's edits to rows [c*batch, (c+1)*batch).
 
     With `p0 > 0` the forward pass computes positions p0.. only (earlier ones come from a K/V
     cache), so masks and sources are cut to those positions. `EdgeEdit` hooks come after the
-    `Edit` hooks, so they see the keys/values those write.
+    `Edit` hooks, so they see the keys/values those write. With `packing` (a Bridge's packed
+    replay, `interp.arch.forward_packed`) activations are [batch, packed positions, ...]: copy c's
+    edits apply to its positions firsts[c].. there (no EdgeEdit then).
     """
     k = len(copies)
     per_hook: dict[str, list[list[Edit]]] = {}
@@ -662,15 +681,20 @@ def chunk_hooks(copies: Sequence[Sequence[AnyEdit]], batch: int, p0: int = 0) ->
             else:
                 src = torch.stack([e.source[:, p0:] if e is not None else template.source[:, p0:]
                                    for e in chosen])
+            if packing is not None:  # p0 is 0 then: [k or 1, batch, pos, ...] -> [batch, packed, ...]
+                mask, src = packing.pack(mask, copy_axis=True), packing.pack(src, copy_axis=True)
             stages.append((mask.unsqueeze(-1), src))  # broadcast over the feature axis
 
         def hook(act: Tensor, hook, stages=stages) -> Tensor:
-            v = act.reshape(k, batch, *act.shape[1:])
+            v = act if packing is not None else act.reshape(k, batch, *act.shape[1:])
             for mask, src in stages:
                 v = torch.where(mask, src.to(v.dtype), v)
             return v.reshape(act.shape)
 
         hooks.append((name, hook))
+    if packing is not None and per_layer:
+        raise ValueError("chunk_hooks: expected no EdgeEdit in a packed chunk, got one at layer "
+                         f"{min(per_layer)}; run EdgeEdits unpacked")
     for layer, slots in per_layer.items():
         v_cols = sorted({int(p) for c, edits in enumerate(copies) if slots[c] is not None for e in edits
                          if isinstance(e, Edit) and e.hook == Node(layer, Site.V).hook_name
@@ -769,11 +793,12 @@ def final_logits(model: Model, resid: Float[Tensor, "rows pos d_model"],
 
 def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: int,
                  index: Tensor | None, hooks: list, past_kv: object = None, inputs: BlockInputs | None = None,
-                 p0: int = 0) -> Float[Tensor, "rows k d_vocab"]:
-    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all).
-    A Bridge replays the base run's block `inputs` (`interp.arch.forward_from`; from position
-    `p0` on, the earlier keys/values recorded)."""
-    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0)
+                 p0: int = 0, logits: bool = True) -> Float[Tensor, "rows k d_vocab"]:
+    """Run blocks start.. on `resid` under `hooks`; the logits at each row's `index` (None: all;
+    ``logits=False``: the final residual there). A Bridge replays the base run's block `inputs`
+    (`interp.arch.forward_from`; from position `p0` on, the earlier keys/values recorded)."""
+    return arch_forward_from(model, resid, start, index=index, hooks=hooks, inputs=inputs, past_kv=past_kv, p0=p0,
+                             logits=logits)
 
 
 def kv_names(n_layers: int) -> set[str]:
@@ -845,6 +870,67 @@ def plan_chunks(idx: list[int], firsts: list[int], per_chunk: int, batch: int, s
     return chunks[::-1]
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def writes_base(edits: Sequence[AnyEdit], base: dict[str, Tensor], same: dict[tuple[str, int], Tensor]) -> bool:
+    """Whether every edit of a copy writes, at every entry it selects, bit for bit the base run's
+    own value there: then the copy is the base run (no forward needed). In a denoising sweep
+    after a symmetric token replacement at position t, this holds for every patch at a position
+    before t (and at layer 0 for every position but t): the two runs agree there bit for bit.
+    An `EdgeEdit` never counts as one. `same` caches, per (hook, source), where source and base agree."""
+    if not edits:
+        return False
+    for e in edits:
+        if isinstance(e, EdgeEdit):
+            return False
+        b = base.get(e.hook)
+        src = e.source
+        if (b is None or b.shape != src.shape or b.dtype != src.dtype or b.device != src.device
+                or src.element_size() not in _BITS or e.mask.ndim != src.ndim - 1):
+            return False
+        key = (e.hook, id(src))
+        if key not in same:
+            bits = _BITS[src.element_size()]  # bits, not values: -0.0 and 0.0 differ, NaN never matches
+            same[key] = (src.view(bits) == b.view(bits)).all(-1)  # [batch, pos(, head)]
+        if e.mask.shape[1:] != same[key].shape[1:] or bool((e.mask & ~same[key]).any()):
+            return False
+    return True
+
+
+def input_edits(hooks: list[tuple[str, object]], resid: Tensor, start: int) -> tuple[list[tuple[str, object]], Tensor]:
+    """Apply the hooks at layer `start`'s resid_pre to `resid` itself (a partial forward's input
+    is that activation), returning the other hooks and the edited input: a forward with no hook
+    left skips attaching any (on a Bridge, rebuilding its hook dictionary)."""
+    name = resid_pre_name(start)
+    for hook_name, fn in hooks:
+        if hook_name == name:
+            resid = fn(resid, None)  # type: ignore[operator]
+    return [(n, fn) for n, fn in hooks if n != name], resid
+
+
+def block_macs(model: Model, layer: int) -> int:
+    """Multiply-adds per position of block `layer`'s weight matrices (its parameters of rank >= 2)."""
+    return sum(p.numel() for p in model.blocks[layer].parameters() if p.ndim >= 2)
+
+
+def pack_pays(model: Model, start: int, firsts: Sequence[int], batch: int, width: int,
+              copies: Sequence[Sequence[AnyEdit]]) -> bool:
+    """Whether one packed pass (`interp.arch.forward_packed`) over these copies costs fewer
+    multiply-adds than one pass of them padded to the earliest first position. Per position
+    and block: the weight matrices, plus 2 x heads x d_head per key attended (a packed query
+    is scored against the base run's `width` keys and every packed key; most are masked). And
+    the attention must stay under a quarter of the weight matrices' work per position: it grows
+    with the packed length squared (time and the [heads, n, width + n] scores' memory)."""
+    if any(isinstance(e, EdgeEdit) for c in copies for e in c):
+        return False
+    arch = Arch.of(model)
+    lin, att = block_macs(model, start), 2 * arch.n_heads * arch.d_head
+    n = sum(width - f for f in firsts)
+    padded = len(firsts) * (width - min(firsts)) * (lin + att * width)
+    return 4 * att * (width + n) <= lin and n * (lin + att * (width + n)) < padded
+
+
 def read_index(metric: Metric, prompts: Prompts) -> Tensor | None:
     """[batch, k] positions a `ReadMetric` reads (right-padded layout), or None (full logits)."""
     if not isinstance(metric, ReadMetric):
@@ -880,9 +966,17 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
     index = read_index(metric, prompts)
     merged = [merge_edits(c) for c in copies]
     n_layers = Arch.of(model).n_layers
+    same: dict[tuple[str, int], Tensor] = {}
+    noop = [writes_base(c, runs.base, same) for c in merged]
+    if any(noop):
+        log.debug("%s: %d of %d copies write the base run's own values (answered from the base run)",
+                  desc, sum(noop), len(merged))
     bridge_skip = is_bridge(model) and can_skip_prefix(model, runs.base_inputs)
+    # a Bridge whose blocks take a recorded 4D mask: copies of different first positions share a pass
+    packable = bridge_skip and index is not None and can_pack(model, runs.base_inputs)
+    direct = runs.path == "partial"  # resid_pre edits at the start layer go into the input itself
     skip = bridge_skip or (Node(0, Site.K).hook_name in runs.base and can_skip_prefix(model))
-    starts = [min((e.layer for e in c), default=n_layers) for c in merged]
+    starts = [n_layers if nop else min((e.layer for e in c), default=n_layers) for c, nop in zip(merged, noop, strict=True)]
     firsts = [_first_pos(c) if skip else 0 for c in merged]
     if index is not None and skip:
         lowest = int(index.min())
@@ -893,6 +987,28 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
         order.setdefault(s, []).append(i)
     out = torch.empty(len(copies), batch, dtype=torch.float64)
     bar = tqdm(total=len(copies), desc=desc, disable=not progress, leave=False)
+    # A metric reading a few positions: passes return final residuals, unembedded together once
+    # `rows` of them wait (one d_model x d_vocab product over many rows instead of one per pass:
+    # with few rows per pass that product is bound by reading W_U, not by its arithmetic)
+    defer = index is not None and runs.path == "partial"
+    pending: list[tuple[list[int], Tensor]] = []
+
+    def record(chunk: list[int], logits: Tensor) -> None:
+        k = len(chunk)
+        logits = logits.reshape(k, batch, *logits.shape[1:])
+        for j, i in enumerate(chunk):
+            v = metric.read(logits[j], prompts) if index is not None else metric(logits[j], prompts)
+            out[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
+        bar.update(k)
+
+    def flush() -> None:
+        if pending:
+            logits, o = final_logits(model, torch.cat([x for _, x in pending])), 0
+            for chunk, x in pending:
+                record(chunk, logits[o:o + x.shape[0]])
+                o += x.shape[0]
+            pending.clear()
+
     try:
         for start in sorted(order):
             idx = sorted(order[start], key=lambda i: -firsts[i])
@@ -903,21 +1019,33 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
                     if index is not None:
                         logits = logits.gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
                     logits = logits.repeat(k, 1, 1)
+                elif packable and index is not None and pack_pays(model, start, [firsts[i] for i in chunk], batch,
+                                                                   seq_len, [merged[i] for i in chunk]):
+                    packing = Packing.of([firsts[i] for i in chunk], seq_len, device_of(model))
+                    hooks = chunk_hooks([merged[i] for i in chunk], batch, packing=packing)
+                    resid = packing.pack(runs.base[resid_pre_name(start)])
+                    hooks, resid = input_edits(hooks, resid, start)
+                    logits = forward_packed(model, resid, start, packing, index, inputs=runs.base_inputs,  # type: ignore[arg-type]
+                                            hooks=hooks, logits=not defer)
                 else:
                     p0 = min(firsts[i] for i in chunk)
                     hooks = chunk_hooks([merged[i] for i in chunk], batch, p0)
                     resid = runs.base[resid_pre_name(start)][:, p0:].repeat(k, 1, 1)
+                    if direct:
+                        hooks, resid = input_edits(hooks, resid, start)
                     past = _past_kv(runs, start, n_layers, p0, k) if p0 > 0 and not bridge_skip else None
                     rel = None if index is None else (index - p0).repeat(k, 1)
                     logits = forward_from(model, resid, start, rel, hooks, past, runs.base_inputs,
-                                          p0 if bridge_skip else 0)
+                                          p0 if bridge_skip else 0, logits=not defer)
                     if index is None and p0 > 0:  # unchanged logits of the skipped prefix
                         logits = torch.cat([runs.base_logits[:, :p0].repeat(k, 1, 1), logits], dim=1)
-                logits = logits.reshape(k, batch, *logits.shape[1:])
-                for j, i in enumerate(chunk):
-                    v = metric.read(logits[j], prompts) if index is not None else metric(logits[j], prompts)
-                    out[i] = check_per_example(v, batch, "metric").detach().to("cpu", torch.float64)
-                bar.update(k)
+                if defer and start < n_layers:
+                    pending.append((chunk, logits))
+                    if sum(x.shape[0] for _, x in pending) >= rows:
+                        flush()
+                else:
+                    record(chunk, logits)
+        flush()
     finally:
         bar.close()
     valid = torch.stack([copy_valid(c, batch) for c in merged]) if merged else torch.ones(0, batch, dtype=torch.bool)
