@@ -122,15 +122,17 @@ def baseline_for(model: Model, baseline: Any = "auto", *, seed: int = 0, what: s
         raise ValueError(f"{what}: expected a model, 'auto', 'random' or 'none', got {baseline!r}")
     size = parameter_bytes(model)
     if baseline == "none":
-        return Baseline("none", "none (baseline='none'); pass baseline='random' (cost: a second model of "
-                                f"{_gib(size)}) or a control model for a verdict", seed=seed, model_bytes=size)
+        return Baseline("none", "none (baseline='none'); pass baseline='random' (interp run: --baseline random; "
+                                f"cost: a second model of {_gib(size)}) or a control model for a verdict", seed=seed,
+                        model_bytes=size)
     if baseline == "random" or size <= AUTO_MAX_BYTES:
         how = "" if baseline == "random" else f" (baseline='auto': the model takes {_gib(size)})"
         return Baseline("random", f"a random-initialised model of the same shape{how}", seed=seed, model_bytes=size)
     return Baseline("withheld", (
         f"withheld: the model's parameters take {_gib(size)}, above baseline='auto''s limit of "
-        f"{_gib(AUTO_MAX_BYTES)}, so no random-initialised baseline was built; pass baseline='random' (cost: a "
-        f"second model of {_gib(size)}) or a control model (baseline=MODEL)"), seed=seed, model_bytes=size)
+        f"{_gib(AUTO_MAX_BYTES)}, so no random-initialised baseline was built; pass baseline='random' (interp run: "
+        f"--baseline random; cost: a second model of {_gib(size)}) or a control model (baseline=MODEL)"), seed=seed,
+        model_bytes=size)
 
 
 def unbaselined(note: str, measured: str) -> str:

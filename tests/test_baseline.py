@@ -94,14 +94,24 @@ def _note(r) -> str:
     return r.models["m"].baseline_note if hasattr(r, "models") else r.baseline_note
 
 
-def test_random_builds_once_per_investigation_and_releases_it(gpt2_model, spy):
-    for name, run in investigations(gpt2_model).items():
-        before = len(spy)
-        r, _ = run("random")
-        assert len(spy) == before + 1, name
-        gc.collect()
-        assert spy[-1]() is None, f"{name} keeps its random baseline alive"
-        assert "random-initialised" in _note(r), name
+def test_random_builds_once_per_investigation_after_the_main_measurement_and_releases_it(gpt2_model, spy,
+                                                                                         monkeypatch):
+    runs, at_build = [0], []  # forwards of the model itself; how many had run when the baseline was built
+    counting = policy.random_like
+    monkeypatch.setattr(policy, "random_like", lambda m, seed=0, **kw: (at_build.append(runs[0]),
+                                                                      counting(m, seed, **kw))[1])
+    handle = gpt2_model.register_forward_pre_hook(lambda module, args: runs.__setitem__(0, runs[0] + 1))
+    try:
+        for name, run in investigations(gpt2_model).items():
+            before, ran = len(spy), runs[0]
+            r, _ = run("random")
+            assert len(spy) == before + 1, name
+            assert at_build[-1] > ran, f"{name} built its baseline before measuring the model"
+            gc.collect()
+            assert spy[-1]() is None, f"{name} keeps its random baseline alive"
+            assert "random-initialised" in _note(r), name
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("choice", ["none", "auto"])
@@ -181,3 +191,16 @@ def test_cli_run_refuses_an_unknown_baseline(tmp_path):
 
     res = CliRunner().invoke(app, ["last-token", "--baseline", "shuffled", "--out", str(tmp_path / "r.html")])
     assert res.exit_code != 0 and "expected auto, random or none, got 'shuffled'" in res.output
+
+
+def test_cli_run_baseline_none_writes_an_unbaselined_report(tmp_path, spy):
+    from typer.testing import CliRunner
+
+    from interp.cli_run import app
+
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["last-token", "--model", "organism:multihop", "--n", "16", "--baseline", "none",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert spy == [] and "unbaselined" in res.output and out.is_file()
+    assert "baseline: no model baseline (none (baseline=&#x27;none&#x27;)" in out.read_text()  # how measured
