@@ -1,15 +1,20 @@
 """Caching benchmark: throughput against a plain forward, and memory of a streamed store build.
 
-Run: .venv/bin/python bench/cache.py
+Run: .venv/bin/python bench/cache.py [--only hooked|bridge|memory]
 Prints, measured in this run:
 1. caching throughput (tokens/s) of interp.cache.collect over all residual streams, as a ratio
    to a plain forward pass over the same batches, and TransformerLens's run_with_cache as a peer;
-2. peak RSS of a streamed disk build of >= 4x more activation bytes than its memory budget
+2. the Bridge row: the same on a TransformerBridge (a random-initialised Llama-shaped Hugging
+   Face model with grouped-query attention, saved and loaded offline as tests/hf_zoo.py does),
+   interp.cache.collect vs the Bridge's own run_with_cache, their values asserted equal (bit for
+   bit), the ratio printed;
+3. peak RSS of a streamed disk build of >= 4x more activation bytes than its memory budget
    (shard size + one batch of activations), measured in a fresh subprocess.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -59,6 +64,68 @@ def throughput() -> None:
     print(f"plain forward      : {n_tok / t_plain:10.0f} tok/s")
     print(f"interp.collect     : {n_tok / t_ours:10.0f} tok/s   ratio to plain forward {t_plain / t_ours:.2f}x (goal >= 0.9x)")
     print(f"TL run_with_cache  : {n_tok / t_peer:10.0f} tok/s   ratio to plain forward {t_plain / t_peer:.2f}x")
+
+
+def _word_tokenizer(n: int):
+    """A word-level tokenizer of `n` words (a Llama folder needs a tokenizer to boot offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, n)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", pad_token="<unk>")
+
+
+def bridge_throughput() -> None:
+    """collect vs the Bridge's own run_with_cache (and a plain forward) on an HF Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interp.models import load_model
+
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    toks = torch.randint(0, cfg.vocab_size, (64, 128), generator=torch.Generator().manual_seed(0))
+    bs = 32
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(cfg.num_hidden_layers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        _word_tokenizer(cfg.vocab_size).save_pretrained(tmp)
+        model = load_model(tmp, device="cpu")
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(toks), bs):
+                model(toks[i: i + bs])
+
+    def ours():  # noqa: ANN202
+        return collect(model, toks, hooks=names, batch_size=bs, progress=False)
+
+    def peer() -> list[dict]:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(toks), bs):
+                _, c = model.run_with_cache(toks[i: i + bs], names_filter=names)
+                out.append({n: c[n] for n in names})
+        return out
+
+    got, ref = ours(), peer()  # also the warm-up
+    for n in names:
+        want = torch.cat([r[n] for r in ref])
+        assert torch.equal(got[n], want), f"{n}: collect differs from the Bridge's run_with_cache by " \
+                                          f"{(got[n] - want).abs().max().item():.3g}"
+    plain()
+    t_plain = t_ours = t_peer = float("inf")
+    for _ in range(5):  # interleaved rounds, best of each
+        t_plain, t_ours, t_peer = min(t_plain, best_of(plain, 1)), min(t_ours, best_of(ours, 1)), min(t_peer, best_of(peer, 1))
+    n_tok = toks.numel()
+    print(f"Bridge (TransformerBridge, HF Llama): {cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV groups, d_vocab {cfg.vocab_size}; tokens "
+          f"{tuple(toks.shape)}, batch {bs}; {len(names)} hooks; values equal bit for bit")
+    print(f"Bridge plain forward       : {n_tok / t_plain:10.0f} tok/s")
+    print(f"Bridge interp.collect      : {n_tok / t_ours:10.0f} tok/s   ratio to plain forward {t_plain / t_ours:.2f}x")
+    print(f"Bridge run_with_cache (TL) : {n_tok / t_peer:10.0f} tok/s   ratio to plain forward {t_plain / t_peer:.2f}x")
+    print(f"Bridge collect vs the Bridge's run_with_cache: {t_peer / t_ours:.2f}x (>1: collect is faster)")
 
 
 CHILD = r"""
@@ -114,7 +181,14 @@ def streamed_memory() -> None:
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("hooked", "bridge", "memory"), default=None, help="run one row only")
+    args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}")
-    throughput()
-    streamed_memory()
+    if args.only in (None, "hooked"):
+        throughput()
+    if args.only in (None, "bridge"):
+        bridge_throughput()
+    if args.only in (None, "memory"):
+        streamed_memory()

@@ -99,6 +99,9 @@ def cache_cmd(
     layers: str = typer.Option("", help="comma-separated layers to keep (default: all)"),
     dtype: str = typer.Option("", help="storage dtype: float32, float16 or bfloat16 (default: model's)"),
     batch_size: int = typer.Option(64, help="prompts per forward pass"),
+    prepend_bos: bool | None = typer.Option(None, "--prepend-bos/--no-prepend-bos",
+                                            help="'text' records of a Hugging Face tokenizer: force a BOS in or out "
+                                                 "(default: the tokenizer's own rule, as Prompts.from_text)"),
 ) -> None:
     """Cache activations of MODEL over DATA into a sharded on-disk store."""
     _quiet()
@@ -109,7 +112,7 @@ def cache_cmd(
     from interp.models import load_model
 
     m = load_model(model)
-    batch = read_token_jsonl(data, tokenizer=_tokenizer_for(model, m))
+    batch = read_token_jsonl(data, tokenizer=_tokenizer_for(model, m, prepend_bos))
     pos: object = positions if positions in ("all", "last") else [int(p) for p in positions.split(",")]
     dt = None
     if dtype:
@@ -122,16 +125,26 @@ def cache_cmd(
     console.print(f"cached {store.n_examples} prompts x {len(store.hook_names)} hooks into {out}")
 
 
-def _tokenizer_for(spec: str, model: object):  # noqa: ANN202
+def _tokenizer_for(spec: str, model: object, prepend_bos: bool | None = None):  # noqa: ANN202
+    """The tokenizer for 'text' records: an organism's or saved model's word list, else the model's
+    Hugging Face tokenizer with BOS as its own post-processor / ``add_bos_token`` puts it (Llama:
+    yes, GPT-2: no; `interp.prompts.special_prefix`), or as `prepend_bos` forces."""
     from interp.models import ORGANISM_PREFIX, TOKENIZER, organisms_dir
+    from interp.prompts import special_prefix
     from interp.tokens import HFTokenizer, VocabTokenizer
 
     if spec.startswith(ORGANISM_PREFIX):
         return VocabTokenizer.load(organisms_dir() / spec.removeprefix(ORGANISM_PREFIX) / TOKENIZER)
-    if (Path(spec) / TOKENIZER).is_file():
-        return VocabTokenizer.load(Path(spec) / TOKENIZER)
     tok = getattr(model, "tokenizer", None)
-    return HFTokenizer(tok) if tok is not None else None
+    if tok is None:  # a saved model's word list (a Hugging Face folder's tokenizer.json is attached above)
+        return VocabTokenizer.load(Path(spec) / TOKENIZER) if (Path(spec) / TOKENIZER).is_file() else None
+    bos = getattr(tok, "bos_token_id", None)
+    if prepend_bos is None:
+        prepend_bos = bos is not None and special_prefix(tok)[:1] == [bos]
+    elif prepend_bos and bos is None:
+        raise typer.BadParameter(f"expected a tokenizer with a BOS token, got {type(tok).__name__} without one",
+                                 param_hint="--prepend-bos")
+    return HFTokenizer(tok, prepend_bos=prepend_bos)
 
 
 @app.command("demo")

@@ -1,4 +1,4 @@
-"""`interp run multihop|plan-ahead|decay|last-token|routes|course-correction|continuous --model SPEC [--prompts FILE.jsonl] [--out report.html]`.
+"""`interp run multihop|plan-ahead|decay|last-token|routes|course-correction|continuous --model SPEC [--prompts FILE.jsonl] [--baseline auto|random|none] [--out report.html]`.
 
 Each run writes its own report: by default `reports/run-NAME-MODEL.html` (a free name: `-2`, `-3`
 … are appended rather than replace an earlier run's report); an explicit `--out` that exists is
@@ -26,6 +26,9 @@ OUT = typer.Option(None, "--out", help="offline HTML report (default: reports/ru
                                          "an earlier run's)")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out file")
 SEED = typer.Option(0, help="dataset and baseline seed")
+BASELINE = typer.Option("auto", "--baseline", help="auto: a random-initialised model of the same shape for a model of "
+                                                    "at most 1 GiB, none above (said in the report); random: always "
+                                                    "(a second model of the same size); none: no baseline, no verdict")
 PROMPTS = typer.Option(None, "--prompts", help="a JSONL prompt set (schema: data/prompts/README.md), tokenized "
                                                "with the model's tokenizer; prompts of any lengths")
 
@@ -61,14 +64,23 @@ def report_path(name: str, models: str | list[str], out: Path | None = None, *, 
     return path
 
 
+def check_baseline(baseline: str) -> str:
+    """`--baseline` validated (before any model is loaded)."""
+    if baseline not in ("auto", "random", "none"):
+        raise typer.BadParameter(f"expected auto, random or none, got {baseline!r}", param_hint="--baseline")
+    return baseline
+
+
 def _run(name: str, models: str | list[str], out: Path | None, overwrite: bool,
-         investigate: Callable[[Any, dict[str, Any]], Any], seed: int, *, shared_js: bool = False) -> None:
+         investigate: Callable[[Any, dict[str, Any]], Any], seed: int, *, shared_js: bool = False,
+         baseline: str = "auto") -> None:
     """Choose the report path (refused before any work), load the models, run
     `investigate(runner, loaded)` with progress lines, write the report with its provenance."""
     import time
 
     from interp.progress import progress
 
+    check_baseline(baseline)
     path = report_path(name, models, out, overwrite=overwrite)
     runner = _runner()
     specs = [models] if isinstance(models, str) else list(models)
@@ -92,18 +104,20 @@ SHARED_JS = typer.Option(False, "--shared-js", help="refer to one plotly.min.js 
 @app.command("multihop")
 def multihop_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
                  prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
-                 shared_js: bool = SHARED_JS) -> None:
+                 shared_js: bool = SHARED_JS, baseline: str = BASELINE) -> None:
     """Is the bridge entity computed internally, where, and does patching it move the answer?"""
-    _run("multihop", model, out, overwrite, lambda r, m: r.run_multihop(model, n, seed, prompts, model=m[model]),
-         seed, shared_js=shared_js)
+    _run("multihop", model, out, overwrite,
+         lambda r, m: r.run_multihop(model, n, seed, prompts, model=m[model], baseline=baseline),
+         seed, shared_js=shared_js, baseline=baseline)
 
 
 @app.command("plan-ahead")
 def plan_cmd(model: str = typer.Option("organism:planning", "--model"), n: int = 400, seed: int = SEED,
-             out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
+             out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS,
+             baseline: str = BASELINE) -> None:
     """Do hidden states encode x_{t+2}, x_{t+3}? (future lens vs bigram baseline)"""
-    _run("plan-ahead", model, out, overwrite, lambda r, m: r.run_plan_ahead(model, n, seed), seed,
-         shared_js=shared_js)
+    _run("plan-ahead", model, out, overwrite, lambda r, m: r.run_plan_ahead(model, n, seed, baseline=baseline), seed,
+         shared_js=shared_js, baseline=baseline)
 
 
 @app.command("decay")
@@ -112,30 +126,33 @@ def decay_cmd(model: list[str] = typer.Option(["organism:retrieval-learned", "or
               n_per: int = 48, seed: int = SEED, prompts: Path | None = PROMPTS,
               bins: list[int] | None = typer.Option(None, "--bin", help="upper edge of a distance bin (repeat; default: "
                                                                    "one group per distance)"),
-              out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS) -> None:
+              out: Path | None = OUT, overwrite: bool = OVERWRITE, shared_js: bool = SHARED_JS,
+              baseline: str = BASELINE) -> None:
     """Positional-information decay across models (e.g. positional schemes)."""
     _run("decay", model, out, overwrite,
          lambda r, m: r.run_decay(model, n_per, seed, prompts, bins=bins or None,
-                                  models={s.removeprefix("organism:"): x for s, x in m.items()}),
-         seed, shared_js=shared_js)
+                                  models={s.removeprefix("organism:"): x for s, x in m.items()}, baseline=baseline),
+         seed, shared_js=shared_js, baseline=baseline)
 
 
 @app.command("last-token")
 def last_token_cmd(model: str = typer.Option("organism:multihop", "--model"), n: int = 400, seed: int = SEED,
                    prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
-                   shared_js: bool = SHARED_JS) -> None:
+                   shared_js: bool = SHARED_JS, baseline: str = BASELINE) -> None:
     """From which layer does the last position's residual alone suffice?"""
-    _run("last-token", model, out, overwrite, lambda r, m: r.run_last_token(model, n, seed, prompts, model=m[model]),
-         seed, shared_js=shared_js)
+    _run("last-token", model, out, overwrite,
+         lambda r, m: r.run_last_token(model, n, seed, prompts, model=m[model], baseline=baseline),
+         seed, shared_js=shared_js, baseline=baseline)
 
 
 @app.command("routes")
 def routes_cmd(model: str = typer.Option("organism:induction", "--model"), n: int = 32, seed: int = SEED,
                prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
-               shared_js: bool = SHARED_JS) -> None:
+               shared_js: bool = SHARED_JS, baseline: str = BASELINE) -> None:
     """Residual-first vs K/V-first routes (the induction copy, or a prompt set with a `source` span)."""
-    _run("routes", model, out, overwrite, lambda r, m: r.run_routes(model, n, seed, prompts, model=m[model]),
-         seed, shared_js=shared_js)
+    _run("routes", model, out, overwrite,
+         lambda r, m: r.run_routes(model, n, seed, prompts, model=m[model], baseline=baseline),
+         seed, shared_js=shared_js, baseline=baseline)
 
 
 @app.command("course-correction")
@@ -144,11 +161,12 @@ def course_correction_cmd(model: str = typer.Option("organism:planning", "--mode
                                                                       "every prompt; one token of the model's tokenizer)"),
                           steps: int = typer.Option(4, help="tokens decoded after the surprise"),
                           prompts: Path | None = PROMPTS, out: Path | None = OUT, overwrite: bool = OVERWRITE,
-                          shared_js: bool = SHARED_JS) -> None:
+                          shared_js: bool = SHARED_JS, baseline: str = BASELINE) -> None:
     """After a forced wrong token: finish the plan, restart, back off, re-plan or drift? Which route carries recovery?"""
     _run("course-correction", model, out, overwrite,
-         lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model], prompts=prompts, steps=steps),
-         seed, shared_js=shared_js)
+         lambda r, m: r.run_course_correction(model, n, seed, surprise, model=m[model], prompts=prompts, steps=steps,
+                                              baseline=baseline),
+         seed, shared_js=shared_js, baseline=baseline)
 
 
 @app.command("continuous")

@@ -16,6 +16,9 @@ Built-ins (all in nats or plain counts):
 - `top1`: 1.0 when every answer token is the argmax of its teacher-forced position;
 - `kl_to`: KL(reference || this run) of the next-token distribution at ``last``.
 
+Precision: log-probabilities, logit differences and KLs are computed in at least float32 (bf16 and
+fp16 logits are promoted to float32; float64 logits stay float64, `torch.promote_types`).
+
 A TransformerLens-style metric ``logits -> scalar`` works through `from_scalar` (applied to each
 example on its own; `as_metric` does this for any one-argument callable). Prefer logit
 differences and log-probabilities over probabilities or accuracy (Zhang & Nanda 2024;
@@ -95,6 +98,14 @@ def check_per_example(value: object, batch: int, what: str = "metric") -> Float[
 
 # --------------------------------------------------------------------------------- built-ins
 
+def _stat(x: Tensor, *others: Tensor) -> torch.dtype:
+    """The dtype statistics are computed in: at least float32, float64 when any input is."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    for o in others:
+        dt = torch.promote_types(dt, o.dtype)
+    return dt
+
+
 def _answers(prompts: Prompts, what: str) -> tuple[Tensor, Tensor]:
     if prompts.answers is None or prompts.answer_lengths is None:
         raise ValueError(f"{what}: expected prompts with answers, got none; build them with answers=...")
@@ -111,7 +122,7 @@ def _answer_positions(prompts: Prompts) -> Tensor:
 
 def _token_logprobs(logits_at: Tensor, prompts: Prompts) -> Tensor:
     ans, alen = _answers(prompts, "answer_logprob")
-    lp = logits_at.float().log_softmax(-1)
+    lp = logits_at.to(_stat(logits_at)).log_softmax(-1)
     a = ans.to(lp.device).clamp_min(0)
     got = lp.gather(-1, a[..., None])[..., 0]  # [batch, k]
     keep = torch.arange(ans.shape[1], device=lp.device)[None] < alen.to(lp.device)[:, None]
@@ -163,7 +174,8 @@ def logit_diff(wrong: Int[Tensor, "batch"] | None = None, at: str = LAST) -> Rea
         a, w = p.first_answer.to(x.device), w.to(x.device)
         if int(w.min()) < 0 or int(w.max()) >= x.shape[-1]:
             raise ValueError(f"logit_diff wrong: expected token ids in [0, {x.shape[-1]}), got [{int(w.min())}, {int(w.max())}]")
-        return (x.gather(-1, a[:, None]) - x.gather(-1, w[:, None]))[:, 0].float()
+        x = x.to(_stat(x))
+        return (x.gather(-1, a[:, None]) - x.gather(-1, w[:, None]))[:, 0]
 
     return ReadMetric("logit_diff", _at(at), fn)
 
@@ -176,8 +188,9 @@ def kl_to(reference: Float[Tensor, "batch d_vocab"], at: str = LAST) -> ReadMetr
         if ref.shape != (len(p), logits_at.shape[-1]):
             raise ValueError(f"kl_to reference: expected logits of shape ({len(p)}, {logits_at.shape[-1]}), "
                              f"got {tuple(ref.shape)}")
-        lq = logits_at[:, 0].float().log_softmax(-1)
-        lr = ref.to(lq.device).float().log_softmax(-1)
+        dt = _stat(logits_at, ref)
+        lq = logits_at[:, 0].to(dt).log_softmax(-1)
+        lr = ref.to(lq.device, dt).log_softmax(-1)
         return (lr.exp() * (lr - lq)).sum(-1).clamp_min(0)
 
     return ReadMetric("kl", _at(at), fn)
@@ -205,7 +218,7 @@ class ScalarMetric:
             t = v if isinstance(v, Tensor) else torch.as_tensor(v)
             if t.numel() != 1:
                 raise ValueError(f"scalar metric: expected one number per batch, got shape {tuple(t.shape)}")
-            out.append(t.reshape(()).float())
+            out.append(t.reshape(()).to(_stat(t) if t.dtype.is_floating_point else torch.float32))
         return torch.stack(out)
 
 

@@ -451,7 +451,8 @@ def _hf_as_hooked(d: Path, *, device: str | torch.device | None, dtype: torch.dt
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             try:
-                tl_cfg = tl_loading.get_pretrained_model_config(str(view), device=device, dtype=dtype)
+                tl_cfg = _fill_missed_fields(tl_loading.get_pretrained_model_config(str(view), device=device,
+                                                                                    dtype=dtype), cfg)
                 hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
                 state = tl_loading.get_pretrained_state_dict(str(view), tl_cfg, hf_model=hf)
             except Exception as e:  # noqa: BLE001
@@ -472,9 +473,18 @@ def _hf_as_hooked(d: Path, *, device: str | torch.device | None, dtype: torch.dt
     return model
 
 
+def _fill_missed_fields(tl_cfg: HookedTransformerConfig, hf_cfg: dict[str, Any]) -> HookedTransformerConfig:
+    """The HF config fields TransformerLens's config converter ignores, filled in: GPT-2's
+    `n_inner` (the MLP width; TransformerLens assumes 4 * n_embd, HF uses n_inner when it is set)."""
+    n_inner = hf_cfg.get("n_inner")
+    if hf_cfg.get("model_type") == "gpt2" and n_inner is not None and int(n_inner) != tl_cfg.d_mlp:
+        return dataclasses.replace(tl_cfg, d_mlp=int(n_inner))
+    return tl_cfg
+
+
 def _check_conversion(d: Path, model: HookedTransformer, hf: Any) -> None:
     """Refuse a conversion whose logits are not the HF model's (TransformerLens's config converter
-    misses some fields, e.g. GPT-2's `n_inner`): one short forward of both on the same tokens."""
+    misses some fields, e.g. Llama's attention biases): one short forward of both on the same tokens."""
     tokens = torch.arange(min(8, model.cfg.d_vocab, model.cfg.n_ctx))[None] % model.cfg.d_vocab
     with torch.inference_mode():
         ours = model(tokens.to(next(model.parameters()).device)).float().cpu()

@@ -306,6 +306,11 @@ def _measured(n: int | str, baseline: str, seed: int | None = None) -> str:
     return f"n = {n} prompts; CIs: {CI_METHOD}; baseline: {baseline}{s}."
 
 
+def _baseline_text(r: Any, has: bool, text: str) -> str:
+    """`text` (what the baseline was) when the result has one, else its `baseline_note`."""
+    return text if has else f"no model baseline ({getattr(r, 'baseline_note', None) or 'none was run'})"
+
+
 def _summ_multihop(r: Any) -> Summary:
     from interp.hypotheses.base import estimate
     from interp.prompts import LAST
@@ -313,11 +318,11 @@ def _summ_multihop(r: Any) -> Summary:
     rows = []
     lab = r.labels
     for (pos, target), p in r.probes.items():
-        b = r.baseline_probes[(pos, target)]
+        b = r.baseline_probes.get((pos, target))
         at = r.decodable_from.get((pos, target))
         i = p.layers.index(at) if at is not None else len(p.layers) - 1
         rows.append({"measure": f"probe accuracy: {target} @ {pos}", "layer": lab[p.layers[i]],
-                     "trained": fmt(_est(p, i)), "random-init": fmt(_est(b, i)),
+                     "trained": fmt(_est(p, i)), "random-init": fmt(_est(b, i)) if b is not None else "—",
                      "decodable from": lab[at] if at is not None else "—"})
     best = max(((pn, li) for pn in r.iia for li in range(len(r.iia[pn]))),
                key=lambda k: float(r.shift_estimate(*k).value))
@@ -325,15 +330,17 @@ def _summ_multihop(r: Any) -> Summary:
     at = (LAST, bridge_at) if bridge_at is not None and LAST in r.iia else best
     rows.append({"measure": f"interchange accuracy @ {at[0]}" + (" (bridge's layer)" if at != best else ""),
                  "layer": lab[at[1]], "trained": fmt(r.iia_estimate(*at)),
-                 "random-init": fmt(estimate(r.baseline_iia[at[0]][at[1]].correct)), "decodable from": ""})
+                 "random-init": fmt(estimate(r.baseline_iia[at[0]][at[1]].correct)) if r.baseline_iia else "—",
+                 "decodable from": ""})
     rows.append({"measure": f"largest logit-difference shift (patch @ {best[0]}, nats)", "layer": lab[best[1]],
-                 "trained": fmt(r.shift_estimate(*best)), "random-init": fmt(r.shift_estimate(*best, baseline=True)),
+                 "trained": fmt(r.shift_estimate(*best)),
+                 "random-init": fmt(r.shift_estimate(*best, baseline=True)) if r.baseline_iia_logit_diff else "—",
                  "decodable from": ""})
     rows.append({"measure": "clean two-hop accuracy", "layer": "", "trained": fmt(estimate(r.clean.correct)),
                  "random-init": "", "decodable from": ""})
-    return Summary(pd.DataFrame(rows), _measured(int(r.clean.correct.numel()),
-                                                 "random-initialised model of the same shape; probe control task "
-                                                 "and shuffled labels"))
+    return Summary(pd.DataFrame(rows), _measured(int(r.clean.correct.numel()), _baseline_text(
+        r, bool(r.baseline_iia), "random-initialised model of the same shape") + "; probe control task and shuffled "
+                                                                                 "labels"))
 
 
 def _est(p: Any, i: int) -> Any:
@@ -353,11 +360,12 @@ def _summ_plan(r: Any) -> Summary:
                      fmt(Estimate(float(lens.accuracy[j, last]), float(lens.ci_low[j, last]),
                                   float(lens.ci_high[j, last]))),
                      "bigram": fmt(float(lens.baselines[j, 0, 0])),
-                     "random-init model": fmt(float(r.baseline.accuracy[j, last])),
+                     "random-init model": fmt(float(r.baseline.accuracy[j, last])) if r.baseline is not None else "—",
                      "beats bigram from": lens.labels[lens.layers.index(first[0])] if first else "—",
                      "held-out tokens": int(lens.n_test_tokens[j])})
-    return Summary(pd.DataFrame(rows), _measured(int(lens.n_test_examples[0]), "bigram predictor from x[t]; the "
-                                                 "same lens on a random-initialised model") )
+    return Summary(pd.DataFrame(rows), _measured(int(lens.n_test_examples[0]), "bigram predictor from x[t]; " +
+                                                 _baseline_text(r, r.baseline is not None, "the same lens on a "
+                                                                "random-initialised model")))
 
 
 def _summ_decay(r: Any) -> Summary:
@@ -376,8 +384,10 @@ def _summ_decay(r: Any) -> Summary:
     n = sorted({int(o.correct.numel()) for m in r.models.values() for o in m.clean.values()})
     return Summary(pd.DataFrame(rows), _measured(f"{n[0]}" + (f"–{n[-1]}" if len(n) > 1 else "") + " per distance "
                                                  f"({len(r.distances)} distances)",
-                                                 "random-initialised models of the same shapes; probes on shuffled "
-                                                 "labels"))
+                                                 "; ".join(dict.fromkeys(
+                                                     _baseline_text(m, bool(m.baseline_clean),
+                                                                    "random-initialised models of the same shapes")
+                                                     for m in r.models.values())) + "; probes on shuffled labels"))
 
 
 def _summ_last_token(r: Any) -> Summary:
@@ -389,9 +399,9 @@ def _summ_last_token(r: Any) -> Summary:
         rows.append({"from layer l": layer, "knockout accuracy": fmt(estimate(r.knockout[i].correct)),
                      "transplant accuracy": fmt(estimate(r.transplant[i].correct)),
                      "share in the last residual": fmt(res[i]), "share via K/V": fmt(kv[i])})
-    return Summary(pd.DataFrame(rows), _measured(int(r.clean.correct.numel()),
-                                                 f"random-initialised model of the same shape; clean accuracy "
-                                                 f"{fmt(estimate(r.clean.correct))}"))
+    return Summary(pd.DataFrame(rows), _measured(int(r.clean.correct.numel()), _baseline_text(
+        r, r.baseline_clean is not None, "random-initialised model of the same shape")
+                                                 + f"; clean accuracy {fmt(estimate(r.clean.correct))}"))
 
 
 def _summ_routes(r: Any) -> Summary:
@@ -403,13 +413,16 @@ def _summ_routes(r: Any) -> Summary:
              "n": int(x.effect.isfinite().sum())} for x in [*single, *joint]]
     rows.append({"route": "total (clean - corrupted)", "kind": "", "effect (log-prob)": fmt(estimate(r.total)),
                  "share of total": "100%", "n": int(r.total.numel())})
-    return Summary(pd.DataFrame(rows), _measured(int(r.total.numel()), "random-initialised model of the same shape, "
-                                                 f"total {fmt(estimate(r.baseline_total))}"))
+    return Summary(pd.DataFrame(rows), _measured(int(r.total.numel()), _baseline_text(
+        r, r.baseline_total is not None,
+        f"random-initialised model of the same shape, total "
+        f"{fmt(estimate(r.baseline_total)) if r.baseline_total is not None else ''}")))
 
 
 def _summ_course_correction(r: Any) -> Summary:
     n = int(r.model.m_forced.isfinite().sum())
-    return Summary(r.summary(), _measured(n, "random-initialised model of the same shape, same prompts and surprises"))
+    return Summary(r.summary(), _measured(n, _baseline_text(r, r.baseline is not None, "random-initialised model of "
+                                                            "the same shape, same prompts and surprises")))
 
 
 SUMMARIES: dict[str, Callable[[Any], Summary]] = {

@@ -149,18 +149,21 @@ def test_gpt2_folder_loads_both_ways(gpt2_dir, pair):
     assert Arch.of(b).positional == "learned" and Arch.of(b).normalization == "LN"
 
 
-def test_an_unfaithful_hooked_conversion_is_refused(tmp_path):
-    # TransformerLens's GPT-2 config converter ignores n_inner (it assumes 4 d_model)
+def test_gpt2_n_inner_converts_to_a_hooked_transformer_with_the_hf_logits(tmp_path):
+    # regression: TransformerLens's GPT-2 config converter ignores n_inner (it assumes 4 d_model),
+    # so kind="hooked" refused a GPT-2 whose MLP width differs; it now converts with d_mlp = n_inner
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from interp.models import ModelLoadError
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, n_positions=32, vocab_size=VOCAB, n_inner=64))
-    _randomise(model, 2).save_pretrained(str(tmp_path))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=VOCAB, n_inner=48))
+    _randomise(model, 2).eval().save_pretrained(str(tmp_path))
     _write_tokenizer(tmp_path)
-    with pytest.raises(ModelLoadError, match="conversion|kind='bridge'"):
-        load_model(tmp_path, kind="hooked")
-    assert is_bridge(load_model(tmp_path))
+    hooked = load_model(tmp_path, kind="hooked")
+    assert not is_bridge(hooked) and hooked.cfg.d_mlp == 48 and hooked.blocks[0].mlp.W_in.shape == (32, 48)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(tokens).logits
+    torch.testing.assert_close(_logits(hooked, tokens), want, atol=TOL, rtol=0)
+    torch.testing.assert_close(_logits(load_model(tmp_path), tokens), want, atol=TOL, rtol=0)
 
 
 def test_a_silently_wrong_hooked_conversion_is_refused(tmp_path):

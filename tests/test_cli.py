@@ -300,3 +300,55 @@ def test_demo_prints_a_line_per_investigation_off_a_terminal(monkeypatch):
     interp.demo.run_investigations(Sizes.smoke(), Console(file=buf, force_terminal=False, width=200))
     out = buf.getvalue()
     assert "[1/2] running a ..." in out and "[2/2] running b ..." in out and "a (" in out and "done" in out
+
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cache_text_follows_the_tokenizers_own_bos_rule(hf_folder, tmp_path, family):
+    # regression: `interp cache` wrapped every Hugging Face tokenizer with always-add-BOS (and read a
+    # Hugging Face folder's tokenizer.json as a word list: KeyError 'vocab'). The reference is the
+    # toolkit's one rule, Prompts.from_text with the model's tokenizer; --(no-)prepend-bos forces it.
+    from transformers import AutoTokenizer
+
+    from interp.models import load_model
+    from interp.prompts import Prompts
+
+    folder = hf_folder(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["the cat sat on the mat", "a dog ran"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    model = load_model(folder)
+    ref = Prompts.from_text(texts, model.tokenizer)
+    plain = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for flag, want in ((None, [ref.tokens[i, : int(ref.lengths[i])].tolist() for i in range(len(texts))]),
+                       ("--prepend-bos", [[tok.bos_token_id, *w] for w in plain]), ("--no-prepend-bos", plain)):
+        out = tmp_path / f"s{flag}"
+        with pytest.raises(SystemExit) as done:
+            cli.main(["cache", str(folder), str(data), "--hooks", "blocks.0.hook_resid_post", "--out", str(out),
+                      *([flag] if flag else [])])
+        assert done.value.code == 0
+        store = open_store(out)
+        assert store.lengths.tolist() == [len(w) for w in want], flag
+        for i, w in enumerate(want):
+            _, cache = model.run_with_cache(torch.tensor([w]))
+            torch.testing.assert_close(store["blocks.0.hook_resid_post"][i, : len(w)],
+                                       cache["blocks.0.hook_resid_post"][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cache_tokenizer_adds_bos_only_where_the_tokenizer_does(hf_folder, family):
+    # regression: a tokenizer that has a BOS token but does not add one (GPT-2's, Olmo's as
+    # TransformerLens attaches it) got one prepended by `interp cache` alone
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from interp.cli import _tokenizer_for
+
+    tok = AutoTokenizer.from_pretrained(hf_folder(family))
+    assert tok.bos_token_id is not None
+    enc = _tokenizer_for("no-such-folder", SimpleNamespace(tokenizer=tok))
+    for t in ("the cat sat on the mat", "a dog ran"):
+        assert enc.encode(t) == tok(t)["input_ids"]  # the tokenizer's own encoding
+    assert (enc.encode("a dog")[0] == tok.bos_token_id) == (family == "llama")

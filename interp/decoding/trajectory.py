@@ -14,7 +14,9 @@ the divergence from the final distribution that re-timing removes (undefined, Na
 already the final distribution, e.g. the last lens layer).
 
 Per-example values are kept; aggregates carry bootstrap CIs over examples (`interp.stats`) and are
-compared with a random-initialised model of the same shape (`interp.models.random_like`). Beta is
+compared with a random-initialised model of the same shape (`interp.baseline`: ``baseline="auto"``
+builds it only for a model of at most 1 GiB, after the model's own measurement, and releases it;
+otherwise there is no verdict and `baseline_note` says how to get one). Beta is
 clamped to [-beta_max, beta_max] (a p_l concentrated on the final argmax has beta = +inf).
 """
 
@@ -29,8 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.baseline import BaselineSpec, baseline_for
 from interp.lens.logit import logit_lens
-from interp.models import random_like
 from interp.prompts import Prompts
 from interp.stats import bootstrap
 from interp.tl import HookedTransformer
@@ -102,6 +104,7 @@ class TrajectoryResult:
     baseline: TrajectoryResult | None = None
     alpha: float = 0.05
     n_boot: int = 1000
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def time_share(self) -> Float[Tensor, "layer batch"]:
@@ -137,8 +140,8 @@ class TrajectoryResult:
         in the random baseline? `supported` only when the model's time-share CI lies above the
         baseline's; `reading` then says "sharpening" (share > 0.5) or "turning"."""
         if self.baseline is None:
-            raise ValueError("trajectory verdicts: expected a result with a random baseline, got none; "
-                             "call trajectory(..., baseline=True)")
+            raise ValueError(f"trajectory verdicts: expected a result with a baseline, got none "
+                             f"({self.baseline_note or 'none was run'})")
         f = self.to_frame()
         f = f[f.quantity == "time_share"]
         rows = []
@@ -157,7 +160,7 @@ class TrajectoryResult:
         """One sentence over the layers whose time share clears the random baseline ("No verdict: ..."
         otherwise, as `str(interp.hypotheses.Verdict)`; this module sits below the hypotheses)."""
         if self.baseline is None:
-            return "No verdict: no random baseline was run"
+            return f"No verdict: unbaselined ({self.baseline_note or 'no baseline was run'})"
         v = self.verdicts()
         ok = v[v.supported]
         if ok.empty:
@@ -179,7 +182,7 @@ def trajectory(
     *,
     at: str = "last",
     lens: object | None = None,
-    baseline: bool = True,
+    baseline: HookedTransformer | BaselineSpec | bool | None = "auto",
     seed: int = 0,
     alpha: float = 0.05,
     n_boot: int = 1000,
@@ -188,15 +191,16 @@ def trajectory(
     """beta_l and the remaining KL per lens layer, read at each prompt's position `at`.
 
     `lens`: None for the logit lens, or an `interp.lens.TunedLens` (anything with the same
-    ``run(model, prompts, at=..., keep_logits=True)``). With `baseline`, the same measurement on
-    ``random_like(model, seed)`` (with the same lens kind: a tuned lens is model-specific, so the
-    baseline then uses the logit lens and says so in its `lens` field)."""
+    ``run(model, prompts, at=..., keep_logits=True)``). `baseline`: a comparison model, "random",
+    "none" or "auto" (`interp.baseline`: a random-initialised model of the same shape, seeded by
+    `seed`, only for a model of at most 1 GiB; None and True mean "auto", False "none"), measured
+    the same way (a tuned lens is model-specific, so the baseline then uses the logit lens and says
+    so in its `lens` field)."""
     res = _measure(model, prompts, at, lens, alpha, n_boot, beta_max)
-    if baseline:
-        base = _measure(random_like(model, seed), prompts, at, None, alpha, n_boot, beta_max)
-        res = TrajectoryResult(res.model_name, res.lens, res.labels, res.beta, res.kl_left, res.kl_final, base,
-                               alpha, n_boot)
-    return res
+    plan = baseline_for(model, baseline, seed=seed)
+    base = plan.run(model, lambda m: _measure(m, prompts, at, None, alpha, n_boot, beta_max))
+    return TrajectoryResult(res.model_name, res.lens, res.labels, res.beta, res.kl_left, res.kl_final, base,
+                            alpha, n_boot, plan.note)
 
 
 def _measure(model: HookedTransformer, prompts: object, at: str, lens: object | None, alpha: float, n_boot: int,

@@ -14,6 +14,12 @@ Every investigation reports per-example outcomes (top-1 correct, log-prob of the
 the unmodified run), aggregates them with bootstrap CIs over examples (`interp.stats`), compares
 them with a baseline (a random-initialised model of the same shape, shuffled labels, or a
 control) and states a one-sentence verdict only when the effect clears that baseline.
+
+Which model baseline, and when it is built, is one policy for every investigation
+(`interp.baseline`): ``baseline=`` a model, "random", "none" or "auto" (the default: the random
+baseline only for a model of at most `interp.baseline.AUTO_MAX_BYTES`, otherwise none, said in
+the result's `baseline_note` and verdict). A random baseline is built after the main measurement,
+only for the statistic that needs it, and released right after.
 """
 
 from __future__ import annotations
@@ -26,38 +32,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp import models
-from interp.arch import Arch, Model, device_of, dtype_of, model_name, tokenizer_of
+from interp.arch import Arch, Model, device_of
+from interp.baseline import Baseline as Baseline
+from interp.baseline import baseline_for as baseline_for
+from interp.baseline import random_like as random_like
+from interp.baseline import unbaselined as unbaselined
 from interp.hooks import Intervention, intervene
 from interp.metrics import answer_logprob, top1
 from interp.prompts import LAST, Prompts, as_prompts
 from interp.stats import Estimate, bootstrap_many
 from interp.tokens import Batch, check_tokens
-
-
-def random_like(model: Model, seed: int = 0, *, offset: int = 10_000) -> Model:
-    """The investigations' random baseline: a random-initialised model of the same shape, kind,
-    device and dtype (`interp.models.random_like` for a HookedTransformer; for a
-    TransformerBridge the Hugging Face class's own initialisation from the same config, seeded
-    with `offset` + `seed` in a private RNG stream). Investigations build it only where they use
-    it, unless the caller passes its own `baseline`."""
-    from interp.tl import is_native
-
-    if Arch.of(model).kind == "hooked" or is_native(model):  # TL 4: organisms are native bridges
-        return models.random_like(model, seed)
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from interp.tl import TransformerBridge
-
-    dev, dt = device_of(model), dtype_of(model)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
-        torch.manual_seed(offset + seed)
-        hf = AutoModelForCausalLM.from_config(copy.deepcopy(model.original_model.config),
-                                              attn_implementation="eager", dtype=dt)
-    return TransformerBridge.boot_transformers(model_name(model), hf_model=hf.to(dev).eval(), device=dev, dtype=dt,
-                                               tokenizer=tokenizer_of(model)).eval()
 
 
 @dataclass(frozen=True)

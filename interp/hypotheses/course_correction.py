@@ -35,8 +35,9 @@ Measured against the unforced run, per example:
   is stopped by a match of expectation and token shows no cut effect but a full interchange effect.
 
 Every aggregate carries a percentile-bootstrap CI over examples and is repeated on a
-random-initialised model of the same shape (`interp.models.random_like`); a verdict is stated
-only when the effect clears that baseline. When the prompts carry a ground-truth plan (`plan`,
+random-initialised model of the same shape (`interp.baseline`: ``baseline="auto"`` builds it only
+for a model of at most 1 GiB, after the model's own measurement, and releases it); a verdict is
+stated only when the effect clears that baseline. When the prompts carry a ground-truth plan (`plan`,
 padded with -1), `on_plan` is the share whose unforced run follows it (the clean run shows the
 behaviour).
 
@@ -63,11 +64,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.arch import Arch
+from interp.baseline import BaselineSpec, baseline_for, unbaselined
 from interp.decoding import generate
 from interp.graph import HOOK_EMBED, Node, Site
 from interp.hooks import Map, SetAt, block_attention, run
 from interp.hypotheses.base import Verdict, estimate_n, prompts_of
-from interp.models import random_like
 from interp.probing import ProbeResult
 from interp.prompts import Prompts, as_prompts
 from interp.stats import bootstrap
@@ -268,6 +269,7 @@ class CourseCorrectionResult:
     alpha: float = 0.05
     n_boot: int = 1000
     backoff: int | None = None
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -351,11 +353,14 @@ class CourseCorrectionResult:
     @property
     def verdict(self) -> Verdict:
         """The outcome categories that clear the random baseline, and the route of a recovery."""
-        if self.baseline is None:
-            return Verdict(False, "no random baseline was run")
         f = self.to_frame()
         cats = self.categories
         best = max(cats, key=lambda c: self._get(f, "model", "rate", category=c).value)
+        if self.baseline is None:
+            r = self._get(f, "model", "rate", category=best)
+            return Verdict(False, unbaselined(self.baseline_note or "none was run", (
+                f"after a forced surprise the commonest outcome is '{best}' {r.value:.1%} "
+                f"[{r.ci_low:.1%}, {r.ci_high:.1%}]")))
 
         def rate(c: str) -> str:
             m, b = self._get(f, "model", "rate", category=c), self._get(f, "baseline", "rate", category=c)
@@ -600,13 +605,15 @@ def course_correction(
     alternatives: Int[Tensor, "m a"] | None = None,
     plan: Int[Tensor, "batch w"] | None = None,
     backoff: int | None = None,
-    baseline: bool = True,
+    baseline: HookedTransformer | BaselineSpec | bool | None = "auto",
     seed: int = 0,
     alpha: float = 0.05,
     n_boot: int = 1000,
 ) -> CourseCorrectionResult:
     """Force a surprise after each prompt and measure divergence, outcome, notice and route (module
-    doc), for `model` and (with `baseline`) `random_like(model, seed)`. `prompts` may be a
+    doc), for `model` and its `baseline`: a comparison model, "random", "none" or "auto"
+    (`interp.baseline`: a random-initialised model of the same shape only for a model of at most
+    1 GiB; None and True mean "auto", False "none"). `prompts` may be a
     `CourseInputs` (`planning_inputs`, `retry_inputs`, `prompt_inputs`, `read_course_inputs`),
     which supplies plan, candidates, alternatives, the back-off marker and (if it names one) the
     surprise of each prompt. `surprise` may be a token id (int) forced after every prompt."""
@@ -625,7 +632,8 @@ def course_correction(
     kw = dict(steps=steps, surprise=surprise, candidates=candidates, alternatives=alternatives, plan=plan, seed=seed,
               backoff=backoff, kv_source=kv_source)
     m = measure(model, prompts, **kw)  # type: ignore[arg-type]
-    base = measure(random_like(model, seed), prompts, strict=False, **kw) if baseline else None  # type: ignore[arg-type]
+    plan = baseline_for(model, baseline, seed=seed)
+    base = plan.run(model, lambda b: measure(b, prompts, strict=False, **kw))  # type: ignore[arg-type]
     labels = tuple([f"{i}_pre" for i in range(Arch.of(model).n_layers)] + ["final_post"])
     name = getattr(model.cfg, "model_name", "") or "model"
-    return CourseCorrectionResult(name, steps, labels, m, base, alpha, n_boot, backoff)
+    return CourseCorrectionResult(name, steps, labels, m, base, alpha, n_boot, backoff, plan.note)

@@ -23,8 +23,10 @@ last token) or, by default, another example's context (`neutral_prompts`). A mul
 is read over its teacher-forced span: the knockout blocks that span from the context, the
 transplant writes the whole span, and the answer's log-prob sums its tokens.
 
-Baseline: a random-initialised model of the same shape; no verdict, and no sufficiency layer,
-unless the clean model's accuracy clears that baseline (`clean_shows_behaviour`) and knocking
+Baseline: a random-initialised model of the same shape (`interp.baseline`: ``baseline="auto"``
+builds it only for a model of at most 1 GiB, after the curves, and releases it; none: no verdict,
+said in `baseline_note`); no verdict, and no sufficiency layer, unless the clean model's accuracy
+clears that baseline (`clean_shows_behaviour`) and knocking
 out the whole context measurably hurts. A sufficiency layer needs a contrast that could have
 failed: it is below n_layers (cutting at l = n_layers blocks nothing, true of any model) and
 cutting from the layer below measurably drops accuracy.
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from interp.arch import Arch, Model
 from interp.arch import model_name as name_of
+from interp.baseline import BaselineSpec, baseline_for
 from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
@@ -54,7 +57,7 @@ from interp.hypotheses.base import (
     last_logits,
     outcome,
     prompts_of,
-    random_like,
+    unbaselined,
 )
 from interp.metrics import answer_logprob, kl_to, top1
 from interp.patching import knockout, kv_patch, sweep
@@ -89,6 +92,7 @@ class LastTokenResult:
     clean_shows_behaviour: bool = True  # clean accuracy clears the random-initialised baseline
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
     sufficiency_reason: str | None = None  # why sufficient_from is None
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def values(self) -> Tensor:
@@ -224,6 +228,12 @@ def _curves(model: Model, p: Prompts, batch_size: int
     return (Outcome.cat(parts["clean"]), Outcome.cat(parts["neutral"]), curve(knocked), curve(trans), curve(kvrep))
 
 
+def _baseline_curves(model: Model, p: Prompts, batch_size: int) -> tuple[Outcome, Outcome]:
+    """The baseline's clean outcome and its knockout from layer 0 (what the verdict compares)."""
+    clean, _, knock, _, _ = _curves(model, p, batch_size)
+    return clean, knock[0]
+
+
 def neutral_prompts(prompts: Prompts) -> Prompts:
     """Each prompt's context (every token before its last prompt token) replaced by another
     example's, the last prompt token and any teacher-forced answer tokens kept: the previous
@@ -256,7 +266,7 @@ def last_token_sufficiency(
     model: Model,
     prompts: Prompts | Batch | Tensor,
     *,
-    baseline: Model | None = None,
+    baseline: Model | BaselineSpec | None = "auto",
     tolerance: float = 0.05,
     batch_size: int = 256,
     seed: int = 0,
@@ -267,7 +277,8 @@ def last_token_sufficiency(
     last prompt token (a multi-token answer: at its teacher-forced read-out span). Their
     `partner`, when given, is the neutral context: the same lengths, the same last token (and
     answer tokens), other earlier tokens (default: `neutral_prompts`). `baseline`: the
-    comparison model (default: random-initialised, same shape). `tolerance`: how close to clean
+    comparison model, "random", "none" or "auto" (a random-initialised model of the same shape for a
+    model of at most 1 GiB, `interp.baseline`; None means "auto"). `tolerance`: how close to clean
     accuracy counts as "suffices".
     """
     arch = Arch.of(model)
@@ -289,32 +300,50 @@ def last_token_sufficiency(
         p = p.with_partner(q)
 
     clean, neut, knock, trans, kv = _curves(model, p, batch_size)
-    base = random_like(model, seed) if baseline is None else baseline
-    b_clean, _, b_knock, _, _ = _curves(base, p.select(torch.arange(min(128, n))), batch_size)
+    plan = baseline_for(model, baseline, seed=seed)
+    b_curves = plan.run(model, lambda m: _baseline_curves(m, p.select(torch.arange(min(128, n))), batch_size))
     layers = tuple(range(L + 1))
 
-    clean_acc, base_acc = estimate(clean.correct), estimate(b_clean.correct)
-    clean_lp, base_lp = estimate(clean.logprob), estimate(b_clean.logprob)
+    clean_acc, clean_lp = estimate(clean.correct), estimate(clean.logprob)
+    if b_curves is not None:
+        b_clean, b_knock0 = b_curves
+        base_acc, base_lp = estimate(b_clean.correct), estimate(b_clean.logprob)
+        by_accuracy = clean_acc.above(base_acc)
+    else:  # unbaselined: top-1 when the model gets most prompts right
+        b_clean, b_knock0 = None, None
+        by_accuracy = clean_acc.excludes(0.0) and clean_acc.value >= 0.5
     # The measure: top-1 accuracy when the model's clean accuracy clears the baseline's; otherwise
     # (a real model whose top-1 is rarely exactly the answer) the answer's log-prob, with the
     # tolerance a share of the clean-minus-neutral log-prob gap.
-    if clean_acc.above(base_acc):
+    if by_accuracy:
         measure, score, tol, unit = "accuracy", (lambda o: o.correct), tolerance, "accuracy"
     else:
         gap = float(clean.logprob.mean() - neut.logprob.mean())
         measure, score, tol, unit = "logprob", (lambda o: o.logprob), tolerance * abs(gap), "log p(answer)"
     clean_m = clean_acc if measure == "accuracy" else clean_lp
-    base_m = base_acc if measure == "accuracy" else base_lp
     drop0 = estimate(score(clean) - score(knock[0]))
     acc = [score(o).mean().item() for o in knock]
     name = name_of(model)
+    # the first layer from which cutting the context at every later layer keeps the clean level
+    first = next(layer for layer in layers if all(a >= clean_m.value - tol for a in acc[layer:]))
+    suff, why = None, None
+    if b_curves is None:
+        shows = False
+        behaviour_reason = why = f"not established without a baseline ({plan.note})"
+        verdict = Verdict(False, unbaselined(plan.note, (
+            f"clean accuracy {clean_acc}, log p(answer) {clean_lp}; cutting the last position's attention to the "
+            f"context at every layer changes {unit} by {drop0}; cut from layer {first} on, {unit} stays within "
+            f"{tol:.3g} of clean")))
+        return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), None, None,
+                               None, verdict, meta={"n": n, "tolerance": tolerance, "measure": measure,
+                                                    "lengths": sorted(set(p.prompt_lengths.tolist()))},
+                               clean_shows_behaviour=False, behaviour_reason=behaviour_reason,
+                               sufficiency_reason=why, baseline_note=plan.note)
+    base_m = base_acc if measure == "accuracy" else base_lp
     shows = clean_acc.above(base_acc) or clean_lp.above(base_lp)
     behaviour_reason = None if shows else (
         f"clean accuracy {clean_acc} and log p(answer) {clean_lp} do not clear the random-initialised baseline "
         f"({base_acc}, {base_lp}), so there is no prediction to attribute")
-    suff, why = None, None
-    # the first layer from which cutting the context at every later layer keeps the clean level
-    first = next(layer for layer in layers if all(a >= clean_m.value - tol for a in acc[layer:]))
     if not shows:
         why = behaviour_reason
         verdict = Verdict(False, behaviour_reason)
@@ -349,7 +378,8 @@ def last_token_sufficiency(
                 f"The last position's residual suffices from layer {suff} on (of {L}): with its attention to "
                 f"earlier positions cut at layers >= {suff}, {unit} is {k} vs {clean_m} clean, while cutting "
                 f"from layer {suff - 1} gives {prev} (random-initialised baseline {base_m})."))
-    return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), b_clean, b_knock[0],
+    return LastTokenResult(name, layers, clean, neut, tuple(knock), tuple(trans), tuple(kv), b_clean, b_knock0,
                            suff, verdict, meta={"n": n, "tolerance": tolerance, "measure": measure,
                                                 "lengths": sorted(set(p.prompt_lengths.tolist()))},
-                           clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, sufficiency_reason=why)
+                           clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, sufficiency_reason=why,
+                           baseline_note=plan.note)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from interp.arch import Arch, Model, device_of
 from interp.arch import model_name as name_of
+from interp.baseline import BaselineSpec, baseline_for
 from interp.graph import Site
 from interp.hypotheses.base import (
     Outcome,
@@ -42,8 +43,8 @@ from interp.hypotheses.base import (
     last_logits,
     positions_of,
     prompts_of,
-    random_like,
     run_outcomes,
+    unbaselined,
 )
 from interp.lens import future_lens, logit_lens
 from interp.lens.future import FutureLensConfig, FutureLensResult
@@ -93,6 +94,7 @@ class MultihopResult:
     baseline_iia_logit_diff: dict[str, Tensor] = field(default_factory=dict)
     clean_logit_diff: Tensor | None = None  # [n]
     partner_logit_diff: Tensor | None = None  # [n]
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def values(self) -> Tensor:
@@ -109,6 +111,9 @@ class MultihopResult:
 
     def shift_estimate(self, position: str, layer: int, baseline: bool = False) -> Estimate:
         """Mean shift of the logit difference towards the partner's answer by the patch (nats)."""
+        if baseline and not self.baseline_iia_logit_diff:
+            raise ValueError(f"shift_estimate(baseline=True): expected a result with a baseline, got none "
+                             f"({self.baseline_note})")
         table = self.baseline_iia_logit_diff if baseline else self.iia_logit_diff
         clean = self.meta.get("baseline_clean_logit_diff") if baseline else self.clean_logit_diff
         return estimate(table[position][layer] - clean)
@@ -254,7 +259,7 @@ def multihop(
     *,
     positions: Sequence[str | int] = (LAST,),
     control_types: Int[Tensor, "batch"] | None = None,
-    baseline: Model | None = None,
+    baseline: Model | BaselineSpec | None = "auto",
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
@@ -269,7 +274,9 @@ def multihop(
     without that position). `control_types`: the Hewitt-Liang type of each prompt (each type gets
     a random label in the control task; choose a type the bridge is a function of, e.g. the fact
     token a->b, so that memorising types solves the control as well as the task; default: the
-    token before the last).
+    token before the last). `baseline`: the comparison model, "random", "none" or "auto" (a
+    random-initialised model of the same shape for a model of at most 1 GiB, `interp.baseline`;
+    None means "auto"), run after the model's own measurements.
     """
     arch = Arch.of(model)
     p = prompts_of(prompts, model)
@@ -296,7 +303,6 @@ def multihop(
     rows_all = torch.arange(n)
     types = (p.tokens.cpu()[rows_all, (last - 1).clamp_min(0)] if control_types is None
              else torch.as_tensor(control_types).long().cpu())
-    base = random_like(model, seed) if baseline is None else baseline
 
     def probes_for(m: Model) -> dict[tuple[str, str], ProbeResult]:
         out = {}
@@ -311,41 +317,53 @@ def multihop(
                                                  "n": int(ok.sum())})
         return out
 
-    probes, b_probes = probes_for(model), probes_for(base)
+    probes = probes_for(model)
     lens = {t: logit_lens(model, p, pos=last.to(p.tokens.device), target=lab.to(p.tokens.device), progress=progress)
             for t, lab in labels_by.items()}
     rr = {t: (1.0 / (1 + r.target_rank[:, :, 0].double())) for t, r in lens.items()}
 
     iia, iia_ld = _interchange(model, p, pos, ppos, batch_size)
-    b_iia, b_iia_ld = _interchange(base, p, pos, ppos, batch_size)
     clean, clean_ld, partner_ld = _clean_runs(model, p, batch_size)
-    b_clean, b_clean_ld, _ = _clean_runs(base, p, batch_size)
+    plan = baseline_for(model, baseline, seed=seed)
+    measured = plan.run(model, lambda m: (probes_for(m), *_interchange(m, p, pos, ppos, batch_size),
+                                          *_clean_runs(m, p, batch_size)[:2]))
+    b_probes, b_iia, b_iia_ld, b_clean, b_clean_ld = measured if measured is not None else ({}, {}, {}, None, None)
     decodable = {k: _decodable_from(x) for k, x in probes.items()}
     labels = tuple(layer_labels(arch.n_layers))
 
     acc = estimate(clean.correct)
-    lp, b_lp = estimate(clean.logprob), estimate(b_clean.logprob)
+    lp = estimate(clean.logprob)
+    b_lp = estimate(b_clean.logprob) if b_clean is not None else None
     # the behaviour: the model solves the prompts (top-1), or at least gives the answer more
     # log-probability than the random-initialised model does (a real model's top-1 may differ)
-    shows = (acc.excludes(0.0) and acc.value >= 0.5) or lp.above(b_lp)
+    shows = (acc.excludes(0.0) and acc.value >= 0.5) or (b_lp is not None and lp.above(b_lp))
     shift = {k: v - clean_ld for k, v in iia_ld.items()}
-    b_shift = {k: v - b_clean_ld for k, v in b_iia_ld.items()}
     best = max(((pn, layer) for pn in names for layer in range(arch.n_layers)),
                key=lambda k: float(_nanmean(shift[k[0]][k[1]])))
-    best_iia, best_base = estimate(iia[best[0]][best[1]].correct), estimate(b_iia[best[0]][best[1]].correct)
-    best_shift, best_b_shift = estimate(shift[best[0]][best[1]]), estimate(b_shift[best[0]][best[1]])
+    best_iia, best_shift = estimate(iia[best[0]][best[1]].correct), estimate(shift[best[0]][best[1]])
     full = estimate(partner_ld - clean_ld)
+    best_b_shift = None if b_clean is None else estimate(b_iia_ld[best[0]][best[1]] - b_clean_ld)
     b_last, a_last = decodable.get((LAST, "bridge")), decodable.get((LAST, "answer"))
     behaviour_reason = None if shows else (
         f"two-hop accuracy is {acc} and log p(answer) {lp} does not clear the random-initialised model's {b_lp}; "
-        f"the model does not solve these prompts")
-    if not shows:
+        f"the model does not solve these prompts" if b_lp is not None else
+        f"two-hop accuracy is {acc} (not above 0.5) and there is no baseline to compare log p(answer) {lp} with "
+        f"({plan.note})")
+    if b_clean is None:
+        verdict = Verdict(False, unbaselined(plan.note, (
+            f"two-hop accuracy {acc}, log p(answer) {lp}; the largest patch, at {labels[best[1]]} of '{best[0]}', "
+            f"switches {best_iia} of prompts to the partner's answer and moves the logit difference by "
+            f"{best_shift} nats of the {full} that separate the two runs")))
+        if not shows:
+            decodable = {k: None for k in decodable}
+    elif not shows:
         decodable = {k: None for k in decodable}  # no layer is reported for a behaviour the model lacks
         verdict = Verdict(False, behaviour_reason)
     elif not best_shift.above(best_b_shift):
         verdict = Verdict(False, f"no patch moves the logit difference towards the partner's answer beyond the "
                                  f"random-initialised baseline (best {best_shift} vs {best_b_shift} nats at "
-                                 f"{labels[best[1]]} of '{best[0]}'; IIA {best_iia} vs {best_base})")
+                                 f"{labels[best[1]]} of '{best[0]}'; IIA {best_iia} vs "
+                                 f"{estimate(b_iia[best[0]][best[1]].correct)})")
     else:
         order = ("not decodable" if b_last is None else
                  f"decodable at the last position from {labels[b_last]}"
@@ -356,7 +374,7 @@ def multihop(
         verdict = Verdict(True, (
             f"{lead}atching the residual at {labels[best[1]]} of position '{best[0]}' from a prompt with another "
             f"bridge switches the answer to that prompt's answer in {best_iia} of prompts (random-initialised "
-            f"baseline {best_base}) and moves the logit difference (partner's answer - own) by {best_shift} nats "
+            f"baseline {estimate(b_iia[best[0]][best[1]].correct)}) and moves the logit difference (partner's answer - own) by {best_shift} nats "
             f"of the {full} that separate the two runs (baseline {best_b_shift})."))
     return MultihopResult(
         model_name=name_of(model), labels=labels, positions=pos, probes=probes, baseline_probes=b_probes,
@@ -364,7 +382,8 @@ def multihop(
         meta={"n": n, "accuracy": acc, "logprob": lp, "baseline_logprob": b_lp,
               "baseline_clean_logit_diff": b_clean_ld, "lengths": sorted(set(p.prompt_lengths.tolist()))},
         clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, iia_logit_diff=iia_ld,
-        baseline_iia_logit_diff=b_iia_ld, clean_logit_diff=clean_ld, partner_logit_diff=partner_ld)
+        baseline_iia_logit_diff=b_iia_ld, clean_logit_diff=clean_ld, partner_logit_diff=partner_ld,
+        baseline_note=plan.note)
 
 
 @dataclass(frozen=True)
@@ -372,20 +391,23 @@ class PlanAheadResult:
     """Future-lens accuracy for x_{t+k} by layer against bigram/unigram baselines."""
 
     lens: FutureLensResult
-    baseline: FutureLensResult  # the same lens on a random-initialised model of the same shape
+    baseline: FutureLensResult | None  # the same lens on a random-initialised model of the same shape
     verdict: Verdict
     clean: Estimate | None = None  # the model's own accuracy on x_(t+1)..x_(t+max offset), teacher-forced
     baseline_clean: Estimate | None = None  # the same for the random-initialised model
     clean_shows_behaviour: bool = True  # clean above baseline_clean: the model emits the planned tokens
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def values(self) -> Tensor:
         return self.lens.accuracy
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.concat([self.lens.to_frame().assign(model="trained"),
-                          self.baseline.to_frame().assign(model="random-init")], ignore_index=True)
+        frames = [self.lens.to_frame().assign(model="trained")]
+        if self.baseline is not None:
+            frames.append(self.baseline.to_frame().assign(model="random-init"))
+        return pd.concat(frames, ignore_index=True)
 
     def plot(self) -> go.Figure:
         """The future lens by layer for each offset k (colour), the trained model solid and the
@@ -396,6 +418,8 @@ class PlanAheadResult:
         for j, k in enumerate(self.lens.offsets):
             c = viz.color(f"k={k}", j)
             for res, model in ((self.lens, viz.TRAINED), (self.baseline, viz.BASELINE)):
+                if res is None:
+                    continue
                 f = res.to_frame()
                 g = f[(f.method == "linear") & (f.offset == k)].sort_values("layer")
                 viz.line(fig, list(range(len(g))), g.accuracy, name=f"x[t+{k}] ({model})", color_=c, model=model,
@@ -412,8 +436,10 @@ class PlanAheadResult:
                           caption=f"n = {int(self.lens.n_test_examples[0])} held-out prompts "
                                   f"({int(self.lens.n_test_tokens[0])} tokens). "
                                   f"A linear future lens reads h[t] at the planning position and predicts x[t+k]. "
-                                  f"Solid: trained model; dashed: random-initialised model; dotted: bigram "
-                                  f"predictor from x[t]. Bands: {viz.CI_TEXT}.{clean}")
+                                  f"Solid: trained model; "
+                                  + ("dashed: random-initialised model; " if self.baseline is not None else
+                                     f"no model baseline ({self.baseline_note}); ")
+                                  + f"dotted: bigram predictor from x[t]. Bands: {viz.CI_TEXT}.{clean}")
 
 
 def plan_ahead(
@@ -423,6 +449,7 @@ def plan_ahead(
     *,
     at: str = "plan",
     offsets: tuple[int, ...] = (2, 3),
+    baseline: Model | BaselineSpec | None = "auto",
     seed: int = 0,
     progress: bool = False,
 ) -> PlanAheadResult:
@@ -432,7 +459,9 @@ def plan_ahead(
     `prompts` of any lengths: only positions t whose x_(t + max offset) is a real token of that
     prompt are read. No layer is claimed unless the model itself emits the tokens it would be
     planning: its teacher-forced accuracy on x_(t+1)..x_(t+max offset) from the masked positions
-    t clears the random-initialised model's (`clean_shows_behaviour`)."""
+    t clears the random-initialised model's (`clean_shows_behaviour`). `baseline`: the comparison
+    model, "random", "none" or "auto" (`interp.baseline`: the random-initialised model only for a
+    model of at most 1 GiB; without one no layer is claimed)."""
     p = prompts_of(prompts, model)
     width = p.tokens.shape[1]
     mask = (p.span_mask(at, width) if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu())
@@ -442,26 +471,33 @@ def plan_ahead(
     tokens = p.tokens
     cfg = FutureLensConfig(offsets=offsets, seed=seed)
     res = future_lens(model, tokens, mask=mask, config=cfg, progress=progress)
-    random_model = random_like(model, seed)
-    base = future_lens(random_model, tokens, mask=mask, config=cfg, progress=progress)
-    clean, b_clean = (estimate(_emits(m, tokens, mask, max(offsets))) for m in (model, random_model))
-    shows = clean.above(b_clean)
+    clean = estimate(_emits(model, tokens, mask, max(offsets)))
+    plan = baseline_for(model, baseline, seed=seed)
+    measured = plan.run(model, lambda m: (future_lens(m, tokens, mask=mask, config=cfg, progress=progress),
+                                          estimate(_emits(m, tokens, mask, max(offsets)))))
+    base, b_clean = measured if measured is not None else (None, None)
+    shows = b_clean is not None and clean.above(b_clean)
     behaviour_reason = None if shows else (
         f"the model's own accuracy on the {max(offsets)} tokens after the masked positions is {clean}, not above the "
-        f"random-initialised model's {b_clean}: it does not emit what it would be planning")
+        f"random-initialised model's {b_clean}: it does not emit what it would be planning" if b_clean is not None
+        else f"not established without a baseline ({plan.note})")
     frame = res.to_frame()
     claims = []
     for k in offsets:
         o = offsets.index(k)
         # above the bigram baseline, and above the same lens on a random-initialised model
         layers = [x for x in res.beats_bigram(k)
-                  if res.ci_low[o, res.layers.index(x)] > base.ci_high[o, base.layers.index(x)]]
+                  if base is None or res.ci_low[o, res.layers.index(x)] > base.ci_high[o, base.layers.index(x)]]
         if layers:
             lin = frame[(frame.offset == k) & (frame.method == "linear") & (frame.layer == layers[0])].iloc[0]
             big = frame[(frame.offset == k) & (frame.method == "bigram")].iloc[0]
             claims.append(f"x_(t+{k}) from {lin.label} on (accuracy {lin.accuracy:.2f} "
                           f"[{lin.ci_low:.2f}, {lin.ci_high:.2f}] vs bigram {big.accuracy:.2f})")
-    if not shows:
+    if base is None:
+        verdict = Verdict(False, unbaselined(plan.note, (
+            f"the model's own accuracy on the tokens it would plan is {clean}; above the bigram baseline: "
+            + ("; ".join(claims) if claims else "no layer, for any offset tested"))))
+    elif not shows:
         verdict = Verdict(False, behaviour_reason)
     elif claims:
         verdict = Verdict(True, "Hidden states already encode tokens beyond the next one: a linear future lens "
@@ -470,7 +506,7 @@ def plan_ahead(
     else:
         verdict = Verdict(False, "no layer decodes x_(t+k) above both the bigram baseline and the same lens on a "
                                  "random-initialised model, for any offset tested")
-    return PlanAheadResult(res, base, verdict, clean, b_clean, shows, behaviour_reason)
+    return PlanAheadResult(res, base, verdict, clean, b_clean, shows, behaviour_reason, plan.note)
 
 
 def _emits(model: Model, tokens: Tensor, mask: Tensor, k: int) -> Tensor:

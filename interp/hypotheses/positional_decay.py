@@ -20,7 +20,10 @@ learned absolute, rotary, none — Haviv et al. 2022 show NoPE models still lear
     what is measured.
 
 Baseline: a random-initialised model of the same shape (accuracy at chance, no decay to speak
-of); no verdict unless the trained models clear it. A model whose clean accuracy at the shortest
+of); no verdict unless the trained models clear it. Per model, `interp.baseline`'s policy:
+``baseline="auto"`` builds it only for a model of at most 1 GiB (after that model's own
+measurements, released before the next model); without one, that model gets no claim and its
+`baseline_note` says why. A model whose clean accuracy at the shortest
 distance does not clear its baseline does not show the behaviour
 (`SchemeDecay.clean_shows_behaviour` False, with the reason): it gets no profile and no decay
 length.
@@ -41,11 +44,11 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from interp.arch import Arch, Model
+from interp.baseline import BaselineSpec, baseline_for
 from interp.hypotheses.base import (
     Outcome,
     Verdict,
     estimate,
-    random_like,
     run_outcomes,
 )
 from interp.lens.residual import layer_labels, residual_stack
@@ -93,6 +96,7 @@ class SchemeDecay:
     clean_shows_behaviour: bool = True
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
     rows: dict[int, Tensor] = field(default_factory=dict)  # distance -> the prompts' rows in that group
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     def accuracy(self, d: int) -> Estimate:
         return estimate(self.clean[d].correct)
@@ -124,8 +128,9 @@ class DecayResult:
                                  "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
                                  "baseline": r.shuffled})
             for d in self.distances:
+                b = m.baseline_clean.get(d)
                 for analysis, est, base in (
-                        ("accuracy", m.accuracy(d), estimate(m.baseline_clean[d].correct)),
+                        ("accuracy", m.accuracy(d), estimate(b.correct) if b is not None else None),
                         ("knockout_drop", m.drop(d), None)):
                     rows.append({"model": name, "analysis": analysis, "layer": np.nan, "distance": d,
                                  "value": est.value, "ci_low": est.low, "ci_high": est.high,
@@ -275,7 +280,7 @@ def positional_decay(
     bins: Sequence[int] | None = None,
     position_prompts: Prompts | Batch | Tensor | None = None,
     positions_per_prompt: int = 16,
-    baseline: Mapping[str, Model] | None = None,
+    baseline: Mapping[str, Model | BaselineSpec] | Model | BaselineSpec | None = "auto",
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
@@ -287,7 +292,9 @@ def positional_decay(
     fact's last token to its last prompt token (the read-out); prompts are grouped by distance
     (`bins`: upper edges of distance bins; default: one group per distinct distance) inside.
     `position_prompts`: prompts for the absolute-position probe (only real tokens are sampled);
-    default: `prompts`.
+    default: `prompts`. `baseline`: for every model, or per model name (a mapping; a name it lacks
+    gets "auto"), the comparison model, "random", "none" or "auto" (`interp.baseline`: a
+    random-initialised model of the same shape only for a model of at most 1 GiB; None means "auto").
     """
     if not models:
         raise ValueError("positional_decay: expected at least one model, got none")
@@ -312,7 +319,8 @@ def positional_decay(
     for name, model in models.items():
         arch = Arch.of(model)
         check_tokens(p.tokens, arch.d_vocab, name="prompts", n_ctx=arch.n_ctx)
-        base = (baseline or {}).get(name) or random_like(model, seed)
+        choice = baseline.get(name, "auto") if isinstance(baseline, Mapping) else baseline
+        plan = baseline_for(model, choice, seed=seed, what=f"baseline for {name!r}")
         # (a) probes: absolute position at sampled real tokens ...
         cols, valid = sample_positions(pos_batch.lengths, positions_per_prompt, g)
         rows = torch.arange(len(cols))[:, None].expand_as(cols)
@@ -327,7 +335,7 @@ def positional_decay(
         distance_probe = fit(acts_q.float(), dist[order].double(), "ridge", seed=seed,
                              meta={"model": name, "target": "distance to fact", "position": "last"})
         # (b) accuracy and (c) knockout of the read-out's attention to the fact, per distance group
-        clean, knocked, b_clean = {}, {}, {}
+        clean, knocked = {}, {}
         for d, idx in groups.items():
             sub = p.select(idx)
             clean[d] = run_outcomes(model, sub, batch_size=batch_size)
@@ -335,13 +343,15 @@ def positional_decay(
             k_top, k_lp = (knockout(model, sub, m, at=ANSWER, sources=fact, start_layers=[0], rows=batch_size)
                            for m in (top1(), answer_logprob()))
             knocked[d] = Outcome(k_top.per_example[0], k_lp.per_example[0], k_top.kl_per_example[0].clamp_min(0))
-            b_clean[d] = run_outcomes(base, sub, batch_size=batch_size)
+        b_clean = plan.run(model, lambda m: {d: run_outcomes(m, p.select(idx), batch_size=batch_size)
+                                             for d, idx in groups.items()}) or {}
         near = distances[0]
-        acc_near, base_near = estimate(clean[near].correct), estimate(b_clean[near].correct)
-        lp_near, b_lp_near = estimate(clean[near].logprob), estimate(b_clean[near].logprob)
+        acc_near, lp_near = estimate(clean[near].correct), estimate(clean[near].logprob)
+        if b_clean:
+            base_near, b_lp_near = estimate(b_clean[near].correct), estimate(b_clean[near].logprob)
         # the behaviour: retrieval at the shortest distance, by top-1 or (a real model whose top-1 is
         # rarely exactly the answer) by log p(answer) above the random-initialised model's
-        shows = acc_near.above(base_near) or lp_near.above(b_lp_near)
+        shows = bool(b_clean) and (acc_near.above(base_near) or lp_near.above(b_lp_near))
         if shows:
             drop_est = [estimate(clean[d].logprob - knocked[d].logprob) for d in distances]
             tol = max((e.high - e.low) / 2 for e in drop_est)
@@ -350,11 +360,13 @@ def positional_decay(
         else:
             why = (f"clean accuracy {acc_near} (log p(answer) {lp_near}) at d={near} does not clear the "
                    f"random-initialised baseline {base_near} ({b_lp_near}): the model does not retrieve, so there is "
-                   f"no decay to measure")
+                   f"no decay to measure" if b_clean else
+                   f"unbaselined, so no claim is made (baseline: {plan.note}); measured without it: clean accuracy "
+                   f"{acc_near} at d={near}, {estimate(clean[distances[-1]].correct)} at d={distances[-1]}")
             decay_fit, profile = DecayFit(math.nan, math.nan, math.nan, None, why), None
         out[name] = SchemeDecay(name, position_probe, distance_probe, clean, knocked, b_clean, decay_fit, profile,
                                 clean_shows_behaviour=shows, behaviour_reason=why,
-                                rows={d: idx for d, idx in groups.items()})
+                                rows={d: idx for d, idx in groups.items()}, baseline_note=plan.note)
 
     verdict = _verdict(out, distances)
     return DecayResult(out, distances, labels, verdict, meta={"positions_per_prompt": positions_per_prompt,
@@ -364,7 +376,12 @@ def positional_decay(
 def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> Verdict:
     near, far = distances[0], distances[-1]
     usable = {k: m for k, m in models.items() if m.clean_shows_behaviour}
+    unbaselined = {k: m for k, m in models.items() if not m.baseline_clean}
     if not usable:
+        if unbaselined:
+            return Verdict(False, "; ".join(f"{k}: {m.behaviour_reason}" for k, m in unbaselined.items())
+                           + "".join(f"; {k}: its accuracy at the shortest distance does not clear its "
+                                     f"random-initialised baseline" for k in models if k not in unbaselined))
         return Verdict(False, "no model's accuracy at the shortest distance clears its random-initialised baseline")
     parts = []
     for k, m in usable.items():
@@ -386,11 +403,12 @@ def _verdict(models: Mapping[str, SchemeDecay], distances: tuple[int, ...]) -> V
                      f"{' (decays)' if decays else ''}, profile '{m.profile}', {decay}, absolute position "
                      f"decodable with R² {float(r2.value[best]):.2f} [{float(r2.ci_low[best]):.2f}, "
                      f"{float(r2.ci_high[best]):.2f}] (shuffled {float(r2.shuffled[best]):.2f})")
+    skipped = "".join(f" ({k}: no claim, {m.behaviour_reason})" for k, m in unbaselined.items())
     if len(usable) == 1:
-        return Verdict(True, "Measured — " + parts[0] + ".")
+        return Verdict(True, "Measured — " + parts[0] + "." + skipped)
     differ = [(a, b) for a in usable for b in usable if a < b and
               (usable[a].accuracy(far).above(usable[b].accuracy(far)) or
                usable[b].accuracy(far).above(usable[a].accuracy(far)))]
     sentence = (f"Positional schemes differ at the longest distance ({', '.join(f'{a} vs {b}' for a, b in differ)}) — "
                 if differ else "Schemes are not distinguishable at the longest distance — ")
-    return Verdict(True, sentence + "; ".join(parts) + ".")
+    return Verdict(True, sentence + "; ".join(parts) + "." + skipped)

@@ -18,7 +18,8 @@ previous-token information enters the KEY at the source) is told apart from valu
 Effects are per example (change of the metric, clean into corrupted, in the metric's units) with
 bootstrap CIs, and shares of the total clean-minus-corrupted effect. Routes interact (attention
 is a softmax): single-route shares need not add up to one, and we report them as measured. Baseline: the same routes
-in a random-initialised model of the same shape.
+in a random-initialised model of the same shape (`interp.baseline`: ``baseline="auto"`` builds it only for a model of
+at most 1 GiB, after the model's routes, and releases it; without one no route is claimed).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from torch import Tensor
 
 from interp.arch import Arch, Model
 from interp.arch import model_name as name_of
+from interp.baseline import BaselineSpec, baseline_for, unbaselined
 from interp.graph import Node, Site
-from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of, random_like
+from interp.hypotheses.base import Verdict, estimate, positions_of, prompts_of
 from interp.metrics import answer_logprob
 from interp.patching import At, Path, path_patch, path_patch_many
 from interp.prompts import LAST, Prompts
@@ -63,11 +65,12 @@ class RoutesResult:
     n_layers: int
     total: Tensor  # [n] clean - corrupted metric
     routes: tuple[RouteEffect, ...]
-    baseline_total: Tensor
+    baseline_total: Tensor | None  # None without a baseline (see baseline_note)
     verdict: Verdict
     meta: dict = field(default_factory=dict)
     clean_shows_behaviour: bool = True  # the clean-minus-corrupted total effect is positive (CI above 0)
     behaviour_reason: str | None = None  # why not, when clean_shows_behaviour is False
+    baseline_note: str | None = None  # the baseline compared with, or why there is none (interp.baseline)
 
     @property
     def values(self) -> Tensor:
@@ -320,7 +323,7 @@ def routes(
     *,
     source: str | int = "source",
     via: Sequence[int] | None = None,
-    baseline: Model | None = None,
+    baseline: Model | BaselineSpec | None = "auto",
     seed: int = 0,
 ) -> RoutesResult:
     """Decompose the clean-vs-corrupted effect at each prompt's last token into residual-first and
@@ -332,7 +335,9 @@ def routes(
     coordinates. The metric is log p(answer) at the last prompt token (summed over a multi-token
     answer's teacher-forced positions). `via`: intermediate positions for two-step routes
     (default: every position strictly between each prompt's source and last token; a route a
-    prompt cannot take is NaN for it and left out of its mean and CI).
+    prompt cannot take is NaN for it and left out of its mean and CI). `baseline`: the comparison
+    model, "random", "none" or "auto" (`interp.baseline`: a random-initialised model of the same
+    shape only for a model of at most 1 GiB; None means "auto").
     """
     arch = Arch.of(model)
     p = prompts_of(prompts, model)
@@ -352,28 +357,35 @@ def routes(
     src = src.long()
     example_specs(model, p, src, via)  # checks every source against its prompt's last token
     total, found_specs, effects = _route_effects(model, p, src, via)
-    base = random_like(model, seed) if baseline is None else baseline
-    b_total, b_specs, b_effects = _route_effects(base, p, src, via)
+    plan = baseline_for(model, baseline, seed=seed)
+    b_total, b_specs, b_effects = plan.run(model, lambda m: _route_effects(m, p, src, via)) or (None, [], None)
     found = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, effects[j])
              for j, s in enumerate(found_specs)]
     b_routes = [RouteEffect(s.name, s.kind, s.receiver, s.first_stream, s.layers, s.via, b_effects[j])
                 for j, s in enumerate(b_specs)]
-    return _result(name_of(model), arch.n_layers, p, src, total, found, b_total, b_routes, via)
+    return _result(name_of(model), arch.n_layers, p, src, total, found, b_total, b_routes, via, plan.note)
 
 
 def _result(name: str, n_layers: int, p: Prompts, src: Tensor, total: Tensor, found: list[RouteEffect],
-            b_total: Tensor, b_routes: list[RouteEffect], via: Sequence[int] | None) -> RoutesResult:
-    tot, b_tot = estimate(total), estimate(b_total)
+            b_total: Tensor | None, b_routes: list[RouteEffect], via: Sequence[int] | None,
+            note: str | None = None) -> RoutesResult:
+    tot = estimate(total)
     single = [r for r in found if r.kind != "joint"]
     best = max(single, key=lambda r: float(_nanmean(r.effect)))
     best_e = best.estimate()
-    b_best = next(r for r in b_routes if r.name == best.name).estimate()
     shows = tot.low > 0
     behaviour_reason = None if shows else (
         f"the clean run does not show the behaviour: its metric minus the corrupted run's is {tot} (CI not above "
         f"0), so there is no effect to decompose into routes")
+    if b_total is not None:
+        b_tot = estimate(b_total)
+        b_best = next(r for r in b_routes if r.name == best.name).estimate()
     if not shows:
         verdict = Verdict(False, behaviour_reason)
+    elif b_total is None:
+        verdict = Verdict(False, unbaselined(str(note), (
+            f"the largest single route is {best.name} ({best.first_stream}-first, through the "
+            f"{'keys' if best.receiver == 'k' else 'values'}): {best_e} of a total {tot}")))
     elif not best_e.above(b_best):
         verdict = Verdict(False, f"the total effect {tot} or its largest route {best.name} {best_e} does not clear "
                                  f"the random-initialised baseline (total {b_tot}, same route {b_best})")
@@ -390,7 +402,7 @@ def _result(name: str, n_layers: int, p: Prompts, src: Tensor, total: Tensor, fo
     return RoutesResult(name, int(src[0]), int(last[0]), n_layers, total, tuple(found), b_total, verdict,
                         meta={"n": len(p), "via": vias if via is None else list(via), "sources": src.tolist(),
                               "targets": last.tolist()},
-                        clean_shows_behaviour=shows, behaviour_reason=behaviour_reason)
+                        clean_shows_behaviour=shows, behaviour_reason=behaviour_reason, baseline_note=note)
 
 
 def _nanmean(x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Shared by `interp run ...`, `interp demo` and the notebooks, so none of them holds logic of its
 own: each `run_*` loads the model(s), builds inputs with ground truth (`interp.hypotheses.inputs`),
-calls the investigation and returns its typed result.
+calls the investigation and returns its typed result. `baseline`: "auto" (default), "random" or
+"none" (`interp.baseline`), passed to the investigation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interp.arch import Model, config_of
+from interp.baseline import BaselineSpec
 from interp.hypotheses import inputs
 from interp.hypotheses.course_correction import (
     CourseCorrectionResult,
@@ -59,45 +61,48 @@ def load(spec: str) -> Model:
 
 
 def run_multihop(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
-                 model: Model | None = None) -> MultihopResult:
+                 model: Model | None = None, baseline: BaselineSpec = "auto") -> MultihopResult:
     model = model if model is not None else load(spec)
     x = inputs.twohop(spec, model, n, seed, prompts)
-    return multihop(model, x.prompts, x.bridge, control_types=x.control_types, seed=seed)
+    return multihop(model, x.prompts, x.bridge, control_types=x.control_types, seed=seed, baseline=baseline)
 
 
-def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0) -> PlanAheadResult:
+def run_plan_ahead(spec: str = "organism:planning", n: int = 400, seed: int = 0,
+                   baseline: BaselineSpec = "auto") -> PlanAheadResult:
     model = load(spec)
-    return plan_ahead(model, inputs.plan(spec, n, seed), seed=seed)
+    return plan_ahead(model, inputs.plan(spec, n, seed), seed=seed, baseline=baseline)
 
 
 def run_decay(specs: Sequence[str] = ("organism:retrieval-learned", "organism:retrieval-rotary",
                                       "organism:retrieval-nope"), n_per: int = 48, seed: int = 0,
               prompts: str | Path | None = None, models: dict[str, Model] | None = None,
-              bins: Sequence[int] | None = None) -> DecayResult:
+              bins: Sequence[int] | None = None, baseline: BaselineSpec = "auto") -> DecayResult:
     models = models if models is not None else {s.removeprefix("organism:"): load(s) for s in specs}
     first = next(iter(models.values()))
     p = inputs.decay(specs[0] if specs else "", first, n_per, seed, prompts=prompts)
-    return positional_decay(models, p, bins=bins, seed=seed)
+    return positional_decay(models, p, bins=bins, seed=seed, baseline=baseline)
 
 
 def run_last_token(spec: str = "organism:multihop", n: int = 400, seed: int = 0, prompts: str | Path | None = None,
-                   model: Model | None = None) -> LastTokenResult:
+                   model: Model | None = None, baseline: BaselineSpec = "auto") -> LastTokenResult:
     model = model if model is not None else load(spec)
-    return last_token_sufficiency(model, inputs.last_token(spec, model, n, seed, prompts), seed=seed)
+    return last_token_sufficiency(model, inputs.last_token(spec, model, n, seed, prompts), seed=seed,
+                                  baseline=baseline)
 
 
 def run_routes(spec: str = "organism:induction", n: int = 32, seed: int = 0, prompts: str | Path | None = None,
-               model: Model | None = None) -> RoutesResult:
+               model: Model | None = None, baseline: BaselineSpec = "auto") -> RoutesResult:
     if prompts is None and inputs.organism_name(spec) != "induction":
         raise ValueError(f"routes: expected organism:induction (the known K-composition circuit) or --prompts "
                          f"FILE.jsonl, got {spec!r}")
     model = model if model is not None else load(spec)
-    return routes(model, inputs.route_prompts(spec, model, n, seed, prompts), source="source", seed=seed)
+    return routes(model, inputs.route_prompts(spec, model, n, seed, prompts), source="source", seed=seed,
+                  baseline=baseline)
 
 
 def run_course_correction(spec: str = "organism:planning", n: int = 400, seed: int = 0, surprise: str = "lowest",
                           model: Model | None = None, prompts: str | Path | None = None,
-                          steps: int = 4) -> CourseCorrectionResult:
+                          steps: int = 4, baseline: BaselineSpec = "auto") -> CourseCorrectionResult:
     """On `organism:planning` or `organism:retry[-clean]` (their own inputs), or on any model with
     a JSONL prompt set (`prompt` the context, `answer` the plan, `meta.surprise` the token to force;
     data/prompts/README.md). `surprise`: lowest | random | a token's text forced after every prompt."""
@@ -117,4 +122,4 @@ def run_course_correction(spec: str = "organism:planning", n: int = 400, seed: i
     if chosen is None and prompts is None:
         raise ValueError(f"course-correction: a surprise given as text ({surprise!r}) expected --prompts (the organisms "
                          f"choose their surprise: lowest | random)")
-    return course_correction(model, x, steps=steps, surprise=chosen or "lowest", seed=seed)
+    return course_correction(model, x, steps=steps, surprise=chosen or "lowest", seed=seed, baseline=baseline)
