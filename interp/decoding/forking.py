@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.arch import Model
 from interp.decoding.generate import generate
-from interp.tl import HookedTransformer
 from interp.viz import curves
 
 Outcome = Callable[[Int[Tensor, "n steps"]], Int[Tensor, "n"]]
@@ -111,7 +111,7 @@ class ForkingResult:
 
 
 def forking_tokens(
-    model: HookedTransformer,
+    model: Model,
     prompt: Int[Tensor, "pos"],
     continuation: Int[Tensor, "t"],
     *,

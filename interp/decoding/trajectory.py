@@ -31,11 +31,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.arch import Model
 from interp.baseline import BaselineSpec, baseline_for
 from interp.lens.logit import logit_lens
 from interp.prompts import Prompts
 from interp.stats import bootstrap
-from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 
@@ -177,12 +177,12 @@ class TrajectoryResult:
 
 
 def trajectory(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     *,
     at: str = "last",
     lens: object | None = None,
-    baseline: HookedTransformer | BaselineSpec | bool | None = "auto",
+    baseline: Model | BaselineSpec | bool | None = "auto",
     seed: int = 0,
     alpha: float = 0.05,
     n_boot: int = 1000,
@@ -203,7 +203,7 @@ def trajectory(
                             alpha, n_boot, plan.note)
 
 
-def _measure(model: HookedTransformer, prompts: object, at: str, lens: object | None, alpha: float, n_boot: int,
+def _measure(model: Model, prompts: object, at: str, lens: object | None, alpha: float, n_boot: int,
              beta_max: float) -> TrajectoryResult:
     if lens is None:
         lr = logit_lens(model, prompts, at=at, keep_logits=True, progress=False, k=1)  # type: ignore[arg-type]

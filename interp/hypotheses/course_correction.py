@@ -63,7 +63,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.baseline import BaselineSpec, baseline_for, unbaselined
 from interp.decoding import generate
 from interp.graph import HOOK_EMBED, Node, Site
@@ -72,7 +72,6 @@ from interp.hypotheses.base import Verdict, estimate_n, prompts_of
 from interp.probing import ProbeResult
 from interp.prompts import Prompts, as_prompts
 from interp.stats import bootstrap
-from interp.tl import HookedTransformer
 from interp.tokens import Batch
 from interp.viz import curves
 
@@ -147,7 +146,7 @@ def retry_probe_inputs(n: int = 400, seed: int = 0) -> tuple[Prompts, Int[Tensor
     return Prompts.from_tokens(d.tokens, spans={"error": d.pos}), d.label
 
 
-def error_probe(model: HookedTransformer, prompts: Prompts, labels: Int[Tensor, "batch"], *, at: str = "error",
+def error_probe(model: Model, prompts: Prompts, labels: Int[Tensor, "batch"], *, at: str = "error",
                 seed: int = 0, n_boot: int = 1000) -> ProbeResult:
     """Is "the last step was wrong" linearly decodable at `at`, layer by layer? A logistic probe
     (`interp.probing.fit`) on the residual before each layer and after the last (the lens layers,
@@ -515,7 +514,7 @@ def _categorise(unforced: Tensor, forced: Tensor, surprise: Tensor, alternatives
     return torch.where(finish, CATEGORIES.index("finish"), cat)
 
 
-def measure(model: HookedTransformer, prompts: Prompts | Batch | Tensor, *, steps: int, surprise: Surprise | Tensor,
+def measure(model: Model, prompts: Prompts | Batch | Tensor, *, steps: int, surprise: Surprise | Tensor,
             candidates: Tensor | None, alternatives: Tensor | None, plan: Tensor | None, seed: int,
             backoff: int | None = None, strict: bool = True, kv_source: Prompts | None = None) -> Measured:
     """The per-example measurements of one model (module doc). A given surprise that equals the
@@ -596,7 +595,7 @@ def measure(model: HookedTransformer, prompts: Prompts | Batch | Tensor, *, step
 
 
 def course_correction(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor | CourseInputs,
     *,
     steps: int = 4,
@@ -605,7 +604,7 @@ def course_correction(
     alternatives: Int[Tensor, "m a"] | None = None,
     plan: Int[Tensor, "batch w"] | None = None,
     backoff: int | None = None,
-    baseline: HookedTransformer | BaselineSpec | bool | None = "auto",
+    baseline: Model | BaselineSpec | bool | None = "auto",
     seed: int = 0,
     alpha: float = 0.05,
     n_boot: int = 1000,
