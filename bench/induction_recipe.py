@@ -40,15 +40,21 @@ def main() -> None:
     ap.add_argument("--wd-after", type=float, default=None)
     ap.add_argument("--decay-from", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--positional", choices=("standard", "rotary"), default=I.POSITIONAL)
     ap.add_argument("--stop-from", type=int, default=None, help="stop at the first check from here that passes")
     ap.add_argument("--late-from", type=int, default=None, help="phase 2 (late-start repeats) from this step")
     ap.add_argument("--late-share", type=float, default=I.LATE_SHARE)
+    ap.add_argument("--pair-share", type=float, default=0.0, help="share of rows with a period-2 run")
+    ap.add_argument("--skip-share", type=float, default=0.0, help="share of rows with a skip-bigram chain")
+    ap.add_argument("--skip-only", type=int, default=0, help="steps with only skip-bigram rows first")
+    ap.add_argument("--triple-share", type=float, default=0.0, help="share of rows made of a b a triples")
+    ap.add_argument("--pair-len", type=int, nargs=2, default=None, help="period-2 run length range")
     ap.add_argument("--resume", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    model = init_model(I.config(args.layers), args.seed)
+    model = init_model(I.config(args.layers, args.positional), args.seed)
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -72,7 +78,10 @@ def main() -> None:
             return 1e-3 * 0.5 * (1 + math.cos(math.pi * frac))
         return 1e-3
 
-    sample = I.sampler(I.BATCH, late_from=args.late_from, late_share=args.late_share)
+    sample = I.sampler(I.BATCH, late_from=args.late_from, late_share=args.late_share, pair_share=args.pair_share,
+                       skip_share=args.skip_share, skip_only=args.skip_only,
+                       triple_share=args.triple_share,
+                       pair_len=None if args.pair_len is None else tuple(args.pair_len))
     t0 = time.perf_counter()
     model.train()
     for step in range(start, args.max_steps):

@@ -80,6 +80,7 @@ STOP_FROM, STOP_EVERY = 8000, 1000
 STOP_EVAL_SEED, STOP_EVAL_N = 500, 64  # textbook seeds 500 + 1000k: disjoint from evaluate's 1 + 1000k
 WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
 PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
+POSITIONAL = "standard"  # positional scheme of `config`
 LATE_SHARE = 0.6  # phase 2 (after STOP_FROM): non-whole repeats that end the context (late keys)
 
 ACCEPTANCE = (
@@ -106,11 +107,16 @@ def tokenizer() -> VocabTokenizer:
 BOS = 0
 
 
-def config(n_layers: int = 2) -> HookedTransformerConfig:
+def config(n_layers: int = 2, positional: str = POSITIONAL) -> HookedTransformerConfig:
+    """The organism's architecture; `positional` is "rotary" (RoPE on all of d_head) or
+    "standard" (a learned absolute table)."""
+    if positional not in ("standard", "rotary"):
+        raise ValueError(f"induction positional scheme: expected 'standard' or 'rotary', got {positional!r}")
     arch = "interp-organism-induction" + ("" if n_layers == 2 else f"-{n_layers}layer")
+    extra = {"rotary_dim": 16} if positional == "rotary" else {}
     return HookedTransformerConfig(
         n_layers=n_layers, d_model=64, n_heads=4, d_head=16, n_ctx=SEQ_LEN, d_vocab=N_RANDOM + 1,
-        attn_only=True, normalization_type="LN", positional_embedding_type="standard",
+        attn_only=True, normalization_type="LN", positional_embedding_type=positional, **extra,
         act_fn=None, original_architecture=arch, seed=None, dtype=torch.float32, device="cpu")
 
 
@@ -195,18 +201,84 @@ def textbook(n: int, seed: int, period: int) -> InductionData:
                          length=torch.full((n,), period, dtype=torch.long))
 
 
-def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE
-            ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+def with_pair_runs(tokens: Int[Tensor, "n pos"], seed: int, share: float,
+                   run_len: tuple[int, int] | None = None) -> Int[Tensor, "n pos"]:
+    """`tokens` with a share `share` of its rows (drawn from `seed`) replaced from a random start
+    s in [1, SEQ_LEN - 6] to the end by a period-2 run ``x y x y ...`` (x, y = the tokens at s,
+    s + 1): there the next token is the one before the current one."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n, pos = tokens.shape
+    rows = torch.rand(n, generator=g) < share
+    start = 1 + (torch.rand(n, generator=g) * (pos - 6)).long()
+    runs = _repeat(tokens, start, torch.full_like(start, 2), torch.ones(n, dtype=torch.bool))
+    if run_len is not None:
+        length = torch.randint(run_len[0], run_len[1] + 1, (n,), generator=g)
+        ar = torch.arange(pos)[None]
+        runs = torch.where(ar < (start + length)[:, None], runs, tokens)
+    return torch.where(rows[:, None], runs, tokens)
+
+
+def with_triples(tokens: Int[Tensor, "n pos"], seed: int, share: float) -> Int[Tensor, "n pos"]:
+    """`tokens` with a share `share` of its rows (drawn from `seed`) made of triples ``a b a``
+    (fresh random a, b each) from a random start s in [1, SEQ_LEN - 6] to the end: after each b
+    the next token is the one before it, and nothing further back predicts it."""
+    g = torch.Generator().manual_seed(seed + 3)
+    n, pos = tokens.shape
+    rows = torch.rand(n, generator=g) < share
+    start = 1 + (torch.rand(n, generator=g) * (pos - 6)).long()
+    ar = torch.arange(pos)[None]
+    third = rows[:, None] & (ar >= start[:, None] + 2) & ((ar - start[:, None]) % 3 == 2)
+    src = (ar - 2).clamp(min=0).expand(n, pos)
+    return torch.where(third, tokens.gather(1, src), tokens)
+
+
+SKIP_MAP_SEED = 7
+
+
+def skip_map() -> Int[Tensor, "d_vocab"]:
+    """A fixed random permutation of the content tokens (ids 1..N_RANDOM; id 0 maps to itself)."""
+    g = torch.Generator().manual_seed(SKIP_MAP_SEED)
+    return torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N_RANDOM, generator=g)])
+
+
+def with_skip_runs(tokens: Int[Tensor, "n pos"], seed: int, share: float) -> Int[Tensor, "n pos"]:
+    """`tokens` with a share `share` of its rows (drawn from `seed`) continued from a random start
+    s in [1, SEQ_LEN - 6] to the end by a skip-bigram chain x[k] = skip_map()[x[k - 2]] (k >= s + 2):
+    there the token before the current one determines the next one, so a previous-token head pays
+    off on its own (as bigram-like statistics make one pay off in natural text)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    n, pos = tokens.shape
+    rows = torch.rand(n, generator=g) < share
+    start = 1 + (torch.rand(n, generator=g) * (pos - 6)).long()
+    sigma = skip_map()
+    out = tokens.clone()
+    for k in range(3, pos):
+        chain = rows & (k >= start + 2)
+        out[:, k] = torch.where(chain, sigma[out[:, k - 2]], out[:, k])
+    return out
+
+
+def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE,
+            pair_share: float = 0.0, skip_share: float = 0.0, skip_only: int = 0,
+            triple_share: float = 0.0, pair_len: tuple[int, int] | None = None) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
     """The training batches: `dataset(batch, seed)` with a fresh seed drawn from the generator at
     every step (so the data of step k depends only on the training seed), next-token targets;
     from step `late_from` on (phase 2), with `late_share` late-start repeats."""
 
     def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         late = late_share if late_from is not None and step >= late_from else 0.0
-        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)), late)
-        targets = torch.full_like(data.tokens, IGNORE)
-        targets[:, :-1] = data.tokens[:, 1:]
-        return data.tokens, targets
+        data_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        tokens = dataset(batch, data_seed, late).tokens
+        if pair_share > 0:
+            tokens = with_pair_runs(tokens, data_seed, pair_share, pair_len)
+        if triple_share > 0:
+            tokens = with_triples(tokens, data_seed, triple_share)
+        skip = 1.0 if step < skip_only else skip_share
+        if skip > 0:
+            tokens = with_skip_runs(tokens, data_seed, skip)
+        targets = torch.full_like(tokens, IGNORE)
+        targets[:, :-1] = tokens[:, 1:]
+        return tokens, targets
 
     return sample
 
