@@ -433,3 +433,36 @@ def test_induction_phase_two_data_adds_late_repeats_and_leaves_phase_one_unchang
     assert torch.equal(switch(0, g1)[0], plain(0, g2)[0])  # before late_from: phase 1
     t_late, t_plain = switch(1, g1)[0], plain(1, g2)[0]
     assert not torch.equal(t_late, t_plain) and torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_induction_pair_runs_are_period_two_runs_and_off_by_default():
+    """`with_pair_runs` (a recipe-search option, bench/induction_recipe.py) overwrites a share
+    of the rows from a random start with ``x y x y ...`` of the stated length and leaves the
+    other tokens alone; the default sampler (the shipped recipe) holds none: its batches are
+    exactly `dataset` at the drawn seed, whatever the run options' own generator does."""
+    base = induction.dataset(300, 11).tokens
+    runs = induction.with_pair_runs(base, 11, 0.5, (6, 12))
+    changed = (runs != base).any(1)
+    assert 0.35 * 300 < int(changed.sum()) < 0.65 * 300
+    for i in changed.nonzero()[:, 0].tolist():
+        diff = (runs[i] != base[i]).nonzero()[:, 0]
+        lo, hi = int(diff.min()) - 2, int(diff.max()) + 1  # the run starts 2 before its first change
+        row = runs[i].tolist()
+        assert all(row[k] == row[k - 2] for k in range(lo + 2, hi)) and 2 + 1 <= hi - lo <= 12
+        assert row[:lo] == base[i, :lo].tolist() and row[hi:] == base[i, hi:].tolist()
+    to_end = induction.with_pair_runs(base, 11, 1.0, None)
+    s = int((to_end[0] != base[0]).nonzero()[0, 0]) - 2
+    assert all(to_end[0, k] == to_end[0, k - 2] for k in range(s + 2, base.shape[1]))
+    with pytest.raises(ValueError, match="share: expected a value in"):
+        induction.with_pair_runs(base, 0, 1.5)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    tokens, _ = induction.sampler(8)(0, g1)
+    assert torch.equal(tokens, induction.dataset(8, int(torch.randint(0, 2**62, (1,), generator=g2))).tokens)
+
+
+def test_induction_config_positional_scheme():
+    cfg = induction.config(2, "rotary")
+    assert cfg.positional_embedding_type == "rotary" and cfg.rotary_dim == cfg.d_head
+    assert induction.config().positional_embedding_type == "standard"
+    with pytest.raises(ValueError, match="expected 'standard' or 'rotary', got 'alibi'"):
+        induction.config(2, "alibi")

@@ -38,8 +38,16 @@ at positions 21-40; seed 1: 0.59 at 7-12, 0.00 later, where its layer-0 heads lo
 back), while seed 0's L0H3 attends to i - 1 with 0.99 at every position. The training data put
 most induction keys (the first copy) early, so nothing forces a translation-invariant
 previous-token head; the textbook test reads the score at the second copy's (later) positions.
-4,000 steps of late-start repeats after step 8,000 did not move either seed: the next thing to
-try is that data (or a relative positional scheme) from step 0, which means a new seed-0 checkpoint.
+4,000 steps of late-start repeats after step 8,000 did not move either seed.
+
+Recipe search (issue 15 item 4; every run's numbers in bench/induction_recipe.py): no recipe tried
+passes seeds 0, 1 and 2, so this recipe and the seed-0 checkpoint stay. Rotary positions, and
+late-start repeats from step 0, leave seed 1 without a previous-token head. Period-2 runs of 6-12
+tokens in 25% of the rows (`with_pair_runs`, `sampler(pair_share=0.25)`, off here) give seeds 1
+and 2 a previous-token head at every position and canonical induction heads (they pass the
+textbook test at steps 3,000 and 7,000), but seed 0 under the same data ends its 16,000 steps at
+previous-token 0.67 (it fails that one criterion; with the runs in 50% of the rows its
+previous-token job stays spread over three layer-0 heads at 0.3-0.6 each).
 
 Known mechanism: a previous-token head in layer 0 writes "my previous token was x" at each
 position; an induction head in layer 1 reads it through K-composition (the key at the source
@@ -80,7 +88,10 @@ STOP_FROM, STOP_EVERY = 8000, 1000
 STOP_EVAL_SEED, STOP_EVAL_N = 500, 64  # textbook seeds 500 + 1000k: disjoint from evaluate's 1 + 1000k
 WHOLE_SHARE = 0.5  # whole-sequence repeats (start 1), the textbook layout
 PERIODIC_SHARE = 0.0  # repeats continued to the end (many copies: a strong bag-of-tokens signal)
+POSITIONAL = "standard"  # positional scheme of `config`
 LATE_SHARE = 0.6  # phase 2 (after STOP_FROM): non-whole repeats that end the context (late keys)
+PAIR_SHARE = 0.0  # rows that hold a period-2 run x y x y ... (`with_pair_runs`; a recipe-search option, off)
+PAIR_LEN = (6, 12)  # its length range (tokens)
 
 ACCEPTANCE = (
     Criterion(metric="best_induction_score", op=">=", threshold=0.85,
@@ -106,11 +117,16 @@ def tokenizer() -> VocabTokenizer:
 BOS = 0
 
 
-def config(n_layers: int = 2) -> HookedTransformerConfig:
+def config(n_layers: int = 2, positional: str = POSITIONAL) -> HookedTransformerConfig:
+    """The organism's architecture; `positional` is "rotary" (RoPE on all of d_head) or
+    "standard" (a learned absolute table)."""
+    if positional not in ("standard", "rotary"):
+        raise ValueError(f"induction positional scheme: expected 'standard' or 'rotary', got {positional!r}")
     arch = "interp-organism-induction" + ("" if n_layers == 2 else f"-{n_layers}layer")
+    extra = {"rotary_dim": 16} if positional == "rotary" else {}
     return HookedTransformerConfig(
         n_layers=n_layers, d_model=64, n_heads=4, d_head=16, n_ctx=SEQ_LEN, d_vocab=N_RANDOM + 1,
-        attn_only=True, normalization_type="LN", positional_embedding_type="standard",
+        attn_only=True, normalization_type="LN", positional_embedding_type=positional, **extra,
         act_fn=None, original_architecture=arch, seed=None, dtype=torch.float32, device="cpu")
 
 
@@ -195,18 +211,44 @@ def textbook(n: int, seed: int, period: int) -> InductionData:
                          length=torch.full((n,), period, dtype=torch.long))
 
 
-def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE
+def with_pair_runs(tokens: Int[Tensor, "n pos"], seed: int, share: float,
+                   run_len: tuple[int, int] | None = PAIR_LEN) -> Int[Tensor, "n pos"]:
+    """`tokens` with a share `share` of its rows (drawn from `seed`) overwritten from a random
+    start s in [1, SEQ_LEN - 6] by a period-2 run ``x y x y ...`` (x, y = the tokens at s, s + 1)
+    of `run_len` tokens (uniform in the range; None: to the end): inside it the next token is the
+    one before the current one, so a previous-token head pays off on its own, at every position."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"with_pair_runs share: expected a value in [0, 1], got {share}")
+    if run_len is not None and not 3 <= run_len[0] <= run_len[1]:
+        raise ValueError(f"with_pair_runs run_len: expected (lo, hi) with 3 <= lo <= hi, got {run_len}")
+    g = torch.Generator().manual_seed(seed + 1)
+    n, pos = tokens.shape
+    rows = torch.rand(n, generator=g) < share
+    start = 1 + (torch.rand(n, generator=g) * (pos - 6)).long()
+    runs = _repeat(tokens, start, torch.full_like(start, 2), torch.ones(n, dtype=torch.bool))
+    if run_len is not None:
+        length = torch.randint(run_len[0], run_len[1] + 1, (n,), generator=g)
+        runs = torch.where(torch.arange(pos)[None] < (start + length)[:, None], runs, tokens)
+    return torch.where(rows[:, None], runs, tokens)
+
+
+def sampler(batch: int = BATCH, late_from: int | None = None, late_share: float = LATE_SHARE,
+            pair_share: float = PAIR_SHARE, pair_len: tuple[int, int] | None = PAIR_LEN
             ) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
     """The training batches: `dataset(batch, seed)` with a fresh seed drawn from the generator at
-    every step (so the data of step k depends only on the training seed), next-token targets;
-    from step `late_from` on (phase 2), with `late_share` late-start repeats."""
+    every step (so the data of step k depends only on the training seed), a share `pair_share`
+    of rows holding a period-2 run (`with_pair_runs`, lengths `pair_len`; None: to the end),
+    next-token targets; from step `late_from` on (phase 2), with `late_share` late-start repeats."""
 
     def sample(step: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         late = late_share if late_from is not None and step >= late_from else 0.0
-        data = dataset(batch, int(torch.randint(0, 2**62, (1,), generator=g)), late)
-        targets = torch.full_like(data.tokens, IGNORE)
-        targets[:, :-1] = data.tokens[:, 1:]
-        return data.tokens, targets
+        data_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        tokens = dataset(batch, data_seed, late).tokens
+        if pair_share > 0:
+            tokens = with_pair_runs(tokens, data_seed, pair_share, pair_len)
+        targets = torch.full_like(tokens, IGNORE)
+        targets[:, :-1] = tokens[:, 1:]
+        return tokens, targets
 
     return sample
 
