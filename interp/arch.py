@@ -42,6 +42,7 @@ from torch import Tensor
 
 # interp.tl gives both names on every TransformerLens version (on TL 4 `HookedTransformer` is the
 # stand-in type every TransformerBridge passes).
+from interp.native_attn import attach_hooks
 from interp.tl import HookedTransformer, TransformerBridge
 
 Model: TypeAlias = HookedTransformer | TransformerBridge  # type: ignore[valid-type]
@@ -478,7 +479,7 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     TransformerLens K/V cache in `past_kv`).
     """
     arch = Arch.of(model)
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+    with torch.inference_mode(), attach_hooks(model, hooks):
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
             return unembed(model, out, index)
