@@ -23,7 +23,6 @@ scores works there too, editing them raises NotImplementedError.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,14 +32,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp.tl import apply_softcap, is_native
-
-_SCORES = re.compile(r"^blocks\.(\d+)\.attn\.hook_attn_scores$")
-
-
-def scores_layer(name: str) -> int | None:
-    """The layer of a ``blocks.L.attn.hook_attn_scores`` hook name, else None."""
-    m = _SCORES.match(name)
-    return int(m.group(1)) if m else None
 
 
 def serves_scores(model: Any) -> bool:
@@ -88,6 +79,7 @@ def _serve(model: Any, layer: int, fns: list[Callable], state: dict[str, Any]
     module = attn.original_component
     editable = bool(getattr(module, "accepts_pattern_fn", False))
     hook_point = attn.hook_attn_scores
+    where = hook_point.name
 
     def pre(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         state.clear()
@@ -101,8 +93,8 @@ def _serve(model: Any, layer: int, fns: list[Callable], state: dict[str, Any]
 
     def pattern(act: Tensor, hook: Any) -> Tensor | None:
         if "q" not in state or "k" not in state:
-            raise RuntimeError(f"blocks.{layer}.attn.hook_attn_scores on a native TransformerBridge: expected "
-                               f"hook_q and hook_k to fire before hook_pattern, got {sorted(state)}")
+            raise RuntimeError(f"{where} on a native TransformerBridge: expected hook_q and hook_k to fire "
+                               f"before hook_pattern, got {sorted(state)}")
         scores, block = native_scores(module, state["q"], state["k"], state.get("position_ids"),
                                       state.get("attention_mask"))
         new = scores
@@ -115,23 +107,23 @@ def _serve(model: Any, layer: int, fns: list[Callable], state: dict[str, Any]
             return None
         if not editable:
             raise NotImplementedError(
-                f"blocks.{layer}.attn.hook_attn_scores edit on a native TransformerBridge: expected an attention "
-                f"that applies hook_pattern before the value product (TransformerLens >= 4), got TransformerLens "
+                f"{where} edit on a native TransformerBridge: expected an attention that applies hook_pattern before the value product (TransformerLens >= 4), got TransformerLens "
                 f"3.9's, which applies it after (an edit would not reach the output); use a HookedTransformer")
         if new.shape != scores.shape:
-            raise RuntimeError(f"blocks.{layer}.attn.hook_attn_scores: expected a hook to return shape "
+            raise RuntimeError(f"{where}: expected a hook to return shape "
                                f"{tuple(scores.shape)}, got {tuple(new.shape)}")
         p = torch.softmax(new.masked_fill(block, float("-inf")), dim=-1).masked_fill(block, 0.0)
         return p.to(act.dtype)
 
     if any(getattr(h, "serves_scores", False) for h in module._forward_pre_hooks.values()):
         # a second server would rebuild the scores from q/k and drop the first one's edits
-        raise NotImplementedError(f"blocks.{layer}.attn.hook_attn_scores on a native TransformerBridge: expected "
-                                  f"one attach_hooks serving it at a time, got nested ones; pass the hooks together")
+        raise NotImplementedError(f"{where} on a native TransformerBridge: expected one attach_hooks serving it at a time, got nested ones; pass the hooks together")
     pre.serves_scores = True  # type: ignore[attr-defined]
     handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    first = [(f"blocks.{layer}.attn.hook_pattern", pattern)]
-    last = [(f"blocks.{layer}.attn.hook_q", grab("q")), (f"blocks.{layer}.attn.hook_k", grab("k"))]
+    # the hook points themselves name where to attach (hook_q / hook_k are aliases of the q / k
+    # projections' outputs)
+    first = [(attn.hook_pattern.name, pattern)]
+    last = [(attn.q.hook_out.name, grab("q")), (attn.k.hook_out.name, grab("k"))]
     return first, last, handle
 
 
@@ -140,14 +132,15 @@ def attach_hooks(model: Any, fwd_hooks: Sequence[tuple[str, Callable]]) -> Itera
     """``model.hooks(fwd_hooks=...)``, except that on a native bridge the ``hook_attn_scores``
     hooks run on the real pre-softmax scores (module doc). Hooks are removed on exit."""
     hooks = list(fwd_hooks)
-    if not serves_scores(model) or all(scores_layer(n) is None for n, _ in hooks):
+    points = {id(b.attn.hook_attn_scores): layer for layer, b in enumerate(model.blocks)} if serves_scores(model) else {}
+    layers = [points.get(id(model.hook_dict.get(name))) if isinstance(name, str) else None for name, _ in hooks]
+    if all(layer is None for layer in layers):
         with model.hooks(fwd_hooks=hooks):
             yield
         return
     per_layer: dict[int, list[Callable]] = {}
     rest: list[tuple[str, Callable]] = []
-    for name, fn in hooks:
-        layer = scores_layer(name)
+    for (name, fn), layer in zip(hooks, layers, strict=True):
         if layer is None:
             rest.append((name, fn))
         else:
