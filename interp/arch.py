@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -47,6 +47,7 @@ from torch import Tensor
 
 # interp.tl gives both names on every TransformerLens version (on TL 4 `HookedTransformer` is the
 # stand-in type every TransformerBridge passes).
+from interp.native_attn import attach_hooks
 from interp.tl import HookedTransformer, TransformerBridge
 
 Model: TypeAlias = HookedTransformer | TransformerBridge  # type: ignore[valid-type]
@@ -599,8 +600,7 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
         raise ValueError(f"forward_packed: expected a [batch={inputs.batch}, k] index of positions in "
                          f"[{max(packing.firsts)}, {packing.width}) (every copy computes them), got "
                          f"{index.tolist() if index.numel() <= 16 else tuple(index.shape)}")
-    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), attach_hooks(model, hooks):
         x = resid
         for layer in range(start, arch.n_layers):
             kw = packing.inputs(inputs.kwargs[layer])
@@ -629,9 +629,7 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     TransformerLens K/V cache in `past_kv`).
     """
     arch = Arch.of(model)
-    # a Bridge builds its hook dictionary (aliases included) on entering `hooks`: skip it when empty
-    ctx = model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), attach_hooks(model, hooks):
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
             return unembed(model, out, index) if logits else _gather(out, index)

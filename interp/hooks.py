@@ -36,6 +36,7 @@ from torch import Tensor
 
 from interp.arch import Arch, Model
 from interp.graph import EMBED_HOOKS, Node, Site, site_of
+from interp.native_attn import attach_hooks
 from interp.prompts import Prompts, as_prompts
 from interp.tokens import Batch, check_model_tokens
 
@@ -510,7 +511,7 @@ def intervene(
             caps[name] = spec
     for name, spec in caps.items():
         fwd.append((name, _capture_hook(name, spec, run)))
-    with model.hooks(fwd_hooks=fwd):
+    with attach_hooks(model, fwd):
         yield run
     if strict:
         expected = {n for n, _ in fwd}

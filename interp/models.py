@@ -431,6 +431,10 @@ def load_hf(path: str | Path, *, kind: ModelKind = "bridge", device: str | torch
 def _hf_as_hooked(d: Path, *, device: str | torch.device | None, dtype: torch.dtype, tokenizer: Any) -> Model:
     import tempfile
 
+    if not tl.HAS_HOOKED_TRANSFORMER:
+        raise ModelLoadError(f"model directory {d} with kind='hooked': expected TransformerLens 3.x (HookedTransformer), "
+                             f"got {tl.TL_VERSION}, which removed it; load it as a TransformerBridge (kind='bridge')")
+
     from transformers import AutoModelForCausalLM
 
     from interp.tl import loading_from_pretrained as tl_loading

@@ -73,6 +73,7 @@ from interp.graph import HOOK_EMBED, Node, Site
 from interp.hooks import Capture, Intervention, RunOutput, Set, SetAt, intervene, resolve_hooks, run
 from interp.lens.residual import Decoder, lens_nodes
 from interp.metrics import Metric
+from interp.native_attn import attach_hooks
 from interp.patching.engine import (
     DEFAULT_ROWS,
     At,
@@ -345,7 +346,7 @@ class Rollout:
         ``start + s``). `hooks`: raw TransformerLens ``(name, fn)`` forward hooks, attached for this
         run only (after the toolkit's at the same hook point). Extra keyword arguments go to `run`.
         Later steps' inputs are not recomputed: see `with_input`."""
-        with model.hooks(fwd_hooks=list(hooks)):
+        with attach_hooks(model, hooks):
             return run(model, self.sequence, edits=[*self.edits(inputs), *edits], captures=captures, **kwargs)
 
     def collect(self, model: Model, *, hooks: Sequence[str | Node] | str,

@@ -28,7 +28,10 @@ Unsupported on the native model (refused by name): parallel attention/MLP, local
 QK norm, positional schemes other than learned and rotary (shortformer, alibi); the NoPE
 organism is a learned table frozen at zero, so it loads. On TL 3.9 the native attention fires
 ``hook_pattern`` after the value product (an edit there does not change the output); TL 4
-applies it before.
+applies it before. On both, the native attention hands the bridge only its pattern, which TL fires
+at ``hook_attn_scores`` too: `interp.native_attn` serves that hook with the real scores (and
+edits of them on TL 4). The native model keeps no K/V cache (nor does any bridge take TL's), so
+`interp.decoding.generate` recomputes every step on a bridge.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +37,18 @@ def llama_config(**overrides) -> HookedTransformerConfig:
     return HookedTransformerConfig(**kw)
 
 
+# A norm's scale: HookedTransformer names (blocks.0.ln1.w, ln_final.w) and, on TL 4, the native
+# bridge's (layers.0._original_component.ln1._original_component.weight, ln_out...).
+_NORM_SCALE = re.compile(r"(ln1|ln2|ln_final|ln_out)(\._original_component)?\.(w|weight)$")
+
+
 def _randomise(model: HookedTransformer, seed: int) -> HookedTransformer:
     # TL initialises biases and LN weights to constants; give every parameter random values so
     # that tests cannot pass because of a symmetric initialisation.
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("ln1.w", "ln2.w", "ln_final.w")):
+            if _NORM_SCALE.search(name):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.05))

@@ -27,10 +27,14 @@ from interp.hooks import Add, Zero, run
 from interp.metrics import answer_logprob
 from interp.models import load_model, read_manifest, save_model
 from interp.patching import At, attribute, knockout, kv_patch, logit_diff, patch, path_patch, sweep
+from interp.tl import HAS_HOOKED_TRANSFORMER, TL_VERSION
 from interp.tl import patching as tlp
 
 TOL = 1e-5
 VOCAB = 60
+# kind="hooked" converts the folder to a HookedTransformer: TL 3 only (the Bridge side runs on both)
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=f"kind='hooked' needs a HookedTransformer, which "
+                                  f"transformer-lens {TL_VERSION} removed (4.0)")
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -130,6 +134,7 @@ def test_hf_folder_loads_as_a_bridge_with_the_hf_logits(llama_dir, bridge, pair)
     assert device_of(bridge).type == "cpu" and dtype_of(bridge) == torch.float32
 
 
+@needs_hooked
 def test_hf_folder_as_hookedtransformer_agrees_with_the_bridge(hooked, bridge, pair):
     clean, _ = pair
     assert not is_bridge(hooked)
@@ -142,6 +147,7 @@ def test_hf_folder_as_hookedtransformer_agrees_with_the_bridge(hooked, bridge, p
     assert tokenizer_of(hooked) is not None
 
 
+@needs_hooked
 def test_gpt2_folder_loads_both_ways(gpt2_dir, pair):
     clean, _ = pair
     b, h = load_model(gpt2_dir), load_model(gpt2_dir, kind="hooked")
@@ -149,6 +155,7 @@ def test_gpt2_folder_loads_both_ways(gpt2_dir, pair):
     assert Arch.of(b).positional == "learned" and Arch.of(b).normalization == "LN"
 
 
+@needs_hooked
 def test_gpt2_n_inner_converts_to_a_hooked_transformer_with_the_hf_logits(tmp_path):
     # regression: TransformerLens's GPT-2 config converter ignores n_inner (it assumes 4 d_model),
     # so kind="hooked" refused a GPT-2 whose MLP width differs; it now converts with d_mlp = n_inner
@@ -166,6 +173,7 @@ def test_gpt2_n_inner_converts_to_a_hooked_transformer_with_the_hf_logits(tmp_pa
     torch.testing.assert_close(_logits(load_model(tmp_path), tokens), want, atol=TOL, rtol=0)
 
 
+@needs_hooked
 def test_a_silently_wrong_hooked_conversion_is_refused(tmp_path):
     # TransformerLens's Llama conversion drops q/k/v/o biases (attention_bias=True): the weights
     # load, the logits differ (by about 1 here); the check against the HF logits refuses it
@@ -179,6 +187,14 @@ def test_a_silently_wrong_hooked_conversion_is_refused(tmp_path):
     _write_tokenizer(tmp_path)
     with pytest.raises(ModelLoadError, match="reproduce the HF logits"):
         load_model(tmp_path, kind="hooked")
+
+
+@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER, reason="TL 4 only: TL 3 converts (the tests above)")
+def test_kind_hooked_without_hooked_transformer_is_a_clear_error(llama_dir):
+    from interp.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"kind='hooked': expected TransformerLens 3.x .*kind='bridge'"):
+        load_model(llama_dir, kind="hooked")
 
 
 def test_dtype_argument_and_default(llama_dir):
@@ -214,6 +230,7 @@ def test_bridge_save_load_roundtrip_keeps_weights_tokenizer_and_name(bridge, pai
         load_model(path)
 
 
+@needs_hooked
 def test_hooked_save_keeps_its_hf_tokenizer(hooked, pair, tmp_path):
     path = save_model(hooked, tmp_path / "ht")
     assert json.loads((path / "tokenizer.json").read_text()).get("model") is not None  # HF files
@@ -231,6 +248,7 @@ def test_hf_folder_without_weights_is_a_clear_error(llama_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ hooks and sites
 
+@needs_hooked
 @pytest.mark.parametrize("site", [s for s in Site if s not in (Site.Q_INPUT, Site.K_INPUT, Site.V_INPUT)])
 def test_every_site_is_a_bridge_hook_with_hookedtransformers_layout(bridge, hooked, pair, site):
     clean, _ = pair
@@ -434,6 +452,7 @@ def gpt2_pair(gpt2_dir):
     return load_model(gpt2_dir), load_model(gpt2_dir, kind="hooked")
 
 
+@needs_hooked
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_engine_agrees_between_bridge_and_hookedtransformer(request, family, pair):
     bridge, hooked = ((request.getfixturevalue("bridge"), request.getfixturevalue("hooked")) if family == "llama"

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from interp.arch import is_bridge
 from interp.hypotheses.continuous import (
     entropy_bits,
     probe_frontier,
@@ -70,6 +71,11 @@ def test_rollouts_on_both_families_equal_plain_forwards(family, gpt2_model, llam
     hid = rollout_thoughts(model, tokens, think_pos, k, "hidden")
     with torch.no_grad():
         def final_norm_states(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if is_bridge(model):  # TL 4's native model: input embeddings in, it adds its own positions
+                got = {}
+                logits = model.run_with_hooks(embeds, fwd_hooks=[("ln_final.hook_out",
+                                                                  lambda a, hook: got.setdefault("normed", a))])
+                return got["normed"], logits
             x = embeds + (model.pos_embed(tokens) if model.cfg.positional_embedding_type == "standard" else 0)
             resid = model(x, start_at_layer=0, stop_at_layer=model.cfg.n_layers)
             normed = model.ln_final(resid)

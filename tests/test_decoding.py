@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 from scipy.optimize import minimize_scalar
 
+from interp.arch import is_bridge
 from interp.decoding import (
     euler_path,
     fit_beta,
@@ -30,6 +31,7 @@ from interp.graph import Node
 from interp.hooks import Add, HookError, Patch, Scale, block_attention, run
 from interp.lens.logit import logit_lens
 from interp.prompts import Prompts
+from interp.tokens import Batch
 
 TOL = 1e-5
 STEPS = 6
@@ -75,6 +77,8 @@ def test_cached_generation_equals_uncached_per_prompt(model, bpe_tokenizer, side
     elif kind == "all":  # fixed absolute positions (one inside every prompt, one generated for some)
         ivs = (Add(node, value=v, pos=(2, 12)), Scale(Node(0, "mlp_out"), factor=0.5))
     g = generate(model, p, STEPS, interventions=ivs, where="new" if kind != "all" else "all")
+    # the cache is really used where the model takes one (HookedTransformer: TL 3); a Bridge recomputes
+    assert g.cached == (not is_bridge(model))
     for i, seq in enumerate(_alone(p)):
         length = len(seq)
         if kind == "new":
@@ -127,6 +131,22 @@ def test_forced_tokens_and_uncached_path(model, bpe_tokenizer):
     assert len(frame) == len(p) * STEPS
     lp = torch.log_softmax(g.logits.double(), -1).gather(-1, g.tokens[..., None])[..., 0]
     np.testing.assert_allclose(frame["logprob"].to_numpy(), lp.reshape(-1).numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_on_a_bridge_equals_the_recomputation(bridge_model, family):
+    """Regression: a TransformerBridge's forward takes no TransformerLens K/V cache (it reached the
+    Hugging Face model as an unknown keyword and was ignored), so each cached step read its new
+    token alone. A Bridge is recomputed at every step, and the result says so."""
+    model = bridge_model(family)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 40, (n,), generator=gen) for n in (5, 8)]
+    g = generate(model, Batch.pad(seqs, "right"), 4)
+    assert not g.cached
+    for i, seq in enumerate(seqs):
+        toks, logits = _reference(model, seq, 4, lambda n: [])
+        assert torch.equal(g.tokens[i], toks)
+        torch.testing.assert_close(g.logits[i], logits, atol=TOL, rtol=0)
 
 
 def test_sampling_seeded_per_example(model, bpe_tokenizer):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from interp.arch import Arch
+from interp.tl import HAS_HOOKED_TRANSFORMER, TL_VERSION
 
 TEXTS = ["the eiffel tower is in paris and the capital of italy is rome",
          "alice went to the market and bought apples"]
@@ -494,6 +495,8 @@ def test_cli_run_last_token_on_a_local_hf_folder(family_, hf_folder, tmp_path):
 # ------------------------------------------------------------ the same weights loaded both ways
 
 
+@pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=f"kind='hooked' needs a HookedTransformer, which "
+                    f"transformer-lens {TL_VERSION} removed (4.0)")
 @pytest.mark.parametrize("family_", ["gpt2", "llama"])
 def test_bridge_and_hookedtransformer_agree_on_lenses_and_investigations(family_, hf_folder, bridge_model):
     """The HF folder as a TransformerBridge and as a HookedTransformer (TransformerLens's own

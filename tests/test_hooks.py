@@ -21,6 +21,7 @@ from interp.hooks import (
     run,
     run_with_interventions,
 )
+from interp.tl import is_native
 
 
 def _n_hooks(model) -> int:
@@ -137,7 +138,10 @@ def test_block_attention_matches_masked_pattern(any_model, tokens):
     torch.testing.assert_close(pattern[:, :, -1, -1], torch.ones_like(pattern[:, :, -1, -1]))
     # blocking a subset renormalises the rest: compare with a hand-masked softmax of the clean scores
     _, ref = any_model.run_with_cache(tokens)
-    scores = ref["blocks.1.attn.hook_attn_scores"][:, :, 6].clone()
+    # TL's own cache on a native bridge (the TL 4 organisms) holds the pattern at hook_attn_scores;
+    # its log is the scores up to a per-row constant, which the softmax ignores
+    scores = (ref["blocks.1.attn.hook_pattern"].log() if is_native(any_model)
+              else ref["blocks.1.attn.hook_attn_scores"])[:, :, 6].clone()
     scores[..., [2, 4]] = float("-inf")
     _, cap = run_with_interventions(any_model, tokens, [block_attention(1, 6, [2, 4])],
                                     capture=["blocks.1.attn.hook_pattern"])

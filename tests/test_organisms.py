@@ -121,7 +121,7 @@ def test_shipped_induction_reads_prev_token_through_the_key():
         for _, ih in heads:
             k = k_in @ model.W_K[1, ih] + model.b_K[1, ih]
             q = q_in @ model.W_Q[1, ih] + model.b_Q[1, ih]
-            scores = (q @ k.transpose(1, 2)) / model.blocks[1].attn.attn_scale
+            scores = (q @ k.transpose(1, 2)) / getattr(model.blocks[1].attn, "attn_scale", model.cfg.d_head ** 0.5)
             scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
             z_all[:, :, ih] = scores.softmax(-1) @ cache["blocks.1.attn.hook_v"][:, :, ih]
         attn_out = torch.einsum("bphd,hdm->bpm", z_all, model.W_O[1]) + model.b_O[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -183,10 +185,15 @@ def _expanded_mha(gqa_model):
             and HookedTransformerConfig.__dataclass_fields__[k].init}
     mha = new_model(HookedTransformerConfig(**keep))
     state = {}
+    rep = gqa_model.cfg.n_heads // gqa_model.cfg.n_key_value_heads
     for name, value in gqa_model.state_dict().items():
-        if name.split(".")[-1] in ("_W_K", "_W_V", "_b_K", "_b_V"):
+        if name.split(".")[-1] in ("_W_K", "_W_V", "_b_K", "_b_V"):  # HookedTransformer: [kv_head, ...]
             name = name.replace("._", ".")
-            value = torch.repeat_interleave(value, gqa_model.cfg.n_heads // gqa_model.cfg.n_key_value_heads, dim=0)
+            value = torch.repeat_interleave(value, rep, dim=0)
+        elif re.search(r"attn\.(_original_component\.)?[kv]\.(_original_component\.)?(weight|bias)$", name):
+            # TL 4's native model: nn.Linear rows in (kv_head d_head) order
+            grouped = value.reshape(gqa_model.cfg.n_key_value_heads, gqa_model.cfg.d_head, *value.shape[1:])
+            value = torch.repeat_interleave(grouped, rep, dim=0).reshape(-1, *value.shape[1:])
         state[name] = value
     mha.load_state_dict(state, strict=True)
     return mha

@@ -12,6 +12,7 @@ from interp.graph import Node, Site
 from interp.metrics import answer_logprob, logit_diff
 from interp.patching import At, knockout, kv_patch, patch, sweep
 from interp.prompts import Prompts
+from interp.tl import is_native
 
 TOL = 1e-5
 
@@ -194,7 +195,16 @@ def test_knockout_of_the_answer_span_equals_alone_and_a_hand_hook(any_model, cit
                 scores[0, :, plen - 1: plen - 1 + alen, : plen - 1] = float("-inf")
                 return scores
 
-            hooks = [(Node(x, Site.ATTN_SCORES).hook_name, hook) for x in range(start, n_layers)]
+            def cut(pattern, hook, plen=plen, alen=alen):  # the same, after the softmax: zero and renormalise
+                pattern = pattern.clone()
+                rows = pattern[0, :, plen - 1: plen - 1 + alen].clone()
+                rows[..., : plen - 1] = 0
+                pattern[0, :, plen - 1: plen - 1 + alen] = rows / rows.sum(-1, keepdim=True)
+                return pattern
+
+            # TL's own hooks cannot edit a native bridge's scores (the TL 4 fixtures): edit its pattern
+            site, fn = (Site.PATTERN, cut) if is_native(any_model) else (Site.ATTN_SCORES, hook)
+            hooks = [(Node(x, site).hook_name, fn) for x in range(start, n_layers)]
             with torch.inference_mode(), any_model.hooks(fwd_hooks=hooks):
                 logits = any_model(tokens[None])
             lp = logits[0].float().log_softmax(-1)

@@ -9,7 +9,7 @@ from torch.distributions import Categorical, kl_divergence
 
 from interp.models import new_model
 from interp.patching import attribute, knockout, logit_diff, sweep
-from interp.tl import HookedTransformerConfig
+from interp.tl import HookedTransformerConfig, is_native
 
 
 @pytest.fixture
@@ -122,8 +122,15 @@ def test_attribution_is_the_directional_derivative(any_model, pair, site, name, 
     m64 = _float64(any_model)
     r = attribute(m64, clean, corrupt, metric, site=site)
     layer, index = cell
-    expected = _directional_derivative(m64, clean, corrupt, metric, name, index)
-    torch.testing.assert_close(r.values[(layer, *index)].item(), expected, atol=1e-6, rtol=1e-5)
+    if is_native(m64) and m64.cfg.normalization_type == "RMS":
+        # TL 4's native RMSNorm computes in float32 whatever the model's dtype (NativeRMSNorm), so the
+        # float64 model is float32-precise: its central difference carries ~1e-7/eps of rounding noise
+        # (1e-4 relative at eps=1e-4); a larger step and a tolerance covering its O(eps^2) error instead
+        expected = _directional_derivative(m64, clean, corrupt, metric, name, index, eps=1e-2)
+        torch.testing.assert_close(r.values[(layer, *index)].item(), expected, atol=1e-5, rtol=5e-3)
+    else:
+        expected = _directional_derivative(m64, clean, corrupt, metric, name, index)
+        torch.testing.assert_close(r.values[(layer, *index)].item(), expected, atol=1e-6, rtol=1e-5)
     assert abs(expected) > 1e-4
 
 

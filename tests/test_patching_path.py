@@ -8,7 +8,7 @@ import torch
 from interp.graph import GridPoint, Node, count_routes, routes
 from interp.models import new_model
 from interp.patching import logit_diff, path_patch
-from interp.tl import HookedTransformer, HookedTransformerConfig
+from interp.tl import HAS_HOOKED_TRANSFORMER, HookedTransformer, HookedTransformerConfig
 
 
 @pytest.fixture
@@ -33,35 +33,48 @@ def _split_copy(model: HookedTransformer) -> HookedTransformer:
     return split
 
 
+def _receiver_inputs(model):
+    """(the model to run, layer, site -> the hook of a receiver's per-head input). TL 3: a copy with
+    use_split_qkv_input (hook_k_input: the residual each head's keys are computed from). TL 4's
+    native model has no such option: its per-head q/k/v (a head's q/k/v is a function of its own
+    input alone, so writing one run's q/k/v equals writing that run's input)."""
+    if HAS_HOOKED_TRANSFORMER:
+        return _split_copy(model), lambda layer, site: f"blocks.{layer}.hook_{site}_input"
+    return model, lambda layer, site: f"blocks.{layer}.attn.hook_{site}"
+
+
 def _frozen(model, base, src, senders: list[Node]) -> list:
     """Hooks freezing every head output and MLP output at the base run, except the senders'
-    head outputs (source value)."""
-    def freeze_z(z, hook):
-        out = base[hook.name].clone()
+    head outputs (source value). Names are bound here: a Bridge's hook.name is the canonical
+    name, not the legacy alias the hook was attached by."""
+    def freeze_z(z, hook, name):
+        out = base[name].clone()
         for s in senders:
-            if s.hook_name == hook.name:
-                out[:, s.pos, s.head] = src[hook.name][:, s.pos, s.head]
+            if s.hook_name == name:
+                out[:, s.pos, s.head] = src[name][:, s.pos, s.head]
         return out
 
-    def freeze(act, hook):
-        return base[hook.name]
+    def freeze(act, hook, name):
+        return base[name]
 
     n_layers = model.cfg.n_layers
-    hooks = [(f"blocks.{i}.attn.hook_z", freeze_z) for i in range(n_layers)]
-    return hooks + [(f"blocks.{i}.hook_mlp_out", freeze) for i in range(n_layers) if not model.cfg.attn_only]
+    z_names = [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
+    mlp_names = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers) if not model.cfg.attn_only]
+    return ([(n, lambda z, hook, n=n: freeze_z(z, hook, n)) for n in z_names]
+            + [(n, lambda a, hook, n=n: freeze(a, hook, n)) for n in mlp_names])
 
 
 def _reference(model, clean, corrupt, metric, sender: Node, receiver: Node | None):
     """Wang et al.: run 2 freezes every head output and MLP output at the corrupted run except the
     sender (clean value); run 3 writes run 2's receiver input into the corrupted run."""
-    split = _split_copy(model)
+    split, input_hook = _receiver_inputs(model)
     with torch.inference_mode():
         _, base = split.run_with_cache(corrupt)
         _, src = split.run_with_cache(clean)
         hooks = _frozen(model, base, src, [sender])
         if receiver is None:  # the logits read the frozen residual directly
             return float(metric(split.run_with_hooks(corrupt, fwd_hooks=hooks)))
-        name = f"blocks.{receiver.layer}.hook_{receiver.site.value}_input"
+        name = input_hook(receiver.layer, receiver.site.value)
         captured = {}
 
         def grab(act, hook):
@@ -122,31 +135,38 @@ def test_route_classes_restrict_who_reads_the_patched_key(gpt2_model, pair):
 
 def test_kv_route_read_by_one_query_matches_rescored_attention(gpt2_model, pair):
     """Independent reference for a reader restriction at a middle layer: recompute only the
-    (query 4, key 2) attention score of the receiving head from the patched key."""
+    (query 4, key 2) attention score of the receiving head from the patched key. Written on the
+    pattern (p[4, 2] times exp(new score - old score), the row renormalised: the softmax of the
+    rescored row), which both model kinds let a hook edit."""
     clean, corrupt = pair
     metric = _metric()
     sender, receiver = Node(0, "head", pos=2, head=1), Node(1, "k", pos=2, head=3)
     ours = path_patch(gpt2_model, clean, corrupt, metric, [sender], [receiver], stream="kv", reader=[4])
-    split = _split_copy(gpt2_model)
+    model = gpt2_model
     with torch.inference_mode():
-        _, base = split.run_with_cache(corrupt)
-        _, src = split.run_with_cache(clean)
+        _, base = model.run_with_cache(corrupt)
+        _, src = model.run_with_cache(clean)
         # receiver key input = corrupted residual + the sender's clean-minus-corrupted output
         delta = torch.einsum("bd,dm->bm", (src["blocks.0.attn.hook_z"] - base["blocks.0.attn.hook_z"])[:, 2, 1],
-                             split.blocks[0].attn.W_O[1])
+                             model.blocks[0].attn.W_O[1])
         resid = base["blocks.1.hook_resid_pre"].clone()
         resid[:, 2] += delta
-        attn = split.blocks[1].attn
-        k_new = split.blocks[1].ln1(resid)[:, 2] @ attn.W_K[3] + attn.b_K[3]  # [batch d_head]
+        attn = model.blocks[1].attn
+        k_new = model.blocks[1].ln1(resid)[:, 2] @ attn.W_K[3] + attn.b_K[3]  # [batch d_head]
+        k_old = base["blocks.1.attn.hook_k"][:, 2, 3]
         q = base["blocks.1.attn.hook_q"][:, 4, 3]
+        change = ((q * (k_new - k_old)).sum(-1) / model.cfg.d_head ** 0.5).exp()  # default attention scale
 
-        def rescore(scores, hook):
-            scores = scores.clone()
-            scores[:, 3, 4, 2] = (q * k_new).sum(-1) / attn.attn_scale
-            return scores
+        def rescore(pattern, hook):
+            pattern = pattern.clone()
+            row = pattern[:, 3, 4].clone()
+            row[:, 2] = row[:, 2] * change
+            pattern[:, 3, 4] = row / row.sum(-1, keepdim=True)
+            return pattern
 
-        ref = float(metric(split.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_attn_scores", rescore)])))
+        ref = float(metric(model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_pattern", rescore)])))
     torch.testing.assert_close(ours.values[0].item(), ref, atol=1e-4, rtol=0)
+    assert abs(ref - ours.corrupt_metric) > 1e-4  # the rescored edge carries some effect
 
 
 def test_route_enumeration_matches_the_binomial_count():
@@ -200,7 +220,7 @@ def _per_edge_reference(model, clean, corrupt, metric, senders: list[Node], rece
     a last corrupted run writes those head outputs in and reads the metric. TransformerLens's own
     attention computes every score, pattern and z; nothing mixes tensors by hand.
     """
-    split = _split_copy(model)
+    split, input_hook = _receiver_inputs(model)
     seq_len = clean.shape[1]
     (layer,) = {r.layer for r in receivers}
     n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
@@ -208,30 +228,32 @@ def _per_edge_reference(model, clean, corrupt, metric, senders: list[Node], rece
         _, base = split.run_with_cache(corrupt)
         _, src = split.run_with_cache(clean)
         frozen = _frozen(model, base, src, senders)
-        names = {site: f"blocks.{layer}.hook_{site}_input" for site in ("k", "v")}
+        names = {site: input_hook(layer, site) for site in ("k", "v")}
         captured = {}
 
-        def grab(act, hook):
-            captured[hook.name] = act.clone()
+        def grab(act, hook, name):
+            captured[name] = act.clone()
 
-        split.run_with_hooks(corrupt, fwd_hooks=frozen + [(n, grab) for n in names.values()])
+        split.run_with_hooks(corrupt, fwd_hooks=frozen + [(n, lambda a, hook, n=n: grab(a, hook, n))
+                                                          for n in names.values()])
 
         z_name = f"blocks.{layer}.attn.hook_z"
         z = base[z_name].clone()
         for q in range(seq_len):
-            def write(act, hook, q=q):
+            def write(act, hook, name, q=q):
                 act = act.clone()
                 for r in receivers:
-                    if names[r.site.value] == hook.name and q in _readers(stream, reader, r.pos, seq_len):
+                    if names[r.site.value] == name and q in _readers(stream, reader, r.pos, seq_len):
                         groups = range(n_kv) if r.head is None else [r.head]
                         for g in groups:
-                            act[:, r.pos, g] = captured[hook.name][:, r.pos, g]
+                            act[:, r.pos, g] = captured[name][:, r.pos, g]
                 return act
 
             def keep(act, hook, q=q):
                 z[:, q] = act[:, q]
 
-            split.run_with_hooks(corrupt, fwd_hooks=[(n, write) for n in names.values()] + [(z_name, keep)])
+            split.run_with_hooks(corrupt, fwd_hooks=[(n, lambda a, hook, n=n, q=q: write(a, hook, n, q))
+                                                     for n in names.values()] + [(z_name, keep)])
 
         def write_z(act, hook):
             return z

@@ -6,6 +6,9 @@ references for the patching engine on rollouts."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import CITY_PROMPTS, _randomise, gpt2_config, llama_config
@@ -22,6 +25,7 @@ from interp.probing import fit
 from interp.prompts import Prompts
 from interp.rollout import Rollout, rollout, sweep, thought, thought_lens
 from interp.rollout import patch as patch_rollout
+from interp.tl import HAS_HOOKED_TRANSFORMER, TL_VERSION
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TOL64 = dict(atol=1e-10, rtol=1e-10)
@@ -358,28 +362,47 @@ def _hf_pair(family: str):
 
     from interp.tl import HookedTransformer, HookedTransformerConfig
 
-    common = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=32, d_vocab=50, device="cpu")
     if family == "gpt2":
-        from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights as convert
         hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=50))
-        cfg = HookedTransformerConfig(d_mlp=128, act_fn="gelu_new", normalization_type="LN", eps=1e-5,
-                                      positional_embedding_type="standard", **common)
     else:
-        from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights as convert
         hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                           rms_norm_eps=1e-6))
-        cfg = HookedTransformerConfig(d_mlp=64, act_fn="silu", normalization_type="RMS", eps=1e-6, final_rms=True,
-                                      positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
-                                      gated_mlp=True, **common)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             norm = p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight")
             p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if norm else 0.2 * torch.randn(p.shape, generator=g))
+    if not HAS_HOOKED_TRANSFORMER:  # TL 4: a TransformerBridge instead, and the HF model it wraps
+        bridge = _booted(hf, Path(tempfile.mkdtemp()))
+        return bridge.original_model, bridge
+    common = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=32, d_vocab=50, device="cpu")
+    if family == "gpt2":
+        from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights as convert
+        cfg = HookedTransformerConfig(d_mlp=128, act_fn="gelu_new", normalization_type="LN", eps=1e-5,
+                                      positional_embedding_type="standard", **common)
+    else:
+        from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights as convert
+        cfg = HookedTransformerConfig(d_mlp=64, act_fn="silu", normalization_type="RMS", eps=1e-6, final_rms=True,
+                                      positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                                      gated_mlp=True, **common)
     hooked = HookedTransformer(cfg)
     hooked.load_state_dict(convert(hf.eval(), cfg), strict=False)
     return hf, hooked
+
+
+def _booted(hf, folder: Path):
+    """`hf` saved with a word-level tokenizer and booted as a TransformerBridge."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from interp.tl import TransformerBridge
+
+    hf.save_pretrained(str(folder))
+    vocab = {f"t{i}": i for i in range(50)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")), unk_token="t1",
+                            pad_token="t0", bos_token="t2", eos_token="t3").save_pretrained(str(folder))
+    return TransformerBridge.boot_transformers(str(folder), device="cpu")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -388,6 +411,7 @@ def test_hidden_and_soft_rollouts_equal_the_hf_inputs_embeds_loop(family):
     ``inputs_embeds`` (soft: ``softmax(logits) @ W_E``) and run again. The rollout matches it step
     by step (HF adds learned positions to inputs_embeds, as the rollout does at hook_embed)."""
     hf, hooked = _hf_pair(family)
+    tol = TOL if HAS_HOOKED_TRANSFORMER else TOL32  # a Bridge recomputes every step: float32 rounding (as below)
     ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
     for mode in ("hidden", "soft"):
         ro = rollout(hooked, ids, 3, mode=mode)
@@ -397,28 +421,21 @@ def test_hidden_and_soft_rollouts_equal_the_hf_inputs_embeds_loop(family):
                 o = hf(inputs_embeds=x, output_hidden_states=True)
             nxt = (o.hidden_states[-1][:, -1] if mode == "hidden"
                    else torch.softmax(o.logits[:, -1].double(), -1).float() @ hf.get_input_embeddings().weight)
-            torch.testing.assert_close(ro.logits[:, s], o.logits[:, -1], **TOL)
-            torch.testing.assert_close(ro.inputs[:, s], nxt, **TOL)
+            torch.testing.assert_close(ro.logits[:, s], o.logits[:, -1], **tol)
+            torch.testing.assert_close(ro.inputs[:, s], nxt, **tol)
             x = torch.cat([x, nxt[:, None]], 1)
         with torch.no_grad():
-            torch.testing.assert_close(ro.final_logits, hf(inputs_embeds=x).logits[:, -1], **TOL)
+            torch.testing.assert_close(ro.final_logits, hf(inputs_embeds=x).logits[:, -1], **tol)
 
 
+@pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=f"transformer-lens {TL_VERSION} has no HookedTransformer "
+                    f"(removed in 4.0) to compare the Bridge with; the HF inputs_embeds loop test covers the Bridge")
 def test_rollouts_on_a_transformer_bridge(tmp_path):
     """On a TransformerBridge (HF weights, no TransformerLens K/V cache: every step recomputed)
     the three rollouts, the one-pass re-run and the thought lens equal the HookedTransformer's
     (K/V-cached) on the same weights."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    from interp.tl import TransformerBridge
-
     hf, hooked = _hf_pair("llama")
-    hf.save_pretrained(str(tmp_path))
-    vocab = {f"t{i}": i for i in range(50)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")), unk_token="t1",
-                            pad_token="t0", bos_token="t2", eos_token="t3").save_pretrained(str(tmp_path))
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    bridge = _booted(hf, tmp_path)
     g = torch.Generator().manual_seed(2)
     p = Prompts.from_tokens([torch.randint(4, 50, (n,), generator=g) for n in (5, 7, 6)], side="left")
     name = Node(1, Site.RESID_POST).hook_name

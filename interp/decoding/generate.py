@@ -12,6 +12,9 @@ KV cache. Each group is prefilled once and then runs one position per step with
 TransformerLens's key/value cache (`TransformerLensKeyValueCache`, formerly
 `HookedTransformerKeyValueCache`); ``cache=False`` recomputes the whole sequence at every step
 (the reference the cache is tested against: same tokens, same logits within float32 rounding).
+Only a HookedTransformer's forward takes that cache (``past_kv_cache``); a TransformerBridge's
+ignores it (TransformerLens's native attention keeps no cache at all), so a Bridge is always
+recomputed at every step (exact; `Generation.cached` says which was done).
 
 Interventions (`interp.hooks.Intervention`) are active at every step, with one of two stated
 semantics (`where`):
@@ -41,6 +44,7 @@ the token), and with ``lens=True`` the logit-lens logits of every lens layer the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,7 +54,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from interp.arch import Arch
+from interp.arch import Arch, Model
 from interp.graph import Node
 from interp.hooks import (
     BlockAttention,
@@ -64,7 +68,7 @@ from interp.hooks import (
 )
 from interp.lens.residual import Decoder, compute_dtype, lens_nodes
 from interp.prompts import Prompts, as_prompts
-from interp.tl import HookedTransformer, KVCache
+from interp.tl import KVCache
 from interp.tokens import Batch, Tokenizer, check_model_tokens
 
 Mode = Literal["greedy", "sample"]
@@ -121,6 +125,7 @@ class Generation:
     config: GenerateConfig
     acts: dict[str, Tensor] = field(default_factory=dict)
     lens_logits: Float[Tensor, "batch steps layer d_vocab"] | None = None
+    cached: bool = True  # whether steps ran on a K/V cache (False: recomputed; `kv_cache_supported`)
 
     @property
     def values(self) -> Int[Tensor, "batch steps"]:
@@ -258,7 +263,7 @@ def _window(interventions: Sequence[Intervention], start: int, n: int, first_new
 # ---------------------------------------------------------------------------------------- driver
 
 def generate(
-    model: HookedTransformer,
+    model: Model,
     prompts: Prompts | Batch | Tensor,
     steps: int,
     *,
@@ -319,10 +324,21 @@ def generate(
     dt = compute_dtype(next(model.parameters()).dtype)
     return Generation(out_tok, out_logits.to(dt), out_lp, forced >= 0, p, cfg,
                       {n: torch.stack(v) for n, v in acts.items()},
-                      torch.stack(lens_out) if lens_out is not None else None)
+                      torch.stack(lens_out) if lens_out is not None else None,
+                      cached=cfg.cache and kv_cache_supported(model))
 
 
-def _decode_group(model: HookedTransformer, toks: Tensor, rows: Tensor, cfg: GenerateConfig, forced: Tensor,
+def kv_cache_supported(model: Model) -> bool:
+    """Whether the model's forward takes TransformerLens's key/value cache (``past_kv_cache``): a
+    HookedTransformer's does; a TransformerBridge's takes the argument nowhere (on TransformerLens
+    3.9 and 4 it reaches the Hugging Face model, which ignores it), so a Bridge is recomputed."""
+    try:
+        return "past_kv_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
+        return False
+
+
+def _decode_group(model: Model, toks: Tensor, rows: Tensor, cfg: GenerateConfig, forced: Tensor,
                   u: Tensor | None, interventions: tuple[Intervention, ...], cap_names: list[str],
                   lens_names: list[str], decoder: Decoder | None
                   ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor | None]:
@@ -330,7 +346,7 @@ def _decode_group(model: HookedTransformer, toks: Tensor, rows: Tensor, cfg: Gen
     device = next(model.parameters()).device
     g, length = toks.shape
     seq = toks.to(device)
-    kv = KVCache.init_cache(model.cfg, device, g) if cfg.cache else None
+    kv = KVCache.init_cache(model.cfg, device, g) if cfg.cache and kv_cache_supported(model) else None
     tok_steps, logit_steps, lp_steps = [], [], []
     cap_steps: dict[str, list[Tensor]] = {n: [] for n in cap_names + lens_names}
     with torch.inference_mode():

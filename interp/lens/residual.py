@@ -212,8 +212,9 @@ class Decoder:
         self.unembed = model.unembed
 
         def params(module: torch.nn.Module) -> dict[str, Tensor]:
-            return {k: (v.detach() if dtype is None else v.detach().to(dtype))
-                    for k, v in module.named_parameters()}
+            # floating buffers too: TL 4's bridge keeps a Hugging Face lm_head bias as a buffer
+            tensors = [*module.named_parameters(), *((k, b) for k, b in module.named_buffers() if b.is_floating_point())]
+            return {k: (v.detach() if dtype is None else v.detach().to(dtype)) for k, v in tensors}
 
         self.norm_params = params(self.norm) if self.norm is not None else {}
         self.unembed_params = params(self.unembed)

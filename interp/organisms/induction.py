@@ -68,7 +68,7 @@ from torch import Tensor
 from interp.graph import Node, Site
 from interp.organisms.base import CircuitPrompts, Criterion, failures, masked_mean, token_loss
 from interp.organisms.training import IGNORE, TrainConfig, TrainLog, fit, init_model, logits_in_batches
-from interp.tl import HookedTransformer, HookedTransformerConfig
+from interp.tl import HookedTransformer, HookedTransformerConfig, is_native
 from interp.tokens import VocabTokenizer
 
 logger = logging.getLogger(__name__)
@@ -364,6 +364,8 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
         return x
 
     out = {}
+    if is_native(model):  # TL 4: the native attention has no per-head q/k/v inputs to hook
+        return _composition_on_qkv(model, tokens, data, il, ih, prev_out)
     was = model.cfg.use_split_qkv_input
     model.set_use_split_qkv_input(True)
     try:
@@ -373,6 +375,31 @@ def composition_test(model: HookedTransformer, data: InductionData, prev_head: t
             out[site] = masked_mean(loss, data.scored)
     finally:
         model.set_use_split_qkv_input(was)
+    return out
+
+
+def _composition_on_qkv(model: HookedTransformer, tokens: Tensor, data: InductionData, il: int, ih: list[int],
+                        prev_out: Tensor) -> dict[str, float]:
+    """`composition_test` without split q/k/v inputs: the edited head's q, k or v is recomputed
+    from its own edited input (``resid_pre - prev_out``; `interp.arch.attn_input`), exactly what
+    the split input hook gives, and written into hook_q / hook_k / hook_v."""
+    from interp.arch import attn_input
+
+    seen: dict[str, Tensor] = {}
+
+    def grab(x: Tensor, hook: object) -> None:
+        seen["resid"] = x
+
+    out = {}
+    for site, node_site in (("q", Site.Q), ("k", Site.K), ("v", Site.V)):
+        def write(x: Tensor, hook: object, site: str = site) -> Tensor:
+            x = x.clone()
+            x[:, :, ih] = attn_input(model, il, seen["resid"] - prev_out, site)[:, :, ih].to(x.dtype)
+            return x
+
+        with model.hooks(fwd_hooks=[(Node(il, Site.RESID_PRE).hook_name, grab), (Node(il, node_site).hook_name, write)]):
+            loss = token_loss(model(tokens), tokens).cpu()
+        out[site] = masked_mean(loss, data.scored)
     return out
 
 

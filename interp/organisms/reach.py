@@ -55,9 +55,10 @@ from interp.organisms.training import (
     TrainLog,
     fit,
     init_model,
+    native_final_hidden,
     num_threads,
 )
-from interp.tl import HookedTransformer, HookedTransformerConfig
+from interp.tl import HookedTransformer, HookedTransformerConfig, is_native
 from interp.tokens import VocabTokenizer
 
 Mode = Literal["direct", "cot", "continuous"]
@@ -250,6 +251,8 @@ def _hidden(model: HookedTransformer, x: Float[Tensor, "batch pos d_model"]) -> 
     """The final-norm output (what the unembedding reads) from input embeddings `x` (token or
     thought vectors, position embeddings not yet added): the HookedTransformer's own computation,
     fused (plain matmuls and scaled_dot_product_attention) for CPU training speed."""
+    if is_native(model):  # TL 4: the organism loads as TransformerLens's native model
+        return native_final_hidden(model, x)
     cfg = model.cfg
     batch, n, _ = x.shape
     x = x + model.pos_embed.W_pos[:n]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from interp.graph import Node, Site
 from interp.models import new_model
-from interp.tl import HookedTransformer, HookedTransformerConfig
+from interp.tl import HookedTransformer, HookedTransformerConfig, is_native
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,79 @@ def _norm(owner: torch.nn.Module, name: str, x: Tensor, cfg: HookedTransformerCo
     if cfg.normalization_type is None:
         return x
     ln = getattr(owner, name)
+    if not hasattr(ln, "w"):  # TL 4's native model: a torch LayerNorm behind the bridge
+        ln = ln.original_component
+        return F.layer_norm(x, (cfg.d_model,), ln.weight, ln.bias, ln.eps)
     return F.layer_norm(x, (cfg.d_model,), ln.w, ln.b, cfg.eps)
+
+
+def _named_parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters by name; on TL 4's native model the embedding tables under their
+    HookedTransformer names (``embed.W_E``, ``pos_embed.W_pos``: what callers freeze by name)."""
+    alias: dict[int, str] = {}
+    if is_native(model):
+        alias[id(model.embed.W_E)] = "embed.W_E"
+        if model.cfg.positional_embedding_type == "standard":
+            alias[id(model.pos_embed.W_pos)] = "pos_embed.W_pos"
+    return {alias.get(id(p), n): p for n, p in model.named_parameters()}
+
+
+def _linear(bridge: torch.nn.Module) -> torch.nn.Linear:
+    """The torch Linear behind a native model's LinearBridge."""
+    return bridge.original_component
+
+
+def _native_residual(model: HookedTransformer, tokens: Tensor, W_E: Tensor | None,
+                     capture: dict[tuple[int, int], Tensor] | None) -> Tensor:
+    """`_residual` on TransformerLens 4's native model (what the organisms load as there): the same
+    computation from its nn.Linear weights, its own rotary (adjacent pairs) and attention scale."""
+    n = tokens.shape[1]
+    x = (model.embed.W_E if W_E is None else W_E)[tokens]
+    if model.cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed.W_pos[:n]
+    return _native_blocks(model, x, capture)
+
+
+def native_final_hidden(model: HookedTransformer, x: Float[Tensor, "batch pos d_model"]
+                        ) -> Float[Tensor, "batch pos d_model"]:
+    """The final-norm output of TL 4's native model from input embeddings `x` (learned positions
+    not yet added), with the fused attention of `fast_forward` (differentiable)."""
+    _check_supported(model.cfg)
+    if model.cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed.W_pos[:x.shape[1]]
+    return _norm(model, "ln_final", _native_blocks(model, x, None), model.cfg)
+
+
+def _native_blocks(model: HookedTransformer, x: Tensor, capture: dict[tuple[int, int], Tensor] | None) -> Tensor:
+    """The blocks of TL 4's native model on the residual `x` (`_native_residual`)."""
+    cfg = model.cfg
+    batch, n = x.shape[0], x.shape[1]
+    heads, d_head = cfg.n_heads, cfg.d_head
+    for layer, block in enumerate(model.blocks):
+        native = block.attn.original_component
+        h = _norm(block, "ln1", x, cfg)
+        lins = [_linear(getattr(block.attn, s)) for s in ("q", "k", "v")]
+        qkv = F.linear(h, torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins]))
+        q, k, v = qkv.view(batch, n, 3 * heads, d_head).transpose(1, 2).split(heads, dim=1)  # [batch, head, pos, d]
+        if native.rotary is not None:
+            q, k = native.rotary.apply_rope(q, k)
+        scale = 1.0 / float(native.scale)
+        if capture is not None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            for (cl, ch) in capture:
+                if cl == layer:
+                    scores = torch.einsum("bqd,bkd->bqk", q[:, ch], k[:, ch]) * scale
+                    capture[(cl, ch)] = scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = _linear(block.attn.o)
+        x = x + F.linear(z.transpose(1, 2).reshape(batch, n, heads * d_head), o.weight, o.bias)
+        if not cfg.attn_only:
+            h = _norm(block, "ln2", x, cfg)
+            act = F.gelu if cfg.act_fn == "gelu" else F.relu
+            mlp = block.mlp.original_component
+            fc_in, fc_out = _linear(mlp.fc_in), _linear(mlp.fc_out)
+            x = x + F.linear(act(F.linear(h, fc_in.weight, fc_in.bias)), fc_out.weight, fc_out.bias)
+    return x
 
 
 def _residual(model: HookedTransformer, tokens: Tensor, W_E: Tensor | None,
@@ -71,6 +143,8 @@ def _residual(model: HookedTransformer, tokens: Tensor, W_E: Tensor | None,
     log-probabilities [batch, q_pos, k_pos] when asked (computed explicitly, not fused)."""
     cfg = model.cfg
     _check_supported(cfg)
+    if is_native(model):
+        return _native_residual(model, tokens, W_E, capture)
     batch, n = tokens.shape
     x = (model.embed.W_E if W_E is None else W_E)[tokens]
     if cfg.positional_embedding_type == "standard":
@@ -256,7 +330,7 @@ def fit(
     (early stopping: keep it cheap or check only every k steps; it runs under inference mode).
     Deterministic given the model's initial weights, `config.seed` and the thread count.
     """
-    names = dict(model.named_parameters())
+    names = _named_parameters(model)
     unknown = [f for f in frozen if f not in names]
     if unknown:
         raise ValueError(f"fit(frozen=...): expected parameter names of the model, got {unknown}")
