@@ -64,16 +64,21 @@ def needed(model, clean, corrupt, metric) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _floor_setup(model, clean, corrupt, metric) -> tuple:
+    """What both floors start from: the layer count, the checked prompts, the recorded clean and
+    corrupted runs (denoising), the width and each row's last position [batch, 1]."""
+    p_clean, p_bad = check_prompts(model, clean, corrupt)
+    runs = prepare(model, p_clean, p_bad, metric, set(), "denoising")
+    batch, seq = p_clean.tokens.shape
+    return Arch.of(model).n_layers, p_clean, p_bad, runs, seq, torch.full((batch, 1), seq - 1)
+
+
 def floor_fns(model, clean, corrupt, metric, need: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
     """The floor's two ways to run the unavoidable forwards (the clean and corrupted runs, then
     for every `need`ed cell (l, p) a partial forward from layer l): (a) one call per patched layer
     over all its rows, (b) one call per (layer, position) over positions p.. from a frozen K/V cache
     (HookedTransformer only; on a Bridge see `bridge_floor`)."""
-    n_layers = Arch.of(model).n_layers
-    p_clean, p_bad = check_prompts(model, clean, corrupt)
-    runs = prepare(model, p_clean, p_bad, metric, set(), "denoising")
-    batch, seq = p_clean.tokens.shape
-    last = torch.full((batch, 1), seq - 1)
+    n_layers, p_clean, p_bad, runs, seq, last = _floor_setup(model, clean, corrupt, metric)
 
     def base_runs() -> None:
         with torch.inference_mode():
@@ -103,11 +108,7 @@ def bridge_floor(model, clean, corrupt, metric, need: torch.Tensor) -> Callable[
     """The Bridge's floor: the clean and corrupted runs, then per patched layer one unhooked
     packed replay (`interp.arch.forward_packed`) of its `need`ed cells, each from its own
     position on (earlier keys/values recorded), and one unembedding of every read-out row."""
-    n_layers = Arch.of(model).n_layers
-    p_clean, p_bad = check_prompts(model, clean, corrupt)
-    runs = prepare(model, p_clean, p_bad, metric, set(), "denoising")
-    batch, seq = p_clean.tokens.shape
-    last = torch.full((batch, 1), seq - 1)
+    n_layers, p_clean, p_bad, runs, seq, last = _floor_setup(model, clean, corrupt, metric)
 
     def run() -> None:
         with torch.inference_mode():

@@ -54,7 +54,6 @@ claims.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -68,7 +67,7 @@ from torch import Tensor
 from interp.arch import Arch
 from interp.cache import Cache, collect
 from interp.cache import rows as cache_rows
-from interp.decoding.generate import restrict, sample_from, uniforms
+from interp.decoding.generate import kv_cache_supported, restrict, sample_from, uniforms
 from interp.graph import HOOK_EMBED, Node, Site
 from interp.hooks import Capture, Intervention, RunOutput, Set, SetAt, intervene, resolve_hooks, run
 from interp.lens.residual import Decoder, lens_nodes
@@ -171,15 +170,6 @@ def final_norm(model: Model, resid: Float[Tensor, "batch d_model"]) -> Float[Ten
     if norm is None:
         return resid
     return norm(resid[:, None])[:, 0]
-
-
-def kv_cache_supported(model: Model) -> bool:
-    """Whether the model's forward takes TransformerLens's key/value cache (``past_kv_cache``);
-    rollouts of other models recompute every step (`cache=False`)."""
-    try:
-        return "past_kv_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
-        return False
 
 
 def new_kv_cache(model: Model, batch: int) -> object:
