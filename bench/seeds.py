@@ -39,7 +39,7 @@ def roles(c: C.Circuit) -> set[tuple[int, str, str]]:
 
 def from_state(name: str, path: Path) -> tuple[HookedTransformer, int]:
     """A model trained by bench/induction_recipe.py (a `state_STEP.pt` it saved) and its step."""
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     model = init_model(get(name).config(), 0)
     model.load_state_dict(state["model"])
     return model.eval(), int(state["step"])

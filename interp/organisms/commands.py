@@ -68,7 +68,7 @@ def train_cmd(
     except (AcceptanceError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    console.print(f"saved {path} after {facts['train_seconds']} s: {_scalars(facts['metrics'])}")
+    console.print(f"saved {path} after {facts['train_seconds']} s; held-out acceptance: {acceptance_line(facts)}")
 
 
 @app.command("eval")
