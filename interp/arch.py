@@ -265,12 +265,19 @@ def embed(model: Model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batc
     return model.embed(tokens.to(device_of(model)))
 
 
+def gather_positions(x: Float[Tensor, "rows pos d"], index: Int[Tensor, "rows k"] | None
+                     ) -> Float[Tensor, "rows k d"]:
+    """Each row's positions `index` of `x` (None: all of them)."""
+    if index is None:
+        return x
+    return x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def unembed(model: Model, resid: Float[Tensor, "rows pos d_model"],
             index: Int[Tensor, "rows k"] | None = None) -> Float[Tensor, "rows k d_vocab"]:
     """Logits of a final residual: final norm + W_U (+ b_U) + the output soft cap, at each row's
     `index` positions only (None: all). The final norm is per position, so gathering first is exact."""
-    if index is not None:
-        resid = resid.gather(1, index.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
+    resid = gather_positions(resid, index)
     if is_bridge(model):
         return model.adapter.apply_output_logits_transform(model.unembed(model.ln_final(resid)))
     from interp.tl import apply_softcap
@@ -609,7 +616,7 @@ def forward_packed(model: Model, resid: Float[Tensor, "batch n d_model"], start:
             x = out[0] if isinstance(out, tuple) else out
         rows = packing.rows(index.to(x.device))  # [copies, batch, k]
         k = rows.shape[0]
-        picked = x.gather(1, rows.permute(1, 0, 2).reshape(x.shape[0], -1)[..., None].expand(-1, -1, x.shape[-1]))
+        picked = gather_positions(x, rows.permute(1, 0, 2).reshape(x.shape[0], -1))
         picked = picked.reshape(x.shape[0], k, index.shape[1], -1).transpose(0, 1).reshape(k * x.shape[0], index.shape[1], -1)
         return unembed(model, picked) if logits else picked
 
@@ -632,7 +639,7 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
     with torch.inference_mode(), attach_hooks(model, hooks):
         if arch.kind == "hooked":
             out = model(resid, start_at_layer=start, stop_at_layer=arch.n_layers, past_kv_cache=past_kv)
-            return unembed(model, out, index) if logits else _gather(out, index)
+            return unembed(model, out, index) if logits else gather_positions(out, index)
         if past_kv is not None:
             raise ValueError("forward_from: expected no K/V cache on a TransformerBridge, got one")
         if inputs is None or inputs.batch < 1:
@@ -650,10 +657,7 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
                 raise ValueError("forward_from on a TransformerBridge whose blocks are not chained: expected the "
                                  "recorded tokens, p0=0 and logits, got " + (f"p0={p0}" if p0 else "logits=False"
                                                                               if inputs.tokens is not None else "no tokens"))
-            out = model(inputs.tokens.repeat(k, 1))
-            if index is not None:
-                out = out.gather(1, index.to(out.device)[..., None].expand(-1, -1, out.shape[-1]))
-            return out
+            return gather_positions(model(inputs.tokens.repeat(k, 1)), index)
         if p0 and not can_skip_prefix(model, inputs):
             raise ValueError(f"forward_from: expected p0=0 on this Bridge (its block inputs do not allow "
                              f"skipping positions), got p0={p0}")
@@ -666,11 +670,4 @@ def forward_from(model: Model, resid: Float[Tensor, "rows pos d_model"], start: 
                     pk[..., :p0, :].repeat(k, 1, 1, 1), pv[..., :p0, :].repeat(k, 1, 1, 1))})}
             out = model.blocks[layer](x, **kw)
             x = out[0] if isinstance(out, tuple) else out
-        return unembed(model, x, index) if logits else _gather(x, index)
-
-
-def _gather(x: Tensor, index: Tensor | None) -> Tensor:
-    """Each row's positions `index` of `x` [rows, pos, d] (None: all)."""
-    if index is None:
-        return x
-    return x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
+        return unembed(model, x, index) if logits else gather_positions(x, index)

@@ -67,6 +67,7 @@ from interp.arch import (
     can_start_mid,
     device_of,
     forward_packed,
+    gather_positions,
     is_bridge,
     unembed,
 )
@@ -1015,10 +1016,7 @@ def run_copies(model: Model, runs: Runs, copies: Sequence[Sequence[AnyEdit]], me
             for chunk in plan_chunks(idx, [firsts[i] for i in idx], per_chunk, batch, seq_len):
                 k = len(chunk)
                 if start >= n_layers:  # a copy with no edits is the base run itself
-                    logits = runs.base_logits
-                    if index is not None:
-                        logits = logits.gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
-                    logits = logits.repeat(k, 1, 1)
+                    logits = gather_positions(runs.base_logits, index).repeat(k, 1, 1)
                 elif packable and index is not None and pack_pays(model, start, [firsts[i] for i in chunk], batch,
                                                                    seq_len, [merged[i] for i in chunk]):
                     packing = Packing.of([firsts[i] for i in chunk], seq_len, device_of(model))
