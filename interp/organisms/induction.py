@@ -307,8 +307,9 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
     stopping = {"stop_from": float(STOP_FROM), "stop_every": float(STOP_EVERY),
                 "stop_eval_seed": float(STOP_EVAL_SEED),
                 **{f"stop_{c.metric}": c.threshold for c in criteria}} if early else {}
-    extra = {"budget_steps": float(steps), **stopping, "late_from": float(LATE_FROM), "pair_share": PAIR_SHARE, "pair_len_min": float(PAIR_LEN[0]),
-             "pair_len_max": float(PAIR_LEN[1]), "stopped_early": float(bool(checks and checks[-1][1]))}
+    extra = {"budget_steps": float(steps), **stopping, "late_from": float(LATE_FROM), "pair_share": PAIR_SHARE,
+             "pair_len_min": float(PAIR_LEN[0]), "pair_len_max": float(PAIR_LEN[1]),
+             "stopped_early": float(bool(checks and checks[-1][1]))}
     return model, replace(log, extra={**log.extra, **extra})
 
 
