@@ -104,13 +104,14 @@ from interp.organisms.base import failures
 from interp.organisms.training import IGNORE, fast_forward, init_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are `induction.train`'s recipe (tests/test_organisms.py)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-steps", type=int, default=16000)
-    ap.add_argument("--every", type=int, default=1000)
+    ap.add_argument("--max-steps", type=int, default=I.DEFAULT_STEPS)
+    ap.add_argument("--every", type=int, default=I.STOP_EVERY)
     ap.add_argument("--eval-seed", type=int, default=I.STOP_EVAL_SEED)
-    ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--eval-n", type=int, default=I.STOP_EVAL_N)
     ap.add_argument("--wd", type=float, default=0.01)
     ap.add_argument("--wd-after", type=float, default=None)
     ap.add_argument("--decay-from", type=int, default=None)
@@ -124,7 +125,11 @@ def main() -> None:
     ap.add_argument("--pair-to-end", action="store_true", help="period-2 runs continue to the end of the context")
     ap.add_argument("--resume", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     model = init_model(I.config(args.layers, args.positional), args.seed)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -462,6 +464,28 @@ def test_induction_early_stopping_asks_for_a_margin_and_the_control_trains_the_b
     seen.clear()
     _, control = induction.train(steps=4, seed=0, progress=False, n_layers=1)
     assert control.steps == 4 and seen == [] and "stop_from" not in control.extra
+
+
+def test_induction_recipe_bench_defaults_are_the_training_recipe():
+    """Regression: bench/induction_recipe.py's `--late-from` defaulted to STOP_FROM, so a default
+    bench run (and a resume) added late-start repeats from step 2,000 where `induction.train`
+    adds them from LATE_FROM = 8,000, while its docstring claimed the same recipe."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "induction_recipe.py"
+    spec = importlib.util.spec_from_file_location("induction_recipe_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parser().parse_args(["--out", "unused"])
+    assert (a.late_from, a.late_share, a.stop_from, a.every) == (
+        induction.LATE_FROM, induction.LATE_SHARE, induction.STOP_FROM, induction.STOP_EVERY)
+    assert (a.pair_share, tuple(a.pair_len), a.pair_to_end) == (induction.PAIR_SHARE, induction.PAIR_LEN, False)
+    assert (a.eval_seed, a.eval_n, a.max_steps) == (induction.STOP_EVAL_SEED, induction.STOP_EVAL_N,
+                                                    induction.DEFAULT_STEPS)
+    from interp.organisms.training import TrainConfig
+
+    wd = next(f.default for f in fields(TrainConfig) if f.name == "weight_decay")  # what train uses
+    assert (a.wd, a.layers, a.positional, a.decay_from) == (wd, 2, induction.POSITIONAL, None)
 
 
 def test_induction_phase_two_data_adds_late_repeats_and_leaves_phase_one_unchanged():
