@@ -530,28 +530,33 @@ class Leaderboard:
 
     def markdown(self) -> str:
         """methods x organisms: AUC [CI] (precision at k); the random baseline in the last row."""
-        f = self.to_frame()
-        f = f[f["statistic"].isin(["auc", "precision_at_k"])]
-        organisms = list(dict.fromkeys(f["organism"]))
-        methods = list(dict.fromkeys(f.loc[f["ranking"] != "random", "method"]))
-        lines = ["| method (level) | " + " | ".join(f"`{o}`" for o in organisms) + " |",
-                 "|---|" + "---|" * len(organisms)]
+        return leaderboard_markdown(self.to_frame())
 
-        def cell(sub: pd.DataFrame) -> str:
-            if sub.empty:
-                return "—"
-            a = sub[sub["statistic"] == "auc"].iloc[0]
-            p = sub[sub["statistic"] == "precision_at_k"].iloc[0]
-            return f"{a['value']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}] (P@k {p['value']:.2f})"
 
-        for m in methods:
-            level = f.loc[f["method"] == m, "level"].iloc[0]
-            cells = [cell(f[(f["organism"] == o) & (f["method"] == m) & (f["ranking"] == m)]) for o in organisms]
-            lines.append(f"| {m} ({level}) | " + " | ".join(cells) + " |")
-        rnd = [cell(f[(f["organism"] == o) & (f["ranking"] == "random")
-                      & (f["level"] == "edge")].head(2)) for o in organisms]
-        lines.append("| random ranking (edges) | " + " | ".join(rnd) + " |")
-        return "\n".join(lines)
+def leaderboard_markdown(frame: pd.DataFrame) -> str:
+    """`Leaderboard.markdown` of a tidy frame (`Leaderboard.to_frame`, or bench/leaderboard.csv read
+    back): methods x organisms, AUC [CI] (precision at k), the random baseline in the last row."""
+    f = frame[frame["statistic"].isin(["auc", "precision_at_k"])]
+    organisms = list(dict.fromkeys(f["organism"]))
+    methods = list(dict.fromkeys(f.loc[f["ranking"] != "random", "method"]))
+    lines = ["| method (level) | " + " | ".join(f"`{o}`" for o in organisms) + " |",
+             "|---|" + "---|" * len(organisms)]
+
+    def cell(sub: pd.DataFrame) -> str:
+        if sub.empty:
+            return "—"
+        a = sub[sub["statistic"] == "auc"].iloc[0]
+        p = sub[sub["statistic"] == "precision_at_k"].iloc[0]
+        return f"{a['value']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}] (P@k {p['value']:.2f})"
+
+    for m in methods:
+        level = f.loc[f["method"] == m, "level"].iloc[0]
+        cells = [cell(f[(f["organism"] == o) & (f["method"] == m) & (f["ranking"] == m)]) for o in organisms]
+        lines.append(f"| {m} ({level}) | " + " | ".join(cells) + " |")
+    rnd = [cell(f[(f["organism"] == o) & (f["ranking"] == "random")
+                  & (f["level"] == "edge")].head(2)) for o in organisms]
+    lines.append("| random ranking (edges) | " + " | ".join(rnd) + " |")
+    return "\n".join(lines)
 
 
 def _bars(frame: pd.DataFrame, title: str) -> go.Figure:
@@ -645,5 +650,5 @@ def same_circuit(a: Circuit, b: Circuit) -> dict[tuple[int, int], int] | None:
 
 
 __all__ = ["METHODS", "AttentionEdge", "Circuit", "CircuitScore", "DeclaredEdge", "Leaderboard", "candidate_edges",
-           "circuit_of", "declare", "edge_shares", "leaderboard", "precision_at_k", "roc_auc", "same_circuit",
-           "score"]
+           "circuit_of", "declare", "edge_shares", "leaderboard", "leaderboard_markdown", "precision_at_k", "roc_auc",
+           "same_circuit", "score"]
